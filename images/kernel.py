@@ -1,0 +1,155 @@
+"""Guest kernels from Debian binary packages, and the build roots their modules build in.
+
+For each kernel a build root (mmdebstrap) holds that release's compiler and the matching
+``linux-headers``; the ``linux-image`` package is downloaded into it, unpacked and depmod'ed.
+From there we take the kernel image, a modules disk (ext4, mounted by the guest at
+``/usr/lib/modules``) and a tiny busybox initramfs that loads virtio_blk and ext4.
+"""
+
+from __future__ import annotations
+
+import lzma
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from .cache import Cache, digest
+from .cpio import Newc
+from .debian import Suite, Tree, mmdebstrap
+from .rootfs import Rootfs, guest_file
+from .steps import run
+
+RECIPE = "kernel-v1"
+BUILD_PACKAGES = ["gcc", "make", "libc6-dev", "linux-headers-amd64", "kmod", "xz-utils",
+                  "bc", "libelf-dev", "perl"]
+INITRAMFS_MODULES = ["crc32c_generic", "crc32c-intel", "virtio_blk", "ext4"]
+FETCH_HOOK = r"""set -e
+kver=$(chroot "$1" dpkg-query -W -f='${Depends}' linux-headers-amd64 \
+  | sed -n 's/.*linux-headers-\([^ ,]*\).*/\1/p')
+mkdir -p "$1/opt/pinlab-kernel/root"
+chroot "$1" sh -c "cd /opt/pinlab-kernel && apt-get download linux-image-$kver"
+chroot "$1" sh -c "dpkg-deb -x /opt/pinlab-kernel/linux-image-*.deb /opt/pinlab-kernel/root"
+# trixie's package ships usr/lib/modules, bookworm's lib/modules: give both one path
+[ -e "$1/opt/pinlab-kernel/root/lib" ] || ln -s usr/lib "$1/opt/pinlab-kernel/root/lib"
+chroot "$1" depmod -b /opt/pinlab-kernel/root "$kver"
+rm -f "$1"/opt/pinlab-kernel/linux-image-*.deb
+echo "$kver" > "$1/opt/pinlab-kernel/KVER"
+"""
+
+
+@dataclass(frozen=True)
+class KernelSpec:
+    name: str  # "6.1", "6.12", "7"
+    suite: Suite
+    description: str
+
+
+KERNELS: dict[str, KernelSpec] = {
+    "6.12": KernelSpec("6.12", Suite("trixie"), "Debian 13 (trixie) linux-image-amd64"),
+    "6.1": KernelSpec("6.1", Suite("bookworm"), "Debian 12 (bookworm) linux-image-amd64"),
+    "7": KernelSpec("7", Suite("trixie", extra_suites=("trixie-backports",),
+                               prefer="trixie-backports"),
+                    "Debian 13 trixie-backports linux-image-amd64 (7.x)"),
+}
+DEFAULT_KERNEL = "6.12"
+
+
+@dataclass(frozen=True)
+class Kernel:
+    name: str
+    release: str  # uname -r
+    vmlinuz: Path
+    initramfs: Path
+    modules_img: Path
+    buildroot: Path
+
+    @property
+    def headers(self) -> str:
+        """The headers directory inside the build root."""
+        return f"/usr/src/linux-headers-{self.release}"
+
+
+def ensure_buildroot(cache: Cache, spec: KernelSpec) -> tuple[Path, str]:
+    root = cache.path("buildroot", spec.name)
+    key = digest(RECIPE, spec.suite, BUILD_PACKAGES, FETCH_HOOK)
+    marker = root / "opt/pinlab-kernel/KVER"
+    if not cache.fresh(f"buildroot-{spec.name}", key, [marker]):
+        hook = cache.path("buildroot", ".fetch-kernel.sh")
+        hook.parent.mkdir(parents=True, exist_ok=True)
+        hook.write_text(FETCH_HOOK)
+        mmdebstrap(Tree(spec.suite, root, variant="apt", include=BUILD_PACKAGES,
+                        hooks=[("customize", f'sh {hook} "$1"')]),
+                   log=cache.logs() / f"buildroot-{spec.name}.log",
+                   title=f"build root + kernel {spec.name} ({spec.description})")
+        cache.record(f"buildroot-{spec.name}", key, release=marker.read_text().strip())
+    return root, marker.read_text().strip()
+
+
+def _module_order(moddir: Path, wanted: list[str]) -> list[str]:
+    """The .ko paths for ``wanted`` and their dependencies, dependencies first."""
+    deps: dict[str, list[str]] = {}
+    by_name: dict[str, str] = {}
+    for line in (moddir / "modules.dep").read_text().splitlines():
+        mod, _, rest = line.partition(":")
+        deps[mod] = rest.split()
+        base = Path(mod).name.split(".ko")[0]
+        by_name[base] = mod
+        by_name[base.replace("-", "_")] = mod
+    order: list[str] = []
+
+    def visit(mod: str) -> None:
+        if mod in order:
+            return
+        for d in deps.get(mod, []):
+            visit(d)
+        order.append(mod)
+
+    for name in wanted:
+        mod = by_name.get(name) or by_name.get(name.replace("-", "_"))
+        if mod:  # absent: built in
+            visit(mod)
+    return order
+
+
+def _initramfs(path: Path, moddir: Path, busybox: Path) -> None:
+    cpio = Newc()
+    for d in ("bin", "dev", "proc", "sys", "newroot", "modules"):
+        cpio.dir(d)
+    cpio.file("bin/busybox", busybox.read_bytes(), 0o755)
+    cpio.file("init", guest_file("initramfs-init"), 0o755)
+    names = []
+    for mod in _module_order(moddir, INITRAMFS_MODULES):
+        data = (moddir / mod).read_bytes()
+        if mod.endswith(".xz"):
+            data = lzma.decompress(data)
+        name = Path(mod).name.split(".ko")[0] + ".ko"
+        cpio.file(f"modules/{name}", data)
+        names.append(name)
+    cpio.file("modules.load", ("\n".join(names) + "\n").encode())
+    cpio.write(path)
+
+
+def ensure_kernel(cache: Cache, name: str, rootfs: Rootfs) -> Kernel:
+    spec = KERNELS[name]
+    broot, release = ensure_buildroot(cache, spec)
+    d = cache.path("kernels", name)
+    kernel = Kernel(name, release, d / "vmlinuz", d / "initramfs.img", d / "modules.img", broot)
+    key = digest(RECIPE, release, guest_file("initramfs-init"), INITRAMFS_MODULES,
+                 rootfs.busybox)
+    if cache.fresh(f"kernel-{name}", key, [kernel.vmlinuz, kernel.initramfs, kernel.modules_img]):
+        return kernel
+    d.mkdir(parents=True, exist_ok=True)
+    kroot = broot / "opt/pinlab-kernel/root"
+    shutil.copy(kroot / f"boot/vmlinuz-{release}", kernel.vmlinuz)
+    shutil.copy(kroot / f"boot/config-{release}", d / "config")
+    moddir = kroot / "lib/modules" / release
+    _initramfs(kernel.initramfs, moddir, rootfs.busybox)
+    tmp = kernel.modules_img.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)
+    run(["mke2fs", "-q", "-t", "ext4", "-L", "pinlab-mods", "-E", "root_owner=0:0",
+         "-d", kroot / "lib/modules", tmp, "256M"],
+        log=cache.logs() / f"kernel-{name}.log", title=f"modules disk for {release}",
+        env={"E2FSPROGS_FAKE_TIME": "1735689600"})
+    tmp.replace(kernel.modules_img)
+    cache.record(f"kernel-{name}", key, release=release)
+    return kernel

@@ -1,0 +1,53 @@
+"""Building pinlab.ko for one kernel, in that kernel's own build root and compiler."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from .cache import Cache, digest
+from .kernel import Kernel
+from .steps import run
+
+SOURCE_SUFFIXES = {".c", ".h"}
+
+
+def kmod_source() -> Path:
+    """The repository's kmod/ directory (the module is built from a checkout)."""
+    here = Path(__file__).resolve().parent.parent / "kmod"
+    if not (here / "Makefile").exists():
+        raise FileNotFoundError(f"kmod sources not found at {here}")
+    return here
+
+
+def _sources(src: Path) -> list[Path]:
+    return sorted(p for p in src.rglob("*")
+                  if p.is_file() and (p.suffix in SOURCE_SUFFIXES or p.name in ("Makefile", "Kbuild"))
+                  and not p.name.endswith(".mod.c"))
+
+
+def ensure_kmod(cache: Cache, kernel: Kernel) -> Path:
+    src = kmod_source()
+    files = _sources(src)
+    key = digest("kmod-v1", kernel.release,
+                 *[(str(f.relative_to(src)), f.read_bytes()) for f in files])
+    out = cache.path("kmod", kernel.name, "pinlab.ko")
+    if cache.fresh(f"kmod-{kernel.name}", key, [out]):
+        return out
+    work = kernel.buildroot / "tmp/pinlab-kmod"
+    if work.exists():
+        shutil.rmtree(work)
+    for f in files:
+        dst = work / f.relative_to(src)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, dst)
+    log = cache.logs() / f"kmod-{kernel.name}.log"
+    log.unlink(missing_ok=True)
+    run(["chroot", kernel.buildroot, "make", "-C", kernel.headers, "M=/tmp/pinlab-kmod",
+         "modules"], log=log, title=f"pinlab.ko for {kernel.release}")
+    text = log.read_text(errors="replace")
+    warnings = [line for line in text.splitlines() if "warning:" in line]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(work / "pinlab.ko", out)
+    cache.record(f"kmod-{kernel.name}", key, release=kernel.release, warnings=len(warnings))
+    return out

@@ -1,0 +1,49 @@
+"""Classifying kernel log lines: the kernel's own verdict on what a scenario did."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+# (class, pattern) — order matters only for readability; a line may match several.
+PATTERNS: list[tuple[str, re.Pattern[str]]] = [
+    ("WARN", re.compile(r"WARNING: (CPU: \d+ PID: \d+ at|at) ")),
+    ("BUG", re.compile(r"\bBUG: |kernel BUG at ")),
+    ("OOPS", re.compile(r"\bOops: |general protection fault")),
+    ("PANIC", re.compile(r"Kernel panic - not syncing")),
+    ("HUNG_TASK", re.compile(r"blocked for more than \d+ seconds")),
+    ("EXT4_NO_BUFFERS", re.compile(r"does not have buffers attached|ext4_dirty_folio|"
+                                   r"ext4_writepages.*(err|warn)", re.I)),
+    ("PAGE_POISON", re.compile(r"pagealloc: memory corruption|Poison overwritten|"
+                               r"page_poison|corrupted page", re.I)),
+    ("BAD_PAGE", re.compile(r"BUG: Bad page (state|map)")),
+    ("RCU_STALL", re.compile(r"rcu: INFO: rcu_\w+ (self-)?detected stall")),
+    ("SOFT_LOCKUP", re.compile(r"soft lockup - CPU#")),
+]
+SEVERE = {"WARN", "BUG", "OOPS", "PANIC", "HUNG_TASK", "BAD_PAGE", "RCU_STALL", "SOFT_LOCKUP"}
+
+
+@dataclass
+class DmesgReport:
+    lines: dict[str, list[str]] = field(default_factory=dict)
+    pinlab_lines: list[str] = field(default_factory=list)
+
+    def classes(self) -> set[str]:
+        return {k for k, v in self.lines.items() if v}
+
+    def severe(self) -> dict[str, list[str]]:
+        return {k: v for k, v in self.lines.items() if k in SEVERE and v}
+
+    def summary(self) -> dict[str, int]:
+        return {k: len(v) for k, v in sorted(self.lines.items()) if v}
+
+
+def classify(text: str) -> DmesgReport:
+    rep = DmesgReport()
+    for line in text.splitlines():
+        for cls, pat in PATTERNS:
+            if pat.search(line):
+                rep.lines.setdefault(cls, []).append(line)
+        if "pinlab" in line:
+            rep.pinlab_lines.append(line)
+    return rep
