@@ -21,9 +21,11 @@ def kmod_source() -> Path:
 
 
 def _sources(src: Path) -> list[Path]:
-    return sorted(p for p in src.rglob("*")
-                  if p.is_file() and (p.suffix in SOURCE_SUFFIXES or p.name in ("Makefile", "Kbuild"))
-                  and not p.name.endswith(".mod.c"))
+    def wanted(p: Path) -> bool:
+        named = p.suffix in SOURCE_SUFFIXES or p.name in ("Makefile", "Kbuild")
+        return p.is_file() and named and not p.name.endswith(".mod.c")
+
+    return sorted(p for p in src.rglob("*") if wanted(p))
 
 
 def ensure_kmod(cache: Cache, kernel: Kernel) -> Path:

@@ -53,7 +53,7 @@ class QMP:
         except ExecuteError as exc:
             self._note("<-", {"error": str(exc)})
             raise QMPError(f"QMP {name}: {exc}") from exc
-        except (TimeoutError, asyncio.TimeoutError) as exc:
+        except TimeoutError as exc:
             raise QMPError(f"QMP {name}: no reply within {timeout or self.timeout:.0f}s") from exc
         except Exception as exc:
             raise QMPError(f"QMP {name}: {exc!r}") from exc

@@ -90,7 +90,7 @@ class GuestSSH:
             out = chan_out.read().decode(errors="replace")
             err = chan_err.read().decode(errors="replace")
             rc = chan_out.channel.recv_exit_status()
-        except (TimeoutError, socket.timeout) as exc:
+        except TimeoutError as exc:
             raise SSHError(f"guest command timed out after {timeout:.0f}s: {cmd}") from exc
         except (paramiko.SSHException, OSError, EOFError) as exc:
             raise SSHError(f"ssh failed during: {cmd}: {exc!r}") from exc
