@@ -1,0 +1,127 @@
+#!/usr/bin/env python3
+"""pinlab guest workload: runs one experiment step by step, prints one JSON report.
+
+Standard library only (it runs inside the guest). Usage:
+
+    workload.py info
+    workload.py dma-write --mode longterm --backing anon --pages 64 --generation 7
+
+The last line of stdout is the JSON report; errors are reported in it, not raised.
+"""
+import argparse
+import contextlib
+import ctypes
+import errno
+import json
+import mmap
+import os
+import struct
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import pinlab_ioctl  # noqa: E402
+
+PAGE = mmap.PAGESIZE
+MADV_NOHUGEPAGE = 15
+
+
+def vmstat(keys=("nr_foll_pin_acquired", "nr_foll_pin_released")):
+    out = {}
+    with open("/proc/vmstat") as f:
+        for line in f:
+            k, v = line.split()
+            if k in keys:
+                out[k] = int(v)
+    return out
+
+
+def pfns(addr, npages):
+    """PFN of each page (None when not present), from /proc/self/pagemap."""
+    res = []
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek((addr // PAGE) * 8)
+        data = f.read(npages * 8)
+    for (entry,) in struct.iter_unpack("<Q", data):
+        res.append(entry & ((1 << 55) - 1) if entry >> 63 else None)
+    return res
+
+
+def buffer_address(mm):
+    return ctypes.addressof(ctypes.c_char.from_buffer(mm))
+
+
+def anon_buffer(npages):
+    mm = mmap.mmap(-1, npages * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                   prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    with contextlib.suppress(AttributeError, OSError):
+        mm.madvise(MADV_NOHUGEPAGE)
+    for off in range(0, npages * PAGE, PAGE):  # fault every page in
+        mm[off:off + 1] = b"\0"
+    return mm
+
+
+def cmd_info(args):
+    return {"vmstat": vmstat(), "device": os.path.exists(args.device),
+            "kernel": os.uname().release}
+
+
+def cmd_dma_write(args):
+    report = {"mode": args.mode, "backing": args.backing, "pages": args.pages,
+              "generation": args.generation, "errno": 0}
+    if args.backing != "anon":
+        raise SystemExit(f"backing {args.backing} not supported yet")
+    mm = anon_buffer(args.pages)
+    addr = buffer_address(mm)
+    length = args.pages * PAGE
+    report["addr"] = addr
+    report["pfns"] = pfns(addr, args.pages)
+    report["vmstat_before"] = vmstat()
+    dev = pinlab_ioctl.PinlabDevice(args.device)
+    try:
+        try:
+            region = dev.register(addr, length, args.mode)
+        except OSError as exc:
+            report["errno"] = exc.errno
+            report["errno_name"] = errno.errorcode.get(exc.errno, str(exc.errno))
+            report["step"] = "register"
+            return report
+        report["region"] = region
+        report["vmstat_pinned"] = vmstat()
+        try:
+            report["bytes_written"] = dev.dma_write(region, 0, length, args.generation)
+        except OSError as exc:
+            report["errno"] = exc.errno
+            report["step"] = "dma_write"
+        bad = pinlab_ioctl.check_pattern(mm, region, args.generation, 0, length)
+        report["mismatches"] = len(bad)
+        report["first_mismatches"] = bad[:8]
+        report["pfns_after"] = pfns(addr, args.pages)
+        report["query"] = dev.query(region)
+        dev.deregister(region)
+    finally:
+        dev.close()
+    report["vmstat_after"] = vmstat()
+    return report
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--device", default="/dev/pinlab0")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("info")
+    w = sub.add_parser("dma-write")
+    w.add_argument("--mode", default="longterm", choices=["gup", "pin", "longterm", "odp"])
+    w.add_argument("--backing", default="anon")
+    w.add_argument("--pages", type=int, default=16)
+    w.add_argument("--generation", type=int, default=1)
+    args = p.parse_args()
+    try:
+        report = {"info": cmd_info, "dma-write": cmd_dma_write}[args.cmd](args)
+    except Exception as exc:  # report, don't crash: the host reads the JSON
+        report = {"error": f"{type(exc).__name__}: {exc}"}
+    print(json.dumps(report, default=str))
+    return 0 if "error" not in report else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
