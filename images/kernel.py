@@ -16,10 +16,10 @@ from pathlib import Path
 from .cache import Cache, digest
 from .cpio import Newc
 from .debian import Suite, Tree, mmdebstrap
-from .rootfs import Rootfs, guest_file
+from .rootfs import Rootfs, guest_file, tree_size
 from .steps import run
 
-RECIPE = "kernel-v1"
+RECIPE = "kernel-v2"
 BUILD_PACKAGES = ["gcc", "make", "libc6-dev", "linux-headers-amd64", "kmod", "xz-utils",
                   "bc", "libelf-dev", "perl"]
 INITRAMFS_MODULES = ["crc32c_generic", "crc32c-intel", "virtio_blk", "ext4"]
@@ -28,7 +28,12 @@ kver=$(chroot "$1" dpkg-query -W -f='${Depends}' linux-headers-amd64 \
   | sed -n 's/.*linux-headers-\([^ ,]*\).*/\1/p')
 mkdir -p "$1/opt/pinlab-kernel/root"
 chroot "$1" sh -c "cd /opt/pinlab-kernel && apt-get download linux-image-$kver"
-chroot "$1" sh -c "dpkg-deb -x /opt/pinlab-kernel/linux-image-*.deb /opt/pinlab-kernel/root"
+# backports ship the image as linux-image-X-unsigned behind a small wrapper package
+chroot "$1" sh -c "cd /opt/pinlab-kernel && apt-get download linux-image-$kver-unsigned" \
+  2>/dev/null || true
+for deb in "$1"/opt/pinlab-kernel/linux-image-*.deb; do
+  chroot "$1" dpkg-deb -x "/opt/pinlab-kernel/$(basename "$deb")" /opt/pinlab-kernel/root
+done
 # trixie's package ships usr/lib/modules, bookworm's lib/modules: give both one path
 [ -e "$1/opt/pinlab-kernel/root/lib" ] || ln -s usr/lib "$1/opt/pinlab-kernel/root/lib"
 chroot "$1" depmod -b /opt/pinlab-kernel/root "$kver"
@@ -146,8 +151,9 @@ def ensure_kernel(cache: Cache, name: str, rootfs: Rootfs) -> Kernel:
     _initramfs(kernel.initramfs, moddir, rootfs.busybox)
     tmp = kernel.modules_img.with_suffix(".tmp")
     tmp.unlink(missing_ok=True)
+    size_mb = tree_size(moddir) * 12 // 10 // (1 << 20) + 64
     run(["mke2fs", "-q", "-t", "ext4", "-L", "pinlab-mods", "-E", "root_owner=0:0",
-         "-d", kroot / "lib/modules", tmp, "256M"],
+         "-d", kroot / "lib/modules", tmp, f"{size_mb}M"],
         log=cache.logs() / f"kernel-{name}.log", title=f"modules disk for {release}",
         env={"E2FSPROGS_FAKE_TIME": "1735689600"})
     tmp.replace(kernel.modules_img)

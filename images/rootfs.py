@@ -84,7 +84,7 @@ def _customise(tree: Path, out: Rootfs) -> None:
     (tree / "usr/lib/modules").mkdir(parents=True, exist_ok=True)
 
 
-def _tree_size(tree: Path) -> int:
+def tree_size(tree: Path) -> int:
     total = 0
     for dirpath, _dirs, files in os.walk(tree):
         for f in files:
@@ -111,7 +111,7 @@ def ensure_rootfs(cache: Cache, extra_packages: list[str] | None = None) -> Root
     mmdebstrap(Tree(SUITE, tree, include=PACKAGES + extra), log=log,
                title="guest rootfs (Debian 13, minimal)")
     _customise(tree, out)
-    size_mb = _tree_size(tree) * 13 // 10 // (1 << 20) + 384
+    size_mb = tree_size(tree) * 13 // 10 // (1 << 20) + 384
     tmp = out.image.with_suffix(".tmp")
     tmp.unlink(missing_ok=True)
     run(["mke2fs", "-q", "-t", "ext4", "-L", "pinlab-root", "-U",

@@ -1,0 +1,57 @@
+"""The expectations table (data in ``data/expectations.toml``) and cell matching."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True, order=True)
+class Cell:
+    kernel: str
+    mode: str
+    backing: str
+    event: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.kernel}/{self.mode}/{self.backing}/{self.event}"
+
+
+@dataclass(frozen=True)
+class Expectation:
+    expected: str
+    source: str
+
+
+def _matches(value: str, want: Any) -> bool:
+    if want == "*" or want is None:
+        return True
+    if isinstance(want, list):
+        return value in want
+    return bool(value == want)
+
+
+def load(path: Path | None = None) -> list[dict[str, Any]]:
+    if path is None:
+        text = resources.files("pinlab.orchestrator").joinpath(
+            "data", "expectations.toml").read_text()
+    else:
+        text = path.read_text()
+    rules = tomllib.loads(text).get("rule", [])
+    for r in rules:
+        missing = {"expected", "source"} - set(r)
+        if missing:
+            raise ValueError(f"expectation rule {r} lacks {sorted(missing)}")
+    return rules
+
+
+def expect(cell: Cell, rules: list[dict[str, Any]]) -> Expectation | None:
+    for r in rules:
+        if all(_matches(getattr(cell, f), r.get(f, "*"))
+               for f in ("kernel", "mode", "backing", "event")):
+            return Expectation(str(r["expected"]), str(r["source"]))
+    return None
