@@ -28,16 +28,19 @@ kver=$(chroot "$1" dpkg-query -W -f='${Depends}' linux-headers-amd64 \
   | sed -n 's/.*linux-headers-\([^ ,]*\).*/\1/p')
 mkdir -p "$1/opt/pinlab-kernel/root"
 chroot "$1" sh -c "cd /opt/pinlab-kernel && apt-get download linux-image-$kver"
-# backports ship the image as linux-image-X-unsigned behind a small wrapper package
-chroot "$1" sh -c "cd /opt/pinlab-kernel && apt-get download linux-image-$kver-unsigned" \
-  2>/dev/null || true
-for deb in "$1"/opt/pinlab-kernel/linux-image-*.deb; do
+# 7.x packages split the image into linux-{binary,modules,base}-X behind a small wrapper
+deps=$(chroot "$1" sh -c "dpkg-deb -f /opt/pinlab-kernel/linux-image-$kver*.deb Depends" \
+  | tr ',|' '\n\n' | sed -n "s/^ *\(linux-[a-z]*-$kver\)\( .*\)\{0,1\}$/\1/p")
+for dep in $deps; do
+  chroot "$1" sh -c "cd /opt/pinlab-kernel && apt-get download $dep"
+done
+for deb in "$1"/opt/pinlab-kernel/linux-*.deb; do
   chroot "$1" dpkg-deb -x "/opt/pinlab-kernel/$(basename "$deb")" /opt/pinlab-kernel/root
 done
 # trixie's package ships usr/lib/modules, bookworm's lib/modules: give both one path
 [ -e "$1/opt/pinlab-kernel/root/lib" ] || ln -s usr/lib "$1/opt/pinlab-kernel/root/lib"
 chroot "$1" depmod -b /opt/pinlab-kernel/root "$kver"
-rm -f "$1"/opt/pinlab-kernel/linux-image-*.deb
+rm -f "$1"/opt/pinlab-kernel/linux-*.deb
 echo "$kver" > "$1/opt/pinlab-kernel/KVER"
 """
 
@@ -145,9 +148,16 @@ def ensure_kernel(cache: Cache, name: str, rootfs: Rootfs) -> Kernel:
         return kernel
     d.mkdir(parents=True, exist_ok=True)
     kroot = broot / "opt/pinlab-kernel/root"
-    shutil.copy(kroot / f"boot/vmlinuz-{release}", kernel.vmlinuz)
-    shutil.copy(kroot / f"boot/config-{release}", d / "config")
     moddir = kroot / "lib/modules" / release
+    # 6.1/6.12 ship /boot/vmlinuz-X; 7.x's linux-binary-X ships /usr/lib/modules/X/vmlinuz
+    for image, config in ((kroot / f"boot/vmlinuz-{release}", kroot / f"boot/config-{release}"),
+                          (moddir / "vmlinuz", moddir / "config")):
+        if image.exists():
+            shutil.copy(image, kernel.vmlinuz)
+            shutil.copy(config, d / "config")
+            break
+    else:
+        raise FileNotFoundError(f"no kernel image for {release} in {kroot}")
     _initramfs(kernel.initramfs, moddir, rootfs.busybox)
     tmp = kernel.modules_img.with_suffix(".tmp")
     tmp.unlink(missing_ok=True)

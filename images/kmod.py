@@ -45,8 +45,13 @@ def ensure_kmod(cache: Cache, kernel: Kernel) -> Path:
         shutil.copy(f, dst)
     log = cache.logs() / f"kmod-{kernel.name}.log"
     log.unlink(missing_ok=True)
-    run(["chroot", kernel.buildroot, "make", "-C", kernel.headers, "M=/tmp/pinlab-kmod",
-         "modules"], log=log, title=f"pinlab.ko for {kernel.release}")
+    # A private mount namespace gives the build a /proc (objtool reads it on 7.x) that
+    # disappears with the build, whatever happens to it.
+    root = kernel.buildroot
+    script = (f"mount -t proc proc {root}/proc && exec chroot {root} "
+              f"make -C {kernel.headers} M=/tmp/pinlab-kmod modules")
+    run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+        log=log, title=f"pinlab.ko for {kernel.release}")
     text = log.read_text(errors="replace")
     warnings = [line for line in text.splitlines() if "warning:" in line]
     out.parent.mkdir(parents=True, exist_ok=True)

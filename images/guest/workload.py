@@ -10,7 +10,6 @@ The last line of stdout is the JSON report; errors are reported in it, not raise
 """
 import argparse
 import contextlib
-import ctypes
 import errno
 import json
 import mmap
@@ -46,10 +45,6 @@ def pfns(addr, npages):
     return res
 
 
-def buffer_address(mm):
-    return ctypes.addressof(ctypes.c_char.from_buffer(mm))
-
-
 def anon_buffer(npages):
     mm = mmap.mmap(-1, npages * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
                    prot=mmap.PROT_READ | mmap.PROT_WRITE)
@@ -71,7 +66,7 @@ def cmd_dma_write(args):
     if args.backing != "anon":
         raise SystemExit(f"backing {args.backing} not supported yet")
     mm = anon_buffer(args.pages)
-    addr = buffer_address(mm)
+    addr = pinlab_ioctl.buffer_address(mm)
     length = args.pages * PAGE
     report["addr"] = addr
     report["pfns"] = pfns(addr, args.pages)
@@ -92,7 +87,8 @@ def cmd_dma_write(args):
         except OSError as exc:
             report["errno"] = exc.errno
             report["step"] = "dma_write"
-        bad = pinlab_ioctl.check_pattern(mm, region, args.generation, 0, length)
+        bad = pinlab_ioctl.check_pattern(mm, region, args.generation, 0, length,
+                                         max_mismatches=1000)
         report["mismatches"] = len(bad)
         report["first_mismatches"] = bad[:8]
         report["pfns_after"] = pfns(addr, args.pages)

@@ -1,0 +1,309 @@
+"""User-space wrapper for /dev/pinlabN (kmod/pinlab_uapi.h), standard library only.
+
+Mirrors the kernel ABI exactly: every struct below has the same layout and size as
+its C counterpart, and ioctl numbers are computed like _IOWR('P', n, struct ...).
+
+    dev = PinlabDevice()                       # /dev/pinlab0
+    buf = mmap.mmap(-1, 1 << 20)
+    rid = dev.register(buffer_address(buf), len(buf), "pin")
+    dev.dma_write(rid, 0, len(buf), generation=1)
+    assert not check_pattern(buf, rid, 1)
+    dev.deregister(rid)
+
+Errors raise PinlabError (an OSError subclass) carrying the kernel errno and, where the
+device answered, the raw device status (``.status``) and the output struct (``.result``).
+"""
+
+import ctypes
+import fcntl
+import os
+import struct
+
+# ---------------------------------------------------------------- ioctl encoding
+_IOC_NRBITS, _IOC_TYPEBITS, _IOC_SIZEBITS = 8, 8, 14
+_IOC_NRSHIFT = 0
+_IOC_TYPESHIFT = _IOC_NRSHIFT + _IOC_NRBITS
+_IOC_SIZESHIFT = _IOC_TYPESHIFT + _IOC_TYPEBITS
+_IOC_DIRSHIFT = _IOC_SIZESHIFT + _IOC_SIZEBITS
+_IOC_WRITE, _IOC_READ = 1, 2
+
+
+def _IOC(direction, typ, nr, size):
+    return (direction << _IOC_DIRSHIFT) | (ord(typ) << _IOC_TYPESHIFT) | \
+        (nr << _IOC_NRSHIFT) | (size << _IOC_SIZESHIFT)
+
+
+def _IOWR(typ, nr, size):
+    return _IOC(_IOC_READ | _IOC_WRITE, typ, nr, size)
+
+
+PINLAB_IOC_MAGIC = "P"
+
+# ---------------------------------------------------------------- constants
+MODE_GUP, MODE_PIN, MODE_LONGTERM, MODE_ODP = 0, 1, 2, 3
+MODES = {"gup": MODE_GUP, "pin": MODE_PIN, "longterm": MODE_LONGTERM, "odp": MODE_ODP}
+MODE_NAMES = {v: k for k, v in MODES.items()}
+
+REG_READONLY = 0x1
+MAX_REGION_BYTES = 1 << 30
+
+STATUS_OK = 0
+STATUS_BAD_OPCODE = 1
+STATUS_BAD_ARG = 2
+STATUS_NO_REGION = 3
+STATUS_EXISTS = 4
+STATUS_DMA_ERROR = 5
+STATUS_PAGE_FAULT = 6
+STATUS_ABORTED = 7
+STATUS_NO_SPACE = 8
+STATUS_TIMEOUT = 0xFFFE      # driver pseudo status: command timed out, device reset
+STATUS_NO_DEVICE = 0xFFFF    # driver pseudo status: device gone
+STATUS_NAMES = {
+    0: "OK", 1: "BAD_OPCODE", 2: "BAD_ARG", 3: "NO_REGION", 4: "EXISTS",
+    5: "DMA_ERROR", 6: "PAGE_FAULT", 7: "ABORTED", 8: "NO_SPACE",
+    0xFFFE: "TIMEOUT", 0xFFFF: "NO_DEVICE",
+}
+
+STATE_ACTIVE, STATE_FAILED = 0, 1
+
+
+# ---------------------------------------------------------------- structs (uapi mirror)
+class _Struct(ctypes.Structure):
+    _pack_ = 8
+
+    def as_dict(self):
+        out = {}
+        for name, _ in self._fields_:
+            if name.startswith("pad"):
+                continue
+            out[name] = getattr(self, name)
+        return out
+
+    def __repr__(self):
+        fields = ", ".join(f"{k}={v!r}" for k, v in self.as_dict().items())
+        return f"{type(self).__name__}({fields})"
+
+
+class PinlabRegister(_Struct):
+    _fields_ = [("addr", ctypes.c_uint64), ("len", ctypes.c_uint64),
+                ("mode", ctypes.c_uint32), ("flags", ctypes.c_uint32),
+                ("region", ctypes.c_uint32), ("status", ctypes.c_uint16),
+                ("pad", ctypes.c_uint16)]
+
+
+class PinlabRegionOp(_Struct):
+    _fields_ = [("region", ctypes.c_uint32), ("status", ctypes.c_uint16),
+                ("pad", ctypes.c_uint16), ("result", ctypes.c_uint64)]
+
+
+class PinlabDma(_Struct):
+    _fields_ = [("region", ctypes.c_uint32), ("generation", ctypes.c_uint32),
+                ("offset", ctypes.c_uint64), ("len", ctypes.c_uint64),
+                ("bytes", ctypes.c_uint64), ("crc32", ctypes.c_uint32),
+                ("status", ctypes.c_uint16), ("pad", ctypes.c_uint16)]
+
+
+class PinlabStream(_Struct):
+    _fields_ = [("region", ctypes.c_uint32), ("generation", ctypes.c_uint32),
+                ("offset", ctypes.c_uint64), ("len", ctypes.c_uint64),
+                ("chunk", ctypes.c_uint32), ("interval_us", ctypes.c_uint32),
+                ("status", ctypes.c_uint16), ("pad", ctypes.c_uint16 * 3)]
+
+
+class PinlabQuery(_Struct):
+    _fields_ = [("region", ctypes.c_uint32), ("mode", ctypes.c_uint32),
+                ("flags", ctypes.c_uint32), ("state", ctypes.c_uint32),
+                ("addr", ctypes.c_uint64), ("len", ctypes.c_uint64),
+                ("pages", ctypes.c_uint64), ("pinned", ctypes.c_uint64),
+                ("maybe_dma_pinned", ctypes.c_uint64),
+                ("invalidations", ctypes.c_uint64), ("faults", ctypes.c_uint64),
+                ("last_status", ctypes.c_uint16), ("pad", ctypes.c_uint16 * 3)]
+
+
+# sizes must match the C structs (kmod/pinlab_uapi.h)
+assert ctypes.sizeof(PinlabRegister) == 32
+assert ctypes.sizeof(PinlabRegionOp) == 16
+assert ctypes.sizeof(PinlabDma) == 40
+assert ctypes.sizeof(PinlabStream) == 40
+assert ctypes.sizeof(PinlabQuery) == 80
+
+PINLAB_IOC_REGISTER = _IOWR(PINLAB_IOC_MAGIC, 1, ctypes.sizeof(PinlabRegister))
+PINLAB_IOC_DEREGISTER = _IOWR(PINLAB_IOC_MAGIC, 2, ctypes.sizeof(PinlabRegionOp))
+PINLAB_IOC_DMA_WRITE = _IOWR(PINLAB_IOC_MAGIC, 3, ctypes.sizeof(PinlabDma))
+PINLAB_IOC_DMA_READ = _IOWR(PINLAB_IOC_MAGIC, 4, ctypes.sizeof(PinlabDma))
+PINLAB_IOC_STREAM_START = _IOWR(PINLAB_IOC_MAGIC, 5, ctypes.sizeof(PinlabStream))
+PINLAB_IOC_STREAM_STOP = _IOWR(PINLAB_IOC_MAGIC, 6, ctypes.sizeof(PinlabRegionOp))
+PINLAB_IOC_QUERY = _IOWR(PINLAB_IOC_MAGIC, 7, ctypes.sizeof(PinlabQuery))
+PINLAB_IOC_DIRTY = _IOWR(PINLAB_IOC_MAGIC, 8, ctypes.sizeof(PinlabRegionOp))
+PINLAB_IOC_FENCE = _IOWR(PINLAB_IOC_MAGIC, 9, ctypes.sizeof(PinlabRegionOp))
+
+
+class PinlabError(OSError):
+    """OSError with the kernel errno plus the raw device status and output struct."""
+
+    def __init__(self, err, op, result=None):
+        status = getattr(result, "status", None) if result is not None else None
+        msg = f"{op}: {os.strerror(err)}"
+        if status:
+            msg += f" (device status {STATUS_NAMES.get(status, status)})"
+        super().__init__(err, msg)
+        self.op = op
+        self.status = status
+        self.result = result
+
+
+# ---------------------------------------------------------------- helpers
+def buffer_address(buf):
+    """Address of a writable buffer (mmap.mmap, bytearray, ctypes array)."""
+    if isinstance(buf, ctypes.Array):
+        return ctypes.addressof(buf)
+    c = (ctypes.c_char * len(buf)).from_buffer(buf)
+    addr = ctypes.addressof(c)
+    del c   # release the export so an mmap can still be closed
+    return addr
+
+
+def mmap_address(m):
+    """Address of an mmap.mmap object (alias of buffer_address)."""
+    return buffer_address(m)
+
+
+def pattern_word(region, generation, offset):
+    """The 8-byte word the device writes at byte `offset` (REGISTERS.md, Data pattern)."""
+    return ((region & 0xFFFF) << 48) | ((generation & 0xFFFF) << 32) | \
+        ((offset >> 3) & 0xFFFFFFFF)
+
+
+def decode_word(word):
+    """(region, generation, offset) encoded in a pattern word."""
+    return (word >> 48) & 0xFFFF, (word >> 32) & 0xFFFF, (word & 0xFFFFFFFF) << 3
+
+
+def check_pattern(buf, region, generation, offset=0, length=None, buf_offset=None,
+                  max_mismatches=None):
+    """Check that buf holds the pattern of (region, generation) over [offset, offset+length).
+
+    `offset` is the byte offset inside the region (it selects the expected words);
+    `buf_offset` is where that region byte sits in `buf` (default: same as offset,
+    i.e. buf is the whole registered range).  `generation` may be an int or a
+    callable(offset) -> generation (for streams), or None to accept any generation.
+    Returns a list of mismatches (byte_offset_in_region, expected, found, decoded_found).
+    """
+    if offset & 7:
+        raise ValueError("offset must be 8-byte aligned")
+    mv = memoryview(buf).cast("B")
+    if buf_offset is None:
+        buf_offset = offset
+    if length is None:
+        length = len(mv) - buf_offset
+    if length & 7:
+        raise ValueError("length must be a multiple of 8")
+    if buf_offset < 0 or buf_offset + length > len(mv):
+        raise ValueError("range outside buffer")
+    words = struct.unpack_from(f"<{length // 8}Q", mv, buf_offset)
+    bad = []
+    for i, found in enumerate(words):
+        off = offset + 8 * i
+        if generation is None:
+            r, g, o = decode_word(found)
+            ok = r == (region & 0xFFFF) and o == off
+            expected = pattern_word(region, g, off)
+        else:
+            gen = generation(off) if callable(generation) else generation
+            expected = pattern_word(region, gen, off)
+            ok = found == expected
+        if not ok:
+            bad.append((off, expected, found, decode_word(found)))
+            if max_mismatches is not None and len(bad) >= max_mismatches:
+                break
+    return bad
+
+
+# ---------------------------------------------------------------- device
+class PinlabDevice:
+    """One open file of /dev/pinlabN; regions belong to it and die with close()."""
+
+    def __init__(self, path="/dev/pinlab0"):
+        self.path = path
+        self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def fileno(self):
+        return self.fd
+
+    def _ioctl(self, op, req, arg):
+        try:
+            fcntl.ioctl(self.fd, req, arg, True)
+        except OSError as e:
+            raise PinlabError(e.errno, op, arg) from None
+        return arg
+
+    def register(self, addr, length, mode="pin", readonly=False):
+        """Register [addr, addr+length) -> region id.  mode: gup|pin|longterm|odp."""
+        if isinstance(mode, str):
+            if mode not in MODES:
+                raise ValueError(f"unknown mode {mode!r}")
+            mode = MODES[mode]
+        arg = PinlabRegister(addr=addr, len=length, mode=mode,
+                             flags=REG_READONLY if readonly else 0)
+        return self._ioctl("REGISTER", PINLAB_IOC_REGISTER, arg).region
+
+    def deregister(self, region):
+        """Deregister; returns the DESTROY_REGION device status."""
+        return self._ioctl("DEREGISTER", PINLAB_IOC_DEREGISTER,
+                           PinlabRegionOp(region=region)).status
+
+    def dma_write(self, region, offset, length, generation=1):
+        """Device writes the pattern; returns bytes written."""
+        arg = PinlabDma(region=region, offset=offset, len=length, generation=generation)
+        return self._ioctl("DMA_WRITE", PINLAB_IOC_DMA_WRITE, arg).bytes
+
+    def dma_read(self, region, offset, length):
+        """Device reads; returns (crc32, bytes)."""
+        arg = PinlabDma(region=region, offset=offset, len=length)
+        arg = self._ioctl("DMA_READ", PINLAB_IOC_DMA_READ, arg)
+        return arg.crc32, arg.bytes
+
+    def stream_start(self, region, offset, length, generation=1, chunk=0, interval_us=0):
+        arg = PinlabStream(region=region, offset=offset, len=length, generation=generation,
+                           chunk=chunk, interval_us=interval_us)
+        self._ioctl("STREAM_START", PINLAB_IOC_STREAM_START, arg)
+
+    def stream_stop(self, region):
+        """Returns the number of chunks the stream wrote."""
+        return self._ioctl("STREAM_STOP", PINLAB_IOC_STREAM_STOP,
+                           PinlabRegionOp(region=region)).result
+
+    def query(self, region):
+        """dict: region, mode, mode_name, flags, state, addr, len, pages, pinned,
+        maybe_dma_pinned, invalidations, faults, last_status."""
+        d = self._ioctl("QUERY", PINLAB_IOC_QUERY, PinlabQuery(region=region)).as_dict()
+        d["mode_name"] = MODE_NAMES.get(d["mode"], str(d["mode"]))
+        return d
+
+    def dirty(self, region):
+        """set_page_dirty_lock() on every pinned page; returns pages dirtied."""
+        return self._ioctl("DIRTY", PINLAB_IOC_DIRTY, PinlabRegionOp(region=region)).result
+
+    def fence(self):
+        """Device FENCE; returns the device status (0)."""
+        return self._ioctl("FENCE", PINLAB_IOC_FENCE, PinlabRegionOp()).status
+
+
+__all__ = [
+    "PinlabDevice", "PinlabError", "buffer_address", "mmap_address", "pattern_word",
+    "decode_word", "check_pattern", "MODES", "STATUS_NAMES",
+    "PINLAB_IOC_REGISTER", "PINLAB_IOC_DEREGISTER", "PINLAB_IOC_DMA_WRITE",
+    "PINLAB_IOC_DMA_READ", "PINLAB_IOC_STREAM_START", "PINLAB_IOC_STREAM_STOP",
+    "PINLAB_IOC_QUERY", "PINLAB_IOC_DIRTY", "PINLAB_IOC_FENCE",
+]
