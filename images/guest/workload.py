@@ -26,6 +26,9 @@ MADV_NOHUGEPAGE = 15
 
 def vmstat(keys=("nr_foll_pin_acquired", "nr_foll_pin_released")):
     out = {}
+    # vmstat counters drift per CPU until folded; stat_refresh folds them now.
+    with contextlib.suppress(OSError), open("/proc/sys/vm/stat_refresh", "w") as f:
+        f.write("1")
     with open("/proc/vmstat") as f:
         for line in f:
             k, v = line.split()

@@ -14,6 +14,7 @@ from pathlib import Path
 from avocado import Test
 
 from pinlab.orchestrator.dmesg import classify
+from pinlab.orchestrator.procs import wait_for
 from pinlab.orchestrator.session import GuestSession
 from pinlab.orchestrator.ssh import SSHError
 
@@ -86,8 +87,12 @@ class EndToEnd(GuestTest):
             # Pins were taken and all released.
             before, pinned, after = (rep["vmstat_before"], rep["vmstat_pinned"],
                                      rep["vmstat_after"])
+            # FOLL_PIN is counted per folio, not per page: 64 pages may be fewer pins.
             acquired = pinned["nr_foll_pin_acquired"] - before["nr_foll_pin_acquired"]
-            self.assertGreaterEqual(acquired, 64)
+            self.log.info("nr_foll_pin_acquired grew by %d for 64 pages", acquired)
+            self.assertGreater(acquired, 0)
+            self.assertEqual(rep["query"]["pinned"], 64)
+            self.assertEqual(rep["query"]["maybe_dma_pinned"], 64)
             outstanding = lambda v: v["nr_foll_pin_acquired"] - v["nr_foll_pin_released"]  # noqa: E731
             self.assertEqual(outstanding(after), outstanding(before), "pins leaked")
 
@@ -114,9 +119,8 @@ class Robustness(GuestTest):
             self.log.info("error after QEMU death (%.1fs): %s", time.monotonic() - t0,
                           cm.exception)
             self.assertLess(time.monotonic() - t0, 31)
-            dead = g._dead()
-            self.assertIsNotNone(dead)
-            self.assertIn("QEMU exited", dead or "")
+            wait_for(lambda: g._dead() is not None, 10, what="QEMU's death to be noticed")
+            self.assertIn("QEMU exited", g._dead() or "")
         console = (self.artifacts / "console.log").read_text(errors="replace")
         self.assertIn("PINLAB-READY", console)
         for p in self.pids:

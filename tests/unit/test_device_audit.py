@@ -1,0 +1,113 @@
+"""Audit log: records, violations (the oracle), bounded memory, JSONL spill."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import unittest
+
+from pinlab.device import engine as E
+from pinlab.device.audit import AuditLog
+from pinlab.device.testclient import Rig
+
+
+class AuditLogUnitTest(unittest.TestCase):
+    def test_violation_rules(self) -> None:
+        seen = []
+        log = AuditLog(on_violation=seen.append)
+        t = log.region_created(5, 4)
+        log.pages_mapped(t, 0, 4)
+        log.access(t, 1, 0x1000, 4096, True, 1)
+        log.invalidate_request(t, 1, 2)
+        log.access(t, 1, 0x1000, 8, True, 1)  # before the ack: allowed
+        log.invalidate_ack(t, 1, 2, 2)
+        log.access(t, 0, 0x0, 8, False)  # other page: fine
+        log.access(t, 2, 0x2000, 8, False)  # revoked: violation
+        log.pages_mapped(t, 2, 1)
+        log.access(t, 2, 0x2000, 8, True, 2)  # re-mapped: fine
+        log.region_destroyed(t)
+        log.access(t, 0, 0x0, 8, True, 3)  # destroyed: violation
+        v = log.violations()
+        self.assertEqual([(r["page"], r["why"]) for r in v],
+                         [(2, "access after invalidate ack"), (0, "access to a destroyed region")])
+        self.assertEqual(len(seen), 2)
+        st = log.stats()
+        self.assertEqual((st["violations"], st["writes"], st["reads"]), (2, 4, 2))
+        kinds = [r["kind"] for r in log.query()]
+        self.assertEqual(kinds[:4], ["create", "map", "access", "invalidate"])
+        acc = log.query(kind="access")[0]
+        self.assertEqual({k: acc[k] for k in ("region", "page", "gpa", "len", "dir", "gen")},
+                         {"region": 5, "page": 1, "gpa": 0x1000, "len": 4096, "dir": "w",
+                          "gen": 1})
+        self.assertIsInstance(acc["t"], int)
+
+    def test_query_filters_and_ring_bound(self) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "a.jsonl")
+            log = AuditLog(path, ring=100)
+            a, b = log.region_created(1, 1), log.region_created(2, 1)
+            for i in range(300):
+                log.access(a if i % 2 else b, 0, 0, 8, True, i)
+            self.assertEqual(len(log.query(limit=10000)), 100)
+            self.assertEqual(log.query(limit=5)[0]["seq"], 203)
+            self.assertTrue(all(r["region"] == 1 for r in log.query(region=1)))
+            self.assertEqual([r["seq"] for r in log.query(since=300)], [301, 302])
+            self.assertEqual(log.stats()["first_seq_in_memory"], 203)
+            log.close()
+            with open(path) as f:
+                lines = [json.loads(x) for x in f]
+            self.assertEqual(len(lines), 302)
+            self.assertEqual(lines[0]["kind"], "create")
+
+
+class AuditEngineTest(unittest.TestCase):
+    def setUp(self) -> None:
+        self.rig = Rig(audit=True)
+        self.d = self.rig.driver
+
+    def tearDown(self) -> None:
+        self.rig.close()
+
+    def test_engine_records_every_page(self) -> None:
+        d, audit = self.d, self.rig.device.audit
+        d.cmd(E.OP_CREATE_REGION, 3, 4, 1)
+        pages = self.rig.pages(4)
+        self.rig.map_pages(3, 0, pages)
+        since = audit.stats()["last_seq"]
+        d.cmd(E.OP_DMA_WRITE, 3, 2048, 8192, 6)
+        recs = audit.query(since=since, kind="access")
+        self.assertEqual([(r["page"], r["gpa"], r["len"], r["dir"], r["gen"]) for r in recs],
+                         [(0, pages[0] + 2048, 2048, "w", 6), (1, pages[1], 4096, "w", 6),
+                          (2, pages[2], 2048, "w", 6)])
+        d.cmd(E.OP_DMA_READ, 3, 0, 10)
+        self.assertEqual(audit.query(kind="access")[-1]["dir"], "r")
+        d.cmd(E.OP_INVALIDATE, 3, 0, 2)
+        d.cmd(E.OP_DESTROY_REGION, 3)
+        kinds = [r["kind"] for r in audit.query(since=since)]
+        self.assertEqual(kinds[-3:], ["invalidate", "invalidate_ack", "destroy"])
+        ack = audit.query(kind="invalidate_ack")[-1]
+        self.assertEqual((ack["first"], ack["count"], ack["mapped"]), (0, 2, 2))
+        self.assertEqual(audit.stats()["violations"], 0)
+        audit.flush()
+        with open(self.rig.server.audit_path) as f:
+            self.assertEqual(sum(1 for _ in f), audit.stats()["last_seq"])
+
+    def test_write_after_revoke_fault_is_caught(self) -> None:
+        d, dev = self.d, self.rig.device
+        d.cmd(E.OP_CREATE_REGION, 1, 4, 1)
+        pages = self.rig.pages(4)
+        self.rig.map_pages(1, 0, pages)
+        dev.faults.update({"write-after-revoke": True})
+        comp = d.cmd(E.OP_INVALIDATE, 1, 1, 2)
+        self.assertEqual(comp.status, E.OK)
+        d.cmd(E.OP_FENCE)
+        v = dev.audit.violations()
+        self.assertEqual(len(v), 1)
+        self.assertEqual((v[0]["region"], v[0]["page"], v[0]["gpa"]), (1, 1, pages[1]))
+        ack = dev.audit.query(kind="invalidate_ack")[-1]
+        self.assertLess(ack["seq"], v[0]["seq"])
+
+
+if __name__ == "__main__":
+    unittest.main()

@@ -1,0 +1,159 @@
+"""Streams: background writes, invalidate fences while streaming, faults."""
+
+from __future__ import annotations
+
+import time
+import unittest
+from array import array
+
+from pinlab.device import engine as E
+from pinlab.device.testclient import Rig
+
+
+def wait_for(pred, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if time.monotonic() > deadline:
+            raise TimeoutError("condition not met")
+        time.sleep(0.005)
+
+
+class StreamTest(unittest.TestCase):
+    def setUp(self) -> None:
+        self.rig = Rig(audit=True)
+        self.d = self.rig.driver
+        self.dev = self.rig.device
+
+    def tearDown(self) -> None:
+        self.rig.close()
+
+    def make(self, rid: int, npages: int) -> list[int]:
+        self.assertEqual(self.d.cmd(E.OP_CREATE_REGION, rid, npages, 1).status, E.OK)
+        pages = self.rig.pages(npages)
+        self.assertEqual(self.rig.map_pages(rid, 0, pages).status, E.OK)
+        return pages
+
+    def stream(self, rid: int) -> E.Stream:
+        s = self.dev.engine.regions[rid].stream
+        assert isinstance(s, E.Stream)
+        return s
+
+    def test_start_stop(self) -> None:
+        pages = self.make(1, 16)
+        comp = self.d.cmd(E.OP_STREAM_START, 1, 0, 16 * 4096, 1, 8192, 0)
+        self.assertEqual(comp.status, E.OK)
+        wait_for(lambda: self.stream(1).passes >= 2)
+        comp = self.d.cmd(E.OP_STREAM_STOP, 1)
+        self.assertEqual(comp.status, E.OK)
+        self.assertGreaterEqual(comp.result0, 16)
+        words = array("Q", self.rig.ram.read(pages[5], 4096))
+        self.assertEqual(words[0] >> 48, 1)
+        self.assertEqual(words[0] & 0xFFFFFFFF, 5 * 512)
+        self.assertGreaterEqual(words[0] >> 32 & 0xFFFF, 1)
+        self.assertEqual(self.d.cmd(E.OP_STREAM_STOP, 1).status, E.BAD_ARG)
+
+    def test_start_errors(self) -> None:
+        self.make(1, 4)
+        d = self.d
+        for args in ((4, 8, 1, 0, 0), (0, 12, 1, 0, 0), (0, 8, 1, 12, 0), (0, 8, 70000, 0, 0),
+                     (0, 8, 1, (1 << 20) + 8, 0), (0, 5 * 4096, 1, 0, 0)):
+            with self.subTest(args=args):
+                self.assertEqual(d.cmd(E.OP_STREAM_START, 1, *args).status, E.BAD_ARG)
+        self.assertEqual(d.cmd(E.OP_STREAM_START, 1, 0, 4096, 1, 0, 1000).status, E.OK)
+        self.assertEqual(d.cmd(E.OP_STREAM_START, 1, 0, 4096, 1, 0, 1000).status, E.EXISTS)
+        d.cmd(E.OP_CREATE_REGION, 2, 1, 0)
+        self.assertEqual(d.cmd(E.OP_STREAM_START, 2, 0, 8, 1, 0, 0).status, E.BAD_ARG)
+
+    def test_invalidate_while_streaming_never_leaks(self) -> None:
+        pages = self.make(1, 64)
+        self.d.cmd(E.OP_STREAM_START, 1, 0, 64 * 4096, 1, 16384, 0)
+        wait_for(lambda: self.stream(1).chunks > 20)
+        for first in range(0, 64, 8):
+            comp = self.d.cmd(E.OP_INVALIDATE, 1, first, 8)
+            self.assertEqual(comp.status, E.OK)
+            snap = [self.rig.ram.read(p, 4096) for p in pages[first:first + 8]]
+            time.sleep(0.01)
+            # after the ack the device must not touch those pages again
+            self.assertEqual(snap, [self.rig.ram.read(p, 4096) for p in pages[first:first + 8]])
+        self.assertEqual(self.dev.audit.stats()["violations"], 0)
+        wait_for(lambda: self.stream(1).state == "paused")
+        self.assertEqual(self.stream(1).fault_page, self.stream(1).fault_page)
+        evs = self.d.events()
+        self.assertTrue(any(e.type == E.EV_PAGE_FAULT and e.region == 1 for e in evs))
+        # re-map: the stream resumes
+        chunks = self.stream(1).chunks
+        self.rig.map_pages(1, 0, pages)
+        wait_for(lambda: self.stream(1).chunks > chunks + 10)
+        self.assertEqual(self.d.cmd(E.OP_STREAM_STOP, 1).status, E.OK)
+        self.assertEqual(self.dev.audit.stats()["violations"], 0)
+
+    def test_destroy_stops_stream(self) -> None:
+        self.make(1, 8)
+        self.d.cmd(E.OP_STREAM_START, 1, 0, 8 * 4096, 1, 0, 0)
+        wait_for(lambda: self.stream(1).chunks > 5)
+        stream = self.stream(1)
+        self.assertEqual(self.d.cmd(E.OP_DESTROY_REGION, 1).status, E.OK)
+        self.assertEqual(stream.state, "stopped")
+        n = self.dev.audit.stats()["writes"]
+        time.sleep(0.05)
+        self.assertEqual(self.dev.audit.stats()["writes"], n)
+        evs = self.d.events()
+        self.assertIn((E.EV_STREAM_STOPPED, 1, E.ABORTED), [(e.type, e.region, e.info0)
+                                                            for e in evs])
+        self.assertEqual(self.dev.audit.stats()["violations"], 0)
+
+    def test_reset_stops_streams(self) -> None:
+        self.make(1, 8)
+        self.d.cmd(E.OP_STREAM_START, 1, 0, 8 * 4096, 1, 0, 0)
+        wait_for(lambda: self.stream(1).chunks > 5)
+        stream = self.stream(1)
+        self.rig.client.reg_write(0x00C, 2)
+        self.assertEqual(self.rig.client.reg_read(0x008), 0)
+        self.assertEqual(stream.state, "stopped")
+
+    def test_vfio_user_stays_responsive_while_streaming(self) -> None:
+        self.make(1, 256)
+        self.d.cmd(E.OP_STREAM_START, 1, 0, 256 * 4096, 1, 1 << 20, 0)
+        t0 = time.monotonic()
+        for _ in range(50):
+            self.rig.client.reg_read(0x080)
+        self.assertLess((time.monotonic() - t0) / 50, 0.05)
+        self.d.cmd(E.OP_STREAM_STOP, 1)
+
+    def test_delay_revoke_fault(self) -> None:
+        self.make(1, 4)
+        self.dev.faults.update({"delay-revoke-ms": 200})
+        t0 = time.monotonic()
+        self.assertEqual(self.d.cmd(E.OP_INVALIDATE, 1, 0, 4).status, E.OK)
+        self.assertGreaterEqual(time.monotonic() - t0, 0.2)
+
+    def test_never_ack_revoke_then_clear(self) -> None:
+        self.make(1, 4)
+        self.dev.faults.update({"never-ack-revoke": True})
+        self.d.submit(E.OP_INVALIDATE, 1, 0, 4)
+        with self.assertRaises(TimeoutError):
+            self.d.poll(0.3)
+        self.dev.faults.clear()
+        self.assertEqual(self.d.poll().status, E.OK)
+
+    def test_never_ack_revoke_then_reset(self) -> None:
+        self.make(1, 4)
+        self.dev.faults.update({"never-ack-revoke": True})
+        self.d.submit(E.OP_INVALIDATE, 1, 0, 4)
+        time.sleep(0.1)
+        self.rig.client.reg_write(0x00C, 2)
+        self.assertEqual(self.rig.client.reg_read(0x008), 0)
+
+    def test_drop_and_delay_irq(self) -> None:
+        self.dev.faults.update({"drop-irq": True})
+        self.d.cmd(E.OP_NOP)
+        self.assertEqual(self.d.irq_count(0), 0)
+        self.dev.faults.update({"drop-irq": False, "delay-irq-ms": 150})
+        self.d.cmd(E.OP_NOP)
+        self.assertEqual(self.d.irq_count(0), 0)
+        time.sleep(0.3)
+        self.assertEqual(self.d.irq_count(0), 1)
+
+
+if __name__ == "__main__":
+    unittest.main()
