@@ -49,8 +49,12 @@ class AuditLogUnitTest(unittest.TestCase):
             a, b = log.region_created(1, 1), log.region_created(2, 1)
             for i in range(300):
                 log.access(a if i % 2 else b, 0, 0, 8, True, i)
-            self.assertEqual(len(log.query(limit=10000)), 100)
-            self.assertEqual(log.query(limit=5)[0]["seq"], 203)
+            self.assertEqual(len(log.query(since=202, limit=10000)), 100)
+            self.assertEqual(log.query(since=202, limit=5)[0]["seq"], 203)
+            # older records come back from the JSONL file
+            self.assertEqual([r["seq"] for r in log.query(since=0, limit=3)], [1, 2, 3])
+            self.assertEqual(len(log.query(since=150, limit=10000)), 152)
+            self.assertEqual(len(log.query(since=0, region=2, limit=10000)), 151)
             self.assertTrue(all(r["region"] == 1 for r in log.query(region=1)))
             self.assertEqual([r["seq"] for r in log.query(since=300)], [301, 302])
             self.assertEqual(log.stats()["first_seq_in_memory"], 203)
@@ -59,6 +63,13 @@ class AuditLogUnitTest(unittest.TestCase):
                 lines = [json.loads(x) for x in f]
             self.assertEqual(len(lines), 302)
             self.assertEqual(lines[0]["kind"], "create")
+            again = AuditLog(path, ring=10)  # a restarted device appends; queries ignore
+            t = again.region_created(9, 1)  # the earlier run's records
+            for _ in range(20):
+                again.access(t, 0, 0, 8, False)
+            self.assertEqual([r["region"] for r in again.query(since=0, limit=2)], [9, 9])
+            self.assertEqual(len(again.query(since=0, limit=1000)), 21)
+            again.close()
 
 
 class AuditEngineTest(unittest.TestCase):

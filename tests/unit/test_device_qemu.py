@@ -13,6 +13,7 @@ import struct
 import subprocess
 import time
 import unittest
+from typing import IO
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
@@ -34,10 +35,23 @@ def qemu_command() -> list[str] | None:
             os.path.join(ROOT, "usr/share/seabios")]
 
 
+def stop_process(proc: subprocess.Popen, log: IO[str]) -> None:
+    """Never leave QEMU behind: ask politely, then kill, and always reap."""
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    log.close()
+
+
 @unittest.skipIf(qemu_command() is None, "no QEMU found")
 class QemuSmokeTest(unittest.TestCase):
     def setUp(self) -> None:
         self.srv = LocalServer(audit=True)
+        self.addCleanup(self.srv.close)
         self.qmp_path = os.path.join(self.srv.tmp, "qmp.sock")
         self.log = open(os.path.join(self.srv.tmp, "qemu.log"), "w+")  # noqa: SIM115
         cmd = [*(qemu_command() or []),
@@ -48,6 +62,7 @@ class QemuSmokeTest(unittest.TestCase):
                "-display", "none", "-serial", "none", "-monitor", "none", "-nodefaults",
                "-qmp", f"unix:{self.qmp_path},server=on,wait=off", "-S"]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        self.addCleanup(stop_process, self.proc, self.log)
         deadline = time.monotonic() + 20
         while not os.path.exists(self.qmp_path):
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -61,13 +76,6 @@ class QemuSmokeTest(unittest.TestCase):
             self.qmp.cmd("quit")
         with contextlib.suppress(Exception):
             self.qmp.close()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
-        self.srv.close()
 
     def qemu_log(self) -> str:
         self.log.flush()
@@ -167,6 +175,7 @@ class QemuDmaTest(unittest.TestCase):
 
     def setUp(self) -> None:
         self.srv = LocalServer(audit=True)
+        self.addCleanup(self.srv.close)
         qt_path = os.path.join(self.srv.tmp, "qtest.sock")
         self.listener = socket.socket(socket.AF_UNIX)
         self.listener.bind(qt_path)
@@ -182,24 +191,10 @@ class QemuDmaTest(unittest.TestCase):
                "-display", "none", "-serial", "none", "-monitor", "none", "-nodefaults",
                "-qtest", f"unix:{qt_path}"]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
-        try:
-            self.qt = Qtest(self.listener)
-        except OSError:
-            self.proc.kill()
-            self.proc.wait()
-            raise
-
-    def tearDown(self) -> None:
-        self.qt.close()
-        self.listener.close()
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
-        self.srv.close()
+        self.addCleanup(stop_process, self.proc, self.log)
+        self.addCleanup(self.listener.close)
+        self.qt = Qtest(self.listener)
+        self.addCleanup(self.qt.close)
 
     def reg(self, off: int, val: int | None = None, width: int = 4) -> int:
         op = "l" if width == 4 else "q"

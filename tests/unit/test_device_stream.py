@@ -120,6 +120,20 @@ class StreamTest(unittest.TestCase):
         self.assertLess((time.monotonic() - t0) / 50, 0.05)
         self.d.cmd(E.OP_STREAM_STOP, 1)
 
+    def test_client_disconnect_while_streaming(self) -> None:
+        self.make(1, 16)
+        self.d.cmd(E.OP_STREAM_START, 1, 0, 16 * 4096, 1, 0, 0)
+        wait_for(lambda: self.stream(1).chunks > 5)
+        stream = self.stream(1)
+        self.rig.client.close()  # guest RAM goes away under the stream
+        wait_for(lambda: stream.state == "stopped")
+        self.assertEqual(stream.reason, E.DMA_ERROR)
+        with self.rig.server.client() as c2:
+            c2.version()
+            self.assertIn(1, self.dev.engine.regions)  # device state is kept
+            self.assertEqual(c2.reg_read(0x000), 0x50494E4C)
+        self.assertEqual(self.dev.audit.stats()["violations"], 0)
+
     def test_delay_revoke_fault(self) -> None:
         self.make(1, 4)
         self.dev.faults.update({"delay-revoke-ms": 200})

@@ -1,0 +1,125 @@
+"""Interrupts: the DEVICE_SET_IRQS eventfd table and vector triggering."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import threading
+
+from . import protocol as P
+from .protocol import MessageError, close_quietly
+
+log = logging.getLogger("pinlab.device.irq")
+
+# number of sub-indexes per irq index: INTx (pin 0, never used), MSI (no cap), MSI-X, ERR, REQ
+IRQ_COUNTS = {P.IRQ_INTX: 1, P.IRQ_MSI: 0, P.IRQ_MSIX: 4, P.IRQ_ERR: 1, P.IRQ_REQ: 0}
+IRQ_FLAGS = {
+    P.IRQ_INTX: P.IRQ_INFO_EVENTFD | P.IRQ_INFO_MASKABLE | P.IRQ_INFO_AUTOMASKED,
+    P.IRQ_MSI: P.IRQ_INFO_EVENTFD,
+    P.IRQ_MSIX: P.IRQ_INFO_EVENTFD,  # P: leave NORESIZE clear for MSI-X
+    P.IRQ_ERR: P.IRQ_INFO_EVENTFD,
+    P.IRQ_REQ: P.IRQ_INFO_EVENTFD,
+}
+
+
+class IrqTable:
+    """eventfds per (index, sub-index). Thread-safe: triggers may come from any thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._fds: dict[int, list[int | None]] = {i: [None] * n for i, n in IRQ_COUNTS.items()}
+        self.triggered = [0] * IRQ_COUNTS[P.IRQ_MSIX]
+        self.dropped = 0
+
+    def info(self, index: int) -> tuple[int, int]:
+        if index not in IRQ_COUNTS:
+            raise MessageError(errno.EINVAL, f"irq index {index} out of range")
+        return IRQ_FLAGS[index], IRQ_COUNTS[index]
+
+    def _set(self, index: int, sub: int, fd: int | None) -> None:
+        old = self._fds[index][sub]
+        self._fds[index][sub] = fd
+        if old is not None and old != fd:
+            close_quietly(old)
+
+    def set_irqs(self, flags: int, index: int, start: int, count: int, fds: list[int],
+                 data: bytes) -> None:
+        """Apply one DEVICE_SET_IRQS. Takes ownership of ``fds`` (closed on error)."""
+        try:
+            self._set_irqs(flags, index, start, count, fds, data)
+        except BaseException:
+            for fd in fds:
+                close_quietly(fd)
+            raise
+
+    def _set_irqs(self, flags: int, index: int, start: int, count: int, fds: list[int],
+                  data: bytes) -> None:
+        if index not in IRQ_COUNTS:
+            raise MessageError(errno.EINVAL, f"irq index {index} out of range")
+        dtype, action = flags & P.IRQ_SET_DATA_MASK, flags & P.IRQ_SET_ACTION_MASK_ALL
+        if flags & ~(P.IRQ_SET_DATA_MASK | P.IRQ_SET_ACTION_MASK_ALL):
+            raise MessageError(errno.EINVAL, f"unknown SET_IRQS flags {flags:#x}")
+        if dtype not in (P.IRQ_SET_DATA_NONE, P.IRQ_SET_DATA_BOOL, P.IRQ_SET_DATA_EVENTFD):
+            raise MessageError(errno.EINVAL, f"bad SET_IRQS data type {flags:#x}")
+        if action not in (P.IRQ_SET_ACTION_MASK, P.IRQ_SET_ACTION_UNMASK,
+                          P.IRQ_SET_ACTION_TRIGGER):
+            raise MessageError(errno.EINVAL, f"bad SET_IRQS action {flags:#x}")
+        total = IRQ_COUNTS[index]
+        if start > total or count > total - start:
+            raise MessageError(errno.EINVAL, f"irq range {start}+{count} > {total}")
+        if dtype != P.IRQ_SET_DATA_EVENTFD and fds:
+            raise MessageError(errno.EINVAL, "fds with a non-eventfd SET_IRQS")
+        if dtype == P.IRQ_SET_DATA_BOOL and len(data) < count:
+            raise MessageError(errno.EINVAL, "SET_IRQS bool data too short")
+        with self._lock:
+            if action == P.IRQ_SET_ACTION_TRIGGER:
+                if dtype == P.IRQ_SET_DATA_EVENTFD:
+                    if fds and len(fds) != count:
+                        raise MessageError(errno.EINVAL, f"{len(fds)} fds for {count} irqs")
+                    for i in range(count):  # P13: 0 fds de-assigns
+                        self._set(index, start + i, fds[i] if fds else None)
+                    return
+                if dtype == P.IRQ_SET_DATA_NONE and count == 0:
+                    for i in range(total):  # disable the whole index
+                        self._set(index, i, None)
+                    return
+            elif dtype == P.IRQ_SET_DATA_EVENTFD:
+                # EVENTFD|UNMASK carries the INTx resample fd: we have no INTx, drop it
+                if len(fds) > count:
+                    raise MessageError(errno.EINVAL, "too many fds")
+                for fd in fds:
+                    close_quietly(fd)
+                return
+        if action == P.IRQ_SET_ACTION_TRIGGER:  # loopback trigger (NONE or BOOL)
+            for i in range(count):
+                if dtype == P.IRQ_SET_DATA_NONE or data[i]:
+                    self.trigger(index, start + i)
+        # MASK/UNMASK with NONE/BOOL: only meaningful for INTx, which we do not have
+
+    def trigger(self, index: int, sub: int) -> bool:
+        """Signal one vector. Returns False if no eventfd is assigned."""
+        with self._lock:
+            fds = self._fds.get(index)
+            fd = fds[sub] if fds is not None and sub < len(fds) else None
+            if index == P.IRQ_MSIX and sub < len(self.triggered):
+                self.triggered[sub] += 1
+            if fd is None:
+                self.dropped += 1
+                return False
+            try:
+                os.eventfd_write(fd, 1)
+            except OSError as exc:
+                log.warning("irq %d/%d: eventfd write failed: %s", index, sub, exc)
+                return False
+            return True
+
+    def assigned(self, index: int) -> list[bool]:
+        with self._lock:
+            return [fd is not None for fd in self._fds[index]]
+
+    def close_all(self) -> None:
+        with self._lock:
+            for index, fds in self._fds.items():
+                for i in range(len(fds)):
+                    self._set(index, i, None)

@@ -1,0 +1,89 @@
+"""Device regions (page tables in device memory) and the DMA data pattern."""
+
+from __future__ import annotations
+
+import threading
+from array import array
+from functools import lru_cache
+
+from .audit import RegionTrack
+
+PAGE_SIZE = 4096
+PAGE_SHIFT = 12
+MAX_PAGES = 262144
+MAX_REGIONS = 1024
+MAX_REGION_ID = 65535
+REGION_WRITABLE = 1
+PTE_VALID = 1  # page table entries are gpa | PTE_VALID; 0 = not mapped
+
+
+@lru_cache(maxsize=16)
+def _ramp(words: int) -> tuple[int, int]:
+    """(sum i*2^(64i), sum 2^(64i)) for i < words: the pattern as two big integers."""
+    idx = array("Q", range(words)).tobytes()
+    ones = array("Q", [1]) * words
+    return int.from_bytes(idx, "little"), int.from_bytes(ones.tobytes(), "little")
+
+
+def pattern(region: int, gen: int, offset: int, length: int) -> bytes:
+    """Pattern words for [offset, offset+length) (both 8-byte multiples).
+
+    word(off) = (r & 0xffff) << 48 | (g & 0xffff) << 32 | (off >> 3) & 0xffffffff.
+    Built as one big-integer multiply-add: the words never carry into each other as long
+    as the low half does not wrap, which is handled by splitting at the wrap point.
+    """
+    words = length >> 3
+    high = (region & 0xFFFF) << 48 | (gen & 0xFFFF) << 32
+    low = (offset >> 3) & 0xFFFFFFFF
+    room = (1 << 32) - low
+    if words > room:  # low half wraps inside this span (regions > 32 GiB only)
+        return pattern(region, gen, offset, room << 3) + pattern(
+            region, gen, offset + (room << 3), length - (room << 3))
+    ramp, ones = _ramp(words)
+    return (ramp + (high | low) * ones).to_bytes(length, "little")
+
+
+class Region:
+    """One region: a page table of ``npages`` entries kept in an ``array('Q')``."""
+
+    def __init__(self, rid: int, npages: int, flags: int, track: RegionTrack) -> None:
+        self.rid = rid
+        self.npages = npages
+        self.flags = flags
+        self.track = track
+        self.ptes = array("Q", bytes(8 * npages))
+        self.mapped = 0
+        # held by the stream worker for each chunk and by INVALIDATE/DESTROY/MAP_PAGES
+        self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)  # page table changed (MAP_PAGES etc.)
+        self.destroyed = False
+        self.stream: object | None = None  # engine.Stream when one runs
+
+    @property
+    def writable(self) -> bool:
+        return bool(self.flags & REGION_WRITABLE)
+
+    @property
+    def size(self) -> int:
+        return self.npages << PAGE_SHIFT
+
+    def map_pages(self, first: int, addrs: array) -> None:
+        """Caller holds ``lock``. ``addrs`` are page-aligned guest-physical addresses."""
+        for i, gpa in enumerate(addrs):
+            if not self.ptes[first + i]:
+                self.mapped += 1
+            self.ptes[first + i] = gpa | PTE_VALID
+        self.changed.notify_all()
+
+    def invalidate(self, first: int, count: int) -> int:
+        """Caller holds ``lock``. Returns how many of the pages were mapped."""
+        ptes = self.ptes
+        was = sum(1 for i in range(first, first + count) if ptes[i])
+        ptes[first:first + count] = array("Q", bytes(8 * count))
+        self.mapped -= was
+        return was
+
+    def describe(self) -> dict[str, object]:
+        return {"region": self.rid, "npages": self.npages, "writable": self.writable,
+                "mapped_pages": self.mapped, "inst": self.track.inst,
+                "streaming": self.stream is not None}

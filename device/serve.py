@@ -1,0 +1,62 @@
+"""Command line: ``python -m pinlab.device --socket PATH --control PATH [--audit FILE]``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from types import FrameType
+
+from .control import ControlServer
+from .device import Device
+from .server import VfioUserServer
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="pinlab-device",
+                                description="pinlab emulated PCI DMA engine (vfio-user server)")
+    p.add_argument("--socket", required=True, help="vfio-user Unix socket path")
+    p.add_argument("--control", required=True, help="QMP control Unix socket path")
+    p.add_argument("--audit", help="append every audit record to this JSONL file")
+    p.add_argument("--log-level", default="INFO",
+                   choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    device = Device(args.audit)
+    control: ControlServer | None = None
+    server: VfioUserServer | None = None
+    try:
+        control = ControlServer(device, args.control)
+        control.start()
+        server = VfioUserServer(device, args.socket)  # the socket file appears here
+        server.start()
+        print(f"pinlab-device: listening on {args.socket}", file=sys.stderr, flush=True)
+        while not stop.wait(0.5):
+            if not server.thread.is_alive():
+                logging.error("vfio-user server thread died")
+                return 1
+        return 0
+    except OSError as exc:
+        print(f"pinlab-device: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if server is not None:
+            server.stop()
+        if control is not None:
+            control.stop()
+        device.close()
+        for s, h in old.items():
+            signal.signal(s, h)

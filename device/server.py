@@ -1,0 +1,271 @@
+"""vfio-user server: Unix socket, one client at a time, messages handled strictly in order."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import select
+import socket
+import threading
+from collections.abc import Callable
+
+from . import protocol as P
+from .device import Device
+from .pci import region_info
+from .protocol import Message, MessageError, ProtocolError
+
+log = logging.getLogger("pinlab.device.server")
+
+Reply = tuple[bytes, list[int]]
+# mid-message reads: a client that stalls this long inside a message is disconnected
+MESSAGE_TIMEOUT = 10.0
+
+
+def version_reply_json() -> bytes:
+    caps = {"capabilities": {"max_msg_fds": P.MAX_MSG_FDS, "max_data_xfer_size": P.MAX_DATA_XFER,
+                             "pgsizes": P.PGSIZE, "max_dma_maps": P.MAX_DMA_MAPS}}
+    return json.dumps(caps, separators=(",", ":")).encode() + b"\0"
+
+
+class Session:
+    """The state of one client connection and its message handlers."""
+
+    def __init__(self, device: Device) -> None:
+        self.dev = device
+        self.negotiated = False
+        self.handlers: dict[int, Callable[[Message], bytes]] = {
+            P.VERSION: self.version, P.DMA_MAP: self.dma_map, P.DMA_UNMAP: self.dma_unmap,
+            P.DEVICE_GET_INFO: self.get_info, P.DEVICE_GET_REGION_INFO: self.region_info,
+            P.DEVICE_GET_IRQ_INFO: self.irq_info, P.DEVICE_SET_IRQS: self.set_irqs,
+            P.REGION_READ: self.region_read, P.REGION_WRITE: self.region_write,
+            P.DEVICE_RESET: self.device_reset,
+        }
+
+    def handle(self, msg: Message) -> bytes | None:
+        """Handle one command; returns the reply bytes, or None when none may be sent."""
+        try:
+            handler = self.handlers.get(msg.command)
+            if handler is None:
+                raise MessageError(errno.ENOSYS, f"unsupported command {msg.command}")
+            if not self.negotiated and msg.command != P.VERSION:
+                raise MessageError(errno.EINVAL, f"{msg.name()} before VERSION")
+            out = handler(msg)
+        except MessageError as exc:
+            log.warning("%s (id %d): %s", msg.name(), msg.msg_id, exc)
+            out = P.error_reply(msg, exc.errno)
+        except Exception:
+            log.exception("%s (id %d) failed", msg.name(), msg.msg_id)
+            out = P.error_reply(msg, errno.EIO)
+        finally:
+            msg.close_fds()  # handlers take the fds they keep
+        return None if msg.no_reply else out  # P1
+
+    # --- handlers -------------------------------------------------------------------
+    def version(self, msg: Message) -> bytes:
+        P.expect_no_fds(msg)
+        P.expect_size(msg, 5, at_least=True)
+        major = int.from_bytes(msg.payload[0:2], "little")
+        minor = int.from_bytes(msg.payload[2:4], "little")
+        if major != 0:
+            raise MessageError(errno.ENOTSUP, f"protocol major {major}")
+        text = msg.payload[4:]
+        if not text.endswith(b"\0"):
+            raise MessageError(errno.EINVAL, "VERSION JSON not NUL-terminated")
+        try:
+            body = json.loads(text[:-1].decode() or "{}")
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise MessageError(errno.EINVAL, f"VERSION JSON: {exc}") from exc
+        if not isinstance(body, dict):
+            raise MessageError(errno.EINVAL, "VERSION JSON is not an object")
+        log.info("client version %d.%d %s", major, minor, body)
+        payload = (0).to_bytes(2, "little") * 2 + version_reply_json()
+        if P.HDR_SIZE + len(payload) > msg.size:  # P2: the reply must fit QEMU's buffer
+            payload = (0).to_bytes(2, "little") * 2 + b'{"capabilities":{}}\0'
+            if P.HDR_SIZE + len(payload) > msg.size:
+                raise MessageError(errno.EINVAL, "VERSION request too small for a reply")
+        self.negotiated = True
+        return P.reply(msg, payload)
+
+    def dma_map(self, msg: Message) -> bytes:
+        P.expect_size(msg, P.DMA_MAP_S.size)
+        argsz, flags, offset, iova, size = P.DMA_MAP_S.unpack(msg.payload)
+        fds = msg.take_fds()
+        if len(fds) > 1 or flags & ~(P.DMA_FLAG_READ | P.DMA_FLAG_WRITE) or argsz < 32:
+            for fd in fds:
+                P.close_quietly(fd)
+            raise MessageError(errno.EINVAL, f"bad DMA_MAP flags={flags:#x} fds={len(fds)}")
+        fd = fds[0] if fds else None
+        try:
+            self.dev.memory.map(iova, size, flags, offset, fd)
+        except (OSError, ValueError, OverflowError) as exc:
+            # P8: never fail a map; an unusable map is recorded without backing
+            log.warning("DMA_MAP %#x+%#x: cannot mmap fd (%s); kept without backing",
+                        iova, size, exc)
+            self.dev.memory.map(iova, size, flags, offset, None)
+        log.debug("DMA_MAP iova=%#x size=%#x flags=%d offset=%#x fd=%s", iova, size, flags,
+                  offset, fd is not None)
+        return P.reply(msg)
+
+    def dma_unmap(self, msg: Message) -> bytes:
+        P.expect_no_fds(msg)
+        P.expect_size(msg, P.DMA_UNMAP_S.size)
+        argsz, flags, iova, size = P.DMA_UNMAP_S.unpack(msg.payload)
+        if flags & ~P.DMA_UNMAP_FLAG_ALL or argsz < 24:
+            raise MessageError(errno.EINVAL, f"bad DMA_UNMAP flags={flags:#x}")
+        if flags & P.DMA_UNMAP_FLAG_ALL:
+            self.dev.memory.unmap_all()
+        else:
+            self.dev.memory.unmap(iova, size)
+        return P.reply(msg, msg.payload)  # echo, as libvfio-user does
+
+    def get_info(self, msg: Message) -> bytes:
+        P.expect_no_fds(msg)
+        P.expect_size(msg, P.DEVICE_INFO_S.size)
+        return P.reply(msg, P.DEVICE_INFO_S.pack(
+            16, P.DEVICE_FLAGS_RESET | P.DEVICE_FLAGS_PCI, P.PCI_NUM_REGIONS, P.PCI_NUM_IRQS))
+
+    def region_info(self, msg: Message) -> bytes:
+        P.expect_no_fds(msg)
+        P.expect_size(msg, P.REGION_INFO_S.size)
+        argsz, _flags, index, _cap, _size, _off = P.REGION_INFO_S.unpack(msg.payload)
+        if argsz < P.REGION_INFO_S.size:
+            raise MessageError(errno.EINVAL, f"REGION_INFO argsz {argsz}")
+        flags, size = region_info(index)
+        return P.reply(msg, P.REGION_INFO_S.pack(P.REGION_INFO_S.size, flags, index, 0, size, 0))
+
+    def irq_info(self, msg: Message) -> bytes:
+        P.expect_no_fds(msg)
+        P.expect_size(msg, P.IRQ_INFO_S.size)
+        argsz, _flags, index, _count = P.IRQ_INFO_S.unpack(msg.payload)
+        if argsz < 16:
+            raise MessageError(errno.EINVAL, f"IRQ_INFO argsz {argsz}")
+        flags, count = self.dev.irq.info(index)
+        return P.reply(msg, P.IRQ_INFO_S.pack(16, flags, index, count))
+
+    def set_irqs(self, msg: Message) -> bytes:
+        fds = msg.take_fds()
+        if len(msg.payload) < P.IRQ_SET_S.size:
+            for fd in fds:
+                P.close_quietly(fd)
+            raise MessageError(errno.EINVAL, "SET_IRQS too short")
+        argsz, flags, index, start, count = P.IRQ_SET_S.unpack_from(msg.payload)
+        data = msg.payload[P.IRQ_SET_S.size:]
+        if argsz < 20 or argsz > len(msg.payload):
+            for fd in fds:
+                P.close_quietly(fd)
+            raise MessageError(errno.EINVAL, f"SET_IRQS argsz {argsz}")
+        self.dev.irq.set_irqs(flags, index, start, count, fds, data)
+        return P.reply(msg)
+
+    def region_read(self, msg: Message) -> bytes:
+        P.expect_no_fds(msg)
+        P.expect_size(msg, P.REGION_RW_S.size)
+        offset, index, count = P.REGION_RW_S.unpack(msg.payload)
+        if count > P.MAX_DATA_XFER:
+            raise MessageError(errno.E2BIG, f"REGION_READ count {count}")
+        data = self.dev.pci.read(index, offset, count)
+        return P.reply(msg, msg.payload + data)
+
+    def region_write(self, msg: Message) -> bytes:
+        P.expect_no_fds(msg)
+        P.expect_size(msg, P.REGION_RW_S.size, at_least=True)
+        offset, index, count = P.REGION_RW_S.unpack_from(msg.payload)
+        data = msg.payload[P.REGION_RW_S.size:]
+        if count != len(data):
+            raise MessageError(errno.EINVAL, f"REGION_WRITE count {count} != {len(data)}")
+        self.dev.pci.write(index, offset, data)
+        return P.reply(msg, msg.payload[:P.REGION_RW_S.size])
+
+    def device_reset(self, msg: Message) -> bytes:
+        P.expect_no_fds(msg)
+        P.expect_size(msg, 0)
+        self.dev.reset("vfio-user")
+        return P.reply(msg)
+
+
+class VfioUserServer:
+    """Listens on a Unix socket; serves one client at a time until :meth:`stop`."""
+
+    def __init__(self, device: Device, path: str) -> None:
+        self.dev = device
+        self.path = path
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(path)
+        self.sock.listen(1)
+        self._wake_r, self._wake_w = os.pipe()
+        self._stopping = False
+        self._conn: socket.socket | None = None
+        self.thread = threading.Thread(target=self.serve_forever, name="vfio-user",
+                                       daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        with contextlib.suppress(OSError):
+            os.write(self._wake_w, b"x")
+        if self.thread.is_alive() and self.thread is not threading.current_thread():
+            self.thread.join(10)
+        self.sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        for fd in (self._wake_r, self._wake_w):
+            P.close_quietly(fd)
+
+    def _wait_readable(self, sock: socket.socket) -> bool:
+        r, _, _ = select.select([sock, self._wake_r], [], [])
+        return not self._stopping and sock in r
+
+    def serve_forever(self) -> None:
+        while not self._stopping:
+            try:
+                if not self._wait_readable(self.sock):
+                    continue
+                conn, _ = self.sock.accept()
+            except OSError as exc:
+                if self._stopping:
+                    break
+                log.error("accept failed: %s", exc)
+                continue
+            self.dev.connections += 1
+            self.dev.connected = True
+            log.info("client %d connected", self.dev.connections)
+            try:
+                self.serve_client(conn)
+            finally:
+                conn.close()
+                self.dev.connected = False
+                self.dev.disconnect_cleanup()
+                log.info("client disconnected; DMA maps and irq fds released")
+
+    def serve_client(self, conn: socket.socket) -> None:
+        session = Session(self.dev)
+        while not self._stopping:
+            if not self._wait_readable(conn):
+                continue
+            conn.settimeout(MESSAGE_TIMEOUT)
+            try:
+                msg = P.recv_message(conn)
+                if msg is None:
+                    return
+                if msg.msg_type == P.TYPE_REPLY:  # we never send commands: stray reply
+                    log.warning("unexpected reply id %d cmd %d ignored", msg.msg_id, msg.command)
+                    msg.close_fds()
+                    continue
+                out = session.handle(msg)
+                if out is not None:
+                    P.send_message(conn, out)
+            except (ProtocolError, TimeoutError) as exc:
+                log.warning("closing connection: %s", exc)
+                return
+            except OSError as exc:
+                log.warning("connection error: %s", exc)
+                return
+            finally:
+                conn.settimeout(None)

@@ -1,0 +1,387 @@
+"""In-process vfio-user client and a minimal driver, for tests and benchmarks.
+
+:class:`VfioUserClient` speaks to the server like QEMU does (VERSION, DMA_MAP with a memfd,
+GET_INFO, REGION_INFO, SET_IRQS with eventfds, REGION_READ/WRITE, posted writes).
+:class:`GuestRam` is a memfd standing in for guest RAM, readable directly by the test.
+:class:`Driver` programs the engine's rings and submits commands like the kernel driver.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import mmap
+import os
+import select
+import shutil
+import socket
+import struct
+import tempfile
+import time
+from dataclasses import dataclass
+
+from . import protocol as P
+from .control import ControlServer
+from .device import Device
+from .engine import CQE_SIZE, EQE_SIZE, SQE, SQE_SIZE
+from .pci import MSIX_CAP
+from .server import VfioUserServer
+
+QEMU_VERSION_JSON = (
+    b'{"capabilities": {"pgsizes": 4096, "max_msg_fds": 16, "max_dma_maps": 65535, '
+    b'"max_data_xfer_size": 1048576, "migration": {"max_bitmap_size": 268435456, '
+    b'"pgsize": 4096}, "write_multiple": true}}\0')
+
+
+class VfioUserError(Exception):
+    def __init__(self, err: int, command: int) -> None:
+        super().__init__(f"command {command}: {os.strerror(err)} ({err})")
+        self.errno = err
+
+
+class GuestRam:
+    """A memfd of ``size`` bytes mapped into this process, like QEMU's memfd backend."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.fd = os.memfd_create("pinlab-guest-ram", os.MFD_CLOEXEC)
+        os.ftruncate(self.fd, size)
+        self.mm = mmap.mmap(self.fd, size, mmap.MAP_SHARED)
+
+    def read(self, addr: int, n: int) -> bytes:
+        return self.mm[addr:addr + n]
+
+    def write(self, addr: int, data: bytes) -> None:
+        self.mm[addr:addr + len(data)] = data
+
+    def u64(self, addr: int) -> int:
+        return int.from_bytes(self.mm[addr:addr + 8], "little")
+
+    def dup_fd(self) -> int:
+        return os.dup(self.fd)
+
+    def close(self) -> None:
+        self.mm.close()
+        os.close(self.fd)
+
+
+class VfioUserClient:
+    def __init__(self, path: str, timeout: float = 10.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(path)
+        self._id = 0
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> VfioUserClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- framing --------------------------------------------------------------------
+    def send(self, command: int, payload: bytes = b"", fds: list[int] | None = None,
+             flags: int = 0, msg_id: int | None = None) -> int:
+        if msg_id is None:
+            msg_id = self._id
+            self._id = (self._id + 1) & 0xFFFF
+        P.send_message(self.sock, P.pack(msg_id, command, flags, payload), fds)
+        return msg_id
+
+    def send_raw(self, data: bytes, fds: list[int] | None = None) -> None:
+        P.send_message(self.sock, data, fds)
+
+    def recv(self) -> P.Message:
+        msg = P.recv_message(self.sock, max_size=1 << 30)
+        if msg is None:
+            raise ConnectionError("server closed the connection")
+        return msg
+
+    def request(self, command: int, payload: bytes = b"", fds: list[int] | None = None
+                ) -> bytes:
+        msg_id = self.send(command, payload, fds)
+        rep = self.recv()
+        if rep.msg_id != msg_id or rep.command != command or rep.msg_type != P.TYPE_REPLY:
+            raise AssertionError(f"unexpected reply {rep}")
+        if rep.flags & P.FLAG_ERROR:
+            if rep.payload:
+                raise AssertionError("error reply with a payload")
+            raise VfioUserError(rep.error_no, command)
+        return rep.payload
+
+    def readable(self, timeout: float = 0.0) -> bool:
+        r, _, _ = select.select([self.sock], [], [], timeout)
+        return bool(r)
+
+    # --- commands -------------------------------------------------------------------
+    def version(self, body: bytes = QEMU_VERSION_JSON) -> dict[str, object]:
+        payload = self.request(P.VERSION, struct.pack("<HH", 0, 0) + body)
+        if P.HDR_SIZE + len(payload) > P.HDR_SIZE + 4 + len(body):
+            raise AssertionError("VERSION reply larger than the request")
+        if not payload.endswith(b"\0"):
+            raise AssertionError("VERSION reply not NUL-terminated")
+        return json.loads(payload[4:-1])
+
+    def dma_map(self, iova: int, size: int, flags: int = 3, offset: int = 0,
+                fd: int | None = None) -> None:
+        self.request(P.DMA_MAP, P.DMA_MAP_S.pack(32, flags, offset, iova, size),
+                     [fd] if fd is not None else None)
+
+    def dma_unmap(self, iova: int, size: int, flags: int = 0) -> bytes:
+        return self.request(P.DMA_UNMAP, P.DMA_UNMAP_S.pack(24, flags, iova, size))
+
+    def get_info(self) -> tuple[int, int, int, int]:
+        return P.DEVICE_INFO_S.unpack(self.request(P.DEVICE_GET_INFO,
+                                                   P.DEVICE_INFO_S.pack(16, 0, 0, 0)))
+
+    def region_info(self, index: int, argsz: int = 32) -> tuple[int, int, int, int, int, int]:
+        rep = self.request(P.DEVICE_GET_REGION_INFO, P.REGION_INFO_S.pack(argsz, 0, index, 0, 0,
+                                                                          0))
+        return P.REGION_INFO_S.unpack(rep)
+
+    def irq_info(self, index: int) -> tuple[int, int, int, int]:
+        return P.IRQ_INFO_S.unpack(self.request(P.DEVICE_GET_IRQ_INFO,
+                                                P.IRQ_INFO_S.pack(16, 0, index, 0)))
+
+    def set_irqs(self, index: int, start: int, count: int, flags: int,
+                 fds: list[int] | None = None, data: bytes = b"") -> None:
+        self.request(P.DEVICE_SET_IRQS,
+                     P.IRQ_SET_S.pack(20 + len(data), flags, index, start, count) + data, fds)
+
+    def region_read(self, index: int, offset: int, count: int) -> bytes:
+        rep = self.request(P.REGION_READ, P.REGION_RW_S.pack(offset, index, count))
+        off, idx, n = P.REGION_RW_S.unpack_from(rep)
+        if (off, idx, n) != (offset, index, count) or len(rep) != 16 + count:
+            raise AssertionError("bad REGION_READ reply")
+        return rep[16:]
+
+    def region_write(self, index: int, offset: int, data: bytes, posted: bool = False) -> None:
+        payload = P.REGION_RW_S.pack(offset, index, len(data)) + data
+        if posted:
+            self.send(P.REGION_WRITE, payload, flags=P.FLAG_NO_REPLY)
+        else:
+            self.request(P.REGION_WRITE, payload)
+
+    def reset(self) -> None:
+        self.request(P.DEVICE_RESET)
+
+    def cfg_read(self, off: int, n: int) -> int:
+        return int.from_bytes(self.region_read(P.PCI_CONFIG, off, n), "little")
+
+    def cfg_write(self, off: int, n: int, value: int) -> None:
+        self.region_write(P.PCI_CONFIG, off, value.to_bytes(n, "little"))
+
+    def reg_read(self, off: int, n: int = 4) -> int:
+        return int.from_bytes(self.region_read(P.PCI_BAR0, off, n), "little")
+
+    def reg_write(self, off: int, value: int, n: int = 4, posted: bool = True) -> None:
+        self.region_write(P.PCI_BAR0, off, value.to_bytes(n, "little"), posted)
+
+    def bring_up(self, ram: GuestRam, iova: int = 0) -> None:
+        """The sequence QEMU performs at realize (reference §6), minus firmware."""
+        self.version()
+        self.dma_map(iova, ram.size, 3, 0, ram.dup_fd())
+        info = self.get_info()
+        if not info[1] & P.DEVICE_FLAGS_PCI:
+            raise AssertionError("not a PCI device")
+        for i in (0, 1, 2, 3, 4, 5, 7):
+            self.region_info(i)
+        self.irq_info(P.IRQ_ERR)
+        self.region_read(P.PCI_CONFIG, 0, 256)
+        self.cfg_read(0x30, 4)
+        self.cfg_write(0x30, 4, 0xFFFFF800)
+        if self.cfg_read(0x30, 4) != 0:
+            raise AssertionError("ROM BAR must read 0")
+        self.cfg_write(0x30, 4, 0)
+        self.irq_info(P.IRQ_MSIX)
+        self.set_irqs(P.IRQ_MSIX, 0, 0, P.IRQ_SET_DATA_NONE | P.IRQ_SET_ACTION_TRIGGER)
+        self.reset()
+        self.cfg_write(0x04, 2, 0x0006)  # MEM | MASTER
+
+
+@dataclass
+class Completion:
+    cid: int
+    status: int
+    flags: int
+    result0: int
+    result1: int
+    sq_head: int
+
+
+@dataclass
+class Event:
+    type: int
+    region: int
+    info0: int
+    info1: int
+
+
+class Driver:
+    """What the kernel driver does: rings in guest RAM, MSI-X eventfds, submit, complete."""
+
+    def __init__(self, client: VfioUserClient, ram: GuestRam, base: int = 0x10000,
+                 entries: int = 64, eq: bool = True) -> None:
+        self.c, self.ram = client, ram
+        self.entries = entries
+        self.sq = base
+        self.cq = base + entries * SQE_SIZE
+        self.eq = self.cq + entries * CQE_SIZE if eq else 0
+        self.scratch = (self.cq + 2 * entries * CQE_SIZE + 0xFFF) & ~0xFFF  # free RAM from here
+        self.sq_tail = self.cq_head = self.eq_head = 0
+        self.cq_phase = self.eq_phase = 1
+        self.cid = 0
+        self.vectors = [os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC) for _ in range(4)]
+
+    def close(self) -> None:
+        for fd in self.vectors:
+            os.close(fd)
+
+    def setup_msix(self) -> None:
+        self.c.cfg_write(MSIX_CAP + 2, 2, 0x8000 | 3)
+        flags = P.IRQ_SET_DATA_EVENTFD | P.IRQ_SET_ACTION_TRIGGER
+        self.c.set_irqs(P.IRQ_MSIX, 0, 1, flags)  # "MSI-X on, no vectors"
+        self.c.set_irqs(P.IRQ_MSIX, 0, 4, flags, [os.dup(fd) for fd in self.vectors])
+
+    def enable(self) -> None:
+        self.ram.write(self.sq, bytes(self.entries * (SQE_SIZE + 2 * CQE_SIZE)))
+        c = self.c
+        c.reg_write(0x010, self.sq, 8)
+        c.reg_write(0x018, self.entries)
+        c.reg_write(0x028, self.cq, 8)
+        c.reg_write(0x030, self.entries)
+        c.reg_write(0x040, self.eq, 8)
+        c.reg_write(0x048, self.entries if self.eq else 0)
+        c.reg_write(0x00C, 1)
+        if c.reg_read(0x008) != 1:
+            raise AssertionError(f"enable failed: STATUS={c.reg_read(0x008):#x}")
+
+    def submit(self, opcode: int, region: int = 0, *args: int, flags: int = 0) -> int:
+        cid = self.cid
+        self.cid = (self.cid + 1) & 0xFFFF
+        a = [*args, *[0] * (7 - len(args))]
+        self.ram.write(self.sq + self.sq_tail * SQE_SIZE,
+                       SQE.pack(opcode, flags, cid, region, *a))
+        self.sq_tail = (self.sq_tail + 1) % self.entries
+        self.c.reg_write(0x01C, self.sq_tail)
+        return cid
+
+    def poll(self, timeout: float = 10.0) -> Completion:
+        deadline = time.monotonic() + timeout
+        addr = self.cq + self.cq_head * CQE_SIZE
+        while True:
+            raw = self.ram.read(addr, CQE_SIZE)
+            cid, status, flags, r0, r1, sq_head, _ = struct.unpack("<HHIQQII", raw)
+            if flags & 1 == self.cq_phase:
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError("no completion")
+            time.sleep(0.0005)
+        self.cq_head = (self.cq_head + 1) % self.entries
+        if self.cq_head == 0:
+            self.cq_phase ^= 1
+        self.c.reg_write(0x034, self.cq_head)
+        return Completion(cid, status, flags, r0, r1, sq_head)
+
+    def cmd(self, opcode: int, region: int = 0, *args: int, timeout: float = 30.0) -> Completion:
+        cid = self.submit(opcode, region, *args)
+        comp = self.poll(timeout)
+        if comp.cid != cid:
+            raise AssertionError(f"completion for cid {comp.cid}, expected {cid}")
+        return comp
+
+    def events(self) -> list[Event]:
+        out = []
+        while True:
+            raw = self.ram.read(self.eq + self.eq_head * EQE_SIZE, EQE_SIZE)
+            etype, _, flags, region, _, i0, i1 = struct.unpack("<HHIIIQQ", raw)
+            if flags & 1 != self.eq_phase:
+                break
+            out.append(Event(etype, region, i0, i1))
+            self.eq_head = (self.eq_head + 1) % self.entries
+            if self.eq_head == 0:
+                self.eq_phase ^= 1
+        if out:
+            self.c.reg_write(0x04C, self.eq_head)
+        return out
+
+    def irq_count(self, vector: int) -> int:
+        with contextlib.suppress(BlockingIOError):
+            return os.eventfd_read(self.vectors[vector])
+        return 0
+
+    def write_page_list(self, addr: int, pages: list[int]) -> None:
+        self.ram.write(addr, struct.pack(f"<{len(pages)}Q", *pages))
+
+
+def errno_name(err: int) -> str:
+    return errno.errorcode.get(err, str(err))
+
+
+class LocalServer:
+    """A device with its vfio-user and control servers running in this process."""
+
+    def __init__(self, audit: bool = False) -> None:
+        self.tmp = tempfile.mkdtemp(prefix="pinlab-dev-")
+        self.path = os.path.join(self.tmp, "vfio.sock")
+        self.control_path = os.path.join(self.tmp, "control.sock")
+        self.audit_path = os.path.join(self.tmp, "audit.jsonl") if audit else None
+        self.device = Device(self.audit_path)
+        self.server = VfioUserServer(self.device, self.path)
+        self.control = ControlServer(self.device, self.control_path)
+        self.server.start()
+        self.control.start()
+
+    def client(self) -> VfioUserClient:
+        return VfioUserClient(self.path)
+
+    def close(self) -> None:
+        self.server.stop()
+        self.control.stop()
+        self.device.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+class Rig:
+    """A running server, guest RAM, a connected client after bring-up and a driver."""
+
+    def __init__(self, ram_size: int = 64 << 20, audit: bool = False, enable: bool = True,
+                 entries: int = 64) -> None:
+        self.server = LocalServer(audit)
+        self.device = self.server.device
+        self.ram = GuestRam(ram_size)
+        self.client = self.server.client()
+        self.client.bring_up(self.ram)
+        self.driver = Driver(self.client, self.ram, entries=entries)
+        self.driver.setup_msix()
+        if enable:
+            self.driver.enable()
+        self._next_page = 0x800000  # data pages are handed out from 8 MiB up
+
+    def pages(self, n: int) -> list[int]:
+        out = [self._next_page + i * 4096 for i in range(n)]
+        self._next_page += n * 4096
+        if self._next_page > self.ram.size:
+            raise ValueError("guest RAM exhausted")
+        return out
+
+    def map_pages(self, region: int, first: int, pages: list[int]) -> Completion:
+        comp = None
+        for i in range(0, len(pages), 512):
+            part = pages[i:i + 512]
+            self.driver.write_page_list(self.driver.scratch, part)
+            comp = self.driver.cmd(2, region, first + i, len(part), self.driver.scratch)
+            if comp.status:
+                return comp
+        assert comp is not None
+        return comp
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.client.close()
+        self.driver.close()
+        self.server.close()
+        self.ram.close()
