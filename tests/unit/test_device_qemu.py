@@ -1,7 +1,8 @@
 """Smoke test against a real QEMU (vfio-user-pci client), no guest OS.
 
-Skipped unless a QEMU tree is found (``PINLAB_QEMU_ROOT``, default /tmp/probe/qemu, laid out
-as an unpacked Debian package with its own loader) or ``PINLAB_QEMU`` names a binary.
+Uses the project's QEMU runtime (the host's if it has vfio-user-pci, else the one
+``pinlab images build`` unpacks into the cache); ``PINLAB_QEMU`` names another binary.
+Skipped only when no such QEMU is available (e.g. not root and nothing built yet).
 """
 
 from __future__ import annotations
@@ -19,20 +20,22 @@ from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from pinlab.device.regions import pattern
 from pinlab.device.testclient import LocalServer
+from pinlab.images.cache import Cache
+from pinlab.images.qemu import QemuRuntime, ensure_qemu
 
-ROOT = os.environ.get("PINLAB_QEMU_ROOT", "/tmp/probe/qemu")
+
+def _runtime() -> QemuRuntime | None:
+    try:
+        return ensure_qemu(Cache.default())
+    except (RuntimeError, OSError, SystemExit):
+        return None
+
+
+RUNTIME = _runtime()
 
 
 def qemu_command() -> list[str] | None:
-    if os.environ.get("PINLAB_QEMU"):
-        return [os.environ["PINLAB_QEMU"]]
-    loader = os.path.join(ROOT, "lib64/ld-linux-x86-64.so.2")
-    binary = os.path.join(ROOT, "usr/bin/qemu-system-x86_64")
-    if not (os.path.exists(loader) and os.path.exists(binary)):
-        return None
-    return [loader, "--library-path", os.path.join(ROOT, "usr/lib/x86_64-linux-gnu"), binary,
-            "-L", os.path.join(ROOT, "usr/share/qemu"), "-L",
-            os.path.join(ROOT, "usr/share/seabios")]
+    return RUNTIME.command() if RUNTIME else None
 
 
 def stop_process(proc: subprocess.Popen, log: IO[str]) -> None:
@@ -61,7 +64,8 @@ class QemuSmokeTest(unittest.TestCase):
                           f'{{"type":"unix","path":"{self.srv.path}"}}}}',
                "-display", "none", "-serial", "none", "-monitor", "none", "-nodefaults",
                "-qmp", f"unix:{self.qmp_path},server=on,wait=off", "-S"]
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(RUNTIME.env if RUNTIME else {})})
         self.addCleanup(stop_process, self.proc, self.log)
         deadline = time.monotonic() + 20
         while not os.path.exists(self.qmp_path):
@@ -190,7 +194,8 @@ class QemuDmaTest(unittest.TestCase):
                           f'{{"type":"unix","path":"{self.srv.path}"}}}}',
                "-display", "none", "-serial", "none", "-monitor", "none", "-nodefaults",
                "-qtest", f"unix:{qt_path}"]
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **(RUNTIME.env if RUNTIME else {})})
         self.addCleanup(stop_process, self.proc, self.log)
         self.addCleanup(self.listener.close)
         self.qt = Qtest(self.listener)
