@@ -1,108 +1,87 @@
-"""``pinlab matrix``: run cells in one warm guest per kernel, judge, report.
+"""``pinlab matrix``: the scenario matrix as an Avocado job, judged and reported.
 
-Writes a verdict JSON (a list of cells with kernel, mode, backing, event, expected,
-observed, verdict, evidence, artifacts), prints a table, and writes an HTML grid.
+The cells are Avocado tests (``tests/matrix``, tags ``kernel:`` ``mode:`` ``backing:``
+``event:`` ``smoke``) that run in one warm guest per kernel (``pool.py``). This runs the
+job for the chosen kernels and tags, then writes a verdict JSON (one entry per cell with
+kernel, mode, backing, event, expected, observed, verdict, evidence and its artifacts),
+prints a table, and writes an HTML grid. Avocado's own results.json/results.xml stay in
+the job directory.
 """
 
 from __future__ import annotations
 
 import html
 import json
+import subprocess
+import sys
 import time
-import traceback
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+from pinlab.images.build import ensure_images
 from pinlab.images.kernel import KERNELS
 
+from . import pool
 from .artifacts import run_dir
-from .expectations import Cell, expect, load
-from .scenario import SCENARIOS
-from .session import GuestSession
 
-MODES = ["gup", "pin", "longterm"]
-BACKINGS = ["anon"]
+REPO = Path(__file__).resolve().parent.parent
 DEFAULT_KERNELS = list(KERNELS)
 console = Console()
 
 
-@dataclass
-class Verdict:
-    kernel: str
-    mode: str
-    backing: str
-    event: str
-    expected: str
-    observed: str
-    verdict: str  # match | mismatch | error
-    source: str = ""
-    evidence: dict[str, Any] = field(default_factory=dict)
-    artifacts: str = ""
-    seconds: float = 0.0
-
-
-def cells_for(kernel: str, tags: list[str] | None) -> list[Cell]:
-    cells = [Cell(kernel, m, b, e) for e in SCENARIOS for b in BACKINGS for m in MODES]
-    for tag in tags or []:
-        key, _, value = tag.partition(":")
-        if key in ("mode", "backing", "event", "kernel") and value:
-            cells = [c for c in cells if getattr(c, key) == value]
-    return cells
-
-
-def run_kernel(kernel: str, cells: list[Cell], out: Path) -> list[Verdict]:
-    rules = load()
-    verdicts: list[Verdict] = []
-    gdir = out / kernel / "guest"
+def run_avocado(kernels: list[str], tags: list[str] | None, out: Path,
+                references: list[str] | None = None) -> tuple[int, Path | None]:
+    filters = [",".join(["matrix", f"kernel:{k}", *(tags or [])]) for k in kernels]
+    cmd = [sys.executable, "-m", "avocado", "--config", str(REPO / "tests/avocado.conf"), "run",
+           "--max-parallel-tasks", "1", "--job-results-dir", str(out), "--disable-sysinfo",
+           *[f"--filter-by-tags={f}" for f in filters],
+           *(references or [str(REPO / "tests/matrix")])]
+    console.print("$ " + " ".join(cmd))
+    pool.stop_all(kernels)  # a pool left by an older run may hold older code
     try:
-        with GuestSession.boot(kernel, gdir) as s:
-            for cell in cells:
-                exp = expect(cell, rules)
-                art = out / kernel / cell.name.replace("/", "_")
-                art.mkdir(parents=True, exist_ok=True)
-                t0 = time.monotonic()
-                try:
-                    obs = SCENARIOS[cell.event](s, cell, art)
-                    observed, evidence = obs.observed, obs.evidence
-                except Exception as exc:  # noqa: BLE001 - a cell error is a verdict
-                    observed = "ERROR"
-                    evidence = {"exception": repr(exc), "trace": traceback.format_exc()}
-                expected = exp.expected if exp else "UNKNOWN"
-                verdict = ("error" if observed == "ERROR" or not exp
-                           else "match" if observed == expected else "mismatch")
-                v = Verdict(cell.kernel, cell.mode, cell.backing, cell.event, expected,
-                            observed, verdict, exp.source if exp else "no rule", evidence,
-                            str(art), round(time.monotonic() - t0, 2))
-                (art / "verdict.json").write_text(json.dumps(asdict(v), indent=2))
-                verdicts.append(v)
-                console.print(f"  {cell.name}: {observed} ({verdict})")
-    except Exception as exc:  # noqa: BLE001 - the guest failed: every unrun cell is an error
-        done = {(v.mode, v.backing, v.event) for v in verdicts}
-        for cell in cells:
-            if (cell.mode, cell.backing, cell.event) not in done:
-                verdicts.append(Verdict(cell.kernel, cell.mode, cell.backing, cell.event,
-                                        "?", "ERROR", "error", "", {"guest": repr(exc)},
-                                        str(gdir)))
-        console.print(f"[red]kernel {kernel}: {exc}[/]")
+        rc = subprocess.run(cmd, cwd=REPO, check=False).returncode
+    finally:
+        pool.stop_all(kernels)
+    found = sorted(out.glob("job-*/results.json"))
+    return rc, (found[-1] if found else None)
+
+
+def collect(results: Path) -> list[dict[str, Any]]:
+    verdicts = []
+    for t in json.loads(results.read_text()).get("tests", []):
+        logdir = Path(t.get("logdir", ""))
+        vfile, cfile = logdir / "verdict.json", logdir / "cell.json"
+        if vfile.exists():
+            v = json.loads(vfile.read_text())
+        else:
+            cell = json.loads(cfile.read_text()) if cfile.exists() else {
+                "kernel": "?", "mode": "?", "backing": "?", "event": str(t.get("id"))}
+            v = {**cell, "expected": "?", "observed": "ERROR", "verdict": "error",
+                 "evidence": {"avocado": t.get("status"), "reason": t.get("fail_reason")},
+                 "artifacts": str(logdir)}
+        v["test"] = t.get("id")
+        v["status"] = t.get("status")
+        verdicts.append(v)
     return verdicts
 
 
-def write_html(verdicts: list[Verdict], d: Path) -> Path:
+def write_html(verdicts: list[dict[str, Any]], d: Path) -> Path:
     d.mkdir(parents=True, exist_ok=True)
-    cols = sorted({(v.mode, v.kernel) for v in verdicts})
-    rows = sorted({(v.event, v.backing) for v in verdicts})
-    by = {(v.event, v.backing, v.mode, v.kernel): v for v in verdicts}
+    cols = sorted({(v["mode"], v["kernel"]) for v in verdicts})
+    rows = sorted({(v["event"], v["backing"]) for v in verdicts})
+    by = {(v["event"], v["backing"], v["mode"], v["kernel"]): v for v in verdicts}
     colour = {"match": "#c8efc8", "mismatch": "#f7b2b2", "error": "#f3d58a"}
+    counts = ", ".join(f"{k} {sum(v['verdict'] == k for v in verdicts)}"
+                       for k in ("match", "mismatch", "error"))
     out = ["<!doctype html><meta charset=utf-8><title>pinlab matrix</title>",
-           "<style>td,th{border:1px solid #999;padding:4px;font:13px sans-serif}"
-           "table{border-collapse:collapse}</style><h1>pinlab matrix</h1>",
-           f"<p>{len(verdicts)} cells: "
-           + ", ".join(f"{k} {sum(v.verdict == k for v in verdicts)}"
-                       for k in ("match", "mismatch", "error")) + "</p><table><tr><th></th>"]
+           "<style>td,th{border:1px solid #999;padding:4px;font:12px sans-serif}"
+           "table{border-collapse:collapse}td a{color:inherit}</style>",
+           f"<h1>pinlab matrix</h1><p>{len(verdicts)} cells: {counts}. Rows: event × backing;"
+           " columns: mode × kernel. Hover a cell for its source; click for artifacts.</p>",
+           "<table><tr><th></th>"]
     out += [f"<th>{html.escape(m)}<br>{html.escape(k)}</th>" for m, k in cols]
     out.append("</tr>")
     for ev, b in rows:
@@ -112,40 +91,51 @@ def write_html(verdicts: list[Verdict], d: Path) -> Path:
             if not v:
                 out.append("<td></td>")
                 continue
-            mark = "" if v.verdict == "match" else f" ✗ expected {html.escape(v.expected)}"
-            out.append(f'<td style="background:{colour[v.verdict]}" title='
-                       f'"{html.escape(v.source)}"><a href="file://{html.escape(v.artifacts)}">'
-                       f"{html.escape(v.observed)}</a>{mark}</td>")
+            mark = "" if v["verdict"] == "match" else \
+                f"<br>✗ expected {html.escape(str(v['expected']))}"
+            title = html.escape(f"{v.get('source', '')}\n{json.dumps(v.get('evidence'))[:600]}")
+            out.append(f'<td style="background:{colour.get(v["verdict"], "#ddd")}" '
+                       f'title="{title}"><a href="file://{html.escape(str(v["artifacts"]))}">'
+                       f'{html.escape(str(v["observed"]))}</a>{mark}</td>')
         out.append("</tr>")
     out.append("</table>")
     page = d / "index.html"
-    page.write_text("\n".join(out))
+    page.write_text("\n".join(out) + "\n")
     return page
+
+
+def report(verdicts: list[dict[str, Any]], out: Path, json_out: str | None,
+           html_dir: str | None, seconds: float) -> None:
+    table = Table(title=f"pinlab matrix: {len(verdicts)} cells in {seconds:.0f}s")
+    for col in ("kernel", "mode", "backing", "event", "expected", "observed", "verdict"):
+        table.add_column(col)
+    for v in verdicts:
+        style = {"match": "green", "mismatch": "red"}.get(v["verdict"], "yellow")
+        table.add_row(v["kernel"], v["mode"], v["backing"], v["event"], str(v["expected"]),
+                      str(v["observed"]), f"[{style}]{v['verdict']}[/]")
+    console.print(table)
+    jpath = Path(json_out) if json_out else out / "verdicts.json"
+    jpath.write_text(json.dumps(verdicts, indent=2, default=str) + "\n")
+    page = write_html(verdicts, Path(html_dir) if html_dir else out / "html")
+    console.print(f"verdicts: {jpath}\nhtml:     {page}\nartifacts: {out}")
 
 
 def run_matrix(kernels: list[str] | None = None, tags: list[str] | None = None,
                json_out: str | None = None, html_dir: str | None = None) -> int:
-    names = kernels or DEFAULT_KERNELS
-    out = run_dir("matrix")
-    verdicts: list[Verdict] = []
-    t0 = time.monotonic()
+    names = list(dict.fromkeys(kernels or DEFAULT_KERNELS))
     for k in names:
         if k not in KERNELS:
-            raise SystemExit(f"pinlab: unknown kernel {k!r}")
-        cells = cells_for(k, tags)
-        console.print(f"[bold]kernel {k}[/]: {len(cells)} cells")
-        verdicts += run_kernel(k, cells, out)
-    table = Table(title=f"pinlab matrix ({time.monotonic() - t0:.0f}s)")
-    for col in ("kernel", "mode", "backing", "event", "expected", "observed", "verdict"):
-        table.add_column(col)
-    for v in verdicts:
-        style = {"match": "green", "mismatch": "red", "error": "yellow"}[v.verdict]
-        table.add_row(v.kernel, v.mode, v.backing, v.event, v.expected, v.observed,
-                      f"[{style}]{v.verdict}[/]")
-    console.print(table)
-    jpath = Path(json_out) if json_out else out / "verdicts.json"
-    jpath.write_text(json.dumps([asdict(v) for v in verdicts], indent=2) + "\n")
-    page = write_html(verdicts, Path(html_dir) if html_dir else out / "html")
-    console.print(f"verdicts: {jpath}\nhtml: {page}\nartifacts: {out}")
-    bad = [v for v in verdicts if v.verdict != "match"]
-    return 1 if bad or not verdicts else 0
+            raise SystemExit(f"pinlab: unknown kernel {k!r} (known: {', '.join(KERNELS)})")
+        ensure_images(k)
+    out = run_dir("matrix")
+    t0 = time.monotonic()
+    rc, results = run_avocado(names, tags, out)
+    if results is None:
+        console.print(f"[red]avocado wrote no results (exit {rc})[/]")
+        return 1
+    verdicts = collect(results)
+    report(verdicts, out, json_out, html_dir, time.monotonic() - t0)
+    bad = [v for v in verdicts if v["verdict"] != "match"]
+    if not verdicts:
+        console.print("[red]no cell matched the filters[/]")
+    return 1 if bad or not verdicts or rc != 0 else 0

@@ -28,9 +28,9 @@ class Observation:
 
 
 def _audit_pages(s: GuestSession, region: int) -> tuple[set[int], list[Any]]:
-    records = s.device("query-audit", region=region, limit=1_000_000)["records"]
+    records = s.audit(region=region, kind="access")
     pages = {int(r["gpa"]) // PAGE for r in records if r.get("dir") == "w"}
-    return pages, s.device("query-violations")["violations"]
+    return pages, s.violations()
 
 
 def dma_write(s: GuestSession, cell: Cell, art: Path) -> Observation:

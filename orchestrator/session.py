@@ -29,6 +29,7 @@ class GuestSession:
     def __init__(self, guest: Guest) -> None:
         self.guest = guest
         self.control: QMP | None = None
+        self.audit_since = 0
 
     @classmethod
     @contextlib.contextmanager
@@ -77,6 +78,22 @@ class GuestSession:
         if res.err:
             report.setdefault("stderr", res.err[-4000:])
         return report
+
+    def mark(self) -> int:
+        """Start a new experiment: later audit queries only see records from here on."""
+        stats = self.device("query-audit", since=1 << 62, limit=1)["stats"]
+        self.audit_since = int(stats["last_seq"])
+        return self.audit_since
+
+    def audit(self, **args: Any) -> list[dict[str, Any]]:
+        """Audit records since the last mark (filters: region, kind, limit)."""
+        args.setdefault("since", self.audit_since)
+        args.setdefault("limit", 100_000)
+        return list(self.device("query-audit", **args)["records"])
+
+    def violations(self) -> list[dict[str, Any]]:
+        return list(self.device("query-violations", since=self.audit_since,
+                                limit=100_000)["violations"])
 
     def device(self, command: str, **args: Any) -> Any:
         if not self.control:

@@ -46,6 +46,7 @@ class GuestConfig:
     msg_timeout_ms: int = 10000  # vfio-user x-msg-timeout; a late reply kills the device
     cmdline: str = ""
     disks: list[tuple[str, Path]] = field(default_factory=list)  # (serial, image)
+    scratch_disks: dict[str, int] = field(default_factory=dict)  # serial -> MiB, made blank
     device_args: list[str] = field(default_factory=list)
 
 
@@ -140,7 +141,13 @@ class Guest:
             "-qmp", f"unix:{self.qmp_sock},server=on,wait=off",
             "-qmp", f"unix:{self.human_qmp_sock},server=on,wait=off",
         ]
-        for i, (serial, image) in enumerate(c.disks):
+        disks = list(c.disks)
+        for serial, mib in sorted(c.scratch_disks.items()):
+            img = self.rundir / f"{serial}.img"  # sparse: costs nothing until written
+            with open(img, "wb") as fh:
+                fh.truncate(mib << 20)
+            disks.append((serial, img))
+        for i, (serial, image) in enumerate(disks):
             args += ["-drive", f"if=none,id=disk{i},file={image},format=raw",
                      "-device", f"virtio-blk-pci,drive=disk{i},serial={serial}"]
         if c.device:

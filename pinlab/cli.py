@@ -71,6 +71,20 @@ def _matrix(args: argparse.Namespace) -> int:
                       html_dir=args.html)
 
 
+def _fuzz(args: argparse.Namespace) -> int:
+    from pinlab.orchestrator.artifacts import run_dir
+    from pinlab.orchestrator.fuzz import run_fuzz
+
+    out = Path(args.artifacts) if args.artifacts else run_dir("fuzz")
+    return run_fuzz(args.kernel, args.iterations, out)
+
+
+def _bench(args: argparse.Namespace, rest: list[str]) -> int:
+    from pinlab.bench.device import main as bench_main
+
+    return bench_main(rest)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="pinlab", description=__doc__)
@@ -97,6 +111,20 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--json", help="verdict JSON file")
     m.add_argument("--html", help="directory for the HTML report")
 
+    fz = sub.add_parser("fuzz", help="fuzz pinlab.ko's ioctls in a guest")
+    fzs = fz.add_subparsers(dest="fuzz_cmd", required=True)
+    fi = fzs.add_parser("ioctl", help="random ioctls from several threads; fails on any "
+                        "pinlab WARN/BUG/Oops or pin-counter leak")
+    fi.add_argument("--kernel", default="6.12")
+    fi.add_argument("--iterations", type=int, default=2000)
+    fi.add_argument("--artifacts", help="directory for console log and other artifacts")
+
+    sub.add_parser("bench", help="benchmarks: pinlab bench device [--json]", add_help=False)
+
+    if argv[:1] == ["bench"]:
+        if argv[1:2] != ["device"]:
+            p.error("usage: pinlab bench device [--json]")
+        return _bench(argparse.Namespace(), argv[2:])
     if argv[:1] == ["device"]:
         if argv[1:2] != ["serve"]:
             p.error("usage: pinlab device serve --socket PATH --control PATH [--audit FILE]")
@@ -108,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
         return _up(args)
     if args.cmd == "matrix":
         return _matrix(args)
+    if args.cmd == "fuzz":
+        return _fuzz(args)
     p.error(f"unknown command {args.cmd}")
     return 2
 

@@ -15,11 +15,15 @@ import sys
 from pathlib import Path
 
 from pinlab.images.build import ensure_images
-from pinlab.images.kernel import DEFAULT_KERNEL
+from pinlab.images.kernel import DEFAULT_KERNEL, KERNELS
+from pinlab.orchestrator import pool
 from pinlab.orchestrator.artifacts import run_dir
 
 REPO = Path(__file__).resolve().parent.parent
-SUITES = ["tests/unit", "tests/functional"]
+SUITES = ["tests/unit", "tests/functional", "tests/matrix"]
+# Untagged tests (unit tests) always run; of the tagged ones, everything on the default
+# kernel plus the smoke slice of the matrix on the other kernels.
+DEFAULT_TAGS = [f"kernel:{DEFAULT_KERNEL}", "smoke"]
 
 
 def leftover_processes() -> list[str]:
@@ -27,7 +31,8 @@ def leftover_processes() -> list[str]:
                          check=False).stdout
     me = str(os.getpid())
     return [ln.strip() for ln in out.splitlines()
-            if ("qemu-system" in ln or "pinlab.device" in ln) and not ln.strip().startswith(me)]
+            if any(k in ln for k in ("qemu-system", "pinlab.device", "pinlab.orchestrator.pool"))
+            and not ln.strip().startswith(me)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,14 +42,22 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     before = set(leftover_processes())
-    ensure_images(DEFAULT_KERNEL)
+    kernels = list(KERNELS)
+    for k in kernels:
+        ensure_images(k)
     results = run_dir("tests")
+    tags = args.tags or ([] if args.references else DEFAULT_TAGS)
     cmd = [sys.executable, "-m", "avocado", "--config", str(REPO / "tests/avocado.conf"),
            "run", "--max-parallel-tasks", "1", "--job-results-dir", str(results),
-           "--disable-sysinfo", *[f"--filter-by-tags={t}" for t in args.tags],
+           "--disable-sysinfo", *[f"--filter-by-tags={t}" for t in tags],
+           *(["--filter-by-tags-include-empty"] if tags else []),
            *(args.references or [str(REPO / s) for s in SUITES])]
     print("$ " + " ".join(cmd), flush=True)
-    rc = subprocess.run(cmd, cwd=REPO, check=False).returncode
+    pool.stop_all(kernels)
+    try:
+        rc = subprocess.run(cmd, cwd=REPO, check=False).returncode
+    finally:
+        pool.stop_all(kernels)
 
     found = sorted(results.glob("job-*/results.json"))
     if not found:
