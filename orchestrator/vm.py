@@ -151,9 +151,12 @@ class Guest:
             args += ["-drive", f"if=none,id=disk{i},file={image},format=raw",
                      "-device", f"virtio-blk-pci,drive=disk{i},serial={serial}"]
         if c.device:
+            # Behind a PCIe root port: devices on q35's root complex cannot be hot-unplugged.
             dev = {"driver": "vfio-user-pci", "id": DEVICE_ID, "x-msg-timeout": c.msg_timeout_ms,
+                   "bus": "pinlab-port",
                    "socket": {"type": "unix", "path": str(self.device_sock)}}
-            args += ["-device", json.dumps(dev, separators=(",", ":"))]
+            args += ["-device", "pcie-root-port,id=pinlab-port,chassis=1,slot=1",
+                     "-device", json.dumps(dev, separators=(",", ":"))]
         return args
 
     def _dead(self) -> str | None:
