@@ -22,7 +22,7 @@ from .steps import run
 RECIPE = "kernel-v2"
 BUILD_PACKAGES = ["gcc", "make", "libc6-dev", "linux-headers-amd64", "kmod", "xz-utils",
                   "bc", "libelf-dev", "perl"]
-INITRAMFS_MODULES = ["crc32c_generic", "crc32c-intel", "virtio_blk", "ext4"]
+INITRAMFS_MODULES = ["crc32c_generic", "crc32c-intel", "virtio_pci", "virtio_blk", "ext4"]
 FETCH_HOOK = r"""set -e
 kver=$(chroot "$1" dpkg-query -W -f='${Depends}' linux-headers-amd64 \
   | sed -n 's/.*linux-headers-\([^ ,]*\).*/\1/p')
