@@ -11,6 +11,7 @@ JSONL file when one is given. Violations are additionally kept in their own boun
 
 from __future__ import annotations
 
+import bisect
 import json
 import threading
 import time
@@ -34,6 +35,9 @@ class RegionTrack:
         self.destroyed = False
 
 
+INDEX_EVERY = 1024
+
+
 class AuditLog:
     def __init__(self, path: str | None = None, ring: int = 65536, max_violations: int = 10000,
                  on_violation: Callable[[Record], None] | None = None) -> None:
@@ -43,6 +47,11 @@ class AuditLog:
         self._path = path
         self._file: IO[str] | None = open(path, "a", buffering=1 << 20) if path else None  # noqa: SIM115
         self._file_start = self._file.tell() if self._file is not None else 0  # earlier runs
+        # sparse index into the file: _index_seq[i] is the seq of a record that starts at
+        # byte _index_off[i], one entry every INDEX_EVERY records (records are ASCII)
+        self._file_end = self._file_start
+        self._index_seq: list[int] = []
+        self._index_off: list[int] = []
         self._seq = 0
         self._inst = 0
         self.on_violation = on_violation
@@ -59,8 +68,16 @@ class AuditLog:
         self._ring.append(rec)
         self.counters["records"] += 1
         if self._file is not None:
-            self._file.write(json.dumps(rec, separators=(",", ":")) + "\n")
+            self._write(rec["seq"], json.dumps(rec, separators=(",", ":")) + "\n")
         return rec
+
+    def _write(self, seq: int, line: str) -> None:
+        assert self._file is not None
+        if seq % INDEX_EVERY == 1:
+            self._index_seq.append(seq)
+            self._index_off.append(self._file_end)
+        self._file.write(line)
+        self._file_end += len(line)
 
     def _violation(self, track: RegionTrack | None, why: str, **fields: Any) -> Record:
         rec = self._emit({"kind": "violation", "region": track.rid if track else 0,
@@ -122,10 +139,10 @@ class AuditLog:
                                "seq": seq, "t": t})
             self.counters["records"] += 1
             if self._file is not None:  # hot path: format by hand, same keys as json.dumps
-                self._file.write(
-                    f'{{"kind":"access","region":{track.rid},"inst":{track.inst},'
-                    f'"page":{page},"gpa":{gpa},"len":{length},"dir":"{d}","gen":{gen},'
-                    f'"seq":{seq},"t":{t}}}\n')
+                self._write(seq,
+                            f'{{"kind":"access","region":{track.rid},"inst":{track.inst},'
+                            f'"page":{page},"gpa":{gpa},"len":{length},"dir":"{d}",'
+                            f'"gen":{gen},"seq":{seq},"t":{t}}}\n')
             if track.destroyed:
                 viol = self._violation(track, "access to a destroyed region", page=page,
                                        gpa=gpa, len=length, dir=d)
@@ -162,8 +179,10 @@ class AuditLog:
     def _read_file(self, since: int, first_in_ring: int) -> Any:
         """Older records from the file, then the ring (caller holds the lock)."""
         assert self._path is not None
+        i = bisect.bisect_right(self._index_seq, since + 1) - 1  # last entry <= since+1
+        start = self._index_off[i] if i >= 0 else self._file_start
         with open(self._path) as f:
-            f.seek(self._file_start)
+            f.seek(start)
             for line in f:
                 rec = json.loads(line)
                 if rec["seq"] >= first_in_ring:

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import threading
+import time
 from array import array
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import lru_cache
 
 from .audit import RegionTrack
@@ -58,6 +61,30 @@ class Region:
         self.changed = threading.Condition(self.lock)  # page table changed (MAP_PAGES etc.)
         self.destroyed = False
         self.stream: object | None = None  # engine.Stream when one runs
+        # page-table changers waiting for ``lock`` (INVALIDATE first of all): DMA loops
+        # let them in between chunks instead of re-taking the (unfair) lock at once
+        self._waiters = 0
+        self._waiters_lock = threading.Lock()
+
+    @contextmanager
+    def urgent(self) -> Iterator[None]:
+        """Hold ``lock`` ahead of the DMA loops (which call :meth:`yield_to_waiters`)."""
+        with self._waiters_lock:
+            self._waiters += 1
+        try:
+            with self.lock:
+                yield
+        finally:
+            with self._waiters_lock:
+                self._waiters -= 1
+
+    def yield_to_waiters(self, limit: float = 0.05) -> None:
+        """Called without ``lock`` between chunks: let a waiting changer take the lock."""
+        if not self._waiters:
+            return
+        deadline = time.monotonic() + limit
+        while self._waiters and time.monotonic() < deadline:
+            time.sleep(0.00002)
 
     @property
     def writable(self) -> bool:

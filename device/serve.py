@@ -11,6 +11,7 @@ from types import FrameType
 
 from .control import ControlServer
 from .device import Device
+from .engine import SWITCH_INTERVAL
 from .server import VfioUserServer
 
 
@@ -29,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    sys.setswitchinterval(SWITCH_INTERVAL)  # prompt hand-offs between device threads
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

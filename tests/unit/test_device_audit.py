@@ -71,6 +71,28 @@ class AuditLogUnitTest(unittest.TestCase):
             self.assertEqual(len(again.query(since=0, limit=1000)), 21)
             again.close()
 
+    def test_file_queries_seek_by_index(self) -> None:
+        from pinlab.device import audit as A
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "a.jsonl")
+            with open(path, "w") as f:
+                f.write('{"kind":"reset","seq":1,"t":0}\n')  # an earlier run
+            log = AuditLog(path, ring=50)
+            t = log.region_created(3, 4)
+            n = 5 * A.INDEX_EVERY + 7
+            for i in range(n):
+                log.access(t, i % 4, 0x1000, 8, i % 3 == 0, i & 0xFFFF)
+            self.assertGreaterEqual(len(log._index_seq), 5)
+            for since in (0, 1, A.INDEX_EVERY - 1, A.INDEX_EVERY, 2 * A.INDEX_EVERY + 5,
+                          n - 60):
+                with self.subTest(since=since):
+                    got = log.query(since=since, limit=20)
+                    self.assertEqual([r["seq"] for r in got],
+                                     list(range(since + 1, since + 21)))
+            self.assertEqual(log.query(since=10, limit=1, kind="access")[0]["gen"], 9)
+            log.close()
+
 
 class AuditEngineTest(unittest.TestCase):
     def setUp(self) -> None:

@@ -171,3 +171,62 @@ class StreamTest(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class InvalidateOvertakesTest(unittest.TestCase):
+    """INVALIDATE is executed when fetched, not behind a long command (issue 3)."""
+
+    def setUp(self) -> None:
+        self.rig = Rig(ram_size=160 << 20, audit=True)
+        self.d = self.rig.driver
+        self.dev = self.rig.device
+
+    def tearDown(self) -> None:
+        self.rig.close()
+
+    def test_invalidate_during_large_dma_write(self) -> None:
+        npages = 8192
+        d = self.d
+        eng = self.dev.engine
+        copy_out = eng.copy_out
+
+        def slow_copy_out(*args):  # ~1 s for the whole write: DMA into slow memory
+            time.sleep(0.002)
+            return copy_out(*args)
+
+        eng.copy_out = slow_copy_out
+        self.assertEqual(d.cmd(E.OP_CREATE_REGION, 1, npages, 1).status, E.OK)
+        self.assertEqual(self.rig.map_pages(1, 0, self.rig.pages(npages)).status, E.OK)
+        audit = self.dev.audit
+        base = audit.stats()["bytes_written"]
+        wcid = d.submit(E.OP_DMA_WRITE, 1, 0, npages * 4096, 7)
+        wait_for(lambda: audit.stats()["bytes_written"] - base >= 1 << 20)
+        first = npages - 32
+        icid = d.submit(E.OP_INVALIDATE, 1, first, 16)
+        comp = d.poll(10)
+        # the fence completes first, out of submission order, while the write still runs
+        self.assertEqual((comp.cid, comp.status, comp.result0), (icid, E.OK, 16))
+        self.assertLess(audit.stats()["bytes_written"] - base, first * 4096)
+        comp = d.poll(60)
+        self.assertEqual(comp.cid, wcid)
+        self.assertEqual((comp.status, comp.result0, comp.result1),
+                         (E.PAGE_FAULT, first, first * 4096))
+        self.assertEqual(audit.stats()["violations"], 0)
+        faults = [e for e in d.events() if e.type == E.EV_PAGE_FAULT]
+        self.assertEqual([(e.region, e.info0) for e in faults], [(1, first)])
+
+    def test_invalidate_keeps_order_behind_map_of_same_region(self) -> None:
+        d = self.d
+        self.assertEqual(d.cmd(E.OP_CREATE_REGION, 1, 8192, 1).status, E.OK)
+        self.assertEqual(d.cmd(E.OP_CREATE_REGION, 2, 4, 1).status, E.OK)
+        self.assertEqual(self.rig.map_pages(1, 0, self.rig.pages(8192)).status, E.OK)
+        pages = self.rig.pages(4)
+        d.write_page_list(d.scratch, pages)
+        cids = [d.submit(E.OP_DMA_WRITE, 1, 0, 8192 * 4096, 1),
+                d.submit(E.OP_MAP_PAGES, 2, 0, 4, d.scratch),
+                d.submit(E.OP_INVALIDATE, 2, 0, 4)]
+        comps = [d.poll(60) for _ in cids]
+        self.assertEqual([c.cid for c in comps], cids)
+        self.assertEqual([c.status for c in comps], [E.OK, E.OK, E.OK])
+        self.assertEqual(comps[2].result0, 4)  # the map happened before the invalidate
+        self.assertEqual(self.dev.audit.stats()["violations"], 0)
