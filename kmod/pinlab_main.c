@@ -96,8 +96,13 @@ static int pinlab_setup_irqs(struct pinlab_dev *pd)
 	struct pci_dev *pdev = pd->pdev;
 	int ret;
 
+	/*
+	 * MSI-X by default; MSI when the device offers only that (it does with
+	 * --irq msi, because QEMU's vfio-user-pci aborts on device_del of an
+	 * MSI-X device).
+	 */
 	ret = pci_alloc_irq_vectors(pdev, PINLAB_MIN_VECS, PINLAB_MAX_VECS,
-				    PCI_IRQ_MSIX);
+				    PCI_IRQ_MSIX | PCI_IRQ_MSI);
 	if (ret < 0)
 		return ret;
 	pd->nvecs = ret;
@@ -213,8 +218,8 @@ static int pinlab_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 	pd->debugfs = debugfs_create_dir(pd->name, pinlab_debugfs_root);
 	debugfs_create_file("stats", 0444, pd->debugfs, pd, &pinlab_stats_fops);
 
-	dev_info(&pdev->dev, "%s: version %#x, %d MSI-X vectors\n", pd->name,
-		 version, pd->nvecs);
+	dev_info(&pdev->dev, "%s: version %#x, %d %s vectors\n", pd->name,
+		 version, pd->nvecs, pdev->msix_enabled ? "MSI-X" : "MSI");
 	return 0;
 
 err_stop:
