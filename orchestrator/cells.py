@@ -8,10 +8,50 @@ from .expectations import Cell
 
 MODES = ["gup", "pin", "longterm", "odp"]
 
-# (backing, event) pairs that make sense; every mode runs each of them.
+FILE_SHARED = ["memfd", "tmpfs", "ext4", "xfs", "hugetlb"]  # MAP_SHARED file backings
+BACKINGS = ["anon", *FILE_SHARED, "private-file"]
+
+# (backing, event) pairs that make sense; every mode in MODES runs each of them.
+# Why the others are left out:
+# * truncate / punch-hole: need a file. anon has none; private-file (MAP_PRIVATE ext4)
+#   would only zap COW copies that no truncate semantics are documented for.
+# * punch-hole-partial: hugetlbfs punches whole huge pages only (partial = zeroing nothing).
+# * pageout / memcg-reclaim: hugetlb pages are never reclaimed (MADV_PAGEOUT gives EINVAL
+#   on VM_HUGETLB); tmpfs behaves as memfd (both shmem); private-file pins anon COW pages
+#   (= anon).
+# * drop-caches: only the page cache is dropped: anon and private-file COW pages are not
+#   page cache; hugetlb is not on the LRU.
+# * writeback: only filesystems with writeback (ext4, xfs) write anything back.
+# * 2018: the reference's recipe is ext4's buffer_head path (row 4d); xfs (iomap) has no
+#   buffer_heads to strip.
+# * migrate: compaction does not move hugetlb pages; tmpfs = memfd; xfs = ext4 (file pages).
+# * fork: MAP_SHARED backings other than memfd behave alike (row 8c); fork-dontfork is
+#   only meaningful where fork COWs (anon).
+# * munmap / dontneed: one shmem (memfd) and one disk file (ext4) stand for their kinds.
+# * seal-write: only memfd has seals.
+# * hot-unplug / pci-remove: the backing does not matter for device removal; anon is the
+#   simplest. pci-remove (guest sysfs remove + rescan) runs the same driver remove() path
+#   without QMP device_del, which crashes QEMU 11.1's vfio-user-pci (see the report).
 PAIRS: list[tuple[str, str]] = [
-    ("anon", "dma-write"),
+    *[(b, "dma-write") for b in BACKINGS],
+    *[(b, "truncate") for b in FILE_SHARED],
+    *[(b, "punch-hole") for b in FILE_SHARED],
+    *[(b, "punch-hole-partial") for b in ["memfd", "tmpfs", "ext4", "xfs"]],
+    *[(b, "pageout") for b in ["anon", "memfd", "ext4", "xfs"]],
+    *[(b, "memcg-reclaim") for b in ["anon", "memfd", "ext4", "xfs"]],
+    *[(b, "drop-caches") for b in ["memfd", "tmpfs", "ext4", "xfs"]],
+    ("ext4", "writeback"), ("xfs", "writeback"),
+    ("ext4", "2018"),
+    *[(b, "migrate") for b in ["anon", "memfd", "ext4"]],
+    *[(b, "fork") for b in ["anon", "memfd", "private-file"]],
+    ("anon", "fork-dontfork"),
+    *[(b, "munmap") for b in ["anon", "memfd", "ext4"]],
+    *[(b, "dontneed") for b in ["anon", "memfd", "ext4", "private-file"]],
+    ("memfd", "seal-write"),
+    ("anon", "hot-unplug"), ("anon", "pci-remove"),
 ]
+# Only odp revokes, so only odp has a revoke to leave unacknowledged.
+ODP_ONLY: list[tuple[str, str]] = [("anon", "no-ack"), ("memfd", "no-ack")]
 
 # One cell per event is the smoke slice CI runs on the non-default kernels.
 SMOKE_MODE_ORDER = ["pin", "odp", "longterm", "gup"]
@@ -20,7 +60,8 @@ SMOKE_MODE_ORDER = ["pin", "odp", "longterm", "gup"]
 def all_cells(kernel: str) -> list[Cell]:
     if kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r}")
-    return [Cell(kernel, m, b, e) for b, e in PAIRS for m in MODES]
+    return ([Cell(kernel, m, b, e) for b, e in PAIRS for m in MODES]
+            + [Cell(kernel, "odp", b, e) for b, e in ODP_ONLY])
 
 
 def smoke(cells: list[Cell]) -> set[Cell]:

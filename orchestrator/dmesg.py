@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 
 # (class, pattern) — order matters only for readability; a line may match several.
 PATTERNS: list[tuple[str, re.Pattern[str]]] = [
-    ("WARN", re.compile(r"WARNING: (CPU: \d+ PID: \d+ at|at) ")),
+    # "WARNING: CPU: 1 PID: 5 at f.c:1 fn" (<= 6.x), "WARNING: f.c:1 at fn, CPU#1: comm/5" (7.x)
+    ("WARN", re.compile(r"WARNING: (CPU: \d+ PID: \d+ at|at|\S+:\d+ at) ")),
     ("BUG", re.compile(r"\bBUG: |kernel BUG at ")),
     ("OOPS", re.compile(r"\bOops: |general protection fault")),
     ("PANIC", re.compile(r"Kernel panic - not syncing")),

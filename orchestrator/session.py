@@ -17,7 +17,7 @@ from .accel import choose_accel
 from .qmp import QMP
 from .vm import Guest, GuestConfig
 
-GUEST_TOOLS = ("pinlab_ioctl.py", "workload.py")
+GUEST_TOOLS = ("pinlab_ioctl.py", "pinlab_cell.py", "workload.py")
 GUEST_DIR = "/root/pinlab"
 
 

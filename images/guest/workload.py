@@ -5,6 +5,7 @@ Standard library only (it runs inside the guest). Usage:
 
     workload.py info
     workload.py dma-write --mode longterm --backing anon --pages 64 --generation 7
+    workload.py cell --mode pin --backing ext4 --event truncate   (pinlab_cell.py)
 
 The last line of stdout is the JSON report; errors are reported in it, not raised.
 """
@@ -18,6 +19,7 @@ import struct
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import pinlab_cell  # noqa: E402
 import pinlab_ioctl  # noqa: E402
 
 PAGE = mmap.PAGESIZE
@@ -113,9 +115,14 @@ def main():
     w.add_argument("--backing", default="anon")
     w.add_argument("--pages", type=int, default=16)
     w.add_argument("--generation", type=int, default=1)
+    c = sub.add_parser("cell", help="one matrix cell, step by step (pinlab_cell.py)")
+    c.add_argument("--mode", required=True, choices=["gup", "pin", "longterm", "odp"])
+    c.add_argument("--backing", required=True, choices=pinlab_cell.BACKINGS)
+    c.add_argument("--event", required=True, choices=pinlab_cell.EVENTS)
     args = p.parse_args()
     try:
-        report = {"info": cmd_info, "dma-write": cmd_dma_write}[args.cmd](args)
+        report = {"info": cmd_info, "dma-write": cmd_dma_write,
+                  "cell": pinlab_cell.cmd_cell}[args.cmd](args)
     except Exception as exc:  # report, don't crash: the host reads the JSON
         report = {"error": f"{type(exc).__name__}: {exc}"}
     print(json.dumps(report, default=str))

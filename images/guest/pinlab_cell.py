@@ -1,0 +1,711 @@
+"""One matrix cell, run step by step in the guest: `workload.py cell --mode M --backing B
+--event E`.  Standard library only (Python 3.13 in the guest).
+
+The report is raw observations, never a verdict: registration errno, the state of every
+page seen through the mapping / the file / the disk (which device generation is there),
+PFNs from /proc/self/pagemap, /proc/vmstat deltas, memcg charge, timings and the driver's
+QUERY output.  The host (orchestrator/scenario.py) turns it into an outcome class.
+
+Every cell cleans up after itself (munmap, close, remove files, unmount, swapoff, leave
+the cgroup, restore nr_hugepages) so the next cell starts from the same guest state.
+
+Page states (see scan()): "g<N>" the whole page holds generation N of this region's
+pattern, "zero", "partial-g<N>" (starts with gen N but differs later), "other".
+Scans are run-length encoded: [[state, first_page, count], ...].
+"""
+import contextlib
+import ctypes
+import errno
+import fcntl
+import json
+import mmap
+import os
+import struct
+import subprocess
+import time
+
+import pinlab_ioctl
+
+PAGE = mmap.PAGESIZE
+HPAGE = 2 << 20
+NPAGES = 16                 # 64 KiB: enough for truncate halves, holes, partial pages
+MADV_DONTFORK = 10
+MADV_NOHUGEPAGE = 15
+MADV_PAGEOUT = 21
+MADV_DONTNEED = 4
+MADV_SOFT_OFFLINE = 101
+SOFT_OFFLINE_PAGES = 4
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+F_ADD_SEALS = 1033
+F_SEAL_WRITE = 0x0008
+MFD_CLOEXEC, MFD_ALLOW_SEALING, MFD_HUGETLB = 0x1, 0x2, 0x4
+CGROOT = "/sys/fs/cgroup"
+CGCELL = f"{CGROOT}/pinlab-cell"
+DISKS = {"ext4": "pinlab-ext4", "xfs": "pinlab-xfs"}
+VMSTAT_KEYS = ("nr_foll_pin_acquired", "nr_foll_pin_released", "pswpin", "pswpout",
+               "pgmigrate_success", "pgmigrate_fail", "compact_migrate_scanned",
+               "compact_isolated", "compact_stall", "compact_fail", "compact_success",
+               "pgsteal_anon", "pgsteal_file", "pgactivate", "thp_split_page")
+READY_FILE = "/tmp/pinlab-cell.ready"
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+
+# ------------------------------------------------------------------ small helpers
+def errname(e):
+    return errno.errorcode.get(e, str(e))
+
+
+def now_ms():
+    return time.monotonic() * 1000.0
+
+
+def write_file(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def read_file(path):
+    with open(path) as f:
+        return f.read()
+
+
+def vmstat():
+    with contextlib.suppress(OSError):
+        write_file("/proc/sys/vm/stat_refresh", "1")
+    out = {}
+    with open("/proc/vmstat") as f:
+        for line in f:
+            k, v = line.split()
+            if k in VMSTAT_KEYS:
+                out[k] = int(v)
+    return out
+
+
+def delta(a, b):
+    return {k: b.get(k, 0) - a.get(k, 0) for k in b if b.get(k, 0) != a.get(k, 0)}
+
+
+def pagemap(addr, npages):
+    """Per page: PFN (int), "swap", or None (not present)."""
+    res = []
+    with open("/proc/self/pagemap", "rb") as f:
+        f.seek((addr // PAGE) * 8)
+        data = f.read(npages * 8)
+    for (e,) in struct.iter_unpack("<Q", data):
+        if e >> 63:
+            res.append(e & ((1 << 55) - 1))
+        elif (e >> 62) & 1:
+            res.append("swap")
+        else:
+            res.append(None)
+    return res
+
+
+def drop_caches(sync=True):
+    if sync:
+        os.sync()
+    write_file("/proc/sys/vm/drop_caches", "3")
+
+
+def rle(states):
+    out = []
+    for i, st in enumerate(states):
+        if out and out[-1][0] == st:
+            out[-1][2] += 1
+        else:
+            out.append([st, i, 1])
+    return out
+
+
+def page_state(mv, region, off):
+    """State of the page at byte `off` of the region, whose bytes are mv[0:PAGE]."""
+    (w,) = struct.unpack_from("<Q", mv, 0)
+    r, g, o = pinlab_ioctl.decode_word(w)
+    if r == (region & 0xFFFF) and o == off and g:
+        base = ((region & 0xFFFF) << 48) | ((g & 0xFFFF) << 32)
+        first = base + (off >> 3)
+        exp = struct.pack(f"<{PAGE // 8}Q", *range(first, first + PAGE // 8))
+        return f"g{g}" if bytes(mv) == exp else f"partial-g{g}"
+    if not any(bytes(mv)):
+        return "zero"
+    return "other"
+
+
+def scan(buf, region, npages, first_page=0):
+    """RLE page states of buf (region pages [first_page, first_page+npages))."""
+    mv = memoryview(buf).cast("B")
+    states = [page_state(mv[i * PAGE:(i + 1) * PAGE], region, (first_page + i) * PAGE)
+              for i in range(npages)]
+    return rle(states)
+
+
+def timed(rep, name, fn, *a):
+    """Run one step; record its errno and duration. Returns fn's value or None."""
+    t0 = now_ms()
+    st = {"step": name}
+    try:
+        val = fn(*a)
+        st["errno"] = 0
+        if isinstance(val, (int, str)) and not isinstance(val, bool):
+            st["value"] = val
+    except OSError as exc:
+        val = None
+        st["errno"] = exc.errno
+        st["errno_name"] = errname(exc.errno or 0)
+        st["msg"] = str(exc)
+        st["status"] = getattr(exc, "status", None)
+        res = getattr(exc, "result", None)
+        if res is not None and hasattr(res, "bytes"):
+            st["bytes"] = res.bytes
+    st["ms"] = round(now_ms() - t0, 1)
+    rep["steps"].append(st)
+    return val
+
+
+def last_step(rep, name):
+    for st in reversed(rep["steps"]):
+        if st["step"] == name:
+            return st
+    return None
+
+
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+
+def _madvise(addr, length, advice):
+    """madvise(2) on a raw address range (mmap.madvise cannot name MADV_SOFT_OFFLINE)."""
+    if _libc.madvise(addr, length, advice) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+# ------------------------------------------------------------------ environment pieces
+def find_disk(serial):
+    for dev in sorted(os.listdir("/sys/block")):
+        with contextlib.suppress(OSError):
+            if read_file(f"/sys/block/{dev}/serial").strip() == serial:
+                return f"/dev/{dev}"
+    raise RuntimeError(f"no scratch disk with serial {serial}")
+
+
+def mount_scratch(stack, fs, rep):
+    """Mount the fs's scratch disk at /mnt/pinlab-<fs> (mkfs on first use)."""
+    mnt = f"/mnt/pinlab-{fs}"
+    os.makedirs(mnt, exist_ok=True)
+    if os.path.ismount(mnt):
+        return mnt
+    dev = find_disk(DISKS[fs])
+    if subprocess.run(["mount", "-t", fs, dev, mnt], capture_output=True).returncode:
+        mk = ["mkfs.ext4", "-F", "-q", dev] if fs == "ext4" else ["mkfs.xfs", "-f", "-q", dev]
+        subprocess.run(mk, check=True, capture_output=True)
+        subprocess.run(["mount", "-t", fs, dev, mnt], check=True, capture_output=True)
+        rep.setdefault("notes", []).append(f"mkfs {fs} {dev}")
+    stack.callback(lambda: subprocess.run(["umount", mnt], capture_output=True))
+    return mnt
+
+
+def mount_tmpfs(stack):
+    mnt = "/mnt/pinlab-tmpfs"
+    os.makedirs(mnt, exist_ok=True)
+    if not os.path.ismount(mnt):
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", mnt], check=True)
+        stack.callback(lambda: subprocess.run(["umount", mnt], capture_output=True))
+    return mnt
+
+
+def enable_swap(stack, rep):
+    """A 64 MiB swapfile on the ext4 scratch disk (anon/shmem reclaim needs swap)."""
+    if read_file("/proc/swaps").count("\n") > 1:
+        return
+    mnt = mount_scratch(stack, "ext4", rep)
+    path = f"{mnt}/swapfile"
+    fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_TRUNC, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, 64 << 20)
+    finally:
+        os.close(fd)
+    subprocess.run(["mkswap", path], check=True, capture_output=True)
+    subprocess.run(["swapon", path], check=True, capture_output=True)
+
+    def off():
+        subprocess.run(["swapoff", path], capture_output=True)
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+    stack.callback(off)
+    rep["swap"] = path
+
+
+def enter_cgroup(stack, rep):
+    """Move this process into a child cgroup with the memory controller on."""
+    ctl = read_file(f"{CGROOT}/cgroup.controllers").split()
+    if "memory" not in ctl:
+        raise RuntimeError("no memory controller in cgroup2")
+    if "memory" not in read_file(f"{CGROOT}/cgroup.subtree_control").split():
+        write_file(f"{CGROOT}/cgroup.subtree_control", "+memory")
+    os.makedirs(CGCELL, exist_ok=True)
+    write_file(f"{CGCELL}/cgroup.procs", str(os.getpid()))
+
+    def leave():
+        write_file(f"{CGROOT}/cgroup.procs", str(os.getpid()))
+        for _ in range(50):
+            try:
+                os.rmdir(CGCELL)
+                break
+            except OSError:
+                time.sleep(0.1)
+    stack.callback(leave)
+    rep["cgroup"] = CGCELL
+
+
+def memcg_current():
+    with contextlib.suppress(OSError):
+        return int(read_file(f"{CGCELL}/memory.current"))
+    return None
+
+
+class Mapping:
+    """One user mapping of a backing. `fd`/`path` are None for anonymous memory."""
+
+    def __init__(self, stack, kind, rep, tag="cell", npages=NPAGES):
+        self.kind = kind
+        self.fd = None
+        self.path = None
+        self.npages = npages
+        self.shared = kind not in ("anon", "private-file")
+        prot = mmap.PROT_READ | mmap.PROT_WRITE
+        if kind == "hugetlb":
+            self.npages = 2 * HPAGE // PAGE
+            # one spare: after truncate/punch the orphaned huge page stays allocated, and
+            # re-faulting the range must not SIGBUS for want of a free huge page
+            self._hugepages(stack, 3, rep)
+        self.size = self.npages * PAGE
+        if kind == "anon":
+            self.mm = mmap.mmap(-1, self.size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                                prot=prot)
+        else:
+            if kind == "memfd":
+                self.fd = os.memfd_create(f"pinlab-{tag}", MFD_CLOEXEC | MFD_ALLOW_SEALING)
+            elif kind == "hugetlb":
+                self.fd = os.memfd_create(f"pinlab-{tag}", MFD_CLOEXEC | MFD_HUGETLB)
+            else:
+                d = (mount_tmpfs(stack) if kind == "tmpfs" else
+                     mount_scratch(stack, "ext4" if kind == "private-file" else kind, rep))
+                self.path = f"{d}/{tag}.dat"
+                self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR | os.O_TRUNC, 0o600)
+                stack.callback(self._unlink)
+            stack.callback(self._close_fd)
+            os.ftruncate(self.fd, self.size)
+            flags = mmap.MAP_SHARED if self.shared else mmap.MAP_PRIVATE
+            self.mm = mmap.mmap(self.fd, self.size, flags=flags, prot=prot)
+        stack.callback(self.unmap)
+        if kind != "hugetlb":
+            with contextlib.suppress(OSError):
+                self.mm.madvise(MADV_NOHUGEPAGE)
+        self.addr = pinlab_ioctl.buffer_address(self.mm)
+        step = HPAGE if kind == "hugetlb" else PAGE
+        for off in range(0, self.size, step):   # fault every page in, writable
+            self.mm[off:off + 1] = b"\0"
+
+    def _hugepages(self, stack, n, rep):
+        path = "/proc/sys/vm/nr_hugepages"
+        old = int(read_file(path))
+        write_file(path, str(old + n))
+        rep["nr_hugepages"] = int(read_file(path))
+        stack.callback(lambda: write_file(path, str(old)))
+
+    def _close_fd(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def _unlink(self):
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+
+    def unmap(self):
+        if self.mm is not None and not self.mm.closed:
+            self.mm.close()
+
+    def pfns(self):
+        return pagemap(self.addr, self.npages)
+
+    def read_file(self, direct=False):
+        """The file's current contents: through the page cache, or O_DIRECT (disk)."""
+        if direct:
+            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECT)
+            try:
+                size = os.fstat(fd).st_size
+                buf = mmap.mmap(-1, max(size, PAGE))   # page aligned for O_DIRECT
+                n = os.preadv(fd, [buf], 0)
+                data = bytes(buf[:n])
+                buf.close()
+                return data
+            finally:
+                os.close(fd)
+        size = os.fstat(self.fd).st_size
+        return os.pread(self.fd, size, 0)
+
+
+# ------------------------------------------------------------------ the cell
+class Cell:
+    def __init__(self, args, stack):
+        self.a = args
+        self.stack = stack
+        self.rep = {"mode": args.mode, "backing": args.backing, "event": args.event,
+                    "kernel": os.uname().release, "steps": [], "errno": 0}
+        self.dev = None
+        self.rid = None
+        self.registered = False
+        self.gen = 0
+
+    # -- device wrappers
+    def dma(self, gen, offset=0, length=None, name=None):
+        length = self.m.size - offset if length is None else length
+        return timed(self.rep, name or f"dma_write_g{gen}", self.dev.dma_write, self.rid,
+                     offset, length, gen)
+
+    def scan_map(self, first=0, n=None):
+        n = self.m.npages - first if n is None else n
+        return scan(memoryview(self.m.mm)[first * PAGE:(first + n) * PAGE], self.rid, n,
+                    first)
+
+    def deregister(self):
+        if self.registered:
+            self.rep["query_final"] = timed(self.rep, "query", self.dev.query, self.rid)
+            timed(self.rep, "deregister", self.dev.deregister, self.rid)
+            self.registered = False
+        self.rep["vmstat_released"] = vmstat()
+
+    def file_scan(self, key, direct=False):
+        data = self.m.read_file(direct=direct)
+        self.rep[key] = scan(data, self.rid, len(data) // PAGE)
+        self.rep[key + "_bytes"] = len(data)
+
+    # -- main flow
+    def run(self):
+        a, rep = self.a, self.rep
+        if a.event == "memcg-reclaim":
+            enter_cgroup(self.stack, rep)
+        if a.event in ("pageout", "memcg-reclaim") and a.backing in ("anon", "memfd", "tmpfs"):
+            enable_swap(self.stack, rep)
+        self.m = Mapping(self.stack, a.backing, rep,
+                         npages=64 if a.event == "migrate" else NPAGES)
+        rep["npages"] = self.m.npages
+        rep["pfns_before"] = self.m.pfns()
+        rep["memcg_before"] = memcg_current() if a.event == "memcg-reclaim" else None
+        self.dev = pinlab_ioctl.PinlabDevice(a.device)
+        self.stack.callback(self.dev.close)
+        self.stack.callback(self._safe_deregister)
+        rep["vmstat_before"] = vmstat()
+        t0 = now_ms()
+        try:
+            self.rid = self.dev.register(self.m.addr, self.m.size, a.mode)
+        except OSError as exc:
+            rep.update(errno=exc.errno, errno_name=errname(exc.errno), step="register",
+                       register_ms=round(now_ms() - t0, 1))
+            return rep
+        self.registered = True
+        rep["register_ms"] = round(now_ms() - t0, 1)
+        rep["region"] = self.rid
+        rep["vmstat_registered"] = vmstat()
+        rep["query_registered"] = self.dev.query(self.rid)
+        self.dma(1)
+        rep["map_g1"] = self.scan_map()
+        getattr(self, "ev_" + a.event.replace("-", "_"))()
+        self.deregister()
+        rep["pfns_after"] = self.m.pfns() if not self.m.mm.closed else None
+        self.final_file_check()
+        return rep
+
+    def _safe_deregister(self):
+        if self.registered:
+            with contextlib.suppress(OSError):
+                self.dev.deregister(self.rid)
+            self.registered = False
+
+    def final_file_check(self):
+        """After release: what the file holds (disk files: unmap, sync, drop_caches)."""
+        if self.m.kind in ("anon", "private-file") or self.m.fd is None:
+            return
+        if self.m.kind in ("ext4", "xfs"):
+            self.m.unmap()
+            timed(self.rep, "fsync_final", os.fsync, self.m.fd)
+            drop_caches()
+        self.file_scan("file_after")
+
+    # -- events
+    def ev_dma_write(self):
+        pass
+
+    def ev_truncate(self):
+        m, rep = self.m, self.rep
+        half = m.size // 2
+        rep["kept_pages"] = half // PAGE
+        timed(rep, "ftruncate_shrink", os.ftruncate, m.fd, half)
+        self.dma(2)
+        rep["map_kept_g2"] = self.scan_map(0, half // PAGE)
+        rep["pfns_after_event"] = m.pfns()[: half // PAGE]
+        timed(rep, "ftruncate_extend", os.ftruncate, m.fd, m.size)
+        rep["map_after_extend"] = self.scan_map()
+
+    def _punch(self, off, length):
+        def punch():
+            if _libc.fallocate(self.m.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                               off, length) != 0:
+                e = ctypes.get_errno()
+                raise OSError(e, os.strerror(e))
+        timed(self.rep, "punch_hole", punch)
+
+    def ev_punch_hole(self):
+        m, rep = self.m, self.rep
+        unit = HPAGE if m.kind == "hugetlb" else 4 * PAGE
+        first, count = unit // PAGE, unit // PAGE
+        rep["hole_pages"] = [first, count]
+        self._punch(unit, unit)
+        rep["map_after_punch"] = self.scan_map()
+        self.dma(2)
+        rep["map_g2"] = self.scan_map()
+
+    def ev_punch_hole_partial(self):
+        rep = self.rep
+        page = 9
+        rep["hole_bytes"] = [page * PAGE + 1024, 2048]
+        self._punch(page * PAGE + 1024, 2048)
+        rep["map_after_punch"] = self.scan_map()
+        self.dma(2)
+        rep["map_g2"] = self.scan_map()
+
+    def _after_reclaim(self):
+        rep = self.rep
+        rep["pagemap_after_event"] = self.m.pfns()
+        self.dma(2)
+        rep["map_g2"] = self.scan_map()
+        rep["pfns_after_touch"] = self.m.pfns()
+
+    def ev_pageout(self):
+        v0 = vmstat()
+        timed(self.rep, "madv_pageout", self.m.mm.madvise, MADV_PAGEOUT)
+        self.rep["vmstat_event"] = delta(v0, vmstat())
+        self._after_reclaim()
+
+    def ev_memcg_reclaim(self):
+        rep = self.rep
+        rep["memcg_registered"] = memcg_current()
+        v0 = vmstat()
+        timed(rep, "memory_reclaim", write_file, f"{CGCELL}/memory.reclaim", "64M")
+        rep["vmstat_event"] = delta(v0, vmstat())
+        rep["memcg_after_reclaim"] = memcg_current()
+        self._after_reclaim()
+
+    def ev_drop_caches(self):
+        # no sync first: writeback would itself be an event (PROTECTION_PAGE for odp)
+        timed(self.rep, "drop_caches", drop_caches, False)
+        self._after_reclaim()
+
+    def ev_writeback(self):
+        m, rep, dev = self.m, self.rep, self.dev
+        timed(rep, "fsync_1", os.fsync, m.fd)
+        timed(rep, "stream_start", dev.stream_start, self.rid, 0, m.size, 100, PAGE, 200)
+        for i in range(3):
+            time.sleep(0.2)
+            timed(rep, f"fsync_stream_{i}", os.fsync, m.fd)
+        rep["stream_chunks"] = timed(rep, "stream_stop", dev.stream_stop, self.rid)
+        self.dma(2)
+        rep["map_g2"] = self.scan_map()
+        timed(rep, "fsync_registered", os.fsync, m.fd)
+        self.file_scan("disk_registered", direct=True)
+        self.deregister()
+        timed(rep, "fsync_released", os.fsync, m.fd)
+        self.file_scan("disk_released", direct=True)
+
+    def ev_2018(self):
+        m, rep = self.m, self.rep
+        timed(rep, "fsync", os.fsync, m.fd)
+        timed(rep, "madv_pageout", m.mm.madvise, MADV_PAGEOUT)
+        rep["pagemap_after_event"] = m.pfns()
+        self.dma(2)
+        rep["dirty_pages"] = timed(rep, "dirty", self.dev.dirty, self.rid)
+        self.deregister()
+        timed(rep, "sync", os.sync)
+
+    def ev_migrate(self):
+        rep = self.rep
+        ctl = Mapping(self.stack, self.m.kind, rep, tag="control", npages=self.m.npages)
+        rep["control_pfns_before"] = ctl.pfns()
+        pb = self.m.pfns()
+        v0 = vmstat()
+        timed(rep, "compact_memory", write_file, "/proc/sys/vm/compact_memory", "1")
+        # compaction only reaches pages below where its scanners meet; soft offline
+        # (migrate_pages(MR_MEMORY_FAILURE)) migrates exactly the pages it is given, so
+        # the first pages of both mappings get a deterministic migration attempt
+        for tag, mp in (("control", ctl), ("registered", self.m)):
+            for i in range(SOFT_OFFLINE_PAGES):
+                timed(rep, f"soft_offline_{tag}_{i}", _madvise, mp.addr + i * PAGE, PAGE,
+                      MADV_SOFT_OFFLINE)
+        rep["vmstat_event"] = delta(v0, vmstat())
+        pa = self.m.pfns()
+        ca = ctl.pfns()
+        rep["pfns_after_event"] = pa
+        rep["control_pfns_after"] = ca
+        rep["pinned_moved"] = sum(1 for x, y in zip(pb, pa, strict=True) if x != y)
+        rep["control_moved"] = sum(1 for x, y in zip(rep["control_pfns_before"], ca,
+                                                     strict=True) if x != y)
+        self.dma(2)
+        rep["map_g2"] = self.scan_map()
+
+    def _fork(self, dontfork):
+        m, rep = self.m, self.rep
+        if dontfork:
+            timed(rep, "madv_dontfork", m.mm.madvise, MADV_DONTFORK)
+        go_r, go_w = os.pipe()
+        res_r, res_w = os.pipe()
+        pid = os.fork()
+        if pid == 0:   # child: wait, look at its own view of the range, report, exit
+            code = 0
+            try:
+                os.close(go_w)
+                os.close(res_r)
+                os.read(go_r, 1)
+                if dontfork:
+                    out = {"mapped": False, "pagemap": pagemap(m.addr, m.npages)}
+                else:
+                    out = {"mapped": True, "map": self.scan_map(),
+                           "pfns": pagemap(m.addr, m.npages)}
+                os.write(res_w, json.dumps(out).encode())
+            except BaseException as exc:  # noqa: BLE001 - the child must never return
+                with contextlib.suppress(Exception):
+                    os.write(res_w, json.dumps({"error": repr(exc)}).encode())
+                code = 1
+            finally:
+                os._exit(code)
+        os.close(go_r)
+        os.close(res_w)
+        rep["child_pid"] = pid
+        # the parent writes to its mapping (the same words: the pattern stays valid);
+        # this is the write that COW-breaks a page shared with the child
+        mv = memoryview(m.mm).cast("B")
+        for i in range(m.npages):
+            mv[i * PAGE:i * PAGE + 8] = bytes(mv[i * PAGE:i * PAGE + 8])
+        mv.release()
+        rep["pfns_parent_after_write"] = m.pfns()
+        self.dma(2)
+        rep["map_parent_g2"] = self.scan_map()
+        os.write(go_w, b"x")
+        os.close(go_w)
+        chunks = []
+        while True:
+            b = os.read(res_r, 65536)
+            if not b:
+                break
+            chunks.append(b)
+        os.close(res_r)
+        _, status = os.waitpid(pid, 0)
+        rep["child_status"] = status
+        try:
+            rep["child"] = json.loads(b"".join(chunks) or b"{}")
+        except ValueError:
+            rep["child"] = {"error": "bad child report"}
+
+    def ev_fork(self):
+        self._fork(False)
+
+    def ev_fork_dontfork(self):
+        self._fork(True)
+
+    def _remap(self):
+        """A fresh mapping of the same file (after munmap)."""
+        m = self.m
+        flags = mmap.MAP_SHARED if m.shared else mmap.MAP_PRIVATE
+        mm = mmap.mmap(m.fd, m.size, flags=flags, prot=mmap.PROT_READ)
+        self.stack.callback(mm.close)
+        return mm
+
+    def ev_munmap(self):
+        m, rep = self.m, self.rep
+        timed(rep, "munmap", m.unmap)
+        self.dma(2)
+        if m.fd is not None:
+            mm = self._remap()
+            rep["remap_g2"] = scan(mm, self.rid, m.npages)
+            mm.close()
+
+    def ev_dontneed(self):
+        rep = self.rep
+        timed(rep, "madv_dontneed", self.m.mm.madvise, MADV_DONTNEED)
+        rep["pagemap_after_event"] = self.m.pfns()
+        self.dma(2)
+        rep["map_g2"] = self.scan_map()
+        rep["pfns_after_touch"] = self.m.pfns()
+
+    def ev_seal_write(self):
+        m, rep = self.m, self.rep
+        # a writable shared mapping alone makes F_SEAL_WRITE fail (mapping_deny_writable);
+        # unmap first so only the driver's page references can make it fail
+        timed(rep, "munmap", m.unmap)
+        timed(rep, "seal_write", fcntl.fcntl, m.fd, F_ADD_SEALS, F_SEAL_WRITE)
+        rep["seals"] = fcntl.fcntl(m.fd, 1034)   # F_GET_SEALS
+        self.dma(2)
+        self.file_scan("file_g2")
+
+    def ev_no_ack(self):
+        """odp: the host made the device never acknowledge INVALIDATE; revoke by DONTNEED."""
+        rep = self.rep
+        timed(rep, "madv_dontneed", self.m.mm.madvise, MADV_DONTNEED)
+        rep["query_after_event"] = timed(rep, "query_event", self.dev.query, self.rid)
+        self.dma(2)
+        rep["map_g2"] = self.scan_map()
+
+    def ev_pci_remove(self):
+        self.ev_hot_unplug()
+
+    def ev_hot_unplug(self):
+        """Stream, tell the host (READY_FILE), wait until the device is gone."""
+        rep, dev = self.rep, self.dev
+        timed(rep, "stream_start", dev.stream_start, self.rid, 0, self.m.size, 100, PAGE, 1000)
+        write_file(READY_FILE, str(os.getpid()))
+        self.stack.callback(lambda: os.path.exists(READY_FILE) and os.unlink(READY_FILE))
+        t0 = now_ms()
+        gone = None
+        while now_ms() - t0 < 60000:
+            try:
+                q = dev.query(self.rid)
+                if q["state"] != pinlab_ioctl.STATE_ACTIVE:
+                    gone = {"how": "state", "query": q}
+                    break
+            except OSError as exc:
+                gone = {"how": "errno", "errno": exc.errno, "errno_name": errname(exc.errno)}
+                break
+            time.sleep(0.05)
+        rep["gone"] = gone
+        rep["gone_after_ms"] = round(now_ms() - t0, 1)
+        rep["dev_node_exists"] = os.path.exists(self.a.device)
+        self.dma(2)
+        timed(rep, "stream_stop", dev.stream_stop, self.rid)
+        rep["map_after"] = self.scan_map()
+
+
+def cmd_cell(args):
+    with contextlib.ExitStack() as stack:
+        c = Cell(args, stack)
+        t0 = now_ms()
+        try:
+            rep = c.run()
+        except Exception as exc:  # noqa: BLE001 - report, the host reads the JSON
+            c.rep["error"] = f"{type(exc).__name__}: {exc}"
+            rep = c.rep
+        rep["cell_ms"] = round(now_ms() - t0, 1)
+    rep["vmstat_end"] = vmstat()
+    rep["swaps"] = read_file("/proc/swaps").count("\n") - 1
+    rep["leftover_mounts"] = [ln.split()[1] for ln in read_file("/proc/mounts").splitlines()
+                              if "/mnt/pinlab-" in ln.split()[1]]
+    return rep
+
+
+EVENTS = ["dma-write", "truncate", "punch-hole", "punch-hole-partial", "pageout",
+          "memcg-reclaim", "drop-caches", "writeback", "2018", "migrate", "fork",
+          "fork-dontfork", "munmap", "dontneed", "seal-write", "hot-unplug", "pci-remove",
+          "no-ack"]
+BACKINGS = ["anon", "memfd", "tmpfs", "ext4", "xfs", "private-file", "hugetlb"]

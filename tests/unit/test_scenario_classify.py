@@ -1,0 +1,89 @@
+"""Cell classification from raw workload reports, and expectation coverage of the matrix."""
+
+from __future__ import annotations
+
+import unittest
+from typing import Any
+
+from pinlab.images.kernel import KERNELS
+from pinlab.orchestrator.cells import all_cells
+from pinlab.orchestrator.dmesg import classify
+from pinlab.orchestrator.expectations import Cell, expect, load
+from pinlab.orchestrator.scenario import SCENARIOS, all_gen, classify_cell, states
+
+PINS = {"nr_foll_pin_acquired": 16, "nr_foll_pin_released": 16}
+
+
+def report(**kw: Any) -> dict[str, Any]:
+    rep: dict[str, Any] = {"errno": 0, "npages": 16, "region": 1, "steps": [],
+                           "vmstat_before": PINS, "vmstat_end": PINS,
+                           "pfns_before": list(range(100, 116))}
+    rep.update(kw)
+    return rep
+
+
+class ClassifyTest(unittest.TestCase):
+    def test_states_expand_rle(self) -> None:
+        scan = [["g2", 0, 8], ["zero", 8, 8]]
+        self.assertEqual(states(scan), ["g2"] * 8 + ["zero"] * 8)
+        self.assertTrue(all_gen(scan, 2, 0, 8))
+        self.assertFalse(all_gen(scan, 2))
+
+    def test_register_refusal(self) -> None:
+        obs, _ = classify_cell(Cell("6.12", "longterm", "ext4", "truncate"),
+                               report(errno=14, errno_name="EFAULT", step="register"),
+                               classify(""), {})
+        self.assertEqual(obs, "PIN_REFUSED(EFAULT)")
+
+    def test_truncate_lost_vs_revoked(self) -> None:
+        rep = report(kept_pages=8, map_kept_g2=[["g2", 0, 8]],
+                     map_after_extend=[["g2", 0, 8], ["zero", 8, 8]],
+                     steps=[{"step": "dma_write_g2", "errno": 0}])
+        obs, _ = classify_cell(Cell("6.12", "pin", "memfd", "truncate"), rep, classify(""), {})
+        self.assertEqual(obs, "WRITES_LOST_SILENTLY")
+        rep["steps"] = [{"step": "dma_write_g2", "errno": 14, "errno_name": "EFAULT"}]
+        obs, _ = classify_cell(Cell("6.12", "odp", "memfd", "truncate"), rep, classify(""),
+                               {"kinds": {"invalidate_ack": 1}})
+        self.assertEqual(obs, "REVOKED_IN_TIME")
+
+    def test_2018_warn_and_lost(self) -> None:
+        dm = classify("WARNING: CPU: 1 PID: 5 at fs/ext4/inode.c:3587 ext4_dirty_folio+0x2c\n"
+                      "EXT4-fs warning (device vdc): page 0 does not have buffers attached\n")
+        rep = report(file_after=[["g1", 0, 16]])
+        obs, _ = classify_cell(Cell("6.12", "gup", "ext4", "2018"), rep, dm, {})
+        self.assertEqual(obs, "EXT4_WARN_DATA_LOST")
+
+    def test_violation_and_pin_leak_win(self) -> None:
+        rep = report(map_g1=[["g1", 0, 16]])
+        obs, _ = classify_cell(Cell("6.12", "odp", "anon", "dma-write"), rep, classify(""),
+                               {"violations": 1, "violation_samples": [{}]})
+        self.assertEqual(obs, "DMA_AFTER_REVOKE")
+        rep["vmstat_end"] = {"nr_foll_pin_acquired": 32, "nr_foll_pin_released": 16}
+        obs, _ = classify_cell(Cell("6.12", "pin", "anon", "dma-write"), rep, classify(""), {})
+        self.assertEqual(obs, "PINS_LEAKED")
+
+    def test_fork_parent_loses(self) -> None:
+        rep = report(map_parent_g2=[["g1", 0, 16]],
+                     child={"mapped": True, "map": [["g2", 0, 16]]})
+        obs, _ = classify_cell(Cell("6.12", "gup", "anon", "fork"), rep, classify(""), {})
+        self.assertEqual(obs, "PARENT_LOSES_WRITES")
+
+
+class CoverageTest(unittest.TestCase):
+    def test_every_cell_has_a_rule_and_a_scenario(self) -> None:
+        rules = load()
+        for k in KERNELS:
+            for c in all_cells(k):
+                self.assertIn(c.event, SCENARIOS, c.name)
+                e = expect(c, rules)
+                self.assertIsNotNone(e, c.name)
+                assert e is not None
+                self.assertTrue(e.source, c.name)
+
+
+class DmesgWarnFormatTest(unittest.TestCase):
+    def test_warn_formats_of_every_kernel(self) -> None:
+        for line in ("WARNING: CPU: 1 PID: 1530 at fs/ext4/inode.c:3587 ext4_dirty_folio+0x2c",
+                     "WARNING: fs/ext4/inode.c:3937 at ext4_dirty_folio+0x2c/0x40 [ext4], "
+                     "CPU#1: python3/2471"):
+            self.assertIn("WARN", classify(f"[  1.0] {line}").classes(), line)
