@@ -115,6 +115,8 @@ class CellServer:
             obs = Observation("ERROR", {"exception": repr(exc),
                                         "trace": traceback.format_exc()})
         # Did the cell break the guest? Then the next cell gets a fresh one.
+        if obs.evidence.get("needs_reboot"):
+            self.taint = f"cell {cell.name} removed the device"
         try:
             text = s.guest.ssh.run(f"dmesg | tail -n +{lines_before + 1}", timeout=60,
                                    check=True).out
