@@ -95,10 +95,12 @@
 #define PINLAB_CID_SLOT_BITS	8
 #define PINLAB_CID_SLOT_MASK	((1U << PINLAB_CID_SLOT_BITS) - 1)
 
+#define PINLAB_LIVENESS_MS	1000	/* device liveness poll while waiting */
 #define PINLAB_MAP_CHUNK	512	/* MAP_PAGES count limit */
 #define PINLAB_MAX_PAGES	262144	/* CREATE_REGION npages limit */
 #define PINLAB_MAX_REGION_ID	65535
 #define PINLAB_NR_EVENTS_STATS	16	/* mmu_notifier_event slots */
+#define PINLAB_LAT_BUCKETS	24	/* revoke latency: bucket i < 2^i us */
 
 struct pinlab_sqe {
 	u8 opcode;
@@ -176,6 +178,9 @@ struct pinlab_stats {
 	atomic64_t odp_faults_served;
 	atomic64_t invalidations[PINLAB_NR_EVENTS_STATS];
 	atomic64_t invalidations_nonblock_refused;
+	atomic64_t revokes;		/* INVALIDATE fences completed OK */
+	atomic64_t revoke_max_us;
+	atomic64_t revoke_lat[PINLAB_LAT_BUCKETS];
 };
 
 struct pinlab_dev {

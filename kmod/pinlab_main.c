@@ -87,6 +87,15 @@ static int pinlab_stats_show(struct seq_file *m, void *unused)
 			seq_printf(m, "invalidations_event%u %lld\n", i,
 				   atomic64_read(&s->invalidations[i]));
 	}
+	seq_printf(m, "revokes %lld\nrevoke_max_us %lld\n",
+		   atomic64_read(&s->revokes),
+		   atomic64_read(&s->revoke_max_us));
+	/* bucket i: fences that took < 2^i us (the last one: everything) */
+	for (i = 0; i < PINLAB_LAT_BUCKETS; i++)
+		if (atomic64_read(&s->revoke_lat[i]))
+			seq_printf(m, "revoke_latency_us_lt_%llu %lld\n",
+				   i == PINLAB_LAT_BUCKETS - 1 ? U64_MAX : 1ULL << i,
+				   atomic64_read(&s->revoke_lat[i]));
 	return 0;
 }
 DEFINE_SHOW_ATTRIBUTE(pinlab_stats);

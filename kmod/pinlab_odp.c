@@ -9,6 +9,7 @@
  */
 #include <linux/dma-mapping.h>
 #include <linux/hmm.h>
+#include <linux/ktime.h>
 #include <linux/mm.h>
 #include <linux/mmu_notifier.h>
 #include <linux/sched/mm.h>
@@ -16,12 +17,33 @@
 
 #include "pinlab.h"
 
+/* revoke latency histogram: bucket i counts fences that took < 2^i us */
+static void pinlab_revoke_account(struct pinlab_dev *pd, s64 us)
+{
+	struct pinlab_stats *s = &pd->stats;
+	unsigned int b = us > 0 ? fls64(us) : 0;
+	s64 max = atomic64_read(&s->revoke_max_us);
+
+	if (b >= PINLAB_LAT_BUCKETS)
+		b = PINLAB_LAT_BUCKETS - 1;
+	atomic64_inc(&s->revokes);
+	atomic64_inc(&s->revoke_lat[b]);
+	while (us > max) {
+		s64 old = atomic64_cmpxchg(&s->revoke_max_us, max, us);
+
+		if (old == max)
+			break;
+		max = old;
+	}
+}
+
 static int pinlab_odp_fence(struct pinlab_region *r, unsigned long first,
 			    unsigned long count)
 {
 	struct pinlab_dev *pd = r->pd;
 	struct pinlab_completion comp;
 	struct pinlab_sqe sqe;
+	ktime_t t0;
 	int ret;
 
 	ret = pinlab_dev_epoch_check(pd, r->epoch);
@@ -33,7 +55,10 @@ static int pinlab_odp_fence(struct pinlab_region *r, unsigned long first,
 	sqe.region = cpu_to_le32(r->id);
 	sqe.a[0] = cpu_to_le64(first);
 	sqe.a[1] = cpu_to_le64(count);
+	t0 = ktime_get();
 	ret = pinlab_submit(pd, &sqe, &comp, pinlab_fence_timeout_ms);
+	if (!ret && comp.status == PINLAB_STATUS_OK)
+		pinlab_revoke_account(pd, ktime_us_delta(ktime_get(), t0));
 	if (ret == -ETIMEDOUT) {
 		/* pinlab_submit() reset the function: DMA has stopped */
 		atomic64_inc(&pd->stats.escalations);

@@ -279,6 +279,53 @@ static bool pinlab_slot_available(struct pinlab_dev *pd)
 }
 
 /*
+ * A device that vanished (surprise removal, its server died) reads all
+ * ones.  Mark it dead so that every waiter fails with -ENODEV at once
+ * instead of at its timeout.
+ */
+static bool pinlab_dev_check_alive(struct pinlab_dev *pd)
+{
+	unsigned long flags;
+	bool dead;
+
+	if (readl(pd->bar0 + PINLAB_REG_ID) == PINLAB_ID_MAGIC)
+		return true;
+	spin_lock_irqsave(&pd->lock, flags);
+	dead = pd->state == PINLAB_DEV_DEAD;
+	spin_unlock_irqrestore(&pd->lock, flags);
+	if (!dead)
+		dev_err(&pd->pdev->dev,
+			"device not responding, marking it dead\n");
+	pinlab_queue_kill(pd);
+	return false;
+}
+
+/*
+ * wait_for_completion_timeout() in slices of PINLAB_LIVENESS_MS, checking
+ * between slices that the device still answers.  Returns the remaining
+ * jiffies (> 0) once @done completed, 0 on timeout.
+ */
+static unsigned long pinlab_wait_alive(struct pinlab_dev *pd,
+				       struct completion *done,
+				       unsigned long tmo)
+{
+	unsigned long slice = msecs_to_jiffies(PINLAB_LIVENESS_MS);
+	unsigned long left;
+
+	while (tmo) {
+		unsigned long step = min(tmo, slice);
+
+		left = wait_for_completion_timeout(done, step);
+		if (left)
+			return tmo - step + left;
+		tmo -= step;
+		if (tmo && !pinlab_dev_check_alive(pd))
+			break;	/* pinlab_queue_kill() completed @done */
+	}
+	return completion_done(done) ? 1 : 0;
+}
+
+/*
  * Submit one command and wait for its completion, at most timeout_ms.
  *
  * Returns 0 with the completion in *comp (the device status may be
@@ -333,7 +380,7 @@ int pinlab_submit(struct pinlab_dev *pd, struct pinlab_sqe *sqe,
 	spin_unlock_irqrestore(&pd->lock, flags);
 	atomic64_inc(&pd->stats.cmds);
 
-	if (!wait_for_completion_timeout(&w.done, tmo)) {
+	if (!pinlab_wait_alive(pd, &w.done, tmo)) {
 		spin_lock_irqsave(&pd->lock, flags);
 		if (test_bit(slot, pd->slot_map) &&
 		    pd->slots[slot].cid == cid && pd->slots[slot].waiter == &w) {

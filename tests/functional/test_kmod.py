@@ -1,0 +1,194 @@
+"""pinlab.ko at runtime: every mode, odp revoke and its escalation, device death,
+device removal and a short ioctl fuzz, many checks per booted guest.
+
+The guest side is images/guest/kcheck.py (one JSON line per check) and
+images/guest/ioctl_fuzz.py.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from avocado import Test
+
+from pinlab.orchestrator.dmesg import classify
+from pinlab.orchestrator.session import GuestSession
+
+GUEST = Path(__file__).resolve().parents[2] / "images" / "guest"
+VMSTAT = ("echo 1 > /proc/sys/vm/stat_refresh; "
+          "grep -E '^nr_foll_pin_(acquired|released) ' /proc/vmstat")
+HOLD = ("for m in pin odp; do setsid nohup python3 /root/pinlab/kcheck.py hold $m "
+        "> /tmp/hold-$m.out 2>&1 < /dev/null & done; sleep 3; cat /tmp/hold-*.out")
+
+
+def _outstanding(text: str) -> int:
+    v = dict(line.split() for line in text.splitlines() if line.strip())
+    return int(v["nr_foll_pin_acquired"]) - int(v["nr_foll_pin_released"])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "State:\tZ" not in status
+
+
+class KmodTest(Test):
+    timeout = 900
+
+    def setUp(self) -> None:
+        self.pids: list[int] = []
+        self.artifacts = Path(self.logdir) / "guest"
+        self.artifacts.mkdir(parents=True, exist_ok=True)
+
+    def remember(self, s: GuestSession) -> None:
+        g = s.guest
+        self.pids = [c.pid for c in (g.qemu, g.device) if c is not None]
+        self.whiteboard = json.dumps({"kernel": g.images.kernel.release, "accel": g.cfg.accel,
+                                      "boot_seconds": round(g.boot_seconds, 2)})
+
+    def tearDown(self) -> None:
+        left = [p for p in self.pids if _alive(p)]
+        if left:
+            self.fail(f"processes left behind after the guest was torn down: {left}")
+
+    def kcheck(self, s: GuestSession, args: str, timeout: float = 180) -> list[dict]:
+        res = s.guest.ssh.run(f"python3 /root/pinlab/kcheck.py {args}", timeout=timeout)
+        self.log.info("kcheck %s rc=%d\n%s\n%s", args, res.rc, res.out, res.err)
+        lines = [json.loads(ln) for ln in res.out.splitlines() if ln.startswith("{")]
+        results = [r for r in lines if not r.get("summary")]
+        with open(self.artifacts / "kcheck.jsonl", "a") as f:
+            for r in results:
+                f.write(json.dumps(r) + "\n")
+        self.assertEqual(res.rc, 0, f"kcheck {args}: {res.err[-2000:]}")
+        bad = [r for r in results if not r["ok"]]
+        self.assertEqual(bad, [], f"kcheck {args} failed checks")
+        self.assertTrue(results, f"kcheck {args} reported nothing")
+        return results
+
+    def push(self, s: GuestSession) -> None:
+        for name in ("kcheck.py", "ioctl_fuzz.py"):
+            s.guest.ssh.put(GUEST / name, f"/root/pinlab/{name}")
+
+    def assert_clean_dmesg(self, s: GuestSession) -> None:
+        dm = classify(s.guest.dmesg())
+        self.assertEqual(dm.severe(), {}, f"kernel complained: {dm.severe()}")
+
+    def assert_no_violations(self, s: GuestSession) -> None:
+        v = s.device("query-violations")
+        self.assertEqual(v["violations"], [], "device accessed memory after a revoke")
+
+    def everything(self, kernel: str) -> None:
+        with GuestSession.boot(kernel, self.artifacts) as s:
+            self.remember(s)
+            g = s.guest
+            self.push(s)
+            base = _outstanding(g.ssh.run(VMSTAT, timeout=60, check=True).out)
+
+            # 1. every mode: register, DMA write/read, query, dirty, deregister,
+            #    read-only, stream, close with regions, exit while registered
+            self.kcheck(s, "modes")
+            # longterm on a writable MAP_SHARED ext4 file: refused since 6.2
+            self.kcheck(s, "ext4 " + ("ok" if kernel == "6.1" else "fail"))
+            # 2. odp revoke: DONTNEED, PAGEOUT, munmap, memfd ftruncate, refault
+            self.kcheck(s, "odp")
+            self.assert_no_violations(s)
+            #    slow acknowledgement: still correct, no access after the ack
+            s.device("set-fault", delay_revoke_ms=300)
+            self.kcheck(s, "odp")
+            s.device("clear-fault")
+            self.assert_no_violations(s)
+            #    escalation: the fence never completes -> reset, region failed
+            g.ssh.run("echo 1500 > /sys/module/pinlab/parameters/fence_timeout_ms",
+                      check=True, timeout=30)
+            s.device("set-fault", never_ack_revoke=True)
+            t0 = time.monotonic()
+            self.kcheck(s, "escalate")
+            self.assertLess(time.monotonic() - t0, 60)
+            s.device("clear-fault")
+            self.kcheck(s, "after-reset")
+            self.assert_no_violations(s)
+            stats = g.ssh.run("cat /sys/kernel/debug/pinlab/pinlab0/stats", timeout=30,
+                              check=True).out
+            (self.artifacts / "debugfs-stats.txt").write_text(stats)
+            st = dict(line.split(None, 1) for line in stats.splitlines() if " " in line)
+            self.assertGreaterEqual(int(st["escalations"]), 1)
+            self.assertGreaterEqual(int(st["revokes"]), 1)
+            self.assertTrue(any(k.startswith("revoke_latency_us_lt_") for k in st), st)
+            self.assertGreaterEqual(int(st["invalidations_clear"]), 1)   # DONTNEED
+            self.assertGreaterEqual(int(st["invalidations_unmap"]), 1)   # munmap
+            self.assertEqual(int(st["pins_held"]), 0)
+            self.assertEqual(int(st["odp_mapped"]), 0)
+
+            # 4. short fuzz
+            fz = g.ssh.run("python3 /root/pinlab/ioctl_fuzz.py --iterations 600", timeout=300)
+            self.log.info("fuzz: %s %s", fz.out, fz.err[-2000:])
+            self.assertEqual(fz.rc, 0, fz.err[-2000:])
+            self.assertEqual(_outstanding(g.ssh.run(VMSTAT, timeout=60, check=True).out),
+                             base, "pins leaked")
+            self.assert_clean_dmesg(s)
+
+            # 3. device server dies under registered, streaming regions
+            g.ssh.run(HOLD, timeout=60, check=True)
+            assert g.device is not None
+            g.device.proc.kill()
+            out = g.ssh.run("touch /tmp/go; sleep 5; cat /tmp/hold-*.out; "
+                            "pgrep -f 'kcheck.py hold' || true", timeout=90).out
+            self.log.info("after device death:\n%s", out)
+            removed = [json.loads(ln) for ln in out.splitlines()
+                       if ln.startswith('{"check": "removed"')]
+            self.assertEqual(len(removed), 2, out)
+            self.assertTrue(all(r["ok"] for r in removed), removed)
+            self.assertEqual(_outstanding(g.ssh.run(VMSTAT, timeout=60, check=True).out),
+                             base, "pins leaked after device death")
+            rm = g.ssh.run("rmmod pinlab", timeout=60)
+            self.assertEqual(rm.rc, 0, rm.err)
+            self.assert_clean_dmesg(s)
+
+    def test_kernel_6_12(self) -> None:
+        """
+        :avocado: tags=guest,kernel:6.12,mode:gup,mode:pin,mode:longterm,mode:odp,kmod
+        """
+        self.everything("6.12")
+
+    def test_kernel_6_1(self) -> None:
+        """
+        :avocado: tags=guest,kernel:6.1,mode:gup,mode:pin,mode:longterm,mode:odp,kmod
+        """
+        self.everything("6.1")
+
+    def test_kernel_7(self) -> None:
+        """
+        :avocado: tags=guest,kernel:7,mode:gup,mode:pin,mode:longterm,mode:odp,kmod
+        """
+        self.everything("7")
+
+    def test_device_del(self) -> None:
+        """
+        device_del over QMP while regions are registered and streaming.
+
+        :avocado: tags=guest,kernel:6.12,mode:pin,mode:odp,kmod,event:hot-unplug
+        """
+        with GuestSession.boot("6.12", self.artifacts) as s:
+            self.remember(s)
+            g = s.guest
+            self.push(s)
+            g.ssh.run(HOLD, timeout=60, check=True)
+            g.qmp.cmd("device_del", id="pinlab0")
+            time.sleep(5)
+            qlog = (self.artifacts / "qemu.log").read_text(errors="replace")
+            if "memory_region_del_subregion: Assertion" in qlog:
+                self.cancel("QEMU asserts in memory_region_del_subregion on "
+                            "vfio-user-pci unplug (QEMU bug, not pinlab)")
+            out = g.ssh.run("touch /tmp/go; sleep 4; cat /tmp/hold-*.out", timeout=60).out
+            removed = [json.loads(ln) for ln in out.splitlines()
+                       if ln.startswith('{"check": "removed"')]
+            self.assertEqual(len(removed), 2, out)
+            rm = g.ssh.run("rmmod pinlab", timeout=60)
+            self.assertEqual(rm.rc, 0, rm.err)
+            self.assert_clean_dmesg(s)
+
+
