@@ -76,7 +76,7 @@ def _fuzz(args: argparse.Namespace) -> int:
     from pinlab.orchestrator.fuzz import run_fuzz
 
     out = Path(args.artifacts) if args.artifacts else run_dir("fuzz")
-    return run_fuzz(args.kernel, args.iterations, out)
+    return run_fuzz(args.kernel, args.iterations, out, threads=args.threads, seed=args.seed)
 
 
 def _bench(args: argparse.Namespace, rest: list[str]) -> int:
@@ -117,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
                         "pinlab WARN/BUG/Oops or pin-counter leak")
     fi.add_argument("--kernel", default="6.12")
     fi.add_argument("--iterations", type=int, default=2000)
+    fi.add_argument("--threads", type=int, default=4)
+    fi.add_argument("--seed", type=int, default=1)
     fi.add_argument("--artifacts", help="directory for console log and other artifacts")
 
     sub.add_parser("bench", help="benchmarks: pinlab bench device [--json]", add_help=False)
