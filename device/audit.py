@@ -7,6 +7,13 @@ acknowledged (until it is re-mapped) or to any page of a destroyed region.
 
 Memory is bounded: the newest records live in a ring; every record is also appended to a
 JSONL file when one is given. Violations are additionally kept in their own bounded list.
+
+Hot path: the engine records the pages of one DMA chunk with one :meth:`AuditLog.access_run`
+call. When no page of the run can be a violation (the usual case, checked with one
+``bytearray.find``) the run is kept as one compact tuple, and its per-page records (dicts
+or JSON lines) are only built when queried or written to the file, which happens in
+batches. Query results and the file are exactly what per-page recording gives, except
+that the pages of one run share one ``t``.
 """
 
 from __future__ import annotations
@@ -16,10 +23,19 @@ import json
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from typing import IO, Any
 
 Record = dict[str, Any]
+# A ring entry: (seq, 1, record) for a record kept as a dict, or an access run
+# (seq0, n, rid, inst, bases, po, first_len, total, dir, gen, t): n pages from page0 =
+# ``bases`` index 0.. (page-table entries: page address | flag bits), the first page
+# accessed from byte ``po`` for ``first_len`` bytes, ``total`` bytes in all.
+Entry = tuple[Any, ...]
+PAGE_SHIFT = 12
+PAGE_SIZE = 1 << PAGE_SHIFT
+PAGE_MASK = PAGE_SIZE - 1
+FILE_BATCH = 4096  # records formatted and written to the JSONL file at once
 
 
 class RegionTrack:
@@ -42,11 +58,16 @@ class AuditLog:
     def __init__(self, path: str | None = None, ring: int = 65536, max_violations: int = 10000,
                  on_violation: Callable[[Record], None] | None = None) -> None:
         self._lock = threading.Lock()
-        self._ring: deque[Record] = deque(maxlen=ring)
+        self._ring: deque[Entry] = deque()
+        self._ring_max = ring
+        self._ring_records = 0  # records in _ring (>= ring once full; runs are not split)
         self._violations: deque[Record] = deque(maxlen=max_violations)
         self._path = path
         self._file: IO[str] | None = open(path, "a", buffering=1 << 20) if path else None  # noqa: SIM115
         self._file_start = self._file.tell() if self._file is not None else 0  # earlier runs
+        # entries not written to the file yet (written in batches of FILE_BATCH records)
+        self._unwritten: list[Entry] = []
+        self._unwritten_records = 0
         # sparse index into the file: _index_seq[i] is the seq of a record that starts at
         # byte _index_off[i], one entry every INDEX_EVERY records (records are ASCII)
         self._file_end = self._file_start
@@ -59,25 +80,49 @@ class AuditLog:
             ("records", "reads", "writes", "bytes_read", "bytes_written", "maps",
              "invalidates", "invalidate_acks", "destroys", "resets", "violations"), 0)
 
-    # --- recording ------------------------------------------------------------------
+    # --- storage (caller holds the lock) ----------------------------------------------
+    def _append(self, entry: Entry, n: int) -> None:
+        ring = self._ring
+        ring.append(entry)
+        self._ring_records += n
+        while self._ring_records - ring[0][1] >= self._ring_max:  # keep >= ring records
+            self._ring_records -= ring.popleft()[1]
+        self.counters["records"] += n
+        if self._file is not None:
+            self._unwritten.append(entry)
+            self._unwritten_records += n
+            if self._unwritten_records >= FILE_BATCH:
+                self._write_unwritten()
+
+    def _write_unwritten(self) -> None:
+        """Format the pending entries and append them to the file."""
+        assert self._file is not None
+        for entry in self._unwritten:
+            if len(entry) == 3:
+                lines = [json.dumps(entry[2], separators=(",", ":")) + "\n"]
+            else:
+                lines = _run_lines(entry)
+            seq0 = entry[0]
+            k = (1 - seq0) % INDEX_EVERY  # first record of the entry with seq % E == 1
+            if k < len(lines):
+                off = self._file_end + sum(len(x) for x in lines[:k])
+                for j in range(k, len(lines), INDEX_EVERY):
+                    self._index_seq.append(seq0 + j)
+                    self._index_off.append(off)
+                    off += sum(len(x) for x in lines[j:j + INDEX_EVERY])
+            text = "".join(lines)
+            self._file.write(text)
+            self._file_end += len(text)
+        self._unwritten.clear()
+        self._unwritten_records = 0
+
     def _emit(self, rec: Record) -> Record:
         """Append under the lock. Returns the record (with seq and t filled in)."""
         self._seq += 1
         rec["seq"] = self._seq
         rec["t"] = time.monotonic_ns()
-        self._ring.append(rec)
-        self.counters["records"] += 1
-        if self._file is not None:
-            self._write(rec["seq"], json.dumps(rec, separators=(",", ":")) + "\n")
+        self._append((self._seq, 1, rec), 1)
         return rec
-
-    def _write(self, seq: int, line: str) -> None:
-        assert self._file is not None
-        if seq % INDEX_EVERY == 1:
-            self._index_seq.append(seq)
-            self._index_off.append(self._file_end)
-        self._file.write(line)
-        self._file_end += len(line)
 
     def _violation(self, track: RegionTrack | None, why: str, **fields: Any) -> Record:
         rec = self._emit({"kind": "violation", "region": track.rid if track else 0,
@@ -127,30 +172,60 @@ class AuditLog:
     def access(self, track: RegionTrack, page: int, gpa: int, length: int, write: bool,
                gen: int = 0) -> None:
         """Record one access to one page (call it after the copy, under the region lock)."""
-        viol = None
+        self.access_run(track, page, (gpa & ~PAGE_MASK,), gpa & PAGE_MASK, length, write, gen)
+
+    def access_run(self, track: RegionTrack, page0: int, bases: Sequence[int], po: int,
+                   total: int, write: bool, gen: int = 0) -> None:
+        """Record an access to ``len(bases)`` consecutive pages from ``page0``: ``total``
+        bytes starting at byte ``po`` of the first page, ``bases[i]`` the guest-physical
+        page address of page ``page0 + i`` (low 12 bits are ignored). One record per page,
+        as :meth:`access` makes. Call it after the copy, under the region lock."""
+        n = len(bases)
+        if not n:
+            return
+        first_len = min(PAGE_SIZE - po, total)
+        d = "w" if write else "r"
+        viols: list[Record] = []
         with self._lock:
-            self.counters["writes" if write else "reads"] += 1
-            self.counters["bytes_written" if write else "bytes_read"] += length
-            d = "w" if write else "r"
-            self._seq += 1
-            seq, t = self._seq, time.monotonic_ns()
-            self._ring.append({"kind": "access", "region": track.rid, "inst": track.inst,
-                               "page": page, "gpa": gpa, "len": length, "dir": d, "gen": gen,
-                               "seq": seq, "t": t})
-            self.counters["records"] += 1
-            if self._file is not None:  # hot path: format by hand, same keys as json.dumps
-                self._write(seq,
-                            f'{{"kind":"access","region":{track.rid},"inst":{track.inst},'
-                            f'"page":{page},"gpa":{gpa},"len":{length},"dir":"{d}",'
-                            f'"gen":{gen},"seq":{seq},"t":{t}}}\n')
-            if track.destroyed:
-                viol = self._violation(track, "access to a destroyed region", page=page,
-                                       gpa=gpa, len=length, dir=d)
-            elif track.revoked[page]:
-                viol = self._violation(track, "access after invalidate ack", page=page,
-                                       gpa=gpa, len=length, dir=d)
-        if viol is not None and self.on_violation is not None:
-            self.on_violation(dict(viol))
+            c = self.counters
+            c["writes" if write else "reads"] += n
+            c["bytes_written" if write else "bytes_read"] += total
+            t = time.monotonic_ns()
+            if not track.destroyed and track.revoked.find(1, page0, page0 + n) < 0:
+                seq0 = self._seq + 1
+                self._seq += n
+                entry = (seq0, n, track.rid, track.inst, page0, bases, po, first_len, total,
+                         d, gen, t)
+                ring = self._ring
+                ring.append(entry)  # _append, inlined for the hot path
+                self._ring_records += n
+                while self._ring_records - ring[0][1] >= self._ring_max:
+                    self._ring_records -= ring.popleft()[1]
+                c["records"] += n
+                if self._file is not None:
+                    self._unwritten.append(entry)
+                    self._unwritten_records += n
+                    if self._unwritten_records >= FILE_BATCH:
+                        self._write_unwritten()
+            else:  # some page may be a violation: one record at a time, as it happens
+                pos = 0
+                for i in range(n):
+                    page = page0 + i
+                    gpa = (bases[i] & ~PAGE_MASK) + (po if i == 0 else 0)
+                    length = first_len if i == 0 else min(PAGE_SIZE, total - pos)
+                    self._seq += 1
+                    self._append((self._seq, 1, track.rid, track.inst, page, (gpa,),
+                                  gpa & PAGE_MASK, length, length, d, gen, t), 1)
+                    pos += length
+                    if track.destroyed:
+                        viols.append(self._violation(track, "access to a destroyed region",
+                                                     page=page, gpa=gpa, len=length, dir=d))
+                    elif track.revoked[page]:
+                        viols.append(self._violation(track, "access after invalidate ack",
+                                                     page=page, gpa=gpa, len=length, dir=d))
+        if self.on_violation is not None:
+            for v in viols:
+                self.on_violation(dict(v))
 
     # --- queries --------------------------------------------------------------------
     def query(self, since: int = 0, region: int | None = None, limit: int = 1000,
@@ -158,26 +233,45 @@ class AuditLog:
         """Records with seq > since, oldest first. Records that already left the in-memory
         ring are read back from the JSONL file (when there is one)."""
         out: list[Record] = []
+        limit = max(limit, 1)  # as ever: at least the first match is returned
         with self._lock:
-            first = self._ring[0]["seq"] if self._ring else self._seq + 1
-            source: Any = self._ring
+            first = self._ring[0][0] if self._ring else self._seq + 1
             if since + 1 < first and self._file is not None and self._path:
+                self._write_unwritten()
                 self._file.flush()
-                source = self._read_file(since, first)
-            for rec in source:
-                if rec["seq"] <= since:
+                for rec in self._read_file(since, first):
+                    if region is not None and rec.get("region") != region:
+                        continue
+                    if kind is not None and rec["kind"] != kind:
+                        continue
+                    out.append(rec)
+                    if len(out) >= limit:
+                        return out
+            for entry in self._ring:
+                seq0, n = entry[0], entry[1]
+                if seq0 + n - 1 <= since:
                     continue
-                if region is not None and rec.get("region") != region:
+                if len(entry) == 3:
+                    rec = entry[2]
+                    if region is not None and rec.get("region") != region:
+                        continue
+                    if kind is not None and rec["kind"] != kind:
+                        continue
+                    out.append(dict(rec))
+                    if len(out) >= limit:
+                        break
                     continue
-                if kind is not None and rec["kind"] != kind:
+                if (region is not None and entry[2] != region) or kind not in (None, "access"):
                     continue
-                out.append(dict(rec))
+                for rec in _run_records(entry, since, limit - len(out)):
+                    out.append(rec)
                 if len(out) >= limit:
                     break
         return out
 
-    def _read_file(self, since: int, first_in_ring: int) -> Any:
-        """Older records from the file, then the ring (caller holds the lock)."""
+    def _read_file(self, since: int, first_in_ring: int) -> Iterator[Record]:
+        """Records with since < seq < first_in_ring from the file (caller holds the lock
+        and wrote the pending entries)."""
         assert self._path is not None
         i = bisect.bisect_right(self._index_seq, since + 1) - 1  # last entry <= since+1
         start = self._index_off[i] if i >= 0 else self._file_start
@@ -189,7 +283,6 @@ class AuditLog:
                     break
                 if rec["seq"] > since:
                     yield rec
-        yield from self._ring
 
     def violations(self, since: int = 0, limit: int = 1000) -> list[Record]:
         with self._lock:
@@ -197,16 +290,51 @@ class AuditLog:
 
     def stats(self) -> dict[str, int]:
         with self._lock:
-            first = self._ring[0]["seq"] if self._ring else self._seq + 1
+            first = self._ring[0][0] if self._ring else self._seq + 1
             return {**self.counters, "last_seq": self._seq, "first_seq_in_memory": first}
 
     def flush(self) -> None:
         with self._lock:
             if self._file is not None:
+                self._write_unwritten()
                 self._file.flush()
 
     def close(self) -> None:
         with self._lock:
             if self._file is not None:
+                self._write_unwritten()
                 self._file.close()
                 self._file = None
+
+
+def _run_lens(entry: Entry) -> Iterator[tuple[int, int, int]]:
+    """(index, gpa, len) of each page of an access run."""
+    _, n, _, _, _, bases, po, first_len, total, _, _, _ = entry
+    yield 0, (bases[0] & ~PAGE_MASK) + po, first_len
+    pos = first_len
+    for i in range(1, n):
+        length = min(PAGE_SIZE, total - pos)
+        yield i, bases[i] & ~PAGE_MASK, length
+        pos += length
+
+
+def _run_records(entry: Entry, since: int, limit: int) -> Iterator[Record]:
+    """The per-page records of an access run with seq > since (at most ``limit``)."""
+    seq0, _, rid, inst, page0, _, _, _, _, d, gen, t = entry
+    for i, gpa, length in _run_lens(entry):
+        seq = seq0 + i
+        if seq <= since:
+            continue
+        if limit <= 0:
+            return
+        limit -= 1
+        yield {"kind": "access", "region": rid, "inst": inst, "page": page0 + i, "gpa": gpa,
+               "len": length, "dir": d, "gen": gen, "seq": seq, "t": t}
+
+
+def _run_lines(entry: Entry) -> list[str]:
+    """The JSONL lines of an access run (the same text as json.dumps of its records)."""
+    seq0, _, rid, inst, page0, _, _, _, _, d, gen, t = entry
+    tmpl = (f'{{"kind":"access","region":{rid},"inst":{inst},"page":%d,"gpa":%d,'
+            f'"len":%d,"dir":"{d}","gen":{gen},"seq":%d,"t":{t}}}\n')
+    return [tmpl % (page0 + i, gpa, length, seq0 + i) for i, gpa, length in _run_lens(entry)]

@@ -13,7 +13,7 @@ from .engine import Engine
 from .faults import Faults
 from .irq import IrqTable
 from .memory import GuestMemory
-from .pci import PciFunction
+from .pci import PciFunction, check_irq_mode
 
 log = logging.getLogger("pinlab.device")
 
@@ -48,14 +48,18 @@ class EventHub:
 
 
 class Device:
-    def __init__(self, audit_path: str | None = None) -> None:
+    """``irq``: ``"msix"`` (default, MSI-X capability + BAR2) or ``"msi"`` (MSI capability,
+    no BAR2; QEMU 11.1's vfio-user-pci aborts on device_del of a device with MSI-X)."""
+
+    def __init__(self, audit_path: str | None = None, irq: str = "msix") -> None:
+        self.irq_mode = check_irq_mode(irq)
         self.events = EventHub()
         self.memory = GuestMemory()
-        self.irq = IrqTable()
+        self.irq = IrqTable(irq)
         self.faults = Faults()
         self.audit = AuditLog(audit_path, on_violation=lambda r: self.events.emit("VIOLATION", r))
         self.engine = Engine(self.memory, self.irq, self.audit, self.faults, self.events.emit)
-        self.pci = PciFunction(self.engine.bar0_read, self.engine.bar0_write)
+        self.pci = PciFunction(self.engine.bar0_read, self.engine.bar0_write, irq)
         self.connections = 0
         self.connected = False
 
@@ -82,7 +86,10 @@ class Device:
             "regions": self.engine.region_list(), "streams": self.engine.stream_list(),
             "audit": self.audit.stats(), "faults": self.faults.as_dict(),
             "dma_maps": self.memory.mappings(),
-            "msix": {"enabled": self.pci.config.msix_enabled,
-                     "assigned": self.irq.assigned(2), "triggered": list(self.irq.triggered),
-                     "no_fd": self.irq.dropped},
+            "irq_mode": self.irq_mode,
+            # "msix" describes the interrupt vectors of either mode (the name predates MSI)
+            "msix": {"enabled": (self.pci.config.msix_enabled if self.irq_mode == "msix"
+                                 else self.pci.config.msi_enabled),
+                     "assigned": self.irq.assigned(self.irq.index),
+                     "triggered": list(self.irq.triggered), "no_fd": self.irq.dropped},
         }

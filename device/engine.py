@@ -31,7 +31,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from . import protocol as P
+import numpy as np
+
 from .audit import AuditLog
 from .faults import Faults
 from .irq import IrqTable
@@ -45,6 +46,8 @@ from .regions import (
     REGION_WRITABLE,
     Region,
     pattern,
+    word_base,
+    words_to_wrap,
 )
 
 log = logging.getLogger("pinlab.device.engine")
@@ -80,7 +83,7 @@ STATUS_NAMES = ["OK", "BAD_OPCODE", "BAD_ARG", "NO_REGION", "EXISTS", "DMA_ERROR
  OP_DMA_READ, OP_STREAM_START, OP_STREAM_STOP, OP_FENCE) = range(10)
 # event types
 EV_PAGE_FAULT, EV_STREAM_STOPPED, EV_DEVICE_ERROR = 1, 2, 3
-# MSI-X vectors
+# interrupt vectors (MSI-X, or MSI with --irq msi)
 VEC_CQ, VEC_EQ = 0, 1
 
 # The device's threads hand work to each other (vfio-user message -> SQ fetcher -> CQ/MSI-X)
@@ -92,6 +95,9 @@ SWITCH_INTERVAL = 0.0002
 # threads that receive doorbells and fetch (INVALIDATE): on a loaded host a CPU-bound
 # stream otherwise delays the fetcher's wake-up by a scheduler time slice.
 BULK_NICE = 10
+
+
+_STEPS = np.arange(MAX_STREAM_CHUNK // PAGE_SIZE + 2, dtype=np.uint64) << np.uint64(PAGE_SHIFT)
 
 
 def _lower_priority() -> None:
@@ -164,13 +170,14 @@ class Stream:
             while not self._stop.is_set():
                 off = self.offset + pos
                 n = min(self.chunk, self.length - pos)
-                data = pattern(region.rid, self.gen, off, n)  # outside the lock
                 region.yield_to_waiters()
                 with region.lock:
                     if self._stop.is_set() or region.destroyed:
                         break
-                    page = eng.first_unmapped(region, off, n)
-                    if page >= 0:  # pause at the faulting page until it is re-mapped
+                    res = eng.write_pattern(region, off, n, self.gen, atomic=True)
+                    if res is not None and res[0] == PAGE_FAULT:
+                        # pause at the faulting page until it is re-mapped
+                        page = res[1]
                         self.state, self.fault_page = "paused", page
                         if page != reported:
                             reported = page
@@ -178,8 +185,7 @@ class Stream:
                         region.changed.wait(0.1)
                         continue
                     self.state, self.fault_page, reported = "running", -1, -1
-                    res = eng.copy_out(region, off, data, self.gen)
-                    if res is not None:  # DMA_ERROR (page faults were excluded above)
+                    if res is not None:  # DMA_ERROR
                         self.reason = res[0]
                         eng.post_event(EV_STREAM_STOPPED, region.rid, res[0], res[1])
                         break
@@ -532,42 +538,132 @@ class Engine:
             return
         self.stats["irqs"] += 1
         if f.delay_irq_ms:
-            t = threading.Timer(f.delay_irq_ms / 1000, self.irq.trigger, (P.IRQ_MSIX, vector))
+            t = threading.Timer(f.delay_irq_ms / 1000, self.irq.signal, (vector,))
             t.daemon = True
             t.start()
         else:
-            self.irq.trigger(P.IRQ_MSIX, vector)
+            self.irq.signal(vector)
 
     # --- DMA helpers (caller holds region.lock) -------------------------------------
     def first_unmapped(self, region: Region, off: int, length: int) -> int:
+        first, end = off >> PAGE_SHIFT, (off + length - 1 >> PAGE_SHIFT) + 1
+        if end - first <= 8:
+            ptes = region.ptes
+            for page in range(first, end):
+                if not ptes[page]:
+                    return page
+            return -1
+        holes = np.flatnonzero(region.ptes_np[first:end] == 0)
+        return first + int(holes[0]) if len(holes) else -1
+
+    @staticmethod
+    def _runs(region: Region, first: int, end: int) -> tuple[int, list[int]]:
+        """Scan pages first..end-1: (stop, cuts). ``stop`` is the first unmapped page (or
+        ``end``); pages first..stop-1 split into guest-physically contiguous runs
+        ``first + cuts[i] .. first + cuts[i+1] - 1``."""
+        n = end - first
         ptes = region.ptes
-        for page in range(off >> PAGE_SHIFT, (off + length - 1 >> PAGE_SHIFT) + 1):
-            if not ptes[page]:
-                return page
-        return -1
+        prev = ptes[first]
+        if not prev:
+            return first, [0]
+        if n == 1:
+            return end, [0, 1]
+        if ptes[end - 1] == prev + (n - 1 << PAGE_SHIFT):  # one run? (the usual case)
+            if n <= 64:
+                one = n == 2 or ptes[first:end] == array(
+                    "Q", range(prev, prev + (n << PAGE_SHIFT), PAGE_SIZE))
+            else:
+                steps = _STEPS[:n] if n <= len(_STEPS) else np.arange(n, dtype=np.uint64) << 12
+                one = bool(np.array_equal(region.ptes_np[first:end] - np.uint64(prev), steps))
+            if one:
+                return end, [0, n]
+        if n <= 32:  # a Python loop beats numpy's per-call overhead here
+            cuts = [0]
+            for i in range(1, n):
+                cur = ptes[first + i]
+                if not cur:
+                    cuts.append(i)
+                    return first + i, cuts
+                if cur != prev + PAGE_SIZE:
+                    cuts.append(i)
+                prev = cur
+            cuts.append(n)
+            return end, cuts
+        seg = region.ptes_np[first:end]
+        holes = np.flatnonzero(seg == 0)
+        if len(holes):
+            n = int(holes[0])
+            if not n:
+                return first, [0]
+            seg = seg[:n]
+        steps = np.flatnonzero(np.diff(seg) != PAGE_SIZE) + 1
+        return first + n, [0, *steps.tolist(), n]
 
-    def copy_out(self, region: Region, off: int, data: bytes, gen: int) -> tuple[int, int] | None:
-        """Write ``data`` at region offset ``off`` page by page, auditing each page.
+    def write_pattern(self, region: Region, off: int, length: int, gen: int,
+                      atomic: bool = False) -> tuple[int, int] | None:
+        """Write the pattern words of [off, off+length) (8-byte multiples) into the
+        region's pages, straight into guest memory, and audit every page written.
 
-        Returns None on success, else (PAGE_FAULT, page) or (DMA_ERROR, address)."""
-        view = memoryview(data)
-        ptes, mem, audit, track = region.ptes, self.mem, self.audit, region.track
-        pos, total = 0, len(view)
-        while pos < total:
-            o = off + pos
-            page, po = o >> PAGE_SHIFT, o & (PAGE_SIZE - 1)
-            n = min(PAGE_SIZE - po, total - pos)
-            pte = ptes[page]
-            if not pte:
-                return PAGE_FAULT, page
-            gpa = (pte & ~(PAGE_SIZE - 1)) + po
+        Page by page semantics: at an unmapped page nothing is written from there on
+        (PAGE_FAULT, page); at a guest-physical address that is not writable guest RAM
+        (DMA_ERROR, address) the pages before it are written and that page is not. With
+        ``atomic`` an unmapped page anywhere in the span fails it before anything is
+        written. Returns None on success. Caller holds ``region.lock``."""
+        first = off >> PAGE_SHIFT
+        end = (off + length - 1 >> PAGE_SHIFT) + 1
+        ptes = region.ptes
+        stop, cuts = self._runs(region, first, end)
+        if stop < end and (atomic or stop == first):
+            return PAGE_FAULT, stop
+        po = off & (PAGE_SIZE - 1)
+        # the part of the span in pages first..stop-1, which are mapped
+        total = min(off + length, stop << PAGE_SHIFT) - off
+        base = word_base(region.rid, gen, off)
+        if words_to_wrap(off) < total >> 3:  # regions > 32 GiB only: never with MAX_PAGES
+            raise AssertionError("pattern low half wraps inside a chunk")
+        npg = stop - first
+        mem = self.mem
+        if len(cuts) == 2 and stop == end:  # the usual case: one contiguous run, all mapped
             try:
-                mem.write(gpa, view[pos:pos + n])
-            except DmaError as exc:
-                return DMA_ERROR, exc.addr
-            audit.access(track, page, gpa, n, True, gen)
-            pos += n
-        return None
+                mem.write_ramp((ptes[first] & ~(PAGE_SIZE - 1)) + po, length >> 3, base)
+            except DmaError:
+                pass  # find the failing page below
+            else:
+                self.audit.access_run(region.track, first, ptes[first:end], po, length,
+                                      True, gen)
+                return None
+        res: tuple[int, int] | None = None
+        done = 0  # bytes of the span written
+        written = npg  # pages written
+        for a, b in zip(cuts, cuts[1:], strict=False):
+            run_off = (first + a) << PAGE_SHIFT  # region offset of the run's first page
+            lo = max(off, run_off)
+            hi = min(off + total, (first + b) << PAGE_SHIFT)
+            gpa = (ptes[first + a] & ~(PAGE_SIZE - 1)) + (lo - run_off)
+            try:
+                mem.write_ramp(gpa, hi - lo >> 3, base + (done >> 3))
+                done += hi - lo
+                continue
+            except DmaError:
+                pass
+            for page in range(first + a, first + b):  # which page failed: one at a time
+                plo = max(off, page << PAGE_SHIFT)
+                phi = min(off + total, page + 1 << PAGE_SHIFT)
+                pgpa = (ptes[page] & ~(PAGE_SIZE - 1)) + (plo & (PAGE_SIZE - 1))
+                try:
+                    mem.write_ramp(pgpa, phi - plo >> 3, base + (done >> 3))
+                except DmaError as exc:
+                    res, written = (DMA_ERROR, exc.addr), page - first
+                    break
+                done += phi - plo
+            if res is not None:
+                break
+        if written:
+            self.audit.access_run(region.track, first, ptes[first:first + written], po,
+                                  done, True, gen)
+        if res is None and stop < end:
+            res = PAGE_FAULT, stop
+        return res
 
     def crc_in(self, region: Region, off: int, length: int, crc: int) -> tuple[int, int, int]:
         """Read [off, off+length) page by page folding CRC32. Returns (status, r, crc)."""
@@ -741,12 +837,11 @@ class Engine:
         while off < end:
             self._check_abort()
             n = min(CHUNK - off % CHUNK, end - off)
-            data = pattern(region.rid, gen, off, n)
             region.yield_to_waiters()
             with region.lock:
                 if region.destroyed:
                     raise Aborted
-                res = self.copy_out(region, off, data, gen)
+                res = self.write_pattern(region, off, n, gen)
             if res is not None:
                 done = off - start
                 if res[0] == PAGE_FAULT:

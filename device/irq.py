@@ -12,8 +12,11 @@ from .protocol import MessageError, close_quietly
 
 log = logging.getLogger("pinlab.device.irq")
 
-# number of sub-indexes per irq index: INTx (pin 0, never used), MSI (no cap), MSI-X, ERR, REQ
-IRQ_COUNTS = {P.IRQ_INTX: 1, P.IRQ_MSI: 0, P.IRQ_MSIX: 4, P.IRQ_ERR: 1, P.IRQ_REQ: 0}
+# number of sub-indexes per irq index: INTx (pin 0, never used), MSI, MSI-X, ERR, REQ.
+# Only one of MSI and MSI-X exists, depending on the device's irq mode.
+VECTORS = 4
+IRQ_COUNTS = {P.IRQ_INTX: 1, P.IRQ_MSI: 0, P.IRQ_MSIX: VECTORS, P.IRQ_ERR: 1, P.IRQ_REQ: 0}
+MSI_IRQ_COUNTS = {**IRQ_COUNTS, P.IRQ_MSI: VECTORS, P.IRQ_MSIX: 0}
 IRQ_FLAGS = {
     P.IRQ_INTX: P.IRQ_INFO_EVENTFD | P.IRQ_INFO_MASKABLE | P.IRQ_INFO_AUTOMASKED,
     P.IRQ_MSI: P.IRQ_INFO_EVENTFD,
@@ -24,18 +27,27 @@ IRQ_FLAGS = {
 
 
 class IrqTable:
-    """eventfds per (index, sub-index). Thread-safe: triggers may come from any thread."""
+    """eventfds per (index, sub-index). Thread-safe: triggers may come from any thread.
 
-    def __init__(self) -> None:
+    ``irq`` is the device's interrupt mode: ``"msix"`` (4 MSI-X vectors, no MSI) or
+    ``"msi"`` (4 MSI vectors, no MSI-X). The engine raises its vectors with
+    :meth:`signal`, which picks the index of the mode."""
+
+    def __init__(self, irq: str = "msix") -> None:
+        if irq not in ("msix", "msi"):
+            raise ValueError(f"irq mode {irq!r}")
+        self.mode = irq
+        self.index = P.IRQ_MSIX if irq == "msix" else P.IRQ_MSI
+        self.counts = IRQ_COUNTS if irq == "msix" else MSI_IRQ_COUNTS
         self._lock = threading.Lock()
-        self._fds: dict[int, list[int | None]] = {i: [None] * n for i, n in IRQ_COUNTS.items()}
-        self.triggered = [0] * IRQ_COUNTS[P.IRQ_MSIX]
+        self._fds: dict[int, list[int | None]] = {i: [None] * n for i, n in self.counts.items()}
+        self.triggered = [0] * VECTORS  # engine vectors raised (delivered or not)
         self.dropped = 0
 
     def info(self, index: int) -> tuple[int, int]:
-        if index not in IRQ_COUNTS:
+        if index not in self.counts:
             raise MessageError(errno.EINVAL, f"irq index {index} out of range")
-        return IRQ_FLAGS[index], IRQ_COUNTS[index]
+        return IRQ_FLAGS[index], self.counts[index]
 
     def _set(self, index: int, sub: int, fd: int | None) -> None:
         old = self._fds[index][sub]
@@ -55,7 +67,7 @@ class IrqTable:
 
     def _set_irqs(self, flags: int, index: int, start: int, count: int, fds: list[int],
                   data: bytes) -> None:
-        if index not in IRQ_COUNTS:
+        if index not in self.counts:
             raise MessageError(errno.EINVAL, f"irq index {index} out of range")
         dtype, action = flags & P.IRQ_SET_DATA_MASK, flags & P.IRQ_SET_ACTION_MASK_ALL
         if flags & ~(P.IRQ_SET_DATA_MASK | P.IRQ_SET_ACTION_MASK_ALL):
@@ -65,7 +77,7 @@ class IrqTable:
         if action not in (P.IRQ_SET_ACTION_MASK, P.IRQ_SET_ACTION_UNMASK,
                           P.IRQ_SET_ACTION_TRIGGER):
             raise MessageError(errno.EINVAL, f"bad SET_IRQS action {flags:#x}")
-        total = IRQ_COUNTS[index]
+        total = self.counts[index]
         if start > total or count > total - start:
             raise MessageError(errno.EINVAL, f"irq range {start}+{count} > {total}")
         if dtype != P.IRQ_SET_DATA_EVENTFD and fds:
@@ -98,21 +110,42 @@ class IrqTable:
         # MASK/UNMASK with NONE/BOOL: only meaningful for INTx, which we do not have
 
     def trigger(self, index: int, sub: int) -> bool:
-        """Signal one vector. Returns False if no eventfd is assigned."""
+        """Signal one sub-index of one irq index (SET_IRQS loopback triggers). Returns
+        False if no eventfd is assigned."""
         with self._lock:
             fds = self._fds.get(index)
             fd = fds[sub] if fds is not None and sub < len(fds) else None
-            if index == P.IRQ_MSIX and sub < len(self.triggered):
+            if index == self.index and sub < len(self.triggered):
                 self.triggered[sub] += 1
-            if fd is None:
-                self.dropped += 1
-                return False
-            try:
-                os.eventfd_write(fd, 1)
-            except OSError as exc:
-                log.warning("irq %d/%d: eventfd write failed: %s", index, sub, exc)
-                return False
-            return True
+            return self._write(fd, index, sub)
+
+    def signal(self, vector: int) -> bool:
+        """Raise engine vector ``vector`` (0 = CQ, 1 = EQ). Returns False if no eventfd
+        is assigned.
+
+        MSI-X: the vector's own eventfd. MSI: the guest may have enabled fewer vectors
+        than the device offers (x86 Linux grants one MSI vector without interrupt
+        remapping); a vector without an eventfd is then sent on vector 0."""
+        with self._lock:
+            fds = self._fds[self.index]
+            fd = fds[vector] if vector < len(fds) else None
+            if fd is None and self.mode == "msi" and vector:
+                fd = fds[0]
+            if vector < len(self.triggered):
+                self.triggered[vector] += 1
+            return self._write(fd, self.index, vector)
+
+    def _write(self, fd: int | None, index: int, sub: int) -> bool:
+        """Caller holds ``_lock``."""
+        if fd is None:
+            self.dropped += 1
+            return False
+        try:
+            os.eventfd_write(fd, 1)
+        except OSError as exc:
+            log.warning("irq %d/%d: eventfd write failed: %s", index, sub, exc)
+            return False
+        return True
 
     def assigned(self, index: int) -> list[bool]:
         with self._lock:

@@ -4,18 +4,34 @@ Every access goes through :class:`GuestMemory` and is bounds-checked against the
 client gave us; an address outside a mapping, an fd-less mapping or a write to a read-only
 mapping raises :class:`DmaError`. The device never touches host memory outside mapped
 guest RAM. All accesses copy through ``mmap`` slices, so no buffer export ever outlives
-the call and DMA_UNMAP can always close the mapping.
+the call and DMA_UNMAP can always close the mapping. The one exception is
+``Mapping.words``, a numpy view of a writable mapping used by :meth:`write_ramp`: it is
+dropped (under ``lock``) before the mapping is closed, and its slices never outlive a call.
 """
 
 from __future__ import annotations
 
+import logging
 import mmap
 import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+
+log = logging.getLogger("pinlab.device.memory")
+
 BytesLike = bytes | bytearray | memoryview
+MASK64 = (1 << 64) - 1
+
+
+_RAMP = np.arange((1 << 20) // 8 + 512, dtype=np.uint64)  # a 1 MiB stream chunk and more
+
+
+def ramp(words: int) -> np.ndarray:
+    """0, 1, ..., words-1 as uint64 (a cached array for up to ~1 MiB of words)."""
+    return _RAMP[:words] if words <= len(_RAMP) else np.arange(words, dtype=np.uint64)
 
 
 class DmaError(Exception):
@@ -33,6 +49,7 @@ class Mapping:
     flags: int  # DMA_FLAG_READ | DMA_FLAG_WRITE
     offset: int
     mm: mmap.mmap | None
+    words: np.ndarray | None = None  # the mapping as uint64 words (writable maps only)
 
     @property
     def end(self) -> int:
@@ -67,6 +84,8 @@ class GuestMemory:
             if fd is not None:
                 os.close(fd)
         m = Mapping(iova, size, flags, offset, mm)
+        if mm is not None and flags & 2 and size % 8 == 0 and iova % 8 == 0:
+            m.words = np.frombuffer(mm, dtype=np.uint64)
         with self.lock:
             self._maps.append(m)
             self._last = None
@@ -99,8 +118,13 @@ class GuestMemory:
     def _drop(self, maps: list[Mapping]) -> None:
         self._last = None
         for m in maps:
+            m.words = None  # the only long-lived buffer export of m.mm
             if m.mm is not None:
-                m.mm.close()
+                try:
+                    m.mm.close()
+                except BufferError:  # a view still alive somewhere (a traceback?)
+                    log.warning("mapping %#x+%#x: still exported, unmapped when freed",
+                                m.iova, m.size)
                 m.mm = None
 
     def mappings(self) -> list[dict[str, object]]:
@@ -163,6 +187,37 @@ class GuestMemory:
             for mm, off, n in segs:
                 mm[off:off + n] = view[pos:pos + n]
                 pos += n
+
+    def write_ramp(self, addr: int, words: int, start: int) -> None:
+        """Write the 8-byte words ``start + i`` (i < ``words``, little-endian, mod 2**64) at
+        ``addr``, straight into the mapping: no intermediate buffer. All or nothing: raises
+        DmaError (writing nothing) unless the whole range is writable guest memory."""
+        n = words << 3
+        with self.lock:
+            last = self._last
+            if (last is not None and last.words is not None and last.iova <= addr
+                    and addr + n <= last.end and not addr & 7):
+                i = (addr - last.iova) >> 3  # fast path: one ufunc into the cached view
+                np.add(_RAMP[:words] if words <= len(_RAMP) else ramp(words),
+                       np.uint64(start), out=last.words[i:i + words])
+                return
+            segs = self._segments(addr, n, True)
+            if len(segs) > 1 and any(off & 7 or nb & 7 for _, off, nb in segs):
+                raw = (ramp(words) + np.uint64(start)).tobytes()  # a word spans two maps
+                pos = 0
+                for mm, off, nb in segs:
+                    mm[off:off + nb] = raw[pos:pos + nb]
+                    pos += nb
+                return
+            done = 0
+            for mm, off, nb in segs:
+                k = nb >> 3
+                dst = np.frombuffer(mm, dtype=np.uint64, count=k, offset=off)
+                try:
+                    np.add(ramp(k), np.uint64(start + done & MASK64), out=dst)
+                finally:
+                    del dst  # release the buffer export: the mapping stays closable
+                done += k
 
     def crc32(self, addr: int, length: int, crc: int, fn: Callable[[BytesLike, int], int]) -> int:
         """Fold ``fn`` (e.g. zlib.crc32) over guest bytes without an intermediate join."""

@@ -1,4 +1,9 @@
-"""PCI function: config space with real masks, the MSI-X BAR, and region dispatch."""
+"""PCI function: config space with real masks, the MSI-X BAR, and region dispatch.
+
+Two interrupt modes (``irq``): ``"msix"`` (default) has an MSI-X capability whose table
+and PBA live in BAR2; ``"msi"`` has an MSI capability instead and no BAR2. QEMU emulates
+the body of either capability and tells us the eventfds with DEVICE_SET_IRQS.
+"""
 
 from __future__ import annotations
 
@@ -21,15 +26,36 @@ MSIX_CAP = 0x40
 MSIX_VECTORS = 4
 MSIX_TABLE_OFFSET = 0x000
 MSIX_PBA_OFFSET = 0x800
+# MSI mode: the capability sits where MSI-X would (0x40); 64-bit address, 4 vectors
+# (Multiple Message Capable = 2), no per-vector masking
+MSI_CAP = 0x40
+MSI_VECTORS = 4
+MSI_FLAGS_64BIT = 0x0080
+MSI_FLAGS_QMASK = 0x000E  # Multiple Message Capable (log2 of the vectors)
+MSI_FLAGS_QSIZE = 0x0070  # Multiple Message Enable (written by the guest)
+MSI_FLAGS_ENABLE = 0x0001
 
+IRQ_MODES = ("msix", "msi")
 BAR_SIZES = {P.PCI_BAR0: BAR0_SIZE, P.PCI_BAR2: BAR2_SIZE}
+MSI_BAR_SIZES = {P.PCI_BAR0: BAR0_SIZE}
 REGION_FLAGS_RW = P.REGION_INFO_FLAG_READ | P.REGION_INFO_FLAG_WRITE
 
 
-def region_info(index: int) -> tuple[int, int]:
+def check_irq_mode(irq: str) -> str:
+    if irq not in IRQ_MODES:
+        raise ValueError(f"irq mode {irq!r}: expected one of {', '.join(IRQ_MODES)}")
+    return irq
+
+
+def bar_sizes(irq: str = "msix") -> dict[int, int]:
+    return BAR_SIZES if check_irq_mode(irq) == "msix" else MSI_BAR_SIZES
+
+
+def region_info(index: int, irq: str = "msix") -> tuple[int, int]:
     """(flags, size) of a vfio region. Unused regions have size 0 and no flags."""
-    if index in BAR_SIZES:
-        return REGION_FLAGS_RW, BAR_SIZES[index]
+    sizes = bar_sizes(irq)
+    if index in sizes:
+        return REGION_FLAGS_RW, sizes[index]
     if index == P.PCI_CONFIG:
         return REGION_FLAGS_RW, CONFIG_SIZE
     if 0 <= index < P.PCI_NUM_REGIONS:
@@ -38,9 +64,11 @@ def region_info(index: int) -> tuple[int, int]:
 
 
 class ConfigSpace:
-    """256-byte type-0 header plus an MSI-X capability. Writes honour a per-byte mask."""
+    """256-byte type-0 header plus an MSI-X (or MSI) capability. Writes honour a per-byte
+    mask."""
 
-    def __init__(self) -> None:
+    def __init__(self, irq: str = "msix") -> None:
+        self.irq = check_irq_mode(irq)
         self.data = bytearray(CONFIG_SIZE)
         self.wmask = bytearray(CONFIG_SIZE)
         self._build()
@@ -58,19 +86,37 @@ class ConfigSpace:
         self._put("<I", 0x08, CLASS_CODE << 8 | REVISION)
         self._put("<B", 0x0C, 0, 0xFF)  # cache line size
         self._put("<B", 0x0E, 0x00)  # header type 0, single function
-        for index, size in BAR_SIZES.items():  # mem32, non-prefetchable, size-aligned
+        for index, size in bar_sizes(self.irq).items():  # mem32, non-prefetchable, aligned
             self._put("<I", 0x10 + 4 * index, 0, ~(size - 1) & 0xFFFFFFFF)
         self._put("<H", 0x2C, VENDOR_ID)
         self._put("<H", 0x2E, DEVICE_ID)
         self._put("<I", 0x30, 0)  # P11: no ROM, reads 0 whatever is written
-        self._put("<B", 0x34, MSIX_CAP)
         self._put("<B", 0x3C, 0, 0xFF)  # interrupt line (scratch for firmware)
         self._put("<B", 0x3D, 0)  # P14: interrupt pin 0, no INTx
+        if self.irq == "msi":
+            self._build_msi()
+            return
+        self._put("<B", 0x34, MSIX_CAP)
         self._put("<B", MSIX_CAP, 0x11)
         self._put("<B", MSIX_CAP + 1, 0)  # end of list
         self._put("<H", MSIX_CAP + 2, MSIX_VECTORS - 1, 0xC000)  # enable, function mask
         self._put("<I", MSIX_CAP + 4, MSIX_TABLE_OFFSET | P.PCI_BAR2)
         self._put("<I", MSIX_CAP + 8, MSIX_PBA_OFFSET | P.PCI_BAR2)
+
+    def _build_msi(self) -> None:
+        """MSI capability, 64-bit, no per-vector mask (QEMU's msi_init layout, 14 bytes).
+
+        QEMU emulates it (the guest's accesses go to QEMU's copy); writes are still
+        forwarded here, so enable, Multiple Message Enable, address and data are writable
+        to mirror the guest's view."""
+        mmc = (MSI_VECTORS.bit_length() - 1) << 1
+        self._put("<B", 0x34, MSI_CAP)
+        self._put("<B", MSI_CAP, 0x05)
+        self._put("<B", MSI_CAP + 1, 0)  # end of list
+        self._put("<H", MSI_CAP + 2, MSI_FLAGS_64BIT | mmc, MSI_FLAGS_QSIZE | MSI_FLAGS_ENABLE)
+        self._put("<I", MSI_CAP + 4, 0, 0xFFFFFFFC)  # message address, low
+        self._put("<I", MSI_CAP + 8, 0, 0xFFFFFFFF)  # message address, high
+        self._put("<H", MSI_CAP + 12, 0, 0xFFFF)  # message data
 
     def read(self, off: int, count: int) -> bytes:
         return bytes(self.data[off:off + count])
@@ -85,7 +131,18 @@ class ConfigSpace:
 
     @property
     def msix_enabled(self) -> bool:
-        return bool(self.u16(MSIX_CAP + 2) & 0x8000)
+        return self.irq == "msix" and bool(self.u16(MSIX_CAP + 2) & 0x8000)
+
+    @property
+    def msi_enabled(self) -> bool:
+        return self.irq == "msi" and bool(self.u16(MSI_CAP + 2) & MSI_FLAGS_ENABLE)
+
+    @property
+    def msi_vectors_enabled(self) -> int:
+        """Vectors the guest enabled (Multiple Message Enable), 0 when MSI is off."""
+        if not self.msi_enabled:
+            return 0
+        return 1 << ((self.u16(MSI_CAP + 2) & MSI_FLAGS_QSIZE) >> 4)
 
 
 class MsixBar:
@@ -111,16 +168,19 @@ class PciFunction:
     """Dispatches REGION_READ/WRITE to config space, BAR0 (registers) and BAR2 (MSI-X)."""
 
     def __init__(self, bar0_read: Callable[[int, int], bytes],
-                 bar0_write: Callable[[int, bytes], None]) -> None:
+                 bar0_write: Callable[[int, bytes], None], irq: str = "msix") -> None:
         self.lock = threading.RLock()
-        self.config = ConfigSpace()
+        self.irq = check_irq_mode(irq)
+        self.config = ConfigSpace(irq)
         self.msix = MsixBar()
         self._bar0_read = bar0_read
         self._bar0_write = bar0_write
 
-    @staticmethod
-    def _check(index: int, off: int, count: int) -> None:
-        flags, size = region_info(index)
+    def region_info(self, index: int) -> tuple[int, int]:
+        return region_info(index, self.irq)
+
+    def _check(self, index: int, off: int, count: int) -> None:
+        flags, size = region_info(index, self.irq)
         if not flags or count == 0 or off >= size or count > size - off:
             raise MessageError(errno.EINVAL, f"region {index}: bad access {off:#x}+{count}")
 

@@ -7,9 +7,11 @@ import time
 from array import array
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import lru_cache
+
+import numpy as np
 
 from .audit import RegionTrack
+from .memory import ramp
 
 PAGE_SIZE = 4096
 PAGE_SHIFT = 12
@@ -20,30 +22,28 @@ REGION_WRITABLE = 1
 PTE_VALID = 1  # page table entries are gpa | PTE_VALID; 0 = not mapped
 
 
-@lru_cache(maxsize=16)
-def _ramp(words: int) -> tuple[int, int]:
-    """(sum i*2^(64i), sum 2^(64i)) for i < words: the pattern as two big integers."""
-    idx = array("Q", range(words)).tobytes()
-    ones = array("Q", [1]) * words
-    return int.from_bytes(idx, "little"), int.from_bytes(ones.tobytes(), "little")
+def word_base(region: int, gen: int, offset: int) -> int:
+    """The pattern word at byte ``offset`` (8-aligned) of ``region`` for generation ``gen``;
+    the following words add 1 each while the low half does not wrap (``words_to_wrap``)."""
+    return (region & 0xFFFF) << 48 | (gen & 0xFFFF) << 32 | (offset >> 3) & 0xFFFFFFFF
+
+
+def words_to_wrap(offset: int) -> int:
+    """How many words from ``offset`` on before the low half wraps (regions > 32 GiB)."""
+    return (1 << 32) - ((offset >> 3) & 0xFFFFFFFF)
 
 
 def pattern(region: int, gen: int, offset: int, length: int) -> bytes:
     """Pattern words for [offset, offset+length) (both 8-byte multiples).
 
     word(off) = (r & 0xffff) << 48 | (g & 0xffff) << 32 | (off >> 3) & 0xffffffff.
-    Built as one big-integer multiply-add: the words never carry into each other as long
-    as the low half does not wrap, which is handled by splitting at the wrap point.
     """
     words = length >> 3
-    high = (region & 0xFFFF) << 48 | (gen & 0xFFFF) << 32
-    low = (offset >> 3) & 0xFFFFFFFF
-    room = (1 << 32) - low
+    room = words_to_wrap(offset)
     if words > room:  # low half wraps inside this span (regions > 32 GiB only)
         return pattern(region, gen, offset, room << 3) + pattern(
             region, gen, offset + (room << 3), length - (room << 3))
-    ramp, ones = _ramp(words)
-    return (ramp + (high | low) * ones).to_bytes(length, "little")
+    return (ramp(words) + np.uint64(word_base(region, gen, offset))).tobytes()
 
 
 class Region:
@@ -55,6 +55,9 @@ class Region:
         self.flags = flags
         self.track = track
         self.ptes = array("Q", bytes(8 * npages))
+        # the same memory as a numpy array (the array is never resized: slice assignments
+        # keep their length), for vectorised scans of the page table
+        self.ptes_np = np.frombuffer(self.ptes, dtype=np.uint64)
         self.mapped = 0
         # held by the stream worker for each chunk and by INVALIDATE/DESTROY/MAP_PAGES
         self.lock = threading.Lock()

@@ -1,4 +1,5 @@
-"""Command line: ``python -m pinlab.device --socket PATH --control PATH [--audit FILE]``."""
+"""Command line: ``python -m pinlab.device --socket PATH --control PATH [--audit FILE]
+[--irq msix|msi]``."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from types import FrameType
 from .control import ControlServer
 from .device import Device
 from .engine import SWITCH_INTERVAL
+from .pci import IRQ_MODES
 from .server import VfioUserServer
 
 
@@ -21,6 +23,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--socket", required=True, help="vfio-user Unix socket path")
     p.add_argument("--control", required=True, help="QMP control Unix socket path")
     p.add_argument("--audit", help="append every audit record to this JSONL file")
+    p.add_argument("--irq", choices=IRQ_MODES, default="msix",
+                   help="interrupt capability: MSI-X (default) or MSI (no BAR2; use it when "
+                        "the device is hot-unplugged: QEMU 11.1 aborts on device_del of a "
+                        "vfio-user-pci device with MSI-X)")
     p.add_argument("--log-level", default="INFO",
                    choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p.parse_args(argv)
@@ -37,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         stop.set()
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    device = Device(args.audit)
+    device = Device(args.audit, irq=args.irq)
     control: ControlServer | None = None
     server: VfioUserServer | None = None
     try:

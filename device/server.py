@@ -14,7 +14,6 @@ from collections.abc import Callable
 
 from . import protocol as P
 from .device import Device
-from .pci import region_info
 from .protocol import Message, MessageError, ProtocolError
 
 log = logging.getLogger("pinlab.device.server")
@@ -133,7 +132,7 @@ class Session:
         argsz, _flags, index, _cap, _size, _off = P.REGION_INFO_S.unpack(msg.payload)
         if argsz < P.REGION_INFO_S.size:
             raise MessageError(errno.EINVAL, f"REGION_INFO argsz {argsz}")
-        flags, size = region_info(index)
+        flags, size = self.dev.pci.region_info(index)
         return P.reply(msg, P.REGION_INFO_S.pack(P.REGION_INFO_S.size, flags, index, 0, size, 0))
 
     def irq_info(self, msg: Message) -> bytes:

@@ -25,7 +25,7 @@ from . import protocol as P
 from .control import ControlServer
 from .device import Device
 from .engine import CQE_SIZE, EQE_SIZE, SQE, SQE_SIZE
-from .pci import MSIX_CAP
+from .pci import MSI_CAP, MSIX_CAP
 from .server import VfioUserServer
 
 QEMU_VERSION_JSON = (
@@ -181,7 +181,8 @@ class VfioUserClient:
         self.region_write(P.PCI_BAR0, off, value.to_bytes(n, "little"), posted)
 
     def bring_up(self, ram: GuestRam, iova: int = 0) -> None:
-        """The sequence QEMU performs at realize (reference §6), minus firmware."""
+        """The sequence QEMU performs at realize (reference §6), minus firmware. (With an
+        MSI capability QEMU skips the MSI-X steps; they are harmless with 0 vectors.)"""
         self.version()
         self.dma_map(iova, ram.size, 3, 0, ram.dup_fd())
         info = self.get_info()
@@ -245,6 +246,24 @@ class Driver:
         flags = P.IRQ_SET_DATA_EVENTFD | P.IRQ_SET_ACTION_TRIGGER
         self.c.set_irqs(P.IRQ_MSIX, 0, 1, flags)  # "MSI-X on, no vectors"
         self.c.set_irqs(P.IRQ_MSIX, 0, 4, flags, [os.dup(fd) for fd in self.vectors])
+
+    def setup_msi(self, nvec: int = 4) -> None:
+        """What QEMU does when the guest enables MSI with ``nvec`` vectors (1, 2 or 4):
+        the config write (forwarded to the device as well), then one SET_IRQS with an
+        eventfd per enabled vector."""
+        self.c.cfg_write(MSI_CAP + 4, 4, 0xFEE00000)
+        self.c.cfg_write(MSI_CAP + 8, 4, 0)
+        self.c.cfg_write(MSI_CAP + 12, 2, 0x4020)
+        qsize = (nvec.bit_length() - 1) << 4
+        self.c.cfg_write(MSI_CAP + 2, 2, 0x0080 | 0x0004 | qsize | 1)
+        flags = P.IRQ_SET_DATA_EVENTFD | P.IRQ_SET_ACTION_TRIGGER
+        self.c.set_irqs(P.IRQ_MSI, 0, nvec, flags, [os.dup(fd) for fd in self.vectors[:nvec]])
+
+    def setup_irqs(self, irq: str = "msix") -> None:
+        if irq == "msi":
+            self.setup_msi()
+        else:
+            self.setup_msix()
 
     def enable(self) -> None:
         self.ram.write(self.sq, bytes(self.entries * (SQE_SIZE + 2 * CQE_SIZE)))
@@ -324,12 +343,12 @@ def errno_name(err: int) -> str:
 class LocalServer:
     """A device with its vfio-user and control servers running in this process."""
 
-    def __init__(self, audit: bool = False) -> None:
+    def __init__(self, audit: bool = False, irq: str = "msix") -> None:
         self.tmp = tempfile.mkdtemp(prefix="pinlab-dev-")
         self.path = os.path.join(self.tmp, "vfio.sock")
         self.control_path = os.path.join(self.tmp, "control.sock")
         self.audit_path = os.path.join(self.tmp, "audit.jsonl") if audit else None
-        self.device = Device(self.audit_path)
+        self.device = Device(self.audit_path, irq=irq)
         self.server = VfioUserServer(self.device, self.path)
         self.control = ControlServer(self.device, self.control_path)
         self.server.start()
@@ -349,14 +368,14 @@ class Rig:
     """A running server, guest RAM, a connected client after bring-up and a driver."""
 
     def __init__(self, ram_size: int = 64 << 20, audit: bool = False, enable: bool = True,
-                 entries: int = 64) -> None:
-        self.server = LocalServer(audit)
+                 entries: int = 64, irq: str = "msix") -> None:
+        self.server = LocalServer(audit, irq)
         self.device = self.server.device
         self.ram = GuestRam(ram_size)
         self.client = self.server.client()
         self.client.bring_up(self.ram)
         self.driver = Driver(self.client, self.ram, entries=entries)
-        self.driver.setup_msix()
+        self.driver.setup_irqs(irq)
         if enable:
             self.driver.enable()
         self._next_page = 0x800000  # data pages are handed out from 8 MiB up

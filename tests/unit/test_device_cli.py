@@ -67,5 +67,37 @@ class CliTest(unittest.TestCase):
         self.assertEqual(self.proc.returncode, 99)
 
 
+class CliMsiTest(unittest.TestCase):
+    def test_irq_msi(self) -> None:
+        from pinlab.device import protocol as P
+
+        with tempfile.TemporaryDirectory(prefix="pinlab-cli-") as tmp:
+            sock, ctl = os.path.join(tmp, "vfio.sock"), os.path.join(tmp, "control.sock")
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "pinlab.device", "--socket", sock, "--control", ctl,
+                 "--irq", "msi", "--log-level", "WARNING"], stderr=subprocess.PIPE, text=True)
+            try:
+                assert proc.stderr is not None
+                self.assertIn("listening", proc.stderr.readline())
+                with VfioUserClient(sock) as c:
+                    c.version()
+                    self.assertEqual(c.cfg_read(0x40, 1), 0x05)  # MSI capability
+                    self.assertEqual(c.region_info(P.PCI_BAR2)[4], 0)
+                    self.assertEqual(c.irq_info(P.IRQ_MSI)[3], 4)
+                proc.send_signal(signal.SIGTERM)
+                self.assertEqual(proc.wait(10), 0)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait()
+                if proc.stderr is not None:
+                    proc.stderr.close()
+            bad = subprocess.run([sys.executable, "-m", "pinlab.device", "--socket", sock,
+                                  "--control", ctl, "--irq", "intx"], capture_output=True,
+                                 text=True)
+            self.assertEqual(bad.returncode, 2)
+            self.assertIn("--irq", bad.stderr)
+
+
 if __name__ == "__main__":
     unittest.main()

@@ -188,13 +188,13 @@ class InvalidateOvertakesTest(unittest.TestCase):
         npages = 8192
         d = self.d
         eng = self.dev.engine
-        copy_out = eng.copy_out
+        write_pattern = eng.write_pattern
 
-        def slow_copy_out(*args):  # ~1 s for the whole write: DMA into slow memory
+        def slow_write_pattern(*args, **kw):  # ~1 s for the whole write: slow memory
             time.sleep(0.002)
-            return copy_out(*args)
+            return write_pattern(*args, **kw)
 
-        eng.copy_out = slow_copy_out
+        eng.write_pattern = slow_write_pattern
         self.assertEqual(d.cmd(E.OP_CREATE_REGION, 1, npages, 1).status, E.OK)
         self.assertEqual(self.rig.map_pages(1, 0, self.rig.pages(npages)).status, E.OK)
         audit = self.dev.audit
