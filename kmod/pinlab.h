@@ -84,7 +84,7 @@
 /* MSI-X vectors */
 #define PINLAB_VEC_CQ		0
 #define PINLAB_VEC_EQ		1
-#define PINLAB_MIN_VECS		2
+#define PINLAB_MIN_VECS		1
 #define PINLAB_MAX_VECS		4
 
 #define PINLAB_SQ_ENTRIES	256

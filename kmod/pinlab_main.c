@@ -100,6 +100,18 @@ static int pinlab_stats_show(struct seq_file *m, void *unused)
 }
 DEFINE_SHOW_ATTRIBUTE(pinlab_stats);
 
+/*
+ * One vector for both queues: MSI without interrupt remapping gives a single
+ * vector on x86, and the device then signals the event queue on vector 0 too.
+ */
+static irqreturn_t pinlab_shared_irq(int irq, void *data)
+{
+	irqreturn_t cq = pinlab_cq_irq(irq, data);
+	irqreturn_t eq = pinlab_eq_irq(irq, data);
+
+	return (cq == IRQ_HANDLED || eq == IRQ_HANDLED) ? IRQ_HANDLED : IRQ_NONE;
+}
+
 static int pinlab_setup_irqs(struct pinlab_dev *pd)
 {
 	struct pci_dev *pdev = pd->pdev;
@@ -116,6 +128,13 @@ static int pinlab_setup_irqs(struct pinlab_dev *pd)
 		return ret;
 	pd->nvecs = ret;
 
+	if (pd->nvecs < 2) {
+		ret = request_irq(pci_irq_vector(pdev, PINLAB_VEC_CQ),
+				  pinlab_shared_irq, 0, pd->name, pd);
+		if (ret)
+			goto err_vecs;
+		return 0;
+	}
 	ret = request_irq(pci_irq_vector(pdev, PINLAB_VEC_CQ), pinlab_cq_irq,
 			  0, pd->name, pd);
 	if (ret)
@@ -135,7 +154,8 @@ err_vecs:
 
 static void pinlab_free_irqs(struct pinlab_dev *pd)
 {
-	free_irq(pci_irq_vector(pd->pdev, PINLAB_VEC_EQ), pd);
+	if (pd->nvecs >= 2)
+		free_irq(pci_irq_vector(pd->pdev, PINLAB_VEC_EQ), pd);
 	free_irq(pci_irq_vector(pd->pdev, PINLAB_VEC_CQ), pd);
 	pci_free_irq_vectors(pd->pdev);
 }

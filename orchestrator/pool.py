@@ -48,9 +48,11 @@ def pool_dir(kernel: str) -> Path:
 
 
 def guest_config() -> GuestConfig:
-    """What a matrix guest looks like: scratch disks for the filesystems, page poisoning."""
+    """What a matrix guest looks like: scratch disks for the filesystems, page poisoning,
+    and the device with MSI instead of MSI-X: QEMU 11.1's vfio-user-pci aborts on
+    device_del of an MSI-X device, and the hot-unplug cells need device_del to work."""
     return GuestConfig(scratch_disks={"pinlab-ext4": 512, "pinlab-xfs": 512},
-                       cmdline="page_poison=1")
+                       cmdline="page_poison=1", device_args=["--irq", "msi"])
 
 
 # -- server ------------------------------------------------------------------------------
