@@ -93,3 +93,12 @@ def wait_for(predicate, timeout: float, step: float = 0.05, what: str = "conditi
         if time.monotonic() >= deadline:
             raise TimeoutError(f"timed out after {timeout:.0f}s waiting for {what}")
         time.sleep(step)
+
+
+def process_alive(pid: int) -> bool:
+    """Alive and not a zombie (an orphan reaped late by init counts as dead)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False
+    return "State:\tZ" not in status

@@ -9,48 +9,19 @@ import json
 import os
 import signal
 import time
-from pathlib import Path
-
-from avocado import Test
 
 from pinlab.orchestrator.dmesg import classify
-from pinlab.orchestrator.procs import wait_for
+from pinlab.orchestrator.guesttest import GuestTest
+from pinlab.orchestrator.procs import process_alive, wait_for
 from pinlab.orchestrator.session import GuestSession
 from pinlab.orchestrator.ssh import SSHError
 
 PAGE = 4096
 
 
-def _alive(pid: int) -> bool:
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return False
-    return "State:\tZ" not in status
-
-
-class GuestTest(Test):
-    timeout = 900
-
-    def setUp(self) -> None:
-        self.kernel = self.params.get("kernel", default="6.12")
-        self.pids: list[int] = []
-        self.artifacts = Path(self.logdir) / "guest"
-
-    def remember(self, s: GuestSession) -> None:
-        g = s.guest
-        self.pids = [c.pid for c in (g.qemu, g.device) if c is not None]
-        self.whiteboard = json.dumps({"kernel": g.images.kernel.release, "accel": g.cfg.accel,
-                                      "boot_seconds": round(g.boot_seconds, 2),
-                                      "qemu": g.images.qemu.version})
-
-    def tearDown(self) -> None:
-        left = [p for p in self.pids if _alive(p)]
-        if left:
-            self.fail(f"processes left behind after the guest was torn down: {left}")
-
-
 class EndToEnd(GuestTest):
+    """:avocado: enable"""
+
     def test_dma_write_anon_longterm(self) -> None:
         """
         Register anonymous memory long-term, have the device write a pattern, check the
@@ -101,6 +72,8 @@ class EndToEnd(GuestTest):
 
 
 class Robustness(GuestTest):
+    """:avocado: enable"""
+
     def test_qemu_killed_mid_run(self) -> None:
         """
         Kill QEMU under a running session: the next guest command fails with a clear error
@@ -124,4 +97,4 @@ class Robustness(GuestTest):
         console = (self.artifacts / "console.log").read_text(errors="replace")
         self.assertIn("PINLAB-READY", console)
         for p in self.pids:
-            self.assertFalse(_alive(p), f"pid {p} survived teardown")
+            self.assertFalse(process_alive(p), f"pid {p} survived teardown")

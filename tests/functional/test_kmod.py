@@ -11,9 +11,8 @@ import json
 import time
 from pathlib import Path
 
-from avocado import Test
-
 from pinlab.orchestrator.dmesg import classify
+from pinlab.orchestrator.guesttest import GuestTest
 from pinlab.orchestrator.session import GuestSession
 from pinlab.orchestrator.vm import GuestConfig
 
@@ -29,32 +28,8 @@ def _outstanding(text: str) -> int:
     return int(v["nr_foll_pin_acquired"]) - int(v["nr_foll_pin_released"])
 
 
-def _alive(pid: int) -> bool:
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return False
-    return "State:\tZ" not in status
-
-
-class KmodTest(Test):
-    timeout = 900
-
-    def setUp(self) -> None:
-        self.pids: list[int] = []
-        self.artifacts = Path(self.logdir) / "guest"
-        self.artifacts.mkdir(parents=True, exist_ok=True)
-
-    def remember(self, s: GuestSession) -> None:
-        g = s.guest
-        self.pids = [c.pid for c in (g.qemu, g.device) if c is not None]
-        self.whiteboard = json.dumps({"kernel": g.images.kernel.release, "accel": g.cfg.accel,
-                                      "boot_seconds": round(g.boot_seconds, 2)})
-
-    def tearDown(self) -> None:
-        left = [p for p in self.pids if _alive(p)]
-        if left:
-            self.fail(f"processes left behind after the guest was torn down: {left}")
+class KmodTest(GuestTest):
+    """:avocado: enable"""
 
     def kcheck(self, s: GuestSession, args: str, timeout: float = 180) -> list[dict]:
         res = s.guest.ssh.run(f"python3 /root/pinlab/kcheck.py {args}", timeout=timeout)
@@ -157,13 +132,13 @@ class KmodTest(Test):
 
     def test_kernel_6_1(self) -> None:
         """
-        :avocado: tags=guest,kernel:6.1,mode:gup,mode:pin,mode:longterm,mode:odp,kmod
+        :avocado: tags=guest,kernel:6.1,mode:gup,mode:pin,mode:longterm,mode:odp,kmod,smoke
         """
         self.everything("6.1")
 
     def test_kernel_7(self) -> None:
         """
-        :avocado: tags=guest,kernel:7,mode:gup,mode:pin,mode:longterm,mode:odp,kmod
+        :avocado: tags=guest,kernel:7,mode:gup,mode:pin,mode:longterm,mode:odp,kmod,smoke
         """
         self.everything("7")
 

@@ -15,7 +15,7 @@ from pinlab.images.cpio import Newc
 from pinlab.images.kernel import _module_order
 from pinlab.orchestrator.console import Console
 from pinlab.orchestrator.dmesg import classify
-from pinlab.orchestrator.procs import Child, wait_for
+from pinlab.orchestrator.procs import Child, process_alive, wait_for
 
 WARN_TRACE = """\
 [   12.345678] ------------[ cut here ]------------
@@ -100,15 +100,6 @@ class CacheTest(unittest.TestCase):
             self.assertNotEqual(k1, digest(Path(d)))
 
 
-def _running(pid: int) -> bool:
-    """Alive and not a zombie (a reaped-late orphan counts as dead)."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return False
-    return "State:\tZ" not in status
-
-
 class ProcsTest(unittest.TestCase):
     def test_stop_kills_the_whole_group(self) -> None:
         with tempfile.TemporaryDirectory() as d:
@@ -126,7 +117,7 @@ class ProcsTest(unittest.TestCase):
             c.stop(grace=0.5)
             self.assertLess(time.monotonic() - t0, 10)
             self.assertFalse(c.alive())
-            wait_for(lambda: not _running(grandchild), 5, what="grandchild to die")
+            wait_for(lambda: not process_alive(grandchild), 5, what="grandchild to die")
 
     def test_wait_for_deadline_and_abort(self) -> None:
         with self.assertRaises(TimeoutError):
