@@ -176,9 +176,9 @@ class Qtest:
         self.sock.close()
 
 
-@unittest.skipIf(qemu_command() is None, "no QEMU found")
-class QemuDmaTest(unittest.TestCase):
-    """qtest protocol: program the device through QEMU and check DMA + MSI-X in RAM."""
+class QemuDmaBase(unittest.TestCase):
+    """qtest protocol: program the device through QEMU (no test methods of its own: a
+    subclass that "removes" an inherited test confuses Avocado's static resolver)."""
 
     BAR0, BAR2 = 0xFE000000, 0xFE001000
     SQ, CQ, EQ, LIST, MSI = 0x100000, 0x101000, 0x102000, 0x103000, 0x300000
@@ -254,6 +254,11 @@ class QemuDmaTest(unittest.TestCase):
         self.assertEqual(self.reg(0x060), 3)
         return pages
 
+
+@unittest.skipIf(qemu_command() is None, "no QEMU found")
+class QemuDmaTest(QemuDmaBase):
+    """DMA + MSI-X in RAM through QEMU."""
+
     def test_dma_and_msix_through_qemu(self) -> None:
         qt, devfn = self.qt, 4 << 3
         self.assertEqual(qt.cfg_read(devfn, 0), 0x00011DE5)
@@ -270,7 +275,8 @@ class QemuDmaTest(unittest.TestCase):
         self.assertEqual(self.srv.device.audit.stats()["violations"], 0)
 
 
-class QemuDmaMsiTest(QemuDmaTest):
+@unittest.skipIf(qemu_command() is None, "no QEMU found")
+class QemuDmaMsiTest(QemuDmaBase):
     """--irq msi through QEMU: the guest enables MSI in QEMU's emulated capability, QEMU
     sends SET_IRQS(MSI) with one eventfd per enabled vector and delivers our triggers as
     MSI writes (here into RAM, with the bus-master address space)."""
@@ -314,8 +320,6 @@ class QemuDmaMsiTest(QemuDmaTest):
         self.assertEqual(self.completion(4)[1], 6)
         etype, _, flags, region, _, info0 = struct.unpack("<HHIIIQ", self.qt.read(self.EQ, 24))
         self.assertEqual((etype, flags & 1, region, info0), (1, 1, 6, 0))
-
-    test_dma_and_msix_through_qemu = None  # type: ignore[assignment]  # MSI-X only
 
     def test_dma_and_msi_through_qemu(self) -> None:
         self.setup_msi(4)
