@@ -29,7 +29,7 @@ from typing import Any
 
 from pinlab.images.cache import cache_root
 
-from .dmesg import classify
+from .dmesg import SEVERE, classify
 from .expectations import Cell
 from .scenario import SCENARIOS, Observation
 from .session import GuestSession
@@ -110,22 +110,25 @@ class CellServer:
         t0 = time.monotonic()
         s = self.ready_session()
         s.mark()
-        lines_before = int(s.guest.ssh.run("dmesg | wc -l", check=True).out.strip() or 0)
         try:
             obs = SCENARIOS[cell.event](s, cell, art)
         except Exception as exc:  # noqa: BLE001 - an experiment error is a result
             obs = Observation("ERROR", {"exception": repr(exc),
                                         "trace": traceback.format_exc()})
-        # Did the cell break the guest? Then the next cell gets a fresh one.
+        # Did the cell break the guest? Then the next cell gets a fresh one. A scenario
+        # reports the dmesg classes its cell added; otherwise look at the whole log (any
+        # severe line since boot means the kernel is no longer fresh).
         if obs.evidence.get("needs_reboot"):
             self.taint = f"cell {cell.name} removed the device"
+        seen = obs.evidence.get("dmesg")
         try:
-            text = s.guest.ssh.run(f"dmesg | tail -n +{lines_before + 1}", timeout=60,
-                                   check=True).out
-            (art / "dmesg-cell.txt").write_text(text)
-            severe = classify(text).severe()
+            if not isinstance(seen, dict):
+                text = s.guest.ssh.run("dmesg", timeout=60, check=True).out
+                (art / "dmesg-guest.txt").write_text(text)
+                seen = classify(text).summary()
+            severe = sorted(set(seen) & SEVERE)
             if severe:
-                self.taint = f"cell {cell.name} left {sorted(severe)} in dmesg"
+                self.taint = f"cell {cell.name} left {severe} in dmesg"
         except Exception as exc:  # noqa: BLE001
             self.taint = f"guest unreachable after {cell.name}: {exc!r}"
         if s.guest._dead():
