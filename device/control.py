@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .device import Device
+from .server import listen_unix
 
 log = logging.getLogger("pinlab.device.control")
 
@@ -158,11 +159,7 @@ class ControlServer:
     def __init__(self, device: Device, path: str) -> None:
         self.dev = device
         self.path = path
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(path)
-        self.sock.listen(8)
+        self.sock = listen_unix(path, 8)
         self._lock = threading.Lock()
         self._clients: list[ControlClient] = []
         self._wake_r, self._wake_w = os.pipe()

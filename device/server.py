@@ -185,17 +185,23 @@ class Session:
         return P.reply(msg)
 
 
+def listen_unix(path: str, backlog: int) -> socket.socket:
+    """A listening Unix stream socket at ``path``, replacing a stale socket file."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(path)
+    sock.listen(backlog)
+    return sock
+
+
 class VfioUserServer:
     """Listens on a Unix socket; serves one client at a time until :meth:`stop`."""
 
     def __init__(self, device: Device, path: str) -> None:
         self.dev = device
         self.path = path
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(path)
-        self.sock.listen(1)
+        self.sock = listen_unix(path, 1)
         self._wake_r, self._wake_w = os.pipe()
         self._stopping = False
         self._conn: socket.socket | None = None
