@@ -90,7 +90,7 @@ class CellServer:
         self._cm, self.session = None, None
 
     def ready_session(self) -> GuestSession:
-        if self.session is None or self.taint or self.session.guest._dead():
+        if self.session is None or self.taint or self.session.guest.dead():
             if self.taint:
                 self.log(f"rebooting: {self.taint}")
             return self.boot()
@@ -131,8 +131,8 @@ class CellServer:
                 self.taint = f"cell {cell.name} left {severe} in dmesg"
         except Exception as exc:  # noqa: BLE001
             self.taint = f"guest unreachable after {cell.name}: {exc!r}"
-        if s.guest._dead():
-            self.taint = f"guest died in {cell.name}: {s.guest._dead()}"
+        if s.guest.dead():
+            self.taint = f"guest died in {cell.name}: {s.guest.dead()}"
         with contextlib.suppress(Exception):
             (art / "console-tail.txt").write_text(s.guest.console.tail(200))
         return {"observed": obs.observed, "evidence": obs.evidence,

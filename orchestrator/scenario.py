@@ -412,7 +412,7 @@ def hot_unplug(s: GuestSession, cell: Cell, art: Path) -> Observation:
                                  "seconds": round(time.monotonic() - t_del, 2)}
     rep: dict[str, Any] | None = None
     while time.monotonic() - t_del < 120:
-        dead = s.guest._dead()
+        dead = s.guest.dead()
         if dead:
             # QEMU (or the device server) died: that is the observation, not an error
             extra["dead"] = dead.splitlines()[-3:]
@@ -423,7 +423,7 @@ def hot_unplug(s: GuestSession, cell: Cell, art: Path) -> Observation:
             return Observation("QEMU_CRASHED", extra)
         try:
             out = ssh.run(f"cat {OUT_FILE}", timeout=30).out
-        except Exception:  # noqa: BLE001 - re-checked by _dead() on the next pass
+        except Exception:  # noqa: BLE001 - re-checked by dead() on the next pass
             time.sleep(0.5)
             continue
         lines = [ln for ln in out.splitlines() if ln.strip().startswith("{")]

@@ -92,13 +92,13 @@ class Guest:
             self.start_device()
         self.qemu = Child("qemu", self.images.qemu.command(*self.qemu_args()),
                           self.artifacts / "qemu.log", env=self.images.qemu.env)
-        wait_for(self.qmp_sock.exists, 30, what="QEMU's QMP socket", abort=self._dead)
+        wait_for(self.qmp_sock.exists, 30, what="QEMU's QMP socket", abort=self.dead)
         self.qmp = QMP(self.qmp_sock, self.artifacts / "qmp.log")
         self.qmp.connect()
         try:
             wait_for(lambda: self.console.ready_line() is not None, self.cfg.boot_timeout,
                      step=0.1, what="the guest's READY marker on the console",
-                     abort=self._dead)
+                     abort=self.dead)
         except (TimeoutError, RuntimeError) as exc:
             raise GuestError(f"{exc}\n--- console tail ---\n{self.console.tail()}") from exc
         self.ready_line = self.console.ready_line() or ""
@@ -159,7 +159,9 @@ class Guest:
                      "-device", json.dumps(dev, separators=(",", ":"))]
         return args
 
-    def _dead(self) -> str | None:
+    def dead(self) -> str | None:
+        """Why the guest can no longer work (QEMU or the device server exited, or the
+        console shows a panic), or None while it is alive."""
         if self.qemu and not self.qemu.alive():
             return f"QEMU exited with {self.qemu.returncode()}: {self.qemu.tail(10).strip()}"
         if self.cfg.device and self.device and not self.device.alive():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import signal
 import sys
 import time
@@ -49,7 +48,7 @@ Ctrl-C tears everything down.""", flush=True)
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
         while not stop["now"]:
-            dead = g._dead()
+            dead = g.dead()
             if dead:
                 print(f"pinlab: guest ended: {dead}", file=sys.stderr)
                 return 1
@@ -142,10 +141,6 @@ def main(argv: list[str] | None = None) -> int:
         return _fuzz(args)
     p.error(f"unknown command {args.cmd}")
     return 2
-
-
-def dump(obj: object) -> str:
-    return json.dumps(obj, indent=2, default=str)
 
 
 if __name__ == "__main__":

@@ -92,8 +92,8 @@ class Robustness(GuestTest):
             self.log.info("error after QEMU death (%.1fs): %s", time.monotonic() - t0,
                           cm.exception)
             self.assertLess(time.monotonic() - t0, 31)
-            wait_for(lambda: g._dead() is not None, 10, what="QEMU's death to be noticed")
-            self.assertIn("QEMU exited", g._dead() or "")
+            wait_for(lambda: g.dead() is not None, 10, what="QEMU's death to be noticed")
+            self.assertIn("QEMU exited", g.dead() or "")
         console = (self.artifacts / "console.log").read_text(errors="replace")
         self.assertIn("PINLAB-READY", console)
         for p in self.pids:

@@ -159,7 +159,7 @@ class KmodTest(GuestTest):
             g.ssh.run(HOLD, timeout=60, check=True)
             g.qmp.cmd("device_del", id="pinlab0")
             time.sleep(5)
-            self.assertIsNone(g._dead(), "QEMU or the device died on device_del")
+            self.assertIsNone(g.dead(), "QEMU or the device died on device_del")
             out = g.ssh.run("touch /tmp/go; sleep 4; cat /tmp/hold-*.out", timeout=60).out
             removed = [json.loads(ln) for ln in out.splitlines()
                        if ln.startswith('{"check": "removed"')]
