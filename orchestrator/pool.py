@@ -31,6 +31,7 @@ from pinlab.images.cache import cache_root
 
 from .dmesg import SEVERE, classify
 from .expectations import Cell
+from .procs import process_alive
 from .scenario import SCENARIOS, Observation
 from .session import GuestSession
 from .vm import GuestConfig
@@ -272,10 +273,20 @@ def run_cell(cell: Cell, artifacts: Path) -> dict[str, Any]:
                                  "artifacts": str(artifacts)})
 
 
-def stop_all(kernels: list[str]) -> None:
+def stop_all(kernels: list[str], wait: float = 60.0) -> None:
+    """Stop the kernels' pools and wait until each has torn its guest down and exited."""
     for k in kernels:
-        with contextlib.suppress(PoolError, OSError):
+        try:
+            pid = int(request(k, {"op": "ping"}, timeout=30, start=False)["pid"])
             request(k, {"op": "stop"}, timeout=60, start=False)
+        except (PoolError, OSError, KeyError, ValueError):
+            continue  # no pool for this kernel
+        deadline = time.monotonic() + wait
+        while process_alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if process_alive(pid):  # its guest's processes die with it (PR_SET_PDEATHSIG)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
 
 
 def main(argv: list[str] | None = None) -> int:
