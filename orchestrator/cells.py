@@ -15,7 +15,7 @@ BACKINGS = ["anon", *FILE_SHARED, "private-file"]
 # Why the others are left out:
 # * truncate / punch-hole: need a file. anon has none; private-file (MAP_PRIVATE ext4)
 #   would only zap COW copies that no truncate semantics are documented for.
-# * punch-hole-partial: hugetlbfs punches whole huge pages only (partial = zeroing nothing).
+# * punch-hole-partial: hugetlbfs zeroes the partial part of a huge page in place.
 # * pageout / memcg-reclaim: hugetlb pages are never reclaimed (MADV_PAGEOUT gives EINVAL
 #   on VM_HUGETLB); tmpfs behaves as memfd (both shmem); private-file pins anon COW pages
 #   (= anon).
@@ -32,11 +32,14 @@ BACKINGS = ["anon", *FILE_SHARED, "private-file"]
 # * hot-unplug / pci-remove: the backing does not matter for device removal; anon is the
 #   simplest. pci-remove (guest sysfs remove + rescan) runs the same driver remove() path
 #   without QMP device_del, which crashes QEMU 11.1's vfio-user-pci (see the report).
+# * odirect-write: only disk filesystems have O_DIRECT over a page cache (ref row 5b).
+# * exit / oom: a second process dies with a region registered; anon and memfd stand for
+#   private and shared memory; oom needs only one (the memcg OOM killer picks the victim).
 PAIRS: list[tuple[str, str]] = [
     *[(b, "dma-write") for b in BACKINGS],
     *[(b, "truncate") for b in FILE_SHARED],
     *[(b, "punch-hole") for b in FILE_SHARED],
-    *[(b, "punch-hole-partial") for b in ["memfd", "tmpfs", "ext4", "xfs"]],
+    *[(b, "punch-hole-partial") for b in ["memfd", "tmpfs", "ext4", "xfs", "hugetlb"]],
     *[(b, "pageout") for b in ["anon", "memfd", "ext4", "xfs"]],
     *[(b, "memcg-reclaim") for b in ["anon", "memfd", "ext4", "xfs"]],
     *[(b, "drop-caches") for b in ["memfd", "tmpfs", "ext4", "xfs"]],
@@ -49,6 +52,9 @@ PAIRS: list[tuple[str, str]] = [
     *[(b, "dontneed") for b in ["anon", "memfd", "ext4", "private-file"]],
     ("memfd", "seal-write"),
     ("anon", "hot-unplug"), ("anon", "pci-remove"),
+    ("ext4", "odirect-write"), ("xfs", "odirect-write"),
+    *[(b, "exit") for b in ["anon", "memfd"]],
+    ("anon", "oom"),
 ]
 # Only odp revokes, so only odp has a revoke to leave unacknowledged.
 ODP_ONLY: list[tuple[str, str]] = [("anon", "no-ack"), ("memfd", "no-ack")]

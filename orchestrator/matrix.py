@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import html
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,34 +22,48 @@ from rich.table import Table
 from pinlab.images.build import ensure_images
 from pinlab.images.kernel import KERNELS
 
-from . import pool
+from . import poolclient
 from .artifacts import run_dir
+from .avocadojob import Job, run_concurrently, run_one
 
 REPO = Path(__file__).resolve().parent.parent
+TASKS_PER_KERNEL = 2
 DEFAULT_KERNELS = list(KERNELS)
 console = Console()
 
 
+def matrix_jobs(kernels: list[str], tags: list[str] | None, out: Path,
+                references: list[str] | None = None) -> list[Job]:
+    """One Avocado job per kernel. ``tags`` are avocado tag filters: each may be a
+    comma-separated AND; repeated ones are ORed, as with ``avocado run --filter-by-tags``.
+    Two tasks per job: while one cell runs in the guest, avocado starts the next cell's
+    test process, which then waits for the pool."""
+    return [Job(f"kernel {k}", out / f"kernel-{k}", references or [str(REPO / "tests/matrix")],
+                tags=[f"matrix,kernel:{k}" + (f",{t}" if t else "") for t in (tags or [""])],
+                parallel_tasks=TASKS_PER_KERNEL) for k in kernels]
+
+
 def run_avocado(kernels: list[str], tags: list[str] | None, out: Path,
-                references: list[str] | None = None) -> tuple[int, Path | None]:
-    filters = [",".join(["matrix", f"kernel:{k}", *(tags or [])]) for k in kernels]
-    cmd = [sys.executable, "-m", "avocado", "--config", str(REPO / "tests/avocado.conf"), "run",
-           "--max-parallel-tasks", "1", "--job-results-dir", str(out), "--disable-sysinfo",
-           *[f"--filter-by-tags={f}" for f in filters],
-           *(references or [str(REPO / "tests/matrix")])]
-    console.print("$ " + " ".join(cmd))
-    pool.stop_all(kernels)  # a pool left by an older run may hold older code
+                references: list[str] | None = None,
+                concurrent: bool = True) -> list[Job]:
+    """Run the kernels' jobs (at the same time unless ``concurrent`` is false)."""
+    jobs = matrix_jobs(kernels, tags, out, references)
+    poolclient.stop_all(kernels)  # a pool left by an older run may hold older code
     try:
-        rc = subprocess.run(cmd, cwd=REPO, check=False).returncode
+        if concurrent:
+            run_concurrently(jobs)
+        else:
+            for job in jobs:
+                run_one(job)
     finally:
-        pool.stop_all(kernels)
-    found = sorted(out.glob("job-*/results.json"))
-    return rc, (found[-1] if found else None)
+        poolclient.stop_all(kernels)
+    return jobs
 
 
-def collect(results: Path) -> list[dict[str, Any]]:
+def collect(results: list[Path]) -> list[dict[str, Any]]:
     verdicts = []
-    for t in json.loads(results.read_text()).get("tests", []):
+    tests = [t for r in results for t in json.loads(r.read_text()).get("tests", [])]
+    for t in tests:
         logdir = Path(t.get("logdir", ""))
         vfile, cfile = logdir / "verdict.json", logdir / "cell.json"
         if vfile.exists():
@@ -121,7 +133,8 @@ def report(verdicts: list[dict[str, Any]], out: Path, json_out: str | None,
 
 
 def run_matrix(kernels: list[str] | None = None, tags: list[str] | None = None,
-               json_out: str | None = None, html_dir: str | None = None) -> int:
+               json_out: str | None = None, html_dir: str | None = None,
+               concurrent: bool = True) -> int:
     names = list(dict.fromkeys(kernels or DEFAULT_KERNELS))
     for k in names:
         if k not in KERNELS:
@@ -129,13 +142,17 @@ def run_matrix(kernels: list[str] | None = None, tags: list[str] | None = None,
         ensure_images(k)
     out = run_dir("matrix")
     t0 = time.monotonic()
-    rc, results = run_avocado(names, tags, out)
-    if results is None:
-        console.print(f"[red]avocado wrote no results (exit {rc})[/]")
+    jobs = run_avocado(names, tags, out, concurrent=concurrent)
+    results = [r for r in (j.results() for j in jobs) if r]
+    for j in jobs:
+        if j.results() is None:
+            console.print(f"[red]{j.name}: avocado wrote no results (exit {j.rc})[/]")
+    if not results:
         return 1
     verdicts = collect(results)
     report(verdicts, out, json_out, html_dir, time.monotonic() - t0)
     bad = [v for v in verdicts if v["verdict"] != "match"]
     if not verdicts:
         console.print("[red]no cell matched the filters[/]")
-    return 1 if bad or not verdicts or rc != 0 else 0
+    failed_jobs = [j for j in jobs if j.rc != 0 or j.results() is None]
+    return 1 if bad or not verdicts or failed_jobs else 0

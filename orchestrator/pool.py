@@ -15,37 +15,25 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 import traceback
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from pinlab.images.cache import cache_root
-
 from .dmesg import SEVERE, classify
 from .expectations import Cell
-from .procs import process_alive
+from .poolclient import ANOTHER_POOL, recv_json
 from .scenario import SCENARIOS, Observation
 from .session import GuestSession
 from .vm import GuestConfig
 
 IDLE_SECONDS = 180.0
-BOOT_DEADLINE = 300.0
-REQUEST_TIMEOUT = 900.0
-
-
-def pool_dir(kernel: str) -> Path:
-    base = Path(os.environ.get("PINLAB_POOL_DIR") or cache_root() / "pools")
-    d = base / kernel
-    d.mkdir(parents=True, exist_ok=True)
-    return d
 
 
 def guest_config() -> GuestConfig:
@@ -97,11 +85,10 @@ class CellServer:
             return self.boot()
         s = self.session
         # reset: a fresh driver instance for every cell
-        r = s.guest.ssh.run("rmmod pinlab && insmod /tmp/pinlab.ko && "
-                            "for i in $(seq 100); do [ -c /dev/pinlab0 ] && exit 0; sleep 0.1;"
-                            " done; exit 1", timeout=60)
-        if r.rc != 0:
-            self.taint = f"module reload failed: {r.err.strip() or r.out.strip()}"
+        try:
+            s.reload_module()
+        except Exception as exc:  # noqa: BLE001 - any failure here means: reboot
+            self.taint = f"module reload failed: {exc}"
             self.log(self.taint)
             return self.boot()
         return s
@@ -121,6 +108,8 @@ class CellServer:
         # severe line since boot means the kernel is no longer fresh).
         if obs.evidence.get("needs_reboot"):
             self.taint = f"cell {cell.name} removed the device"
+        if s.broken:
+            self.taint = f"cell {cell.name}: {s.broken}"
         seen = obs.evidence.get("dmesg")
         try:
             if not isinstance(seen, dict):
@@ -157,6 +146,16 @@ class CellServer:
         return {"error": f"unknown op {op!r}"}
 
     def serve(self) -> int:
+        # One pool per kernel: two clients may both find no socket and both start one.
+        # The lock is held for the pool's lifetime; the loser exits with ANOTHER_POOL and
+        # its client goes on waiting for the winner's socket.
+        lock = (self.dir / "pool.lock").open("w")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.log("another pool already serves this kernel")
+            lock.close()
+            return ANOTHER_POOL
         sock_path = self.dir / "pool.sock"
         sock_path.unlink(missing_ok=True)
         srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -181,7 +180,7 @@ class CellServer:
                 with conn:
                     conn.settimeout(30)
                     try:
-                        req = _recv_json(conn)
+                        req = recv_json(conn)
                     except (OSError, ValueError) as exc:
                         self.log(f"bad request: {exc!r}")
                         continue
@@ -201,92 +200,6 @@ class CellServer:
             sock_path.unlink(missing_ok=True)
             self.shutdown_guest()
         return 0
-
-
-def _recv_json(conn: socket.socket) -> dict[str, Any]:
-    buf = b""
-    while not buf.endswith(b"\n"):
-        chunk = conn.recv(65536)
-        if not chunk:
-            break
-        buf += chunk
-    obj = json.loads(buf.decode())
-    if not isinstance(obj, dict):
-        raise ValueError("request is not a JSON object")
-    return obj
-
-
-# -- client ------------------------------------------------------------------------------
-class PoolError(RuntimeError):
-    pass
-
-
-def request(kernel: str, req: dict[str, Any], timeout: float = REQUEST_TIMEOUT,
-            start: bool = True) -> dict[str, Any]:
-    """Send one request to the kernel's pool, starting the pool if needed."""
-    d = pool_dir(kernel)
-    path = d / "pool.sock"
-    deadline = time.monotonic() + BOOT_DEADLINE
-    started: subprocess.Popen[bytes] | None = None
-    while True:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            s.settimeout(10)
-            s.connect(str(path))
-            break
-        except OSError as exc:
-            s.close()
-            if not start:
-                raise PoolError(f"no pool for kernel {kernel} at {path}") from exc
-            if started is None:
-                started = _spawn(kernel, d)
-            elif started.poll() is not None:
-                tail = (d / "pool.log").read_text(errors="replace")[-3000:]
-                raise PoolError(f"pool for {kernel} exited ({started.returncode}):\n{tail}") \
-                    from exc
-            if time.monotonic() > deadline:
-                raise PoolError(f"pool for {kernel} did not start within "
-                                f"{BOOT_DEADLINE:.0f}s; see {d / 'pool.log'}") from exc
-            time.sleep(0.2)
-    with s:
-        s.settimeout(timeout)
-        s.sendall(json.dumps(req).encode() + b"\n")
-        try:
-            resp = _recv_json(s)
-        except (OSError, ValueError) as exc:
-            raise PoolError(f"pool for {kernel} gave no answer to {req.get('op')}: "
-                            f"{exc!r}; see {d / 'pool.log'}") from exc
-    if "error" in resp:
-        raise PoolError(f"pool for {kernel}: {resp['error']}\n{resp.get('trace', '')}")
-    return resp
-
-
-def _spawn(kernel: str, d: Path) -> subprocess.Popen[bytes]:
-    log = open(d / "pool.log", "ab")  # noqa: SIM115 - owned by the child
-    return subprocess.Popen([sys.executable, "-m", "pinlab.orchestrator.pool", "--kernel",
-                             kernel, "--dir", str(d)], stdout=log, stderr=subprocess.STDOUT,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
-
-
-def run_cell(cell: Cell, artifacts: Path) -> dict[str, Any]:
-    return request(cell.kernel, {"op": "run", "cell": asdict(cell),
-                                 "artifacts": str(artifacts)})
-
-
-def stop_all(kernels: list[str], wait: float = 60.0) -> None:
-    """Stop the kernels' pools and wait until each has torn its guest down and exited."""
-    for k in kernels:
-        try:
-            pid = int(request(k, {"op": "ping"}, timeout=30, start=False)["pid"])
-            request(k, {"op": "stop"}, timeout=60, start=False)
-        except (PoolError, OSError, KeyError, ValueError):
-            continue  # no pool for this kernel
-        deadline = time.monotonic() + wait
-        while process_alive(pid) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        if process_alive(pid):  # its guest's processes die with it (PR_SET_PDEATHSIG)
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pid, signal.SIGKILL)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,7 +31,7 @@ OUT_FILE = "/tmp/pinlab-cell.out"
 # events whose cell the workload can run in one go (the rest need the host mid-cell)
 EVENTS = ["dma-write", "truncate", "punch-hole", "punch-hole-partial", "pageout",
           "memcg-reclaim", "drop-caches", "writeback", "2018", "migrate", "fork",
-          "fork-dontfork", "munmap", "dontneed", "seal-write"]
+          "fork-dontfork", "munmap", "dontneed", "seal-write", "odirect-write", "exit", "oom"]
 PRIVATE_BACKINGS = ("anon", "private-file")
 # a fence missed by the device is logged by pinlab_odp.c / pinlab_queue.c
 ESCALATION_LINES = ("INVALIDATE fence missed", "resetting device")
@@ -266,6 +266,16 @@ def classify_cell(cell: Cell, rep: dict[str, Any], dm: DmesgReport,
             return ok(all_gen(rep.get("remap_g2"), 2)), f
         # anonymous memory nobody maps any more: the device wrote into orphaned pages
         return "WRITES_LOST_SILENTLY", f
+    if ev == "odirect-write":
+        f.update({k: rep.get(k) for k in ("odirect_pages", "map_after_odirect", "map_g2",
+                                          "file_after")})
+        f["odirect"] = step(rep, "odirect_write")
+        f["pfns_changed"] = _changed(rep.get("pfns_before"), rep.get("pfns_after_touch"))
+        if g2.get("errno"):
+            return f"DMA_FAILED({g2.get('errno_name')})", f
+        return ok(all_gen(rep.get("map_g2"), 2) and all_gen(rep.get("file_after"), 2)), f
+    if ev in ("exit", "oom"):
+        return _classify_victim(cell, rep, audit, f)
     if ev == "seal-write":
         st = step(rep, "seal_write")
         f["seal"] = st
@@ -294,6 +304,43 @@ def classify_cell(cell: Cell, rep: dict[str, Any], dm: DmesgReport,
     return "ERROR", {"unknown_event": ev, "n": n}
 
 
+def _outstanding(vm: dict[str, int] | None) -> int | None:
+    if not vm:
+        return None
+    return vm["nr_foll_pin_acquired"] - vm["nr_foll_pin_released"]
+
+
+def _classify_victim(cell: Cell, rep: dict[str, Any], audit: dict[str, Any],
+                     f: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """exit / oom: a second process registered a region and died without deregistering."""
+    victim = rep.get("victim") or {}
+    va = audit.get("victim") or {}
+    f.update(victim_status=rep.get("victim_status"), victim_signal=rep.get("victim_signal"),
+             victim_exit_ms=rep.get("victim_exit_ms"), oom_events=rep.get("oom_events"),
+             victim_audit=va.get("kinds"), victim_violations=va.get("violations"),
+             pins_victim=[_outstanding(rep.get("vmstat_before_victim")),
+                          _outstanding(rep.get("vmstat_victim_registered")),
+                          _outstanding(rep.get("vmstat_victim_gone"))])
+    before, after = rep.get("nonblock_refused_before"), rep.get("nonblock_refused_after")
+    if isinstance(before, int) and isinstance(after, int):
+        f["nonblock_invalidations_refused"] = after - before
+    if "error" in victim or not isinstance(rep.get("victim_status"), int):
+        return "ERROR", {**f, "victim": victim}
+    if va.get("violations"):
+        return "DMA_AFTER_REVOKE", {**f, "violations": va.get("violation_samples")}
+    if cell.event == "oom" and not (rep.get("oom_events") or {}).get("oom_kill"):
+        return "OOM_NOT_TRIGGERED", f
+    b, _, g = f["pins_victim"]
+    if cell.mode in ("pin", "longterm") and b is not None and g != b:
+        return "PINS_LEAKED", f
+    kinds = va.get("kinds") or {}
+    if not kinds.get("destroy"):
+        return "REGION_NOT_RELEASED", f
+    if cell.mode == "odp" and kinds.get("invalidate_ack"):
+        return "REVOKED_IN_TIME", f
+    return "RELEASED_AT_EXIT", f
+
+
 def _changed(a: list[Any] | None, b: list[Any] | None) -> int | None:
     if not a or not b:
         return None
@@ -310,12 +357,8 @@ def summarize_pagemap(pm: list[Any] | None) -> dict[str, int] | None:
 
 
 # --------------------------------------------------------------------- running a cell
-def _dmesg_mark(s: GuestSession) -> int:
-    return int(s.guest.ssh.run("dmesg | wc -l", check=True).out.strip() or 0)
-
-
 def _dmesg_since(s: GuestSession, mark: int, art: Path) -> DmesgReport:
-    text = s.guest.ssh.run(f"dmesg | tail -n +{mark + 1}", timeout=60, check=True).out
+    text = s.dmesg_since(mark)
     (art / "dmesg.txt").write_text(text)
     return classify(text)
 
@@ -330,6 +373,10 @@ def _finish(s: GuestSession, cell: Cell, art: Path, rep: dict[str, Any], mark: i
     dm = _dmesg_since(s, mark, art)
     try:
         audit = audit_facts(s, rep)
+        victim = rep.get("victim")
+        if isinstance(victim, dict) and victim.get("region") is not None:
+            audit["victim"] = audit_facts(s, {"region": victim["region"], "mode": cell.mode,
+                                              "pfns_before": victim.get("pfns")})
     except Exception as exc:  # noqa: BLE001 - the device may be gone (hot-unplug)
         audit = {"unavailable": repr(exc)}
     observed, facts = classify_cell(cell, rep, dm, audit)
@@ -351,7 +398,7 @@ def run_cell(s: GuestSession, cell: Cell, art: Path) -> Observation:
     """The generic scenario: the whole cell runs in the guest workload."""
     art.mkdir(parents=True, exist_ok=True)
     s.mark()
-    mark = _dmesg_mark(s)
+    mark = s.dmesg_mark()
     rep = s.workload(*_cell_args(cell), timeout=300)
     return _finish(s, cell, art, rep, mark)
 
@@ -360,7 +407,7 @@ def no_ack(s: GuestSession, cell: Cell, art: Path) -> Observation:
     """odp: the device never acknowledges INVALIDATE; the driver must escalate."""
     art.mkdir(parents=True, exist_ok=True)
     s.mark()
-    mark = _dmesg_mark(s)
+    mark = s.dmesg_mark()
     s.device("set-fault", **{"never-ack-revoke": True})
     try:
         rep = s.workload(*_cell_args(cell), timeout=300)
@@ -387,7 +434,7 @@ def hot_unplug(s: GuestSession, cell: Cell, art: Path) -> Observation:
     """
     art.mkdir(parents=True, exist_ok=True)
     s.mark()
-    mark = _dmesg_mark(s)
+    mark = s.dmesg_mark()
     ssh = s.guest.ssh
     bdf = _pinlab_bdf(s)
     cmd = (f"rm -f {READY_FILE} {OUT_FILE}; nohup python3 {GUEST_DIR}/workload.py "
@@ -441,9 +488,17 @@ def hot_unplug(s: GuestSession, cell: Cell, art: Path) -> Observation:
         extra["device_deleted_events"] = len(
             [e for e in s.guest.qmp.events() if e.get("event") == "DEVICE_DELETED"])
     obs = _finish(s, cell, art, rep, mark, extra)
-    if cell.event == "pci-remove":   # bring the function back for the next cell
+    # bring the device back for the next cell (the guest is rebooted if that fails)
+    if cell.event == "pci-remove":
         ssh.run("echo 1 > /sys/bus/pci/rescan; for i in $(seq 100); do "
                 "[ -c /dev/pinlab0 ] && exit 0; sleep 0.1; done; exit 1", timeout=60)
+    elif not s.guest.dead():
+        try:
+            s.guest.replug_device()
+            obs.evidence["needs_reboot"] = False
+            obs.evidence["replugged"] = True
+        except Exception as exc:  # noqa: BLE001 - the pool reboots instead
+            obs.evidence["replug_error"] = repr(exc)
     return obs
 
 

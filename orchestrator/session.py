@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import shlex
 from collections.abc import Iterator
 from importlib import resources
@@ -14,10 +13,11 @@ from pinlab.images.build import ensure_images
 from pinlab.images.kernel import DEFAULT_KERNEL
 
 from .accel import choose_accel
+from .agent import AgentError, GuestAgent
 from .qmp import QMP
-from .vm import Guest, GuestConfig
+from .vm import GUEST_MODULE, Guest, GuestConfig
 
-GUEST_TOOLS = ("pinlab_ioctl.py", "pinlab_cell.py", "workload.py")
+GUEST_TOOLS = ("pinlab_ioctl.py", "pinlab_cell.py", "workload.py", "pinlab_agent.py")
 GUEST_DIR = "/root/pinlab"
 
 
@@ -30,6 +30,10 @@ class GuestSession:
         self.guest = guest
         self.control: QMP | None = None
         self.audit_since = 0
+        self._agent: GuestAgent | None = None
+        # why this guest should not run another experiment (set when a workload got stuck
+        # in the kernel or the agent died); the pool reboots such a guest
+        self.broken = ""
 
     @classmethod
     @contextlib.contextmanager
@@ -53,6 +57,8 @@ class GuestSession:
                     g.load_module()
                 yield s
             finally:
+                if s._agent:
+                    s._agent.close()
                 if s.control:
                     s.control.close()
 
@@ -62,22 +68,48 @@ class GuestSession:
             data = resources.files("pinlab.images").joinpath("guest", name).read_bytes()
             self.guest.ssh.put(data, f"{GUEST_DIR}/{name}")
 
+    @property
+    def agent(self) -> GuestAgent:
+        """The guest agent (started on first use, restarted if it died)."""
+        if self._agent is None or not self._agent.alive:
+            if self._agent is not None:
+                self._agent.close()
+            self._agent = GuestAgent(self.guest.ssh, GUEST_DIR,
+                                     self.guest.artifacts / "agent.log")
+            self._agent.start()
+        return self._agent
+
     def workload(self, *args: str, timeout: float = 300) -> dict[str, Any]:
-        """Run the guest workload; its last stdout line is its JSON report."""
-        cmd = f"python3 {GUEST_DIR}/workload.py " + " ".join(shlex.quote(a) for a in args)
-        res = self.guest.ssh.run(cmd, timeout=timeout)
-        lines = [ln for ln in res.out.splitlines() if ln.strip()]
+        """Run one guest workload command in a fresh process forked by the agent."""
+        cmd = "workload.py " + " ".join(shlex.quote(a) for a in args)
         try:
-            report = json.loads(lines[-1]) if lines else None
-        except json.JSONDecodeError:
-            report = None
-        if not isinstance(report, dict):
-            raise WorkloadError(f"workload gave no JSON report (exit {res.rc}): {cmd}\n"
-                                f"stdout: {res.out[-2000:]}\nstderr: {res.err[-2000:]}")
-        report.setdefault("exit", res.rc)
-        if res.err:
-            report.setdefault("stderr", res.err[-4000:])
+            resp = self.agent.request("run", wait=timeout + 30, argv=list(args),
+                                      timeout=timeout)
+        except AgentError as exc:
+            self.broken = f"guest agent failed: {exc}"
+            raise WorkloadError(f"{cmd}: {exc}") from exc
+        if resp.get("stuck"):
+            self.broken = f"{cmd} is stuck in the kernel (pid {resp.get('pid')})"
+        report = resp.get("report")
+        if "error" in resp or not isinstance(report, dict):
+            raise WorkloadError(f"{cmd}: {resp.get('error', 'no report')}\n"
+                                f"output: {str(resp.get('output', ''))[-3000:]}")
+        report.setdefault("exit", resp.get("exit"))
+        report.setdefault("agent_ms", resp.get("ms"))
+        if resp.get("output"):
+            report.setdefault("stderr", str(resp["output"])[-4000:])
         return report
+
+    def reload_module(self) -> dict[str, Any]:
+        """A fresh driver instance: rmmod + insmod pinlab.ko, wait for /dev/pinlab0."""
+        return self.agent.checked("reload", wait=60, module=GUEST_MODULE)
+
+    def dmesg_mark(self) -> int:
+        """A point in the kernel log; dmesg_since() returns what was logged after it."""
+        return int(self.agent.checked("dmesg-mark", wait=30)["mark"])
+
+    def dmesg_since(self, mark: int) -> str:
+        return str(self.agent.checked("dmesg-since", wait=60, mark=mark)["text"])
 
     def mark(self) -> int:
         """Start a new experiment: later audit queries only see records from here on."""

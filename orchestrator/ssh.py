@@ -97,6 +97,18 @@ class GuestSSH:
         res = Result(cmd, rc, out, err)
         return res.check() if check else res
 
+    def open_channel(self, cmd: str) -> paramiko.Channel:
+        """A long-lived exec channel running ``cmd`` (for a guest agent)."""
+        tr = self.client.get_transport() if self.client else None
+        if not tr or not tr.is_active():
+            raise SSHError("not connected")
+        try:
+            chan = tr.open_session(timeout=30)
+            chan.exec_command(cmd)
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise SSHError(f"ssh failed to start: {cmd}: {exc!r}") from exc
+        return chan
+
     def put(self, local: Path | bytes, remote: str, mode: int = 0o644) -> None:
         if not self.client:
             raise SSHError("not connected")

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from pinlab.images.build import GuestImages
 
@@ -29,6 +30,8 @@ from .qmp import QMP, QMPError
 from .ssh import GuestSSH
 
 DEVICE_ID = "pinlab0"
+
+GUEST_MODULE = "/tmp/pinlab.ko"   # where load_module() puts pinlab.ko in the guest
 
 
 class GuestError(RuntimeError):
@@ -152,12 +155,24 @@ class Guest:
                      "-device", f"virtio-blk-pci,drive=disk{i},serial={serial}"]
         if c.device:
             # Behind a PCIe root port: devices on q35's root complex cannot be hot-unplugged.
-            dev = {"driver": "vfio-user-pci", "id": DEVICE_ID, "x-msg-timeout": c.msg_timeout_ms,
-                   "bus": "pinlab-port",
-                   "socket": {"type": "unix", "path": str(self.device_sock)}}
             args += ["-device", "pcie-root-port,id=pinlab-port,chassis=1,slot=1",
-                     "-device", json.dumps(dev, separators=(",", ":"))]
+                     "-device", json.dumps(self.device_spec(), separators=(",", ":"))]
         return args
+
+    def device_spec(self) -> dict[str, Any]:
+        """The vfio-user-pci device, as -device JSON and as QMP device_add arguments."""
+        return {"driver": "vfio-user-pci", "id": DEVICE_ID,
+                "x-msg-timeout": self.cfg.msg_timeout_ms, "bus": "pinlab-port",
+                "socket": {"type": "unix", "path": str(self.device_sock)}}
+
+    def replug_device(self, timeout: float = 30) -> None:
+        """Plug the device back in after a device_del (QMP device_add on the same root
+        port; the device server kept running and accepts QEMU's new connection)."""
+        assert self.qmp
+        self.qmp.cmd("device_add", **self.device_spec())
+        self.ssh.run(f"for i in $(seq {int(timeout * 10)}); do [ -c /dev/pinlab0 ] && exit 0;"
+                     " sleep 0.1; done; echo 'no /dev/pinlab0 after device_add' >&2; exit 1",
+                     check=True, timeout=timeout + 10)
 
     def dead(self) -> str | None:
         """Why the guest can no longer work (QEMU or the device server exited, or the
@@ -193,8 +208,8 @@ class Guest:
 
     # -- in the guest ------------------------------------------------------------------
     def load_module(self, params: str = "") -> None:
-        self.ssh.put(self.images.kmod, "/tmp/pinlab.ko")
-        self.ssh.run(f"insmod /tmp/pinlab.ko {params}", check=True, timeout=60)
+        self.ssh.put(self.images.kmod, GUEST_MODULE)
+        self.ssh.run(f"insmod {GUEST_MODULE} {params}", check=True, timeout=60)
         self.ssh.run("for i in $(seq 100); do [ -c /dev/pinlab0 ] && exit 0; sleep 0.1; done;"
                      " echo 'no /dev/pinlab0' >&2; exit 1", check=True, timeout=30)
 

@@ -67,7 +67,7 @@ def _matrix(args: argparse.Namespace) -> int:
     from pinlab.orchestrator.matrix import run_matrix
 
     return run_matrix(kernels=args.kernel, tags=args.tags, json_out=args.json,
-                      html_dir=args.html)
+                      html_dir=args.html, concurrent=not args.serial)
 
 
 def _fuzz(args: argparse.Namespace) -> int:
@@ -106,9 +106,12 @@ def main(argv: list[str] | None = None) -> int:
 
     m = sub.add_parser("matrix", help="run the scenario matrix and write verdicts")
     m.add_argument("--kernel", action="append", help="kernel(s); default: all defaults")
-    m.add_argument("--tags", action="append", help="avocado tag filter (repeatable)")
+    m.add_argument("--tags", action="append",
+                   help="avocado tag filter, e.g. mode:odp,backing:ext4 (repeatable: ORed)")
     m.add_argument("--json", help="verdict JSON file")
     m.add_argument("--html", help="directory for the HTML report")
+    m.add_argument("--serial", action="store_true",
+                   help="run the kernels one after another (default: at the same time)")
 
     fz = sub.add_parser("fuzz", help="fuzz pinlab.ko's ioctls in a guest")
     fzs = fz.add_subparsers(dest="fuzz_cmd", required=True)

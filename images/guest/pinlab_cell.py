@@ -20,6 +20,8 @@ import fcntl
 import json
 import mmap
 import os
+import select
+import signal
 import struct
 import subprocess
 import time
@@ -258,6 +260,104 @@ def enter_cgroup(stack, rep):
                 time.sleep(0.1)
     stack.callback(leave)
     rep["cgroup"] = CGCELL
+
+
+CGOOM = f"{CGROOT}/pinlab-oom"
+OOM_LIMIT = 48 << 20
+
+
+def oom_cgroup(stack, rep):
+    """A cgroup where the victim of an "oom" cell runs out of memory (no swap)."""
+    if "memory" not in read_file(f"{CGROOT}/cgroup.subtree_control").split():
+        write_file(f"{CGROOT}/cgroup.subtree_control", "+memory")
+    os.makedirs(CGOOM, exist_ok=True)
+    write_file(f"{CGOOM}/memory.max", str(OOM_LIMIT))
+    with contextlib.suppress(OSError):
+        write_file(f"{CGOOM}/memory.swap.max", "0")
+
+    def remove():
+        for _ in range(50):
+            try:
+                os.rmdir(CGOOM)
+                break
+            except OSError:
+                time.sleep(0.1)
+    stack.callback(remove)
+    rep["oom_cgroup"] = {"path": CGOOM, "memory.max": OOM_LIMIT}
+    return CGOOM
+
+
+def memcg_events(cg):
+    out = {}
+    with contextlib.suppress(OSError):
+        for line in read_file(f"{cg}/memory.events").splitlines():
+            k, v = line.split()
+            out[k] = int(v)
+    return out
+
+
+def driver_stat(name, dev="pinlab0"):
+    """A counter from the driver's debugfs stats (None when unavailable)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in read_file(f"/sys/kernel/debug/pinlab/{dev}/stats").splitlines():
+            parts = line.split()
+            if len(parts) == 2 and parts[0] == name:
+                return int(parts[1])
+    return None
+
+
+def _read_line(fd, timeout):
+    buf, deadline = b"", time.monotonic() + timeout
+    while b"\n" not in buf:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            raise RuntimeError("the victim process did not report")
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            raise RuntimeError(f"the victim process exited early: {buf[-500:]!r}")
+        buf += chunk
+    return json.loads(buf.split(b"\n", 1)[0])
+
+
+def _wait_child(pid, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return status
+        time.sleep(0.01)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+    return _wait_child(pid, 5) if timeout > 5 else None
+
+
+def _victim_child(args, kind, cg, info_w, go_r):
+    """In the victim process: register, stream, report, then die as told."""
+    code = 0
+    try:
+        if cg:
+            write_file(f"{cg}/cgroup.procs", "0")
+        with contextlib.ExitStack() as st:
+            vrep = {"steps": []}
+            m = Mapping(st, kind, vrep, tag="victim")
+            dev = pinlab_ioctl.PinlabDevice(args.device)
+            rid = dev.register(m.addr, m.size, args.mode)
+            dev.dma_write(rid, 0, m.size, 1)
+            dev.stream_start(rid, 0, m.size, 1, PAGE, 500)
+            os.write(info_w, json.dumps({"region": rid, "npages": m.npages,
+                                         "pfns": m.pfns()}).encode() + b"\n")
+            os.read(go_r, 1)
+            if cg:
+                hog = []
+                while True:           # until the OOM killer ends it
+                    hog.append(b"\1" * (1 << 20))
+            os.kill(os.getpid(), signal.SIGKILL)
+    except BaseException as exc:  # noqa: BLE001 - the child must never return
+        with contextlib.suppress(Exception):
+            os.write(info_w, json.dumps({"error": repr(exc)}).encode() + b"\n")
+        code = 1
+    finally:
+        os._exit(code)
 
 
 def memcg_current():
@@ -650,6 +750,77 @@ class Cell:
         self.dma(2)
         self.file_scan("file_g2")
 
+    def ev_odirect_write(self):
+        """An O_DIRECT write over part of the registered, cached, mapped range: the kernel
+        writes back and invalidates the page cache there (invalidate_inode_pages2), pin or
+        no pin (ref row 5b). Then the device writes generation 2 over everything."""
+        m, rep = self.m, self.rep
+        first, count = 4, 4
+        rep["odirect_pages"] = [first, count]
+        buf = mmap.mmap(-1, count * PAGE)          # page aligned, zero filled
+        fd = os.open(m.path, os.O_WRONLY | os.O_DIRECT)
+        try:
+            timed(rep, "odirect_write", os.pwritev, fd, [buf], first * PAGE)
+        finally:
+            os.close(fd)
+            buf.close()
+        rep["pagemap_after_event"] = m.pfns()
+        rep["map_after_odirect"] = self.scan_map()
+        self.dma(2)
+        rep["map_g2"] = self.scan_map()
+        rep["pfns_after_touch"] = m.pfns()
+
+    def ev_exit(self):
+        self._victim(oom=False)
+
+    def ev_oom(self):
+        self._victim(oom=True)
+
+    def _victim(self, oom):
+        """A second process registers a region of the same backing, has the device stream
+        into it, and dies without deregistering: SIGKILL (exit) or the memcg OOM killer
+        (oom, whose reaper invalidates without blocking). The driver's teardown is what is
+        observed (ref row 11); this cell's own region is the control."""
+        rep = self.rep
+        info_r, info_w = os.pipe()
+        go_r, go_w = os.pipe()
+        cg = None
+        if oom:
+            cg = oom_cgroup(self.stack, rep)
+        rep["vmstat_before_victim"] = vmstat()
+        pid = os.fork()
+        if pid == 0:
+            os.close(info_r)
+            os.close(go_w)
+            _victim_child(self.a, self.m.kind, cg, info_w, go_r)   # never returns
+        os.close(info_w)
+        os.close(go_r)
+        rep["victim_pid"] = pid
+        try:
+            info = _read_line(info_r, 30)
+            rep["victim"] = info
+            rep["vmstat_victim_registered"] = vmstat()
+            rep["nonblock_refused_before"] = driver_stat("invalidations_nonblock_refused")
+            t0 = now_ms()
+            os.write(go_w, b"x")
+            status = _wait_child(pid, 60)
+            rep["victim_exit_ms"] = round(now_ms() - t0, 1)
+        finally:
+            os.close(go_w)
+            os.close(info_r)
+        if status is None:
+            rep["victim_status"] = "did not die within 60 s"
+            return
+        rep["victim_status"] = status
+        rep["victim_signal"] = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+        time.sleep(0.2)        # the file's release() and the device's destroy are done
+        rep["vmstat_victim_gone"] = vmstat()
+        rep["nonblock_refused_after"] = driver_stat("invalidations_nonblock_refused")
+        if cg:
+            rep["oom_events"] = memcg_events(cg)
+        self.dma(2)
+        rep["map_g2"] = self.scan_map()
+
     def ev_no_ack(self):
         """odp: the host made the device never acknowledge INVALIDATE; revoke by DONTNEED."""
         rep = self.rep
@@ -707,5 +878,5 @@ def cmd_cell(args):
 EVENTS = ["dma-write", "truncate", "punch-hole", "punch-hole-partial", "pageout",
           "memcg-reclaim", "drop-caches", "writeback", "2018", "migrate", "fork",
           "fork-dontfork", "munmap", "dontneed", "seal-write", "hot-unplug", "pci-remove",
-          "no-ack"]
+          "no-ack", "odirect-write", "exit", "oom"]
 BACKINGS = ["anon", "memfd", "tmpfs", "ext4", "xfs", "private-file", "hugetlb"]

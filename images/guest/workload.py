@@ -105,8 +105,8 @@ def cmd_dma_write(args):
     return report
 
 
-def main():
-    p = argparse.ArgumentParser()
+def parser():
+    p = argparse.ArgumentParser(prog="workload.py")
     p.add_argument("--device", default="/dev/pinlab0")
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info")
@@ -119,12 +119,20 @@ def main():
     c.add_argument("--mode", required=True, choices=["gup", "pin", "longterm", "odp"])
     c.add_argument("--backing", required=True, choices=pinlab_cell.BACKINGS)
     c.add_argument("--event", required=True, choices=pinlab_cell.EVENTS)
-    args = p.parse_args()
+    return p
+
+
+def run(args):
+    """The report of one command (errors are reported in it, not raised)."""
     try:
-        report = {"info": cmd_info, "dma-write": cmd_dma_write,
-                  "cell": pinlab_cell.cmd_cell}[args.cmd](args)
+        return {"info": cmd_info, "dma-write": cmd_dma_write,
+                "cell": pinlab_cell.cmd_cell}[args.cmd](args)
     except Exception as exc:  # report, don't crash: the host reads the JSON
-        report = {"error": f"{type(exc).__name__}: {exc}"}
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def main():
+    report = run(parser().parse_args())
     print(json.dumps(report, default=str))
     return 0 if "error" not in report else 1
 

@@ -12,859 +12,1193 @@ class Kernel6_12(CellTest):
     """
 
     def test_gup__anon__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:gup,backing:anon,event:dma-write"""
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:anon,event:dma-write"""
         self.cell('6.12', 'gup', 'anon', 'dma-write')
 
     def test_pin__anon__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:pin,backing:anon,event:dma-write,smoke"""
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:anon,event:dma-write,smoke"""
         self.cell('6.12', 'pin', 'anon', 'dma-write')
 
     def test_longterm__anon__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:longterm,backing:anon,event:dma-write"""
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:anon,event:dma-write"""
         self.cell('6.12', 'longterm', 'anon', 'dma-write')
 
     def test_odp__anon__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:odp,backing:anon,event:dma-write"""
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:anon,event:dma-write"""
         self.cell('6.12', 'odp', 'anon', 'dma-write')
 
     def test_gup__memfd__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:gup,backing:memfd,event:dma-write"""
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:memfd,event:dma-write"""
         self.cell('6.12', 'gup', 'memfd', 'dma-write')
 
     def test_pin__memfd__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:pin,backing:memfd,event:dma-write"""
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:memfd,event:dma-write"""
         self.cell('6.12', 'pin', 'memfd', 'dma-write')
 
     def test_longterm__memfd__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:longterm,backing:memfd,event:dma-write"""
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:memfd,event:dma-write"""
         self.cell('6.12', 'longterm', 'memfd', 'dma-write')
 
     def test_odp__memfd__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:odp,backing:memfd,event:dma-write"""
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:memfd,event:dma-write"""
         self.cell('6.12', 'odp', 'memfd', 'dma-write')
 
     def test_gup__tmpfs__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:gup,backing:tmpfs,event:dma-write"""
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:tmpfs,event:dma-write"""
         self.cell('6.12', 'gup', 'tmpfs', 'dma-write')
 
     def test_pin__tmpfs__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:pin,backing:tmpfs,event:dma-write"""
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:tmpfs,event:dma-write"""
         self.cell('6.12', 'pin', 'tmpfs', 'dma-write')
 
     def test_longterm__tmpfs__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:longterm,backing:tmpfs,event:dma-write"""
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:tmpfs,event:dma-write"""
         self.cell('6.12', 'longterm', 'tmpfs', 'dma-write')
 
     def test_odp__tmpfs__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:odp,backing:tmpfs,event:dma-write"""
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:tmpfs,event:dma-write"""
         self.cell('6.12', 'odp', 'tmpfs', 'dma-write')
 
     def test_gup__ext4__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:gup,backing:ext4,event:dma-write"""
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:ext4,event:dma-write"""
         self.cell('6.12', 'gup', 'ext4', 'dma-write')
 
     def test_pin__ext4__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:pin,backing:ext4,event:dma-write"""
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:ext4,event:dma-write"""
         self.cell('6.12', 'pin', 'ext4', 'dma-write')
 
     def test_longterm__ext4__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:longterm,backing:ext4,event:dma-write"""
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:ext4,event:dma-write"""
         self.cell('6.12', 'longterm', 'ext4', 'dma-write')
 
     def test_odp__ext4__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:odp,backing:ext4,event:dma-write"""
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:ext4,event:dma-write"""
         self.cell('6.12', 'odp', 'ext4', 'dma-write')
 
     def test_gup__xfs__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:gup,backing:xfs,event:dma-write"""
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:xfs,event:dma-write"""
         self.cell('6.12', 'gup', 'xfs', 'dma-write')
 
     def test_pin__xfs__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:pin,backing:xfs,event:dma-write"""
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:xfs,event:dma-write"""
         self.cell('6.12', 'pin', 'xfs', 'dma-write')
 
     def test_longterm__xfs__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:longterm,backing:xfs,event:dma-write"""
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:xfs,event:dma-write"""
         self.cell('6.12', 'longterm', 'xfs', 'dma-write')
 
     def test_odp__xfs__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:odp,backing:xfs,event:dma-write"""
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:xfs,event:dma-write"""
         self.cell('6.12', 'odp', 'xfs', 'dma-write')
 
     def test_gup__hugetlb__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:gup,backing:hugetlb,event:dma-write"""
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:hugetlb,event:dma-write"""
         self.cell('6.12', 'gup', 'hugetlb', 'dma-write')
 
     def test_pin__hugetlb__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:pin,backing:hugetlb,event:dma-write"""
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:hugetlb,event:dma-write"""
         self.cell('6.12', 'pin', 'hugetlb', 'dma-write')
 
     def test_longterm__hugetlb__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:longterm,backing:hugetlb,event:dma-write"""
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:hugetlb,event:dma-write"""
         self.cell('6.12', 'longterm', 'hugetlb', 'dma-write')
 
     def test_odp__hugetlb__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:odp,backing:hugetlb,event:dma-write"""
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:hugetlb,event:dma-write"""
         self.cell('6.12', 'odp', 'hugetlb', 'dma-write')
 
     def test_gup__private_file__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:gup,backing:private-file,event:dma-write"""
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:private-file,event:dma-write"""
         self.cell('6.12', 'gup', 'private-file', 'dma-write')
 
     def test_pin__private_file__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:pin,backing:private-file,event:dma-write"""
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:private-file,event:dma-write"""
         self.cell('6.12', 'pin', 'private-file', 'dma-write')
 
     def test_longterm__private_file__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:longterm,backing:private-file,event:dma-write"""
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:private-file,event:dma-write"""
         self.cell('6.12', 'longterm', 'private-file', 'dma-write')
 
     def test_odp__private_file__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:odp,backing:private-file,event:dma-write"""
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:private-file,event:dma-write"""
         self.cell('6.12', 'odp', 'private-file', 'dma-write')
 
     def test_gup__memfd__truncate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:gup,backing:memfd,event:truncate"""
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:memfd,event:truncate"""
         self.cell('6.12', 'gup', 'memfd', 'truncate')
 
     def test_pin__memfd__truncate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:pin,backing:memfd,event:truncate"""
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:memfd,event:truncate"""
         self.cell('6.12', 'pin', 'memfd', 'truncate')
 
     def test_longterm__memfd__truncate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:longterm,backing:memfd,event:truncate"""
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:memfd,event:truncate"""
         self.cell('6.12', 'longterm', 'memfd', 'truncate')
 
     def test_odp__memfd__truncate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:odp,backing:memfd,event:truncate"""
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:memfd,event:truncate"""
         self.cell('6.12', 'odp', 'memfd', 'truncate')
 
     def test_gup__tmpfs__truncate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:gup,backing:tmpfs,event:truncate"""
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:tmpfs,event:truncate"""
         self.cell('6.12', 'gup', 'tmpfs', 'truncate')
 
     def test_pin__tmpfs__truncate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:pin,backing:tmpfs,event:truncate"""
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:tmpfs,event:truncate"""
         self.cell('6.12', 'pin', 'tmpfs', 'truncate')
 
     def test_longterm__tmpfs__truncate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:longterm,backing:tmpfs,event:truncate"""
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:tmpfs,event:truncate"""
         self.cell('6.12', 'longterm', 'tmpfs', 'truncate')
 
     def test_odp__tmpfs__truncate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:odp,backing:tmpfs,event:truncate"""
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:tmpfs,event:truncate"""
         self.cell('6.12', 'odp', 'tmpfs', 'truncate')
 
     def test_gup__ext4__truncate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:gup,backing:ext4,event:truncate"""
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:ext4,event:truncate"""
         self.cell('6.12', 'gup', 'ext4', 'truncate')
 
     def test_pin__ext4__truncate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:pin,backing:ext4,event:truncate,smoke"""
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:ext4,event:truncate,smoke"""
         self.cell('6.12', 'pin', 'ext4', 'truncate')
 
     def test_longterm__ext4__truncate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:longterm,backing:ext4,event:truncate"""
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:ext4,event:truncate"""
         self.cell('6.12', 'longterm', 'ext4', 'truncate')
 
     def test_odp__ext4__truncate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:odp,backing:ext4,event:truncate"""
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:ext4,event:truncate"""
         self.cell('6.12', 'odp', 'ext4', 'truncate')
 
     def test_gup__xfs__truncate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:gup,backing:xfs,event:truncate"""
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:xfs,event:truncate"""
         self.cell('6.12', 'gup', 'xfs', 'truncate')
 
     def test_pin__xfs__truncate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:pin,backing:xfs,event:truncate"""
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:xfs,event:truncate"""
         self.cell('6.12', 'pin', 'xfs', 'truncate')
 
     def test_longterm__xfs__truncate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:longterm,backing:xfs,event:truncate"""
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:xfs,event:truncate"""
         self.cell('6.12', 'longterm', 'xfs', 'truncate')
 
     def test_odp__xfs__truncate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:odp,backing:xfs,event:truncate"""
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:xfs,event:truncate"""
         self.cell('6.12', 'odp', 'xfs', 'truncate')
 
     def test_gup__hugetlb__truncate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:gup,backing:hugetlb,event:truncate"""
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:hugetlb,event:truncate"""
         self.cell('6.12', 'gup', 'hugetlb', 'truncate')
 
     def test_pin__hugetlb__truncate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:pin,backing:hugetlb,event:truncate"""
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:hugetlb,event:truncate"""
         self.cell('6.12', 'pin', 'hugetlb', 'truncate')
 
     def test_longterm__hugetlb__truncate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:longterm,backing:hugetlb,event:truncate"""
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:hugetlb,event:truncate"""
         self.cell('6.12', 'longterm', 'hugetlb', 'truncate')
 
     def test_odp__hugetlb__truncate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:odp,backing:hugetlb,event:truncate"""
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:hugetlb,event:truncate"""
         self.cell('6.12', 'odp', 'hugetlb', 'truncate')
 
     def test_gup__memfd__punch_hole(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:gup,backing:memfd,event:punch-hole"""
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:memfd,event:punch-hole"""
         self.cell('6.12', 'gup', 'memfd', 'punch-hole')
 
     def test_pin__memfd__punch_hole(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:pin,backing:memfd,event:punch-hole"""
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:memfd,event:punch-hole"""
         self.cell('6.12', 'pin', 'memfd', 'punch-hole')
 
     def test_longterm__memfd__punch_hole(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:longterm,backing:memfd,event:punch-hole"""
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:memfd,event:punch-hole"""
         self.cell('6.12', 'longterm', 'memfd', 'punch-hole')
 
     def test_odp__memfd__punch_hole(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:odp,backing:memfd,event:punch-hole"""
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:memfd,event:punch-hole"""
         self.cell('6.12', 'odp', 'memfd', 'punch-hole')
 
     def test_gup__tmpfs__punch_hole(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:gup,backing:tmpfs,event:punch-hole"""
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:tmpfs,event:punch-hole"""
         self.cell('6.12', 'gup', 'tmpfs', 'punch-hole')
 
     def test_pin__tmpfs__punch_hole(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:pin,backing:tmpfs,event:punch-hole"""
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:tmpfs,event:punch-hole"""
         self.cell('6.12', 'pin', 'tmpfs', 'punch-hole')
 
     def test_longterm__tmpfs__punch_hole(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:longterm,backing:tmpfs,event:punch-hole"""
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:tmpfs,event:punch-hole"""
         self.cell('6.12', 'longterm', 'tmpfs', 'punch-hole')
 
     def test_odp__tmpfs__punch_hole(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:odp,backing:tmpfs,event:punch-hole"""
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:tmpfs,event:punch-hole"""
         self.cell('6.12', 'odp', 'tmpfs', 'punch-hole')
 
     def test_gup__ext4__punch_hole(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:gup,backing:ext4,event:punch-hole"""
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:ext4,event:punch-hole"""
         self.cell('6.12', 'gup', 'ext4', 'punch-hole')
 
     def test_pin__ext4__punch_hole(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:pin,backing:ext4,event:punch-hole,smoke"""
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:ext4,event:punch-hole,smoke"""
         self.cell('6.12', 'pin', 'ext4', 'punch-hole')
 
     def test_longterm__ext4__punch_hole(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:longterm,backing:ext4,event:punch-hole"""
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:ext4,event:punch-hole"""
         self.cell('6.12', 'longterm', 'ext4', 'punch-hole')
 
     def test_odp__ext4__punch_hole(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:odp,backing:ext4,event:punch-hole"""
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:ext4,event:punch-hole"""
         self.cell('6.12', 'odp', 'ext4', 'punch-hole')
 
     def test_gup__xfs__punch_hole(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:gup,backing:xfs,event:punch-hole"""
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:xfs,event:punch-hole"""
         self.cell('6.12', 'gup', 'xfs', 'punch-hole')
 
     def test_pin__xfs__punch_hole(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:pin,backing:xfs,event:punch-hole"""
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:xfs,event:punch-hole"""
         self.cell('6.12', 'pin', 'xfs', 'punch-hole')
 
     def test_longterm__xfs__punch_hole(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:longterm,backing:xfs,event:punch-hole"""
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:xfs,event:punch-hole"""
         self.cell('6.12', 'longterm', 'xfs', 'punch-hole')
 
     def test_odp__xfs__punch_hole(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:odp,backing:xfs,event:punch-hole"""
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:xfs,event:punch-hole"""
         self.cell('6.12', 'odp', 'xfs', 'punch-hole')
 
     def test_gup__hugetlb__punch_hole(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:gup,backing:hugetlb,event:punch-hole"""
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:hugetlb,event:punch-hole"""
         self.cell('6.12', 'gup', 'hugetlb', 'punch-hole')
 
     def test_pin__hugetlb__punch_hole(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:pin,backing:hugetlb,event:punch-hole"""
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:hugetlb,event:punch-hole"""
         self.cell('6.12', 'pin', 'hugetlb', 'punch-hole')
 
     def test_longterm__hugetlb__punch_hole(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:longterm,backing:hugetlb,event:punch-hole"""
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:hugetlb,event:punch-hole"""
         self.cell('6.12', 'longterm', 'hugetlb', 'punch-hole')
 
     def test_odp__hugetlb__punch_hole(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:odp,backing:hugetlb,event:punch-hole"""
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:hugetlb,event:punch-hole"""
         self.cell('6.12', 'odp', 'hugetlb', 'punch-hole')
 
     def test_gup__memfd__punch_hole_partial(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:gup,backing:memfd,event:punch-hole-partial"""
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:memfd,event:punch-hole-partial"""
         self.cell('6.12', 'gup', 'memfd', 'punch-hole-partial')
 
     def test_pin__memfd__punch_hole_partial(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:pin,backing:memfd,event:punch-hole-partial"""
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:memfd,event:punch-hole-partial"""
         self.cell('6.12', 'pin', 'memfd', 'punch-hole-partial')
 
     def test_longterm__memfd__punch_hole_partial(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:longterm,backing:memfd,event:punch-hole-partial"""
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:memfd,event:punch-hole-partial"""
         self.cell('6.12', 'longterm', 'memfd', 'punch-hole-partial')
 
     def test_odp__memfd__punch_hole_partial(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:odp,backing:memfd,event:punch-hole-partial"""
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:memfd,event:punch-hole-partial"""
         self.cell('6.12', 'odp', 'memfd', 'punch-hole-partial')
 
     def test_gup__tmpfs__punch_hole_partial(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:gup,backing:tmpfs,event:punch-hole-partial"""
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:tmpfs,event:punch-hole-partial"""
         self.cell('6.12', 'gup', 'tmpfs', 'punch-hole-partial')
 
     def test_pin__tmpfs__punch_hole_partial(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:pin,backing:tmpfs,event:punch-hole-partial"""
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:tmpfs,event:punch-hole-partial"""
         self.cell('6.12', 'pin', 'tmpfs', 'punch-hole-partial')
 
     def test_longterm__tmpfs__punch_hole_partial(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:longterm,backing:tmpfs,event:punch-hole-partial"""
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:tmpfs,event:punch-hole-partial"""
         self.cell('6.12', 'longterm', 'tmpfs', 'punch-hole-partial')
 
     def test_odp__tmpfs__punch_hole_partial(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:odp,backing:tmpfs,event:punch-hole-partial"""
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:tmpfs,event:punch-hole-partial"""
         self.cell('6.12', 'odp', 'tmpfs', 'punch-hole-partial')
 
     def test_gup__ext4__punch_hole_partial(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:gup,backing:ext4,event:punch-hole-partial"""
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:ext4,event:punch-hole-partial"""
         self.cell('6.12', 'gup', 'ext4', 'punch-hole-partial')
 
     def test_pin__ext4__punch_hole_partial(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:pin,backing:ext4,event:punch-hole-partial,smoke"""
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:ext4,event:punch-hole-partial,smoke"""
         self.cell('6.12', 'pin', 'ext4', 'punch-hole-partial')
 
     def test_longterm__ext4__punch_hole_partial(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:longterm,backing:ext4,event:punch-hole-partial"""
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:ext4,event:punch-hole-partial"""
         self.cell('6.12', 'longterm', 'ext4', 'punch-hole-partial')
 
     def test_odp__ext4__punch_hole_partial(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:odp,backing:ext4,event:punch-hole-partial"""
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:ext4,event:punch-hole-partial"""
         self.cell('6.12', 'odp', 'ext4', 'punch-hole-partial')
 
     def test_gup__xfs__punch_hole_partial(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:gup,backing:xfs,event:punch-hole-partial"""
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:xfs,event:punch-hole-partial"""
         self.cell('6.12', 'gup', 'xfs', 'punch-hole-partial')
 
     def test_pin__xfs__punch_hole_partial(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:pin,backing:xfs,event:punch-hole-partial"""
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:xfs,event:punch-hole-partial"""
         self.cell('6.12', 'pin', 'xfs', 'punch-hole-partial')
 
     def test_longterm__xfs__punch_hole_partial(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:longterm,backing:xfs,event:punch-hole-partial"""
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:xfs,event:punch-hole-partial"""
         self.cell('6.12', 'longterm', 'xfs', 'punch-hole-partial')
 
     def test_odp__xfs__punch_hole_partial(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:odp,backing:xfs,event:punch-hole-partial"""
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:xfs,event:punch-hole-partial"""
         self.cell('6.12', 'odp', 'xfs', 'punch-hole-partial')
 
+    def test_gup__hugetlb__punch_hole_partial(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:hugetlb,event:punch-hole-partial"""
+        self.cell('6.12', 'gup', 'hugetlb', 'punch-hole-partial')
+
+    def test_pin__hugetlb__punch_hole_partial(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:hugetlb,event:punch-hole-partial"""
+        self.cell('6.12', 'pin', 'hugetlb', 'punch-hole-partial')
+
+    def test_longterm__hugetlb__punch_hole_partial(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:hugetlb,event:punch-hole-partial"""
+        self.cell('6.12', 'longterm', 'hugetlb', 'punch-hole-partial')
+
+    def test_odp__hugetlb__punch_hole_partial(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:hugetlb,event:punch-hole-partial"""
+        self.cell('6.12', 'odp', 'hugetlb', 'punch-hole-partial')
+
     def test_gup__anon__pageout(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:gup,backing:anon,event:pageout"""
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:anon,event:pageout"""
         self.cell('6.12', 'gup', 'anon', 'pageout')
 
     def test_pin__anon__pageout(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:pin,backing:anon,event:pageout,smoke"""
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:anon,event:pageout,smoke"""
         self.cell('6.12', 'pin', 'anon', 'pageout')
 
     def test_longterm__anon__pageout(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:longterm,backing:anon,event:pageout"""
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:anon,event:pageout"""
         self.cell('6.12', 'longterm', 'anon', 'pageout')
 
     def test_odp__anon__pageout(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:odp,backing:anon,event:pageout"""
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:anon,event:pageout"""
         self.cell('6.12', 'odp', 'anon', 'pageout')
 
     def test_gup__memfd__pageout(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:gup,backing:memfd,event:pageout"""
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:memfd,event:pageout"""
         self.cell('6.12', 'gup', 'memfd', 'pageout')
 
     def test_pin__memfd__pageout(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:pin,backing:memfd,event:pageout"""
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:memfd,event:pageout"""
         self.cell('6.12', 'pin', 'memfd', 'pageout')
 
     def test_longterm__memfd__pageout(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:longterm,backing:memfd,event:pageout"""
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:memfd,event:pageout"""
         self.cell('6.12', 'longterm', 'memfd', 'pageout')
 
     def test_odp__memfd__pageout(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:odp,backing:memfd,event:pageout"""
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:memfd,event:pageout"""
         self.cell('6.12', 'odp', 'memfd', 'pageout')
 
     def test_gup__ext4__pageout(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:gup,backing:ext4,event:pageout"""
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:ext4,event:pageout"""
         self.cell('6.12', 'gup', 'ext4', 'pageout')
 
     def test_pin__ext4__pageout(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:pin,backing:ext4,event:pageout"""
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:ext4,event:pageout"""
         self.cell('6.12', 'pin', 'ext4', 'pageout')
 
     def test_longterm__ext4__pageout(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:longterm,backing:ext4,event:pageout"""
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:ext4,event:pageout"""
         self.cell('6.12', 'longterm', 'ext4', 'pageout')
 
     def test_odp__ext4__pageout(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:odp,backing:ext4,event:pageout"""
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:ext4,event:pageout"""
         self.cell('6.12', 'odp', 'ext4', 'pageout')
 
     def test_gup__xfs__pageout(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:gup,backing:xfs,event:pageout"""
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:xfs,event:pageout"""
         self.cell('6.12', 'gup', 'xfs', 'pageout')
 
     def test_pin__xfs__pageout(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:pin,backing:xfs,event:pageout"""
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:xfs,event:pageout"""
         self.cell('6.12', 'pin', 'xfs', 'pageout')
 
     def test_longterm__xfs__pageout(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:longterm,backing:xfs,event:pageout"""
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:xfs,event:pageout"""
         self.cell('6.12', 'longterm', 'xfs', 'pageout')
 
     def test_odp__xfs__pageout(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:odp,backing:xfs,event:pageout"""
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:xfs,event:pageout"""
         self.cell('6.12', 'odp', 'xfs', 'pageout')
 
     def test_gup__anon__memcg_reclaim(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:gup,backing:anon,event:memcg-reclaim"""
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:anon,event:memcg-reclaim"""
         self.cell('6.12', 'gup', 'anon', 'memcg-reclaim')
 
     def test_pin__anon__memcg_reclaim(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:pin,backing:anon,event:memcg-reclaim,smoke"""
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:anon,event:memcg-reclaim,smoke"""
         self.cell('6.12', 'pin', 'anon', 'memcg-reclaim')
 
     def test_longterm__anon__memcg_reclaim(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:longterm,backing:anon,event:memcg-reclaim"""
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:anon,event:memcg-reclaim"""
         self.cell('6.12', 'longterm', 'anon', 'memcg-reclaim')
 
     def test_odp__anon__memcg_reclaim(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:odp,backing:anon,event:memcg-reclaim"""
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:anon,event:memcg-reclaim"""
         self.cell('6.12', 'odp', 'anon', 'memcg-reclaim')
 
     def test_gup__memfd__memcg_reclaim(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:gup,backing:memfd,event:memcg-reclaim"""
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:memfd,event:memcg-reclaim"""
         self.cell('6.12', 'gup', 'memfd', 'memcg-reclaim')
 
     def test_pin__memfd__memcg_reclaim(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:pin,backing:memfd,event:memcg-reclaim"""
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:memfd,event:memcg-reclaim"""
         self.cell('6.12', 'pin', 'memfd', 'memcg-reclaim')
 
     def test_longterm__memfd__memcg_reclaim(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:longterm,backing:memfd,event:memcg-reclaim"""
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:memfd,event:memcg-reclaim"""
         self.cell('6.12', 'longterm', 'memfd', 'memcg-reclaim')
 
     def test_odp__memfd__memcg_reclaim(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:odp,backing:memfd,event:memcg-reclaim"""
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:memfd,event:memcg-reclaim"""
         self.cell('6.12', 'odp', 'memfd', 'memcg-reclaim')
 
     def test_gup__ext4__memcg_reclaim(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:gup,backing:ext4,event:memcg-reclaim"""
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:ext4,event:memcg-reclaim"""
         self.cell('6.12', 'gup', 'ext4', 'memcg-reclaim')
 
     def test_pin__ext4__memcg_reclaim(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:pin,backing:ext4,event:memcg-reclaim"""
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:ext4,event:memcg-reclaim"""
         self.cell('6.12', 'pin', 'ext4', 'memcg-reclaim')
 
     def test_longterm__ext4__memcg_reclaim(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:longterm,backing:ext4,event:memcg-reclaim"""
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:ext4,event:memcg-reclaim"""
         self.cell('6.12', 'longterm', 'ext4', 'memcg-reclaim')
 
     def test_odp__ext4__memcg_reclaim(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:odp,backing:ext4,event:memcg-reclaim"""
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:ext4,event:memcg-reclaim"""
         self.cell('6.12', 'odp', 'ext4', 'memcg-reclaim')
 
     def test_gup__xfs__memcg_reclaim(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:gup,backing:xfs,event:memcg-reclaim"""
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:xfs,event:memcg-reclaim"""
         self.cell('6.12', 'gup', 'xfs', 'memcg-reclaim')
 
     def test_pin__xfs__memcg_reclaim(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:pin,backing:xfs,event:memcg-reclaim"""
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:xfs,event:memcg-reclaim"""
         self.cell('6.12', 'pin', 'xfs', 'memcg-reclaim')
 
     def test_longterm__xfs__memcg_reclaim(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:longterm,backing:xfs,event:memcg-reclaim"""
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:xfs,event:memcg-reclaim"""
         self.cell('6.12', 'longterm', 'xfs', 'memcg-reclaim')
 
     def test_odp__xfs__memcg_reclaim(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:odp,backing:xfs,event:memcg-reclaim"""
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:xfs,event:memcg-reclaim"""
         self.cell('6.12', 'odp', 'xfs', 'memcg-reclaim')
 
     def test_gup__memfd__drop_caches(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:gup,backing:memfd,event:drop-caches"""
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:memfd,event:drop-caches"""
         self.cell('6.12', 'gup', 'memfd', 'drop-caches')
 
     def test_pin__memfd__drop_caches(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:pin,backing:memfd,event:drop-caches"""
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:memfd,event:drop-caches"""
         self.cell('6.12', 'pin', 'memfd', 'drop-caches')
 
     def test_longterm__memfd__drop_caches(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:longterm,backing:memfd,event:drop-caches"""
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:memfd,event:drop-caches"""
         self.cell('6.12', 'longterm', 'memfd', 'drop-caches')
 
     def test_odp__memfd__drop_caches(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:odp,backing:memfd,event:drop-caches"""
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:memfd,event:drop-caches"""
         self.cell('6.12', 'odp', 'memfd', 'drop-caches')
 
     def test_gup__tmpfs__drop_caches(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:gup,backing:tmpfs,event:drop-caches"""
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:tmpfs,event:drop-caches"""
         self.cell('6.12', 'gup', 'tmpfs', 'drop-caches')
 
     def test_pin__tmpfs__drop_caches(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:pin,backing:tmpfs,event:drop-caches"""
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:tmpfs,event:drop-caches"""
         self.cell('6.12', 'pin', 'tmpfs', 'drop-caches')
 
     def test_longterm__tmpfs__drop_caches(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:longterm,backing:tmpfs,event:drop-caches"""
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:tmpfs,event:drop-caches"""
         self.cell('6.12', 'longterm', 'tmpfs', 'drop-caches')
 
     def test_odp__tmpfs__drop_caches(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:odp,backing:tmpfs,event:drop-caches"""
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:tmpfs,event:drop-caches"""
         self.cell('6.12', 'odp', 'tmpfs', 'drop-caches')
 
     def test_gup__ext4__drop_caches(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:gup,backing:ext4,event:drop-caches"""
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:ext4,event:drop-caches"""
         self.cell('6.12', 'gup', 'ext4', 'drop-caches')
 
     def test_pin__ext4__drop_caches(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:pin,backing:ext4,event:drop-caches,smoke"""
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:ext4,event:drop-caches,smoke"""
         self.cell('6.12', 'pin', 'ext4', 'drop-caches')
 
     def test_longterm__ext4__drop_caches(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:longterm,backing:ext4,event:drop-caches"""
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:ext4,event:drop-caches"""
         self.cell('6.12', 'longterm', 'ext4', 'drop-caches')
 
     def test_odp__ext4__drop_caches(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:odp,backing:ext4,event:drop-caches"""
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:ext4,event:drop-caches"""
         self.cell('6.12', 'odp', 'ext4', 'drop-caches')
 
     def test_gup__xfs__drop_caches(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:gup,backing:xfs,event:drop-caches"""
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:xfs,event:drop-caches"""
         self.cell('6.12', 'gup', 'xfs', 'drop-caches')
 
     def test_pin__xfs__drop_caches(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:pin,backing:xfs,event:drop-caches"""
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:xfs,event:drop-caches"""
         self.cell('6.12', 'pin', 'xfs', 'drop-caches')
 
     def test_longterm__xfs__drop_caches(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:longterm,backing:xfs,event:drop-caches"""
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:xfs,event:drop-caches"""
         self.cell('6.12', 'longterm', 'xfs', 'drop-caches')
 
     def test_odp__xfs__drop_caches(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:odp,backing:xfs,event:drop-caches"""
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:xfs,event:drop-caches"""
         self.cell('6.12', 'odp', 'xfs', 'drop-caches')
 
     def test_gup__ext4__writeback(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:gup,backing:ext4,event:writeback"""
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:ext4,event:writeback"""
         self.cell('6.12', 'gup', 'ext4', 'writeback')
 
     def test_pin__ext4__writeback(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:pin,backing:ext4,event:writeback,smoke"""
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:ext4,event:writeback,smoke"""
         self.cell('6.12', 'pin', 'ext4', 'writeback')
 
     def test_longterm__ext4__writeback(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:longterm,backing:ext4,event:writeback"""
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:ext4,event:writeback"""
         self.cell('6.12', 'longterm', 'ext4', 'writeback')
 
     def test_odp__ext4__writeback(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:odp,backing:ext4,event:writeback"""
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:ext4,event:writeback"""
         self.cell('6.12', 'odp', 'ext4', 'writeback')
 
     def test_gup__xfs__writeback(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:gup,backing:xfs,event:writeback"""
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:xfs,event:writeback"""
         self.cell('6.12', 'gup', 'xfs', 'writeback')
 
     def test_pin__xfs__writeback(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:pin,backing:xfs,event:writeback"""
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:xfs,event:writeback"""
         self.cell('6.12', 'pin', 'xfs', 'writeback')
 
     def test_longterm__xfs__writeback(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:longterm,backing:xfs,event:writeback"""
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:xfs,event:writeback"""
         self.cell('6.12', 'longterm', 'xfs', 'writeback')
 
     def test_odp__xfs__writeback(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:odp,backing:xfs,event:writeback"""
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:xfs,event:writeback"""
         self.cell('6.12', 'odp', 'xfs', 'writeback')
 
     def test_gup__ext4__2018(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:gup,backing:ext4,event:2018"""
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:ext4,event:2018"""
         self.cell('6.12', 'gup', 'ext4', '2018')
 
     def test_pin__ext4__2018(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:pin,backing:ext4,event:2018,smoke"""
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:ext4,event:2018,smoke"""
         self.cell('6.12', 'pin', 'ext4', '2018')
 
     def test_longterm__ext4__2018(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:longterm,backing:ext4,event:2018"""
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:ext4,event:2018"""
         self.cell('6.12', 'longterm', 'ext4', '2018')
 
     def test_odp__ext4__2018(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:odp,backing:ext4,event:2018"""
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:ext4,event:2018"""
         self.cell('6.12', 'odp', 'ext4', '2018')
 
     def test_gup__anon__migrate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:gup,backing:anon,event:migrate"""
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:anon,event:migrate"""
         self.cell('6.12', 'gup', 'anon', 'migrate')
 
     def test_pin__anon__migrate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:pin,backing:anon,event:migrate,smoke"""
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:anon,event:migrate,smoke"""
         self.cell('6.12', 'pin', 'anon', 'migrate')
 
     def test_longterm__anon__migrate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:longterm,backing:anon,event:migrate"""
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:anon,event:migrate"""
         self.cell('6.12', 'longterm', 'anon', 'migrate')
 
     def test_odp__anon__migrate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:odp,backing:anon,event:migrate"""
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:anon,event:migrate"""
         self.cell('6.12', 'odp', 'anon', 'migrate')
 
     def test_gup__memfd__migrate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:gup,backing:memfd,event:migrate"""
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:memfd,event:migrate"""
         self.cell('6.12', 'gup', 'memfd', 'migrate')
 
     def test_pin__memfd__migrate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:pin,backing:memfd,event:migrate"""
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:memfd,event:migrate"""
         self.cell('6.12', 'pin', 'memfd', 'migrate')
 
     def test_longterm__memfd__migrate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:longterm,backing:memfd,event:migrate"""
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:memfd,event:migrate"""
         self.cell('6.12', 'longterm', 'memfd', 'migrate')
 
     def test_odp__memfd__migrate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:odp,backing:memfd,event:migrate"""
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:memfd,event:migrate"""
         self.cell('6.12', 'odp', 'memfd', 'migrate')
 
     def test_gup__ext4__migrate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:gup,backing:ext4,event:migrate"""
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:ext4,event:migrate"""
         self.cell('6.12', 'gup', 'ext4', 'migrate')
 
     def test_pin__ext4__migrate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:pin,backing:ext4,event:migrate"""
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:ext4,event:migrate"""
         self.cell('6.12', 'pin', 'ext4', 'migrate')
 
     def test_longterm__ext4__migrate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:longterm,backing:ext4,event:migrate"""
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:ext4,event:migrate"""
         self.cell('6.12', 'longterm', 'ext4', 'migrate')
 
     def test_odp__ext4__migrate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:odp,backing:ext4,event:migrate"""
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:ext4,event:migrate"""
         self.cell('6.12', 'odp', 'ext4', 'migrate')
 
     def test_gup__anon__fork(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:gup,backing:anon,event:fork"""
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:anon,event:fork"""
         self.cell('6.12', 'gup', 'anon', 'fork')
 
     def test_pin__anon__fork(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:pin,backing:anon,event:fork,smoke"""
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:anon,event:fork,smoke"""
         self.cell('6.12', 'pin', 'anon', 'fork')
 
     def test_longterm__anon__fork(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:longterm,backing:anon,event:fork"""
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:anon,event:fork"""
         self.cell('6.12', 'longterm', 'anon', 'fork')
 
     def test_odp__anon__fork(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:odp,backing:anon,event:fork"""
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:anon,event:fork"""
         self.cell('6.12', 'odp', 'anon', 'fork')
 
     def test_gup__memfd__fork(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:gup,backing:memfd,event:fork"""
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:memfd,event:fork"""
         self.cell('6.12', 'gup', 'memfd', 'fork')
 
     def test_pin__memfd__fork(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:pin,backing:memfd,event:fork"""
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:memfd,event:fork"""
         self.cell('6.12', 'pin', 'memfd', 'fork')
 
     def test_longterm__memfd__fork(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:longterm,backing:memfd,event:fork"""
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:memfd,event:fork"""
         self.cell('6.12', 'longterm', 'memfd', 'fork')
 
     def test_odp__memfd__fork(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:odp,backing:memfd,event:fork"""
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:memfd,event:fork"""
         self.cell('6.12', 'odp', 'memfd', 'fork')
 
     def test_gup__private_file__fork(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:gup,backing:private-file,event:fork"""
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:private-file,event:fork"""
         self.cell('6.12', 'gup', 'private-file', 'fork')
 
     def test_pin__private_file__fork(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:pin,backing:private-file,event:fork"""
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:private-file,event:fork"""
         self.cell('6.12', 'pin', 'private-file', 'fork')
 
     def test_longterm__private_file__fork(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:longterm,backing:private-file,event:fork"""
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:private-file,event:fork"""
         self.cell('6.12', 'longterm', 'private-file', 'fork')
 
     def test_odp__private_file__fork(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:odp,backing:private-file,event:fork"""
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:private-file,event:fork"""
         self.cell('6.12', 'odp', 'private-file', 'fork')
 
     def test_gup__anon__fork_dontfork(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:gup,backing:anon,event:fork-dontfork"""
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:anon,event:fork-dontfork"""
         self.cell('6.12', 'gup', 'anon', 'fork-dontfork')
 
     def test_pin__anon__fork_dontfork(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:pin,backing:anon,event:fork-dontfork,smoke"""
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:anon,event:fork-dontfork,smoke"""
         self.cell('6.12', 'pin', 'anon', 'fork-dontfork')
 
     def test_longterm__anon__fork_dontfork(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:longterm,backing:anon,event:fork-dontfork"""
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:anon,event:fork-dontfork"""
         self.cell('6.12', 'longterm', 'anon', 'fork-dontfork')
 
     def test_odp__anon__fork_dontfork(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:odp,backing:anon,event:fork-dontfork"""
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:anon,event:fork-dontfork"""
         self.cell('6.12', 'odp', 'anon', 'fork-dontfork')
 
     def test_gup__anon__munmap(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:gup,backing:anon,event:munmap"""
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:anon,event:munmap"""
         self.cell('6.12', 'gup', 'anon', 'munmap')
 
     def test_pin__anon__munmap(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:pin,backing:anon,event:munmap,smoke"""
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:anon,event:munmap,smoke"""
         self.cell('6.12', 'pin', 'anon', 'munmap')
 
     def test_longterm__anon__munmap(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:longterm,backing:anon,event:munmap"""
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:anon,event:munmap"""
         self.cell('6.12', 'longterm', 'anon', 'munmap')
 
     def test_odp__anon__munmap(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:odp,backing:anon,event:munmap"""
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:anon,event:munmap"""
         self.cell('6.12', 'odp', 'anon', 'munmap')
 
     def test_gup__memfd__munmap(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:gup,backing:memfd,event:munmap"""
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:memfd,event:munmap"""
         self.cell('6.12', 'gup', 'memfd', 'munmap')
 
     def test_pin__memfd__munmap(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:pin,backing:memfd,event:munmap"""
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:memfd,event:munmap"""
         self.cell('6.12', 'pin', 'memfd', 'munmap')
 
     def test_longterm__memfd__munmap(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:longterm,backing:memfd,event:munmap"""
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:memfd,event:munmap"""
         self.cell('6.12', 'longterm', 'memfd', 'munmap')
 
     def test_odp__memfd__munmap(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:odp,backing:memfd,event:munmap"""
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:memfd,event:munmap"""
         self.cell('6.12', 'odp', 'memfd', 'munmap')
 
     def test_gup__ext4__munmap(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:gup,backing:ext4,event:munmap"""
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:ext4,event:munmap"""
         self.cell('6.12', 'gup', 'ext4', 'munmap')
 
     def test_pin__ext4__munmap(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:pin,backing:ext4,event:munmap"""
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:ext4,event:munmap"""
         self.cell('6.12', 'pin', 'ext4', 'munmap')
 
     def test_longterm__ext4__munmap(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:longterm,backing:ext4,event:munmap"""
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:ext4,event:munmap"""
         self.cell('6.12', 'longterm', 'ext4', 'munmap')
 
     def test_odp__ext4__munmap(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:odp,backing:ext4,event:munmap"""
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:ext4,event:munmap"""
         self.cell('6.12', 'odp', 'ext4', 'munmap')
 
     def test_gup__anon__dontneed(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:gup,backing:anon,event:dontneed"""
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:anon,event:dontneed"""
         self.cell('6.12', 'gup', 'anon', 'dontneed')
 
     def test_pin__anon__dontneed(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:pin,backing:anon,event:dontneed,smoke"""
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:anon,event:dontneed,smoke"""
         self.cell('6.12', 'pin', 'anon', 'dontneed')
 
     def test_longterm__anon__dontneed(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:longterm,backing:anon,event:dontneed"""
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:anon,event:dontneed"""
         self.cell('6.12', 'longterm', 'anon', 'dontneed')
 
     def test_odp__anon__dontneed(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:odp,backing:anon,event:dontneed"""
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:anon,event:dontneed"""
         self.cell('6.12', 'odp', 'anon', 'dontneed')
 
     def test_gup__memfd__dontneed(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:gup,backing:memfd,event:dontneed"""
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:memfd,event:dontneed"""
         self.cell('6.12', 'gup', 'memfd', 'dontneed')
 
     def test_pin__memfd__dontneed(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:pin,backing:memfd,event:dontneed"""
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:memfd,event:dontneed"""
         self.cell('6.12', 'pin', 'memfd', 'dontneed')
 
     def test_longterm__memfd__dontneed(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:longterm,backing:memfd,event:dontneed"""
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:memfd,event:dontneed"""
         self.cell('6.12', 'longterm', 'memfd', 'dontneed')
 
     def test_odp__memfd__dontneed(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:odp,backing:memfd,event:dontneed"""
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:memfd,event:dontneed"""
         self.cell('6.12', 'odp', 'memfd', 'dontneed')
 
     def test_gup__ext4__dontneed(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:gup,backing:ext4,event:dontneed"""
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:ext4,event:dontneed"""
         self.cell('6.12', 'gup', 'ext4', 'dontneed')
 
     def test_pin__ext4__dontneed(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:pin,backing:ext4,event:dontneed"""
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:ext4,event:dontneed"""
         self.cell('6.12', 'pin', 'ext4', 'dontneed')
 
     def test_longterm__ext4__dontneed(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:longterm,backing:ext4,event:dontneed"""
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:ext4,event:dontneed"""
         self.cell('6.12', 'longterm', 'ext4', 'dontneed')
 
     def test_odp__ext4__dontneed(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:odp,backing:ext4,event:dontneed"""
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:ext4,event:dontneed"""
         self.cell('6.12', 'odp', 'ext4', 'dontneed')
 
     def test_gup__private_file__dontneed(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:gup,backing:private-file,event:dontneed"""
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:private-file,event:dontneed"""
         self.cell('6.12', 'gup', 'private-file', 'dontneed')
 
     def test_pin__private_file__dontneed(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:pin,backing:private-file,event:dontneed"""
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:private-file,event:dontneed"""
         self.cell('6.12', 'pin', 'private-file', 'dontneed')
 
     def test_longterm__private_file__dontneed(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:longterm,backing:private-file,event:dontneed"""
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:private-file,event:dontneed"""
         self.cell('6.12', 'longterm', 'private-file', 'dontneed')
 
     def test_odp__private_file__dontneed(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:odp,backing:private-file,event:dontneed"""
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:private-file,event:dontneed"""
         self.cell('6.12', 'odp', 'private-file', 'dontneed')
 
     def test_gup__memfd__seal_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:gup,backing:memfd,event:seal-write"""
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:memfd,event:seal-write"""
         self.cell('6.12', 'gup', 'memfd', 'seal-write')
 
     def test_pin__memfd__seal_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:pin,backing:memfd,event:seal-write,smoke"""
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:memfd,event:seal-write,smoke"""
         self.cell('6.12', 'pin', 'memfd', 'seal-write')
 
     def test_longterm__memfd__seal_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:longterm,backing:memfd,event:seal-write"""
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:memfd,event:seal-write"""
         self.cell('6.12', 'longterm', 'memfd', 'seal-write')
 
     def test_odp__memfd__seal_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:odp,backing:memfd,event:seal-write"""
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:memfd,event:seal-write"""
         self.cell('6.12', 'odp', 'memfd', 'seal-write')
 
     def test_gup__anon__hot_unplug(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:gup,backing:anon,event:hot-unplug"""
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:anon,event:hot-unplug"""
         self.cell('6.12', 'gup', 'anon', 'hot-unplug')
 
     def test_pin__anon__hot_unplug(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:pin,backing:anon,event:hot-unplug,smoke"""
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:anon,event:hot-unplug,smoke"""
         self.cell('6.12', 'pin', 'anon', 'hot-unplug')
 
     def test_longterm__anon__hot_unplug(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:longterm,backing:anon,event:hot-unplug"""
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:anon,event:hot-unplug"""
         self.cell('6.12', 'longterm', 'anon', 'hot-unplug')
 
     def test_odp__anon__hot_unplug(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:odp,backing:anon,event:hot-unplug"""
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:anon,event:hot-unplug"""
         self.cell('6.12', 'odp', 'anon', 'hot-unplug')
 
     def test_gup__anon__pci_remove(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:gup,backing:anon,event:pci-remove"""
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:anon,event:pci-remove"""
         self.cell('6.12', 'gup', 'anon', 'pci-remove')
 
     def test_pin__anon__pci_remove(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:pin,backing:anon,event:pci-remove,smoke"""
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:anon,event:pci-remove,smoke"""
         self.cell('6.12', 'pin', 'anon', 'pci-remove')
 
     def test_longterm__anon__pci_remove(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:longterm,backing:anon,event:pci-remove"""
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:anon,event:pci-remove"""
         self.cell('6.12', 'longterm', 'anon', 'pci-remove')
 
     def test_odp__anon__pci_remove(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:odp,backing:anon,event:pci-remove"""
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:anon,event:pci-remove"""
         self.cell('6.12', 'odp', 'anon', 'pci-remove')
 
+    def test_gup__ext4__odirect_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:ext4,event:odirect-write"""
+        self.cell('6.12', 'gup', 'ext4', 'odirect-write')
+
+    def test_pin__ext4__odirect_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:ext4,event:odirect-write,smoke"""
+        self.cell('6.12', 'pin', 'ext4', 'odirect-write')
+
+    def test_longterm__ext4__odirect_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:ext4,event:odirect-write"""
+        self.cell('6.12', 'longterm', 'ext4', 'odirect-write')
+
+    def test_odp__ext4__odirect_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:ext4,event:odirect-write"""
+        self.cell('6.12', 'odp', 'ext4', 'odirect-write')
+
+    def test_gup__xfs__odirect_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:xfs,event:odirect-write"""
+        self.cell('6.12', 'gup', 'xfs', 'odirect-write')
+
+    def test_pin__xfs__odirect_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:xfs,event:odirect-write"""
+        self.cell('6.12', 'pin', 'xfs', 'odirect-write')
+
+    def test_longterm__xfs__odirect_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:xfs,event:odirect-write"""
+        self.cell('6.12', 'longterm', 'xfs', 'odirect-write')
+
+    def test_odp__xfs__odirect_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:xfs,event:odirect-write"""
+        self.cell('6.12', 'odp', 'xfs', 'odirect-write')
+
+    def test_gup__anon__exit(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:anon,event:exit"""
+        self.cell('6.12', 'gup', 'anon', 'exit')
+
+    def test_pin__anon__exit(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:anon,event:exit,smoke"""
+        self.cell('6.12', 'pin', 'anon', 'exit')
+
+    def test_longterm__anon__exit(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:anon,event:exit"""
+        self.cell('6.12', 'longterm', 'anon', 'exit')
+
+    def test_odp__anon__exit(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:anon,event:exit"""
+        self.cell('6.12', 'odp', 'anon', 'exit')
+
+    def test_gup__memfd__exit(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:memfd,event:exit"""
+        self.cell('6.12', 'gup', 'memfd', 'exit')
+
+    def test_pin__memfd__exit(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:memfd,event:exit"""
+        self.cell('6.12', 'pin', 'memfd', 'exit')
+
+    def test_longterm__memfd__exit(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:memfd,event:exit"""
+        self.cell('6.12', 'longterm', 'memfd', 'exit')
+
+    def test_odp__memfd__exit(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:memfd,event:exit"""
+        self.cell('6.12', 'odp', 'memfd', 'exit')
+
+    def test_gup__anon__oom(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:anon,event:oom"""
+        self.cell('6.12', 'gup', 'anon', 'oom')
+
+    def test_pin__anon__oom(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:anon,event:oom,smoke"""
+        self.cell('6.12', 'pin', 'anon', 'oom')
+
+    def test_longterm__anon__oom(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:anon,event:oom"""
+        self.cell('6.12', 'longterm', 'anon', 'oom')
+
+    def test_odp__anon__oom(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:anon,event:oom"""
+        self.cell('6.12', 'odp', 'anon', 'oom')
+
     def test_odp__anon__no_ack(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:odp,backing:anon,event:no-ack,smoke"""
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:anon,event:no-ack,smoke"""
         self.cell('6.12', 'odp', 'anon', 'no-ack')
 
     def test_odp__memfd__no_ack(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:odp,backing:memfd,event:no-ack"""
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:memfd,event:no-ack"""
         self.cell('6.12', 'odp', 'memfd', 'no-ack')
 
 
@@ -875,859 +1209,1193 @@ class Kernel6_1(CellTest):
     """
 
     def test_gup__anon__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:gup,backing:anon,event:dma-write"""
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:anon,event:dma-write"""
         self.cell('6.1', 'gup', 'anon', 'dma-write')
 
     def test_pin__anon__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:pin,backing:anon,event:dma-write,smoke"""
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:anon,event:dma-write,smoke"""
         self.cell('6.1', 'pin', 'anon', 'dma-write')
 
     def test_longterm__anon__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:longterm,backing:anon,event:dma-write"""
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:anon,event:dma-write"""
         self.cell('6.1', 'longterm', 'anon', 'dma-write')
 
     def test_odp__anon__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:odp,backing:anon,event:dma-write"""
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:anon,event:dma-write"""
         self.cell('6.1', 'odp', 'anon', 'dma-write')
 
     def test_gup__memfd__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:gup,backing:memfd,event:dma-write"""
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:memfd,event:dma-write"""
         self.cell('6.1', 'gup', 'memfd', 'dma-write')
 
     def test_pin__memfd__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:pin,backing:memfd,event:dma-write"""
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:memfd,event:dma-write"""
         self.cell('6.1', 'pin', 'memfd', 'dma-write')
 
     def test_longterm__memfd__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:longterm,backing:memfd,event:dma-write"""
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:memfd,event:dma-write"""
         self.cell('6.1', 'longterm', 'memfd', 'dma-write')
 
     def test_odp__memfd__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:odp,backing:memfd,event:dma-write"""
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:memfd,event:dma-write"""
         self.cell('6.1', 'odp', 'memfd', 'dma-write')
 
     def test_gup__tmpfs__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:gup,backing:tmpfs,event:dma-write"""
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:tmpfs,event:dma-write"""
         self.cell('6.1', 'gup', 'tmpfs', 'dma-write')
 
     def test_pin__tmpfs__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:pin,backing:tmpfs,event:dma-write"""
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:tmpfs,event:dma-write"""
         self.cell('6.1', 'pin', 'tmpfs', 'dma-write')
 
     def test_longterm__tmpfs__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:longterm,backing:tmpfs,event:dma-write"""
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:tmpfs,event:dma-write"""
         self.cell('6.1', 'longterm', 'tmpfs', 'dma-write')
 
     def test_odp__tmpfs__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:odp,backing:tmpfs,event:dma-write"""
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:tmpfs,event:dma-write"""
         self.cell('6.1', 'odp', 'tmpfs', 'dma-write')
 
     def test_gup__ext4__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:gup,backing:ext4,event:dma-write"""
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:ext4,event:dma-write"""
         self.cell('6.1', 'gup', 'ext4', 'dma-write')
 
     def test_pin__ext4__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:pin,backing:ext4,event:dma-write"""
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:ext4,event:dma-write"""
         self.cell('6.1', 'pin', 'ext4', 'dma-write')
 
     def test_longterm__ext4__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:longterm,backing:ext4,event:dma-write"""
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:ext4,event:dma-write"""
         self.cell('6.1', 'longterm', 'ext4', 'dma-write')
 
     def test_odp__ext4__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:odp,backing:ext4,event:dma-write"""
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:ext4,event:dma-write"""
         self.cell('6.1', 'odp', 'ext4', 'dma-write')
 
     def test_gup__xfs__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:gup,backing:xfs,event:dma-write"""
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:xfs,event:dma-write"""
         self.cell('6.1', 'gup', 'xfs', 'dma-write')
 
     def test_pin__xfs__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:pin,backing:xfs,event:dma-write"""
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:xfs,event:dma-write"""
         self.cell('6.1', 'pin', 'xfs', 'dma-write')
 
     def test_longterm__xfs__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:longterm,backing:xfs,event:dma-write"""
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:xfs,event:dma-write"""
         self.cell('6.1', 'longterm', 'xfs', 'dma-write')
 
     def test_odp__xfs__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:odp,backing:xfs,event:dma-write"""
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:xfs,event:dma-write"""
         self.cell('6.1', 'odp', 'xfs', 'dma-write')
 
     def test_gup__hugetlb__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:gup,backing:hugetlb,event:dma-write"""
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:hugetlb,event:dma-write"""
         self.cell('6.1', 'gup', 'hugetlb', 'dma-write')
 
     def test_pin__hugetlb__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:pin,backing:hugetlb,event:dma-write"""
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:hugetlb,event:dma-write"""
         self.cell('6.1', 'pin', 'hugetlb', 'dma-write')
 
     def test_longterm__hugetlb__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:longterm,backing:hugetlb,event:dma-write"""
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:hugetlb,event:dma-write"""
         self.cell('6.1', 'longterm', 'hugetlb', 'dma-write')
 
     def test_odp__hugetlb__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:odp,backing:hugetlb,event:dma-write"""
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:hugetlb,event:dma-write"""
         self.cell('6.1', 'odp', 'hugetlb', 'dma-write')
 
     def test_gup__private_file__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:gup,backing:private-file,event:dma-write"""
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:private-file,event:dma-write"""
         self.cell('6.1', 'gup', 'private-file', 'dma-write')
 
     def test_pin__private_file__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:pin,backing:private-file,event:dma-write"""
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:private-file,event:dma-write"""
         self.cell('6.1', 'pin', 'private-file', 'dma-write')
 
     def test_longterm__private_file__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:longterm,backing:private-file,event:dma-write"""
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:private-file,event:dma-write"""
         self.cell('6.1', 'longterm', 'private-file', 'dma-write')
 
     def test_odp__private_file__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:odp,backing:private-file,event:dma-write"""
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:private-file,event:dma-write"""
         self.cell('6.1', 'odp', 'private-file', 'dma-write')
 
     def test_gup__memfd__truncate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:gup,backing:memfd,event:truncate"""
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:memfd,event:truncate"""
         self.cell('6.1', 'gup', 'memfd', 'truncate')
 
     def test_pin__memfd__truncate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:pin,backing:memfd,event:truncate"""
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:memfd,event:truncate"""
         self.cell('6.1', 'pin', 'memfd', 'truncate')
 
     def test_longterm__memfd__truncate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:longterm,backing:memfd,event:truncate"""
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:memfd,event:truncate"""
         self.cell('6.1', 'longterm', 'memfd', 'truncate')
 
     def test_odp__memfd__truncate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:odp,backing:memfd,event:truncate"""
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:memfd,event:truncate"""
         self.cell('6.1', 'odp', 'memfd', 'truncate')
 
     def test_gup__tmpfs__truncate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:gup,backing:tmpfs,event:truncate"""
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:tmpfs,event:truncate"""
         self.cell('6.1', 'gup', 'tmpfs', 'truncate')
 
     def test_pin__tmpfs__truncate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:pin,backing:tmpfs,event:truncate"""
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:tmpfs,event:truncate"""
         self.cell('6.1', 'pin', 'tmpfs', 'truncate')
 
     def test_longterm__tmpfs__truncate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:longterm,backing:tmpfs,event:truncate"""
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:tmpfs,event:truncate"""
         self.cell('6.1', 'longterm', 'tmpfs', 'truncate')
 
     def test_odp__tmpfs__truncate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:odp,backing:tmpfs,event:truncate"""
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:tmpfs,event:truncate"""
         self.cell('6.1', 'odp', 'tmpfs', 'truncate')
 
     def test_gup__ext4__truncate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:gup,backing:ext4,event:truncate"""
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:ext4,event:truncate"""
         self.cell('6.1', 'gup', 'ext4', 'truncate')
 
     def test_pin__ext4__truncate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:pin,backing:ext4,event:truncate,smoke"""
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:ext4,event:truncate,smoke"""
         self.cell('6.1', 'pin', 'ext4', 'truncate')
 
     def test_longterm__ext4__truncate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:longterm,backing:ext4,event:truncate"""
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:ext4,event:truncate"""
         self.cell('6.1', 'longterm', 'ext4', 'truncate')
 
     def test_odp__ext4__truncate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:odp,backing:ext4,event:truncate"""
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:ext4,event:truncate"""
         self.cell('6.1', 'odp', 'ext4', 'truncate')
 
     def test_gup__xfs__truncate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:gup,backing:xfs,event:truncate"""
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:xfs,event:truncate"""
         self.cell('6.1', 'gup', 'xfs', 'truncate')
 
     def test_pin__xfs__truncate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:pin,backing:xfs,event:truncate"""
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:xfs,event:truncate"""
         self.cell('6.1', 'pin', 'xfs', 'truncate')
 
     def test_longterm__xfs__truncate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:longterm,backing:xfs,event:truncate"""
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:xfs,event:truncate"""
         self.cell('6.1', 'longterm', 'xfs', 'truncate')
 
     def test_odp__xfs__truncate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:odp,backing:xfs,event:truncate"""
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:xfs,event:truncate"""
         self.cell('6.1', 'odp', 'xfs', 'truncate')
 
     def test_gup__hugetlb__truncate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:gup,backing:hugetlb,event:truncate"""
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:hugetlb,event:truncate"""
         self.cell('6.1', 'gup', 'hugetlb', 'truncate')
 
     def test_pin__hugetlb__truncate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:pin,backing:hugetlb,event:truncate"""
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:hugetlb,event:truncate"""
         self.cell('6.1', 'pin', 'hugetlb', 'truncate')
 
     def test_longterm__hugetlb__truncate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:longterm,backing:hugetlb,event:truncate"""
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:hugetlb,event:truncate"""
         self.cell('6.1', 'longterm', 'hugetlb', 'truncate')
 
     def test_odp__hugetlb__truncate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:odp,backing:hugetlb,event:truncate"""
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:hugetlb,event:truncate"""
         self.cell('6.1', 'odp', 'hugetlb', 'truncate')
 
     def test_gup__memfd__punch_hole(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:gup,backing:memfd,event:punch-hole"""
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:memfd,event:punch-hole"""
         self.cell('6.1', 'gup', 'memfd', 'punch-hole')
 
     def test_pin__memfd__punch_hole(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:pin,backing:memfd,event:punch-hole"""
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:memfd,event:punch-hole"""
         self.cell('6.1', 'pin', 'memfd', 'punch-hole')
 
     def test_longterm__memfd__punch_hole(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:longterm,backing:memfd,event:punch-hole"""
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:memfd,event:punch-hole"""
         self.cell('6.1', 'longterm', 'memfd', 'punch-hole')
 
     def test_odp__memfd__punch_hole(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:odp,backing:memfd,event:punch-hole"""
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:memfd,event:punch-hole"""
         self.cell('6.1', 'odp', 'memfd', 'punch-hole')
 
     def test_gup__tmpfs__punch_hole(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:gup,backing:tmpfs,event:punch-hole"""
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:tmpfs,event:punch-hole"""
         self.cell('6.1', 'gup', 'tmpfs', 'punch-hole')
 
     def test_pin__tmpfs__punch_hole(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:pin,backing:tmpfs,event:punch-hole"""
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:tmpfs,event:punch-hole"""
         self.cell('6.1', 'pin', 'tmpfs', 'punch-hole')
 
     def test_longterm__tmpfs__punch_hole(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:longterm,backing:tmpfs,event:punch-hole"""
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:tmpfs,event:punch-hole"""
         self.cell('6.1', 'longterm', 'tmpfs', 'punch-hole')
 
     def test_odp__tmpfs__punch_hole(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:odp,backing:tmpfs,event:punch-hole"""
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:tmpfs,event:punch-hole"""
         self.cell('6.1', 'odp', 'tmpfs', 'punch-hole')
 
     def test_gup__ext4__punch_hole(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:gup,backing:ext4,event:punch-hole"""
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:ext4,event:punch-hole"""
         self.cell('6.1', 'gup', 'ext4', 'punch-hole')
 
     def test_pin__ext4__punch_hole(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:pin,backing:ext4,event:punch-hole,smoke"""
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:ext4,event:punch-hole,smoke"""
         self.cell('6.1', 'pin', 'ext4', 'punch-hole')
 
     def test_longterm__ext4__punch_hole(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:longterm,backing:ext4,event:punch-hole"""
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:ext4,event:punch-hole"""
         self.cell('6.1', 'longterm', 'ext4', 'punch-hole')
 
     def test_odp__ext4__punch_hole(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:odp,backing:ext4,event:punch-hole"""
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:ext4,event:punch-hole"""
         self.cell('6.1', 'odp', 'ext4', 'punch-hole')
 
     def test_gup__xfs__punch_hole(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:gup,backing:xfs,event:punch-hole"""
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:xfs,event:punch-hole"""
         self.cell('6.1', 'gup', 'xfs', 'punch-hole')
 
     def test_pin__xfs__punch_hole(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:pin,backing:xfs,event:punch-hole"""
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:xfs,event:punch-hole"""
         self.cell('6.1', 'pin', 'xfs', 'punch-hole')
 
     def test_longterm__xfs__punch_hole(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:longterm,backing:xfs,event:punch-hole"""
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:xfs,event:punch-hole"""
         self.cell('6.1', 'longterm', 'xfs', 'punch-hole')
 
     def test_odp__xfs__punch_hole(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:odp,backing:xfs,event:punch-hole"""
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:xfs,event:punch-hole"""
         self.cell('6.1', 'odp', 'xfs', 'punch-hole')
 
     def test_gup__hugetlb__punch_hole(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:gup,backing:hugetlb,event:punch-hole"""
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:hugetlb,event:punch-hole"""
         self.cell('6.1', 'gup', 'hugetlb', 'punch-hole')
 
     def test_pin__hugetlb__punch_hole(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:pin,backing:hugetlb,event:punch-hole"""
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:hugetlb,event:punch-hole"""
         self.cell('6.1', 'pin', 'hugetlb', 'punch-hole')
 
     def test_longterm__hugetlb__punch_hole(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:longterm,backing:hugetlb,event:punch-hole"""
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:hugetlb,event:punch-hole"""
         self.cell('6.1', 'longterm', 'hugetlb', 'punch-hole')
 
     def test_odp__hugetlb__punch_hole(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:odp,backing:hugetlb,event:punch-hole"""
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:hugetlb,event:punch-hole"""
         self.cell('6.1', 'odp', 'hugetlb', 'punch-hole')
 
     def test_gup__memfd__punch_hole_partial(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:gup,backing:memfd,event:punch-hole-partial"""
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:memfd,event:punch-hole-partial"""
         self.cell('6.1', 'gup', 'memfd', 'punch-hole-partial')
 
     def test_pin__memfd__punch_hole_partial(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:pin,backing:memfd,event:punch-hole-partial"""
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:memfd,event:punch-hole-partial"""
         self.cell('6.1', 'pin', 'memfd', 'punch-hole-partial')
 
     def test_longterm__memfd__punch_hole_partial(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:longterm,backing:memfd,event:punch-hole-partial"""
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:memfd,event:punch-hole-partial"""
         self.cell('6.1', 'longterm', 'memfd', 'punch-hole-partial')
 
     def test_odp__memfd__punch_hole_partial(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:odp,backing:memfd,event:punch-hole-partial"""
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:memfd,event:punch-hole-partial"""
         self.cell('6.1', 'odp', 'memfd', 'punch-hole-partial')
 
     def test_gup__tmpfs__punch_hole_partial(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:gup,backing:tmpfs,event:punch-hole-partial"""
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:tmpfs,event:punch-hole-partial"""
         self.cell('6.1', 'gup', 'tmpfs', 'punch-hole-partial')
 
     def test_pin__tmpfs__punch_hole_partial(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:pin,backing:tmpfs,event:punch-hole-partial"""
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:tmpfs,event:punch-hole-partial"""
         self.cell('6.1', 'pin', 'tmpfs', 'punch-hole-partial')
 
     def test_longterm__tmpfs__punch_hole_partial(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:longterm,backing:tmpfs,event:punch-hole-partial"""
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:tmpfs,event:punch-hole-partial"""
         self.cell('6.1', 'longterm', 'tmpfs', 'punch-hole-partial')
 
     def test_odp__tmpfs__punch_hole_partial(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:odp,backing:tmpfs,event:punch-hole-partial"""
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:tmpfs,event:punch-hole-partial"""
         self.cell('6.1', 'odp', 'tmpfs', 'punch-hole-partial')
 
     def test_gup__ext4__punch_hole_partial(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:gup,backing:ext4,event:punch-hole-partial"""
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:ext4,event:punch-hole-partial"""
         self.cell('6.1', 'gup', 'ext4', 'punch-hole-partial')
 
     def test_pin__ext4__punch_hole_partial(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:pin,backing:ext4,event:punch-hole-partial,smoke"""
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:ext4,event:punch-hole-partial,smoke"""
         self.cell('6.1', 'pin', 'ext4', 'punch-hole-partial')
 
     def test_longterm__ext4__punch_hole_partial(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:longterm,backing:ext4,event:punch-hole-partial"""
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:ext4,event:punch-hole-partial"""
         self.cell('6.1', 'longterm', 'ext4', 'punch-hole-partial')
 
     def test_odp__ext4__punch_hole_partial(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:odp,backing:ext4,event:punch-hole-partial"""
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:ext4,event:punch-hole-partial"""
         self.cell('6.1', 'odp', 'ext4', 'punch-hole-partial')
 
     def test_gup__xfs__punch_hole_partial(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:gup,backing:xfs,event:punch-hole-partial"""
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:xfs,event:punch-hole-partial"""
         self.cell('6.1', 'gup', 'xfs', 'punch-hole-partial')
 
     def test_pin__xfs__punch_hole_partial(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:pin,backing:xfs,event:punch-hole-partial"""
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:xfs,event:punch-hole-partial"""
         self.cell('6.1', 'pin', 'xfs', 'punch-hole-partial')
 
     def test_longterm__xfs__punch_hole_partial(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:longterm,backing:xfs,event:punch-hole-partial"""
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:xfs,event:punch-hole-partial"""
         self.cell('6.1', 'longterm', 'xfs', 'punch-hole-partial')
 
     def test_odp__xfs__punch_hole_partial(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:odp,backing:xfs,event:punch-hole-partial"""
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:xfs,event:punch-hole-partial"""
         self.cell('6.1', 'odp', 'xfs', 'punch-hole-partial')
 
+    def test_gup__hugetlb__punch_hole_partial(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:hugetlb,event:punch-hole-partial"""
+        self.cell('6.1', 'gup', 'hugetlb', 'punch-hole-partial')
+
+    def test_pin__hugetlb__punch_hole_partial(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:hugetlb,event:punch-hole-partial"""
+        self.cell('6.1', 'pin', 'hugetlb', 'punch-hole-partial')
+
+    def test_longterm__hugetlb__punch_hole_partial(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:hugetlb,event:punch-hole-partial"""
+        self.cell('6.1', 'longterm', 'hugetlb', 'punch-hole-partial')
+
+    def test_odp__hugetlb__punch_hole_partial(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:hugetlb,event:punch-hole-partial"""
+        self.cell('6.1', 'odp', 'hugetlb', 'punch-hole-partial')
+
     def test_gup__anon__pageout(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:gup,backing:anon,event:pageout"""
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:anon,event:pageout"""
         self.cell('6.1', 'gup', 'anon', 'pageout')
 
     def test_pin__anon__pageout(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:pin,backing:anon,event:pageout,smoke"""
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:anon,event:pageout,smoke"""
         self.cell('6.1', 'pin', 'anon', 'pageout')
 
     def test_longterm__anon__pageout(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:longterm,backing:anon,event:pageout"""
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:anon,event:pageout"""
         self.cell('6.1', 'longterm', 'anon', 'pageout')
 
     def test_odp__anon__pageout(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:odp,backing:anon,event:pageout"""
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:anon,event:pageout"""
         self.cell('6.1', 'odp', 'anon', 'pageout')
 
     def test_gup__memfd__pageout(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:gup,backing:memfd,event:pageout"""
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:memfd,event:pageout"""
         self.cell('6.1', 'gup', 'memfd', 'pageout')
 
     def test_pin__memfd__pageout(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:pin,backing:memfd,event:pageout"""
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:memfd,event:pageout"""
         self.cell('6.1', 'pin', 'memfd', 'pageout')
 
     def test_longterm__memfd__pageout(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:longterm,backing:memfd,event:pageout"""
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:memfd,event:pageout"""
         self.cell('6.1', 'longterm', 'memfd', 'pageout')
 
     def test_odp__memfd__pageout(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:odp,backing:memfd,event:pageout"""
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:memfd,event:pageout"""
         self.cell('6.1', 'odp', 'memfd', 'pageout')
 
     def test_gup__ext4__pageout(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:gup,backing:ext4,event:pageout"""
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:ext4,event:pageout"""
         self.cell('6.1', 'gup', 'ext4', 'pageout')
 
     def test_pin__ext4__pageout(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:pin,backing:ext4,event:pageout"""
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:ext4,event:pageout"""
         self.cell('6.1', 'pin', 'ext4', 'pageout')
 
     def test_longterm__ext4__pageout(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:longterm,backing:ext4,event:pageout"""
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:ext4,event:pageout"""
         self.cell('6.1', 'longterm', 'ext4', 'pageout')
 
     def test_odp__ext4__pageout(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:odp,backing:ext4,event:pageout"""
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:ext4,event:pageout"""
         self.cell('6.1', 'odp', 'ext4', 'pageout')
 
     def test_gup__xfs__pageout(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:gup,backing:xfs,event:pageout"""
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:xfs,event:pageout"""
         self.cell('6.1', 'gup', 'xfs', 'pageout')
 
     def test_pin__xfs__pageout(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:pin,backing:xfs,event:pageout"""
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:xfs,event:pageout"""
         self.cell('6.1', 'pin', 'xfs', 'pageout')
 
     def test_longterm__xfs__pageout(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:longterm,backing:xfs,event:pageout"""
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:xfs,event:pageout"""
         self.cell('6.1', 'longterm', 'xfs', 'pageout')
 
     def test_odp__xfs__pageout(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:odp,backing:xfs,event:pageout"""
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:xfs,event:pageout"""
         self.cell('6.1', 'odp', 'xfs', 'pageout')
 
     def test_gup__anon__memcg_reclaim(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:gup,backing:anon,event:memcg-reclaim"""
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:anon,event:memcg-reclaim"""
         self.cell('6.1', 'gup', 'anon', 'memcg-reclaim')
 
     def test_pin__anon__memcg_reclaim(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:pin,backing:anon,event:memcg-reclaim,smoke"""
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:anon,event:memcg-reclaim,smoke"""
         self.cell('6.1', 'pin', 'anon', 'memcg-reclaim')
 
     def test_longterm__anon__memcg_reclaim(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:longterm,backing:anon,event:memcg-reclaim"""
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:anon,event:memcg-reclaim"""
         self.cell('6.1', 'longterm', 'anon', 'memcg-reclaim')
 
     def test_odp__anon__memcg_reclaim(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:odp,backing:anon,event:memcg-reclaim"""
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:anon,event:memcg-reclaim"""
         self.cell('6.1', 'odp', 'anon', 'memcg-reclaim')
 
     def test_gup__memfd__memcg_reclaim(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:gup,backing:memfd,event:memcg-reclaim"""
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:memfd,event:memcg-reclaim"""
         self.cell('6.1', 'gup', 'memfd', 'memcg-reclaim')
 
     def test_pin__memfd__memcg_reclaim(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:pin,backing:memfd,event:memcg-reclaim"""
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:memfd,event:memcg-reclaim"""
         self.cell('6.1', 'pin', 'memfd', 'memcg-reclaim')
 
     def test_longterm__memfd__memcg_reclaim(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:longterm,backing:memfd,event:memcg-reclaim"""
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:memfd,event:memcg-reclaim"""
         self.cell('6.1', 'longterm', 'memfd', 'memcg-reclaim')
 
     def test_odp__memfd__memcg_reclaim(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:odp,backing:memfd,event:memcg-reclaim"""
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:memfd,event:memcg-reclaim"""
         self.cell('6.1', 'odp', 'memfd', 'memcg-reclaim')
 
     def test_gup__ext4__memcg_reclaim(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:gup,backing:ext4,event:memcg-reclaim"""
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:ext4,event:memcg-reclaim"""
         self.cell('6.1', 'gup', 'ext4', 'memcg-reclaim')
 
     def test_pin__ext4__memcg_reclaim(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:pin,backing:ext4,event:memcg-reclaim"""
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:ext4,event:memcg-reclaim"""
         self.cell('6.1', 'pin', 'ext4', 'memcg-reclaim')
 
     def test_longterm__ext4__memcg_reclaim(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:longterm,backing:ext4,event:memcg-reclaim"""
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:ext4,event:memcg-reclaim"""
         self.cell('6.1', 'longterm', 'ext4', 'memcg-reclaim')
 
     def test_odp__ext4__memcg_reclaim(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:odp,backing:ext4,event:memcg-reclaim"""
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:ext4,event:memcg-reclaim"""
         self.cell('6.1', 'odp', 'ext4', 'memcg-reclaim')
 
     def test_gup__xfs__memcg_reclaim(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:gup,backing:xfs,event:memcg-reclaim"""
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:xfs,event:memcg-reclaim"""
         self.cell('6.1', 'gup', 'xfs', 'memcg-reclaim')
 
     def test_pin__xfs__memcg_reclaim(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:pin,backing:xfs,event:memcg-reclaim"""
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:xfs,event:memcg-reclaim"""
         self.cell('6.1', 'pin', 'xfs', 'memcg-reclaim')
 
     def test_longterm__xfs__memcg_reclaim(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:longterm,backing:xfs,event:memcg-reclaim"""
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:xfs,event:memcg-reclaim"""
         self.cell('6.1', 'longterm', 'xfs', 'memcg-reclaim')
 
     def test_odp__xfs__memcg_reclaim(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:odp,backing:xfs,event:memcg-reclaim"""
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:xfs,event:memcg-reclaim"""
         self.cell('6.1', 'odp', 'xfs', 'memcg-reclaim')
 
     def test_gup__memfd__drop_caches(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:gup,backing:memfd,event:drop-caches"""
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:memfd,event:drop-caches"""
         self.cell('6.1', 'gup', 'memfd', 'drop-caches')
 
     def test_pin__memfd__drop_caches(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:pin,backing:memfd,event:drop-caches"""
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:memfd,event:drop-caches"""
         self.cell('6.1', 'pin', 'memfd', 'drop-caches')
 
     def test_longterm__memfd__drop_caches(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:longterm,backing:memfd,event:drop-caches"""
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:memfd,event:drop-caches"""
         self.cell('6.1', 'longterm', 'memfd', 'drop-caches')
 
     def test_odp__memfd__drop_caches(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:odp,backing:memfd,event:drop-caches"""
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:memfd,event:drop-caches"""
         self.cell('6.1', 'odp', 'memfd', 'drop-caches')
 
     def test_gup__tmpfs__drop_caches(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:gup,backing:tmpfs,event:drop-caches"""
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:tmpfs,event:drop-caches"""
         self.cell('6.1', 'gup', 'tmpfs', 'drop-caches')
 
     def test_pin__tmpfs__drop_caches(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:pin,backing:tmpfs,event:drop-caches"""
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:tmpfs,event:drop-caches"""
         self.cell('6.1', 'pin', 'tmpfs', 'drop-caches')
 
     def test_longterm__tmpfs__drop_caches(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:longterm,backing:tmpfs,event:drop-caches"""
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:tmpfs,event:drop-caches"""
         self.cell('6.1', 'longterm', 'tmpfs', 'drop-caches')
 
     def test_odp__tmpfs__drop_caches(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:odp,backing:tmpfs,event:drop-caches"""
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:tmpfs,event:drop-caches"""
         self.cell('6.1', 'odp', 'tmpfs', 'drop-caches')
 
     def test_gup__ext4__drop_caches(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:gup,backing:ext4,event:drop-caches"""
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:ext4,event:drop-caches"""
         self.cell('6.1', 'gup', 'ext4', 'drop-caches')
 
     def test_pin__ext4__drop_caches(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:pin,backing:ext4,event:drop-caches,smoke"""
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:ext4,event:drop-caches,smoke"""
         self.cell('6.1', 'pin', 'ext4', 'drop-caches')
 
     def test_longterm__ext4__drop_caches(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:longterm,backing:ext4,event:drop-caches"""
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:ext4,event:drop-caches"""
         self.cell('6.1', 'longterm', 'ext4', 'drop-caches')
 
     def test_odp__ext4__drop_caches(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:odp,backing:ext4,event:drop-caches"""
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:ext4,event:drop-caches"""
         self.cell('6.1', 'odp', 'ext4', 'drop-caches')
 
     def test_gup__xfs__drop_caches(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:gup,backing:xfs,event:drop-caches"""
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:xfs,event:drop-caches"""
         self.cell('6.1', 'gup', 'xfs', 'drop-caches')
 
     def test_pin__xfs__drop_caches(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:pin,backing:xfs,event:drop-caches"""
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:xfs,event:drop-caches"""
         self.cell('6.1', 'pin', 'xfs', 'drop-caches')
 
     def test_longterm__xfs__drop_caches(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:longterm,backing:xfs,event:drop-caches"""
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:xfs,event:drop-caches"""
         self.cell('6.1', 'longterm', 'xfs', 'drop-caches')
 
     def test_odp__xfs__drop_caches(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:odp,backing:xfs,event:drop-caches"""
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:xfs,event:drop-caches"""
         self.cell('6.1', 'odp', 'xfs', 'drop-caches')
 
     def test_gup__ext4__writeback(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:gup,backing:ext4,event:writeback"""
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:ext4,event:writeback"""
         self.cell('6.1', 'gup', 'ext4', 'writeback')
 
     def test_pin__ext4__writeback(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:pin,backing:ext4,event:writeback,smoke"""
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:ext4,event:writeback,smoke"""
         self.cell('6.1', 'pin', 'ext4', 'writeback')
 
     def test_longterm__ext4__writeback(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:longterm,backing:ext4,event:writeback"""
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:ext4,event:writeback"""
         self.cell('6.1', 'longterm', 'ext4', 'writeback')
 
     def test_odp__ext4__writeback(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:odp,backing:ext4,event:writeback"""
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:ext4,event:writeback"""
         self.cell('6.1', 'odp', 'ext4', 'writeback')
 
     def test_gup__xfs__writeback(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:gup,backing:xfs,event:writeback"""
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:xfs,event:writeback"""
         self.cell('6.1', 'gup', 'xfs', 'writeback')
 
     def test_pin__xfs__writeback(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:pin,backing:xfs,event:writeback"""
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:xfs,event:writeback"""
         self.cell('6.1', 'pin', 'xfs', 'writeback')
 
     def test_longterm__xfs__writeback(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:longterm,backing:xfs,event:writeback"""
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:xfs,event:writeback"""
         self.cell('6.1', 'longterm', 'xfs', 'writeback')
 
     def test_odp__xfs__writeback(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:odp,backing:xfs,event:writeback"""
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:xfs,event:writeback"""
         self.cell('6.1', 'odp', 'xfs', 'writeback')
 
     def test_gup__ext4__2018(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:gup,backing:ext4,event:2018"""
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:ext4,event:2018"""
         self.cell('6.1', 'gup', 'ext4', '2018')
 
     def test_pin__ext4__2018(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:pin,backing:ext4,event:2018,smoke"""
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:ext4,event:2018,smoke"""
         self.cell('6.1', 'pin', 'ext4', '2018')
 
     def test_longterm__ext4__2018(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:longterm,backing:ext4,event:2018"""
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:ext4,event:2018"""
         self.cell('6.1', 'longterm', 'ext4', '2018')
 
     def test_odp__ext4__2018(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:odp,backing:ext4,event:2018"""
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:ext4,event:2018"""
         self.cell('6.1', 'odp', 'ext4', '2018')
 
     def test_gup__anon__migrate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:gup,backing:anon,event:migrate"""
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:anon,event:migrate"""
         self.cell('6.1', 'gup', 'anon', 'migrate')
 
     def test_pin__anon__migrate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:pin,backing:anon,event:migrate,smoke"""
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:anon,event:migrate,smoke"""
         self.cell('6.1', 'pin', 'anon', 'migrate')
 
     def test_longterm__anon__migrate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:longterm,backing:anon,event:migrate"""
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:anon,event:migrate"""
         self.cell('6.1', 'longterm', 'anon', 'migrate')
 
     def test_odp__anon__migrate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:odp,backing:anon,event:migrate"""
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:anon,event:migrate"""
         self.cell('6.1', 'odp', 'anon', 'migrate')
 
     def test_gup__memfd__migrate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:gup,backing:memfd,event:migrate"""
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:memfd,event:migrate"""
         self.cell('6.1', 'gup', 'memfd', 'migrate')
 
     def test_pin__memfd__migrate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:pin,backing:memfd,event:migrate"""
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:memfd,event:migrate"""
         self.cell('6.1', 'pin', 'memfd', 'migrate')
 
     def test_longterm__memfd__migrate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:longterm,backing:memfd,event:migrate"""
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:memfd,event:migrate"""
         self.cell('6.1', 'longterm', 'memfd', 'migrate')
 
     def test_odp__memfd__migrate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:odp,backing:memfd,event:migrate"""
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:memfd,event:migrate"""
         self.cell('6.1', 'odp', 'memfd', 'migrate')
 
     def test_gup__ext4__migrate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:gup,backing:ext4,event:migrate"""
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:ext4,event:migrate"""
         self.cell('6.1', 'gup', 'ext4', 'migrate')
 
     def test_pin__ext4__migrate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:pin,backing:ext4,event:migrate"""
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:ext4,event:migrate"""
         self.cell('6.1', 'pin', 'ext4', 'migrate')
 
     def test_longterm__ext4__migrate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:longterm,backing:ext4,event:migrate"""
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:ext4,event:migrate"""
         self.cell('6.1', 'longterm', 'ext4', 'migrate')
 
     def test_odp__ext4__migrate(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:odp,backing:ext4,event:migrate"""
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:ext4,event:migrate"""
         self.cell('6.1', 'odp', 'ext4', 'migrate')
 
     def test_gup__anon__fork(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:gup,backing:anon,event:fork"""
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:anon,event:fork"""
         self.cell('6.1', 'gup', 'anon', 'fork')
 
     def test_pin__anon__fork(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:pin,backing:anon,event:fork,smoke"""
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:anon,event:fork,smoke"""
         self.cell('6.1', 'pin', 'anon', 'fork')
 
     def test_longterm__anon__fork(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:longterm,backing:anon,event:fork"""
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:anon,event:fork"""
         self.cell('6.1', 'longterm', 'anon', 'fork')
 
     def test_odp__anon__fork(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:odp,backing:anon,event:fork"""
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:anon,event:fork"""
         self.cell('6.1', 'odp', 'anon', 'fork')
 
     def test_gup__memfd__fork(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:gup,backing:memfd,event:fork"""
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:memfd,event:fork"""
         self.cell('6.1', 'gup', 'memfd', 'fork')
 
     def test_pin__memfd__fork(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:pin,backing:memfd,event:fork"""
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:memfd,event:fork"""
         self.cell('6.1', 'pin', 'memfd', 'fork')
 
     def test_longterm__memfd__fork(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:longterm,backing:memfd,event:fork"""
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:memfd,event:fork"""
         self.cell('6.1', 'longterm', 'memfd', 'fork')
 
     def test_odp__memfd__fork(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:odp,backing:memfd,event:fork"""
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:memfd,event:fork"""
         self.cell('6.1', 'odp', 'memfd', 'fork')
 
     def test_gup__private_file__fork(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:gup,backing:private-file,event:fork"""
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:private-file,event:fork"""
         self.cell('6.1', 'gup', 'private-file', 'fork')
 
     def test_pin__private_file__fork(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:pin,backing:private-file,event:fork"""
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:private-file,event:fork"""
         self.cell('6.1', 'pin', 'private-file', 'fork')
 
     def test_longterm__private_file__fork(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:longterm,backing:private-file,event:fork"""
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:private-file,event:fork"""
         self.cell('6.1', 'longterm', 'private-file', 'fork')
 
     def test_odp__private_file__fork(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:odp,backing:private-file,event:fork"""
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:private-file,event:fork"""
         self.cell('6.1', 'odp', 'private-file', 'fork')
 
     def test_gup__anon__fork_dontfork(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:gup,backing:anon,event:fork-dontfork"""
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:anon,event:fork-dontfork"""
         self.cell('6.1', 'gup', 'anon', 'fork-dontfork')
 
     def test_pin__anon__fork_dontfork(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:pin,backing:anon,event:fork-dontfork,smoke"""
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:anon,event:fork-dontfork,smoke"""
         self.cell('6.1', 'pin', 'anon', 'fork-dontfork')
 
     def test_longterm__anon__fork_dontfork(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:longterm,backing:anon,event:fork-dontfork"""
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:anon,event:fork-dontfork"""
         self.cell('6.1', 'longterm', 'anon', 'fork-dontfork')
 
     def test_odp__anon__fork_dontfork(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:odp,backing:anon,event:fork-dontfork"""
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:anon,event:fork-dontfork"""
         self.cell('6.1', 'odp', 'anon', 'fork-dontfork')
 
     def test_gup__anon__munmap(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:gup,backing:anon,event:munmap"""
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:anon,event:munmap"""
         self.cell('6.1', 'gup', 'anon', 'munmap')
 
     def test_pin__anon__munmap(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:pin,backing:anon,event:munmap,smoke"""
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:anon,event:munmap,smoke"""
         self.cell('6.1', 'pin', 'anon', 'munmap')
 
     def test_longterm__anon__munmap(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:longterm,backing:anon,event:munmap"""
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:anon,event:munmap"""
         self.cell('6.1', 'longterm', 'anon', 'munmap')
 
     def test_odp__anon__munmap(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:odp,backing:anon,event:munmap"""
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:anon,event:munmap"""
         self.cell('6.1', 'odp', 'anon', 'munmap')
 
     def test_gup__memfd__munmap(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:gup,backing:memfd,event:munmap"""
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:memfd,event:munmap"""
         self.cell('6.1', 'gup', 'memfd', 'munmap')
 
     def test_pin__memfd__munmap(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:pin,backing:memfd,event:munmap"""
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:memfd,event:munmap"""
         self.cell('6.1', 'pin', 'memfd', 'munmap')
 
     def test_longterm__memfd__munmap(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:longterm,backing:memfd,event:munmap"""
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:memfd,event:munmap"""
         self.cell('6.1', 'longterm', 'memfd', 'munmap')
 
     def test_odp__memfd__munmap(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:odp,backing:memfd,event:munmap"""
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:memfd,event:munmap"""
         self.cell('6.1', 'odp', 'memfd', 'munmap')
 
     def test_gup__ext4__munmap(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:gup,backing:ext4,event:munmap"""
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:ext4,event:munmap"""
         self.cell('6.1', 'gup', 'ext4', 'munmap')
 
     def test_pin__ext4__munmap(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:pin,backing:ext4,event:munmap"""
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:ext4,event:munmap"""
         self.cell('6.1', 'pin', 'ext4', 'munmap')
 
     def test_longterm__ext4__munmap(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:longterm,backing:ext4,event:munmap"""
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:ext4,event:munmap"""
         self.cell('6.1', 'longterm', 'ext4', 'munmap')
 
     def test_odp__ext4__munmap(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:odp,backing:ext4,event:munmap"""
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:ext4,event:munmap"""
         self.cell('6.1', 'odp', 'ext4', 'munmap')
 
     def test_gup__anon__dontneed(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:gup,backing:anon,event:dontneed"""
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:anon,event:dontneed"""
         self.cell('6.1', 'gup', 'anon', 'dontneed')
 
     def test_pin__anon__dontneed(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:pin,backing:anon,event:dontneed,smoke"""
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:anon,event:dontneed,smoke"""
         self.cell('6.1', 'pin', 'anon', 'dontneed')
 
     def test_longterm__anon__dontneed(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:longterm,backing:anon,event:dontneed"""
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:anon,event:dontneed"""
         self.cell('6.1', 'longterm', 'anon', 'dontneed')
 
     def test_odp__anon__dontneed(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:odp,backing:anon,event:dontneed"""
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:anon,event:dontneed"""
         self.cell('6.1', 'odp', 'anon', 'dontneed')
 
     def test_gup__memfd__dontneed(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:gup,backing:memfd,event:dontneed"""
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:memfd,event:dontneed"""
         self.cell('6.1', 'gup', 'memfd', 'dontneed')
 
     def test_pin__memfd__dontneed(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:pin,backing:memfd,event:dontneed"""
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:memfd,event:dontneed"""
         self.cell('6.1', 'pin', 'memfd', 'dontneed')
 
     def test_longterm__memfd__dontneed(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:longterm,backing:memfd,event:dontneed"""
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:memfd,event:dontneed"""
         self.cell('6.1', 'longterm', 'memfd', 'dontneed')
 
     def test_odp__memfd__dontneed(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:odp,backing:memfd,event:dontneed"""
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:memfd,event:dontneed"""
         self.cell('6.1', 'odp', 'memfd', 'dontneed')
 
     def test_gup__ext4__dontneed(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:gup,backing:ext4,event:dontneed"""
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:ext4,event:dontneed"""
         self.cell('6.1', 'gup', 'ext4', 'dontneed')
 
     def test_pin__ext4__dontneed(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:pin,backing:ext4,event:dontneed"""
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:ext4,event:dontneed"""
         self.cell('6.1', 'pin', 'ext4', 'dontneed')
 
     def test_longterm__ext4__dontneed(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:longterm,backing:ext4,event:dontneed"""
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:ext4,event:dontneed"""
         self.cell('6.1', 'longterm', 'ext4', 'dontneed')
 
     def test_odp__ext4__dontneed(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:odp,backing:ext4,event:dontneed"""
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:ext4,event:dontneed"""
         self.cell('6.1', 'odp', 'ext4', 'dontneed')
 
     def test_gup__private_file__dontneed(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:gup,backing:private-file,event:dontneed"""
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:private-file,event:dontneed"""
         self.cell('6.1', 'gup', 'private-file', 'dontneed')
 
     def test_pin__private_file__dontneed(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:pin,backing:private-file,event:dontneed"""
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:private-file,event:dontneed"""
         self.cell('6.1', 'pin', 'private-file', 'dontneed')
 
     def test_longterm__private_file__dontneed(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:longterm,backing:private-file,event:dontneed"""
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:private-file,event:dontneed"""
         self.cell('6.1', 'longterm', 'private-file', 'dontneed')
 
     def test_odp__private_file__dontneed(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:odp,backing:private-file,event:dontneed"""
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:private-file,event:dontneed"""
         self.cell('6.1', 'odp', 'private-file', 'dontneed')
 
     def test_gup__memfd__seal_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:gup,backing:memfd,event:seal-write"""
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:memfd,event:seal-write"""
         self.cell('6.1', 'gup', 'memfd', 'seal-write')
 
     def test_pin__memfd__seal_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:pin,backing:memfd,event:seal-write,smoke"""
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:memfd,event:seal-write,smoke"""
         self.cell('6.1', 'pin', 'memfd', 'seal-write')
 
     def test_longterm__memfd__seal_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:longterm,backing:memfd,event:seal-write"""
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:memfd,event:seal-write"""
         self.cell('6.1', 'longterm', 'memfd', 'seal-write')
 
     def test_odp__memfd__seal_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:odp,backing:memfd,event:seal-write"""
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:memfd,event:seal-write"""
         self.cell('6.1', 'odp', 'memfd', 'seal-write')
 
     def test_gup__anon__hot_unplug(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:gup,backing:anon,event:hot-unplug"""
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:anon,event:hot-unplug"""
         self.cell('6.1', 'gup', 'anon', 'hot-unplug')
 
     def test_pin__anon__hot_unplug(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:pin,backing:anon,event:hot-unplug,smoke"""
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:anon,event:hot-unplug,smoke"""
         self.cell('6.1', 'pin', 'anon', 'hot-unplug')
 
     def test_longterm__anon__hot_unplug(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:longterm,backing:anon,event:hot-unplug"""
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:anon,event:hot-unplug"""
         self.cell('6.1', 'longterm', 'anon', 'hot-unplug')
 
     def test_odp__anon__hot_unplug(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:odp,backing:anon,event:hot-unplug"""
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:anon,event:hot-unplug"""
         self.cell('6.1', 'odp', 'anon', 'hot-unplug')
 
     def test_gup__anon__pci_remove(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:gup,backing:anon,event:pci-remove"""
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:anon,event:pci-remove"""
         self.cell('6.1', 'gup', 'anon', 'pci-remove')
 
     def test_pin__anon__pci_remove(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:pin,backing:anon,event:pci-remove,smoke"""
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:anon,event:pci-remove,smoke"""
         self.cell('6.1', 'pin', 'anon', 'pci-remove')
 
     def test_longterm__anon__pci_remove(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:longterm,backing:anon,event:pci-remove"""
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:anon,event:pci-remove"""
         self.cell('6.1', 'longterm', 'anon', 'pci-remove')
 
     def test_odp__anon__pci_remove(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:odp,backing:anon,event:pci-remove"""
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:anon,event:pci-remove"""
         self.cell('6.1', 'odp', 'anon', 'pci-remove')
 
+    def test_gup__ext4__odirect_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:ext4,event:odirect-write"""
+        self.cell('6.1', 'gup', 'ext4', 'odirect-write')
+
+    def test_pin__ext4__odirect_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:ext4,event:odirect-write,smoke"""
+        self.cell('6.1', 'pin', 'ext4', 'odirect-write')
+
+    def test_longterm__ext4__odirect_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:ext4,event:odirect-write"""
+        self.cell('6.1', 'longterm', 'ext4', 'odirect-write')
+
+    def test_odp__ext4__odirect_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:ext4,event:odirect-write"""
+        self.cell('6.1', 'odp', 'ext4', 'odirect-write')
+
+    def test_gup__xfs__odirect_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:xfs,event:odirect-write"""
+        self.cell('6.1', 'gup', 'xfs', 'odirect-write')
+
+    def test_pin__xfs__odirect_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:xfs,event:odirect-write"""
+        self.cell('6.1', 'pin', 'xfs', 'odirect-write')
+
+    def test_longterm__xfs__odirect_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:xfs,event:odirect-write"""
+        self.cell('6.1', 'longterm', 'xfs', 'odirect-write')
+
+    def test_odp__xfs__odirect_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:xfs,event:odirect-write"""
+        self.cell('6.1', 'odp', 'xfs', 'odirect-write')
+
+    def test_gup__anon__exit(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:anon,event:exit"""
+        self.cell('6.1', 'gup', 'anon', 'exit')
+
+    def test_pin__anon__exit(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:anon,event:exit,smoke"""
+        self.cell('6.1', 'pin', 'anon', 'exit')
+
+    def test_longterm__anon__exit(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:anon,event:exit"""
+        self.cell('6.1', 'longterm', 'anon', 'exit')
+
+    def test_odp__anon__exit(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:anon,event:exit"""
+        self.cell('6.1', 'odp', 'anon', 'exit')
+
+    def test_gup__memfd__exit(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:memfd,event:exit"""
+        self.cell('6.1', 'gup', 'memfd', 'exit')
+
+    def test_pin__memfd__exit(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:memfd,event:exit"""
+        self.cell('6.1', 'pin', 'memfd', 'exit')
+
+    def test_longterm__memfd__exit(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:memfd,event:exit"""
+        self.cell('6.1', 'longterm', 'memfd', 'exit')
+
+    def test_odp__memfd__exit(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:memfd,event:exit"""
+        self.cell('6.1', 'odp', 'memfd', 'exit')
+
+    def test_gup__anon__oom(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:anon,event:oom"""
+        self.cell('6.1', 'gup', 'anon', 'oom')
+
+    def test_pin__anon__oom(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:anon,event:oom,smoke"""
+        self.cell('6.1', 'pin', 'anon', 'oom')
+
+    def test_longterm__anon__oom(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:anon,event:oom"""
+        self.cell('6.1', 'longterm', 'anon', 'oom')
+
+    def test_odp__anon__oom(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:anon,event:oom"""
+        self.cell('6.1', 'odp', 'anon', 'oom')
+
     def test_odp__anon__no_ack(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:odp,backing:anon,event:no-ack,smoke"""
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:anon,event:no-ack,smoke"""
         self.cell('6.1', 'odp', 'anon', 'no-ack')
 
     def test_odp__memfd__no_ack(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:odp,backing:memfd,event:no-ack"""
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:memfd,event:no-ack"""
         self.cell('6.1', 'odp', 'memfd', 'no-ack')
 
 
@@ -1738,857 +2406,1191 @@ class Kernel7(CellTest):
     """
 
     def test_gup__anon__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:gup,backing:anon,event:dma-write"""
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:anon,event:dma-write"""
         self.cell('7', 'gup', 'anon', 'dma-write')
 
     def test_pin__anon__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:pin,backing:anon,event:dma-write,smoke"""
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:anon,event:dma-write,smoke"""
         self.cell('7', 'pin', 'anon', 'dma-write')
 
     def test_longterm__anon__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:longterm,backing:anon,event:dma-write"""
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:anon,event:dma-write"""
         self.cell('7', 'longterm', 'anon', 'dma-write')
 
     def test_odp__anon__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:odp,backing:anon,event:dma-write"""
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:anon,event:dma-write"""
         self.cell('7', 'odp', 'anon', 'dma-write')
 
     def test_gup__memfd__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:gup,backing:memfd,event:dma-write"""
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:memfd,event:dma-write"""
         self.cell('7', 'gup', 'memfd', 'dma-write')
 
     def test_pin__memfd__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:pin,backing:memfd,event:dma-write"""
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:memfd,event:dma-write"""
         self.cell('7', 'pin', 'memfd', 'dma-write')
 
     def test_longterm__memfd__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:longterm,backing:memfd,event:dma-write"""
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:memfd,event:dma-write"""
         self.cell('7', 'longterm', 'memfd', 'dma-write')
 
     def test_odp__memfd__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:odp,backing:memfd,event:dma-write"""
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:memfd,event:dma-write"""
         self.cell('7', 'odp', 'memfd', 'dma-write')
 
     def test_gup__tmpfs__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:gup,backing:tmpfs,event:dma-write"""
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:tmpfs,event:dma-write"""
         self.cell('7', 'gup', 'tmpfs', 'dma-write')
 
     def test_pin__tmpfs__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:pin,backing:tmpfs,event:dma-write"""
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:tmpfs,event:dma-write"""
         self.cell('7', 'pin', 'tmpfs', 'dma-write')
 
     def test_longterm__tmpfs__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:longterm,backing:tmpfs,event:dma-write"""
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:tmpfs,event:dma-write"""
         self.cell('7', 'longterm', 'tmpfs', 'dma-write')
 
     def test_odp__tmpfs__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:odp,backing:tmpfs,event:dma-write"""
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:tmpfs,event:dma-write"""
         self.cell('7', 'odp', 'tmpfs', 'dma-write')
 
     def test_gup__ext4__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:gup,backing:ext4,event:dma-write"""
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:ext4,event:dma-write"""
         self.cell('7', 'gup', 'ext4', 'dma-write')
 
     def test_pin__ext4__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:pin,backing:ext4,event:dma-write"""
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:ext4,event:dma-write"""
         self.cell('7', 'pin', 'ext4', 'dma-write')
 
     def test_longterm__ext4__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:longterm,backing:ext4,event:dma-write"""
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:ext4,event:dma-write"""
         self.cell('7', 'longterm', 'ext4', 'dma-write')
 
     def test_odp__ext4__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:odp,backing:ext4,event:dma-write"""
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:ext4,event:dma-write"""
         self.cell('7', 'odp', 'ext4', 'dma-write')
 
     def test_gup__xfs__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:gup,backing:xfs,event:dma-write"""
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:xfs,event:dma-write"""
         self.cell('7', 'gup', 'xfs', 'dma-write')
 
     def test_pin__xfs__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:pin,backing:xfs,event:dma-write"""
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:xfs,event:dma-write"""
         self.cell('7', 'pin', 'xfs', 'dma-write')
 
     def test_longterm__xfs__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:longterm,backing:xfs,event:dma-write"""
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:xfs,event:dma-write"""
         self.cell('7', 'longterm', 'xfs', 'dma-write')
 
     def test_odp__xfs__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:odp,backing:xfs,event:dma-write"""
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:xfs,event:dma-write"""
         self.cell('7', 'odp', 'xfs', 'dma-write')
 
     def test_gup__hugetlb__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:gup,backing:hugetlb,event:dma-write"""
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:hugetlb,event:dma-write"""
         self.cell('7', 'gup', 'hugetlb', 'dma-write')
 
     def test_pin__hugetlb__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:pin,backing:hugetlb,event:dma-write"""
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:hugetlb,event:dma-write"""
         self.cell('7', 'pin', 'hugetlb', 'dma-write')
 
     def test_longterm__hugetlb__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:longterm,backing:hugetlb,event:dma-write"""
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:hugetlb,event:dma-write"""
         self.cell('7', 'longterm', 'hugetlb', 'dma-write')
 
     def test_odp__hugetlb__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:odp,backing:hugetlb,event:dma-write"""
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:hugetlb,event:dma-write"""
         self.cell('7', 'odp', 'hugetlb', 'dma-write')
 
     def test_gup__private_file__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:gup,backing:private-file,event:dma-write"""
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:private-file,event:dma-write"""
         self.cell('7', 'gup', 'private-file', 'dma-write')
 
     def test_pin__private_file__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:pin,backing:private-file,event:dma-write"""
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:private-file,event:dma-write"""
         self.cell('7', 'pin', 'private-file', 'dma-write')
 
     def test_longterm__private_file__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:longterm,backing:private-file,event:dma-write"""
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:private-file,event:dma-write"""
         self.cell('7', 'longterm', 'private-file', 'dma-write')
 
     def test_odp__private_file__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:odp,backing:private-file,event:dma-write"""
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:private-file,event:dma-write"""
         self.cell('7', 'odp', 'private-file', 'dma-write')
 
     def test_gup__memfd__truncate(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:gup,backing:memfd,event:truncate"""
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:memfd,event:truncate"""
         self.cell('7', 'gup', 'memfd', 'truncate')
 
     def test_pin__memfd__truncate(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:pin,backing:memfd,event:truncate"""
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:memfd,event:truncate"""
         self.cell('7', 'pin', 'memfd', 'truncate')
 
     def test_longterm__memfd__truncate(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:longterm,backing:memfd,event:truncate"""
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:memfd,event:truncate"""
         self.cell('7', 'longterm', 'memfd', 'truncate')
 
     def test_odp__memfd__truncate(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:odp,backing:memfd,event:truncate"""
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:memfd,event:truncate"""
         self.cell('7', 'odp', 'memfd', 'truncate')
 
     def test_gup__tmpfs__truncate(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:gup,backing:tmpfs,event:truncate"""
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:tmpfs,event:truncate"""
         self.cell('7', 'gup', 'tmpfs', 'truncate')
 
     def test_pin__tmpfs__truncate(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:pin,backing:tmpfs,event:truncate"""
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:tmpfs,event:truncate"""
         self.cell('7', 'pin', 'tmpfs', 'truncate')
 
     def test_longterm__tmpfs__truncate(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:longterm,backing:tmpfs,event:truncate"""
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:tmpfs,event:truncate"""
         self.cell('7', 'longterm', 'tmpfs', 'truncate')
 
     def test_odp__tmpfs__truncate(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:odp,backing:tmpfs,event:truncate"""
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:tmpfs,event:truncate"""
         self.cell('7', 'odp', 'tmpfs', 'truncate')
 
     def test_gup__ext4__truncate(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:gup,backing:ext4,event:truncate"""
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:ext4,event:truncate"""
         self.cell('7', 'gup', 'ext4', 'truncate')
 
     def test_pin__ext4__truncate(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:pin,backing:ext4,event:truncate,smoke"""
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:ext4,event:truncate,smoke"""
         self.cell('7', 'pin', 'ext4', 'truncate')
 
     def test_longterm__ext4__truncate(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:longterm,backing:ext4,event:truncate"""
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:ext4,event:truncate"""
         self.cell('7', 'longterm', 'ext4', 'truncate')
 
     def test_odp__ext4__truncate(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:odp,backing:ext4,event:truncate"""
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:ext4,event:truncate"""
         self.cell('7', 'odp', 'ext4', 'truncate')
 
     def test_gup__xfs__truncate(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:gup,backing:xfs,event:truncate"""
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:xfs,event:truncate"""
         self.cell('7', 'gup', 'xfs', 'truncate')
 
     def test_pin__xfs__truncate(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:pin,backing:xfs,event:truncate"""
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:xfs,event:truncate"""
         self.cell('7', 'pin', 'xfs', 'truncate')
 
     def test_longterm__xfs__truncate(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:longterm,backing:xfs,event:truncate"""
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:xfs,event:truncate"""
         self.cell('7', 'longterm', 'xfs', 'truncate')
 
     def test_odp__xfs__truncate(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:odp,backing:xfs,event:truncate"""
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:xfs,event:truncate"""
         self.cell('7', 'odp', 'xfs', 'truncate')
 
     def test_gup__hugetlb__truncate(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:gup,backing:hugetlb,event:truncate"""
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:hugetlb,event:truncate"""
         self.cell('7', 'gup', 'hugetlb', 'truncate')
 
     def test_pin__hugetlb__truncate(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:pin,backing:hugetlb,event:truncate"""
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:hugetlb,event:truncate"""
         self.cell('7', 'pin', 'hugetlb', 'truncate')
 
     def test_longterm__hugetlb__truncate(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:longterm,backing:hugetlb,event:truncate"""
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:hugetlb,event:truncate"""
         self.cell('7', 'longterm', 'hugetlb', 'truncate')
 
     def test_odp__hugetlb__truncate(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:odp,backing:hugetlb,event:truncate"""
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:hugetlb,event:truncate"""
         self.cell('7', 'odp', 'hugetlb', 'truncate')
 
     def test_gup__memfd__punch_hole(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:gup,backing:memfd,event:punch-hole"""
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:memfd,event:punch-hole"""
         self.cell('7', 'gup', 'memfd', 'punch-hole')
 
     def test_pin__memfd__punch_hole(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:pin,backing:memfd,event:punch-hole"""
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:memfd,event:punch-hole"""
         self.cell('7', 'pin', 'memfd', 'punch-hole')
 
     def test_longterm__memfd__punch_hole(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:longterm,backing:memfd,event:punch-hole"""
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:memfd,event:punch-hole"""
         self.cell('7', 'longterm', 'memfd', 'punch-hole')
 
     def test_odp__memfd__punch_hole(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:odp,backing:memfd,event:punch-hole"""
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:memfd,event:punch-hole"""
         self.cell('7', 'odp', 'memfd', 'punch-hole')
 
     def test_gup__tmpfs__punch_hole(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:gup,backing:tmpfs,event:punch-hole"""
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:tmpfs,event:punch-hole"""
         self.cell('7', 'gup', 'tmpfs', 'punch-hole')
 
     def test_pin__tmpfs__punch_hole(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:pin,backing:tmpfs,event:punch-hole"""
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:tmpfs,event:punch-hole"""
         self.cell('7', 'pin', 'tmpfs', 'punch-hole')
 
     def test_longterm__tmpfs__punch_hole(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:longterm,backing:tmpfs,event:punch-hole"""
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:tmpfs,event:punch-hole"""
         self.cell('7', 'longterm', 'tmpfs', 'punch-hole')
 
     def test_odp__tmpfs__punch_hole(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:odp,backing:tmpfs,event:punch-hole"""
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:tmpfs,event:punch-hole"""
         self.cell('7', 'odp', 'tmpfs', 'punch-hole')
 
     def test_gup__ext4__punch_hole(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:gup,backing:ext4,event:punch-hole"""
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:ext4,event:punch-hole"""
         self.cell('7', 'gup', 'ext4', 'punch-hole')
 
     def test_pin__ext4__punch_hole(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:pin,backing:ext4,event:punch-hole,smoke"""
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:ext4,event:punch-hole,smoke"""
         self.cell('7', 'pin', 'ext4', 'punch-hole')
 
     def test_longterm__ext4__punch_hole(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:longterm,backing:ext4,event:punch-hole"""
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:ext4,event:punch-hole"""
         self.cell('7', 'longterm', 'ext4', 'punch-hole')
 
     def test_odp__ext4__punch_hole(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:odp,backing:ext4,event:punch-hole"""
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:ext4,event:punch-hole"""
         self.cell('7', 'odp', 'ext4', 'punch-hole')
 
     def test_gup__xfs__punch_hole(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:gup,backing:xfs,event:punch-hole"""
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:xfs,event:punch-hole"""
         self.cell('7', 'gup', 'xfs', 'punch-hole')
 
     def test_pin__xfs__punch_hole(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:pin,backing:xfs,event:punch-hole"""
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:xfs,event:punch-hole"""
         self.cell('7', 'pin', 'xfs', 'punch-hole')
 
     def test_longterm__xfs__punch_hole(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:longterm,backing:xfs,event:punch-hole"""
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:xfs,event:punch-hole"""
         self.cell('7', 'longterm', 'xfs', 'punch-hole')
 
     def test_odp__xfs__punch_hole(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:odp,backing:xfs,event:punch-hole"""
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:xfs,event:punch-hole"""
         self.cell('7', 'odp', 'xfs', 'punch-hole')
 
     def test_gup__hugetlb__punch_hole(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:gup,backing:hugetlb,event:punch-hole"""
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:hugetlb,event:punch-hole"""
         self.cell('7', 'gup', 'hugetlb', 'punch-hole')
 
     def test_pin__hugetlb__punch_hole(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:pin,backing:hugetlb,event:punch-hole"""
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:hugetlb,event:punch-hole"""
         self.cell('7', 'pin', 'hugetlb', 'punch-hole')
 
     def test_longterm__hugetlb__punch_hole(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:longterm,backing:hugetlb,event:punch-hole"""
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:hugetlb,event:punch-hole"""
         self.cell('7', 'longterm', 'hugetlb', 'punch-hole')
 
     def test_odp__hugetlb__punch_hole(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:odp,backing:hugetlb,event:punch-hole"""
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:hugetlb,event:punch-hole"""
         self.cell('7', 'odp', 'hugetlb', 'punch-hole')
 
     def test_gup__memfd__punch_hole_partial(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:gup,backing:memfd,event:punch-hole-partial"""
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:memfd,event:punch-hole-partial"""
         self.cell('7', 'gup', 'memfd', 'punch-hole-partial')
 
     def test_pin__memfd__punch_hole_partial(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:pin,backing:memfd,event:punch-hole-partial"""
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:memfd,event:punch-hole-partial"""
         self.cell('7', 'pin', 'memfd', 'punch-hole-partial')
 
     def test_longterm__memfd__punch_hole_partial(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:longterm,backing:memfd,event:punch-hole-partial"""
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:memfd,event:punch-hole-partial"""
         self.cell('7', 'longterm', 'memfd', 'punch-hole-partial')
 
     def test_odp__memfd__punch_hole_partial(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:odp,backing:memfd,event:punch-hole-partial"""
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:memfd,event:punch-hole-partial"""
         self.cell('7', 'odp', 'memfd', 'punch-hole-partial')
 
     def test_gup__tmpfs__punch_hole_partial(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:gup,backing:tmpfs,event:punch-hole-partial"""
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:tmpfs,event:punch-hole-partial"""
         self.cell('7', 'gup', 'tmpfs', 'punch-hole-partial')
 
     def test_pin__tmpfs__punch_hole_partial(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:pin,backing:tmpfs,event:punch-hole-partial"""
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:tmpfs,event:punch-hole-partial"""
         self.cell('7', 'pin', 'tmpfs', 'punch-hole-partial')
 
     def test_longterm__tmpfs__punch_hole_partial(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:longterm,backing:tmpfs,event:punch-hole-partial"""
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:tmpfs,event:punch-hole-partial"""
         self.cell('7', 'longterm', 'tmpfs', 'punch-hole-partial')
 
     def test_odp__tmpfs__punch_hole_partial(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:odp,backing:tmpfs,event:punch-hole-partial"""
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:tmpfs,event:punch-hole-partial"""
         self.cell('7', 'odp', 'tmpfs', 'punch-hole-partial')
 
     def test_gup__ext4__punch_hole_partial(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:gup,backing:ext4,event:punch-hole-partial"""
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:ext4,event:punch-hole-partial"""
         self.cell('7', 'gup', 'ext4', 'punch-hole-partial')
 
     def test_pin__ext4__punch_hole_partial(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:pin,backing:ext4,event:punch-hole-partial,smoke"""
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:ext4,event:punch-hole-partial,smoke"""
         self.cell('7', 'pin', 'ext4', 'punch-hole-partial')
 
     def test_longterm__ext4__punch_hole_partial(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:longterm,backing:ext4,event:punch-hole-partial"""
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:ext4,event:punch-hole-partial"""
         self.cell('7', 'longterm', 'ext4', 'punch-hole-partial')
 
     def test_odp__ext4__punch_hole_partial(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:odp,backing:ext4,event:punch-hole-partial"""
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:ext4,event:punch-hole-partial"""
         self.cell('7', 'odp', 'ext4', 'punch-hole-partial')
 
     def test_gup__xfs__punch_hole_partial(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:gup,backing:xfs,event:punch-hole-partial"""
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:xfs,event:punch-hole-partial"""
         self.cell('7', 'gup', 'xfs', 'punch-hole-partial')
 
     def test_pin__xfs__punch_hole_partial(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:pin,backing:xfs,event:punch-hole-partial"""
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:xfs,event:punch-hole-partial"""
         self.cell('7', 'pin', 'xfs', 'punch-hole-partial')
 
     def test_longterm__xfs__punch_hole_partial(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:longterm,backing:xfs,event:punch-hole-partial"""
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:xfs,event:punch-hole-partial"""
         self.cell('7', 'longterm', 'xfs', 'punch-hole-partial')
 
     def test_odp__xfs__punch_hole_partial(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:odp,backing:xfs,event:punch-hole-partial"""
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:xfs,event:punch-hole-partial"""
         self.cell('7', 'odp', 'xfs', 'punch-hole-partial')
 
+    def test_gup__hugetlb__punch_hole_partial(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:hugetlb,event:punch-hole-partial"""
+        self.cell('7', 'gup', 'hugetlb', 'punch-hole-partial')
+
+    def test_pin__hugetlb__punch_hole_partial(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:hugetlb,event:punch-hole-partial"""
+        self.cell('7', 'pin', 'hugetlb', 'punch-hole-partial')
+
+    def test_longterm__hugetlb__punch_hole_partial(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:hugetlb,event:punch-hole-partial"""
+        self.cell('7', 'longterm', 'hugetlb', 'punch-hole-partial')
+
+    def test_odp__hugetlb__punch_hole_partial(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:hugetlb,event:punch-hole-partial"""
+        self.cell('7', 'odp', 'hugetlb', 'punch-hole-partial')
+
     def test_gup__anon__pageout(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:gup,backing:anon,event:pageout"""
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:anon,event:pageout"""
         self.cell('7', 'gup', 'anon', 'pageout')
 
     def test_pin__anon__pageout(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:pin,backing:anon,event:pageout,smoke"""
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:anon,event:pageout,smoke"""
         self.cell('7', 'pin', 'anon', 'pageout')
 
     def test_longterm__anon__pageout(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:longterm,backing:anon,event:pageout"""
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:anon,event:pageout"""
         self.cell('7', 'longterm', 'anon', 'pageout')
 
     def test_odp__anon__pageout(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:odp,backing:anon,event:pageout"""
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:anon,event:pageout"""
         self.cell('7', 'odp', 'anon', 'pageout')
 
     def test_gup__memfd__pageout(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:gup,backing:memfd,event:pageout"""
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:memfd,event:pageout"""
         self.cell('7', 'gup', 'memfd', 'pageout')
 
     def test_pin__memfd__pageout(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:pin,backing:memfd,event:pageout"""
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:memfd,event:pageout"""
         self.cell('7', 'pin', 'memfd', 'pageout')
 
     def test_longterm__memfd__pageout(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:longterm,backing:memfd,event:pageout"""
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:memfd,event:pageout"""
         self.cell('7', 'longterm', 'memfd', 'pageout')
 
     def test_odp__memfd__pageout(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:odp,backing:memfd,event:pageout"""
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:memfd,event:pageout"""
         self.cell('7', 'odp', 'memfd', 'pageout')
 
     def test_gup__ext4__pageout(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:gup,backing:ext4,event:pageout"""
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:ext4,event:pageout"""
         self.cell('7', 'gup', 'ext4', 'pageout')
 
     def test_pin__ext4__pageout(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:pin,backing:ext4,event:pageout"""
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:ext4,event:pageout"""
         self.cell('7', 'pin', 'ext4', 'pageout')
 
     def test_longterm__ext4__pageout(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:longterm,backing:ext4,event:pageout"""
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:ext4,event:pageout"""
         self.cell('7', 'longterm', 'ext4', 'pageout')
 
     def test_odp__ext4__pageout(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:odp,backing:ext4,event:pageout"""
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:ext4,event:pageout"""
         self.cell('7', 'odp', 'ext4', 'pageout')
 
     def test_gup__xfs__pageout(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:gup,backing:xfs,event:pageout"""
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:xfs,event:pageout"""
         self.cell('7', 'gup', 'xfs', 'pageout')
 
     def test_pin__xfs__pageout(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:pin,backing:xfs,event:pageout"""
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:xfs,event:pageout"""
         self.cell('7', 'pin', 'xfs', 'pageout')
 
     def test_longterm__xfs__pageout(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:longterm,backing:xfs,event:pageout"""
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:xfs,event:pageout"""
         self.cell('7', 'longterm', 'xfs', 'pageout')
 
     def test_odp__xfs__pageout(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:odp,backing:xfs,event:pageout"""
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:xfs,event:pageout"""
         self.cell('7', 'odp', 'xfs', 'pageout')
 
     def test_gup__anon__memcg_reclaim(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:gup,backing:anon,event:memcg-reclaim"""
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:anon,event:memcg-reclaim"""
         self.cell('7', 'gup', 'anon', 'memcg-reclaim')
 
     def test_pin__anon__memcg_reclaim(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:pin,backing:anon,event:memcg-reclaim,smoke"""
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:anon,event:memcg-reclaim,smoke"""
         self.cell('7', 'pin', 'anon', 'memcg-reclaim')
 
     def test_longterm__anon__memcg_reclaim(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:longterm,backing:anon,event:memcg-reclaim"""
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:anon,event:memcg-reclaim"""
         self.cell('7', 'longterm', 'anon', 'memcg-reclaim')
 
     def test_odp__anon__memcg_reclaim(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:odp,backing:anon,event:memcg-reclaim"""
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:anon,event:memcg-reclaim"""
         self.cell('7', 'odp', 'anon', 'memcg-reclaim')
 
     def test_gup__memfd__memcg_reclaim(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:gup,backing:memfd,event:memcg-reclaim"""
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:memfd,event:memcg-reclaim"""
         self.cell('7', 'gup', 'memfd', 'memcg-reclaim')
 
     def test_pin__memfd__memcg_reclaim(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:pin,backing:memfd,event:memcg-reclaim"""
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:memfd,event:memcg-reclaim"""
         self.cell('7', 'pin', 'memfd', 'memcg-reclaim')
 
     def test_longterm__memfd__memcg_reclaim(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:longterm,backing:memfd,event:memcg-reclaim"""
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:memfd,event:memcg-reclaim"""
         self.cell('7', 'longterm', 'memfd', 'memcg-reclaim')
 
     def test_odp__memfd__memcg_reclaim(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:odp,backing:memfd,event:memcg-reclaim"""
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:memfd,event:memcg-reclaim"""
         self.cell('7', 'odp', 'memfd', 'memcg-reclaim')
 
     def test_gup__ext4__memcg_reclaim(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:gup,backing:ext4,event:memcg-reclaim"""
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:ext4,event:memcg-reclaim"""
         self.cell('7', 'gup', 'ext4', 'memcg-reclaim')
 
     def test_pin__ext4__memcg_reclaim(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:pin,backing:ext4,event:memcg-reclaim"""
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:ext4,event:memcg-reclaim"""
         self.cell('7', 'pin', 'ext4', 'memcg-reclaim')
 
     def test_longterm__ext4__memcg_reclaim(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:longterm,backing:ext4,event:memcg-reclaim"""
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:ext4,event:memcg-reclaim"""
         self.cell('7', 'longterm', 'ext4', 'memcg-reclaim')
 
     def test_odp__ext4__memcg_reclaim(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:odp,backing:ext4,event:memcg-reclaim"""
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:ext4,event:memcg-reclaim"""
         self.cell('7', 'odp', 'ext4', 'memcg-reclaim')
 
     def test_gup__xfs__memcg_reclaim(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:gup,backing:xfs,event:memcg-reclaim"""
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:xfs,event:memcg-reclaim"""
         self.cell('7', 'gup', 'xfs', 'memcg-reclaim')
 
     def test_pin__xfs__memcg_reclaim(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:pin,backing:xfs,event:memcg-reclaim"""
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:xfs,event:memcg-reclaim"""
         self.cell('7', 'pin', 'xfs', 'memcg-reclaim')
 
     def test_longterm__xfs__memcg_reclaim(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:longterm,backing:xfs,event:memcg-reclaim"""
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:xfs,event:memcg-reclaim"""
         self.cell('7', 'longterm', 'xfs', 'memcg-reclaim')
 
     def test_odp__xfs__memcg_reclaim(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:odp,backing:xfs,event:memcg-reclaim"""
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:xfs,event:memcg-reclaim"""
         self.cell('7', 'odp', 'xfs', 'memcg-reclaim')
 
     def test_gup__memfd__drop_caches(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:gup,backing:memfd,event:drop-caches"""
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:memfd,event:drop-caches"""
         self.cell('7', 'gup', 'memfd', 'drop-caches')
 
     def test_pin__memfd__drop_caches(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:pin,backing:memfd,event:drop-caches"""
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:memfd,event:drop-caches"""
         self.cell('7', 'pin', 'memfd', 'drop-caches')
 
     def test_longterm__memfd__drop_caches(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:longterm,backing:memfd,event:drop-caches"""
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:memfd,event:drop-caches"""
         self.cell('7', 'longterm', 'memfd', 'drop-caches')
 
     def test_odp__memfd__drop_caches(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:odp,backing:memfd,event:drop-caches"""
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:memfd,event:drop-caches"""
         self.cell('7', 'odp', 'memfd', 'drop-caches')
 
     def test_gup__tmpfs__drop_caches(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:gup,backing:tmpfs,event:drop-caches"""
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:tmpfs,event:drop-caches"""
         self.cell('7', 'gup', 'tmpfs', 'drop-caches')
 
     def test_pin__tmpfs__drop_caches(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:pin,backing:tmpfs,event:drop-caches"""
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:tmpfs,event:drop-caches"""
         self.cell('7', 'pin', 'tmpfs', 'drop-caches')
 
     def test_longterm__tmpfs__drop_caches(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:longterm,backing:tmpfs,event:drop-caches"""
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:tmpfs,event:drop-caches"""
         self.cell('7', 'longterm', 'tmpfs', 'drop-caches')
 
     def test_odp__tmpfs__drop_caches(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:odp,backing:tmpfs,event:drop-caches"""
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:tmpfs,event:drop-caches"""
         self.cell('7', 'odp', 'tmpfs', 'drop-caches')
 
     def test_gup__ext4__drop_caches(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:gup,backing:ext4,event:drop-caches"""
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:ext4,event:drop-caches"""
         self.cell('7', 'gup', 'ext4', 'drop-caches')
 
     def test_pin__ext4__drop_caches(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:pin,backing:ext4,event:drop-caches,smoke"""
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:ext4,event:drop-caches,smoke"""
         self.cell('7', 'pin', 'ext4', 'drop-caches')
 
     def test_longterm__ext4__drop_caches(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:longterm,backing:ext4,event:drop-caches"""
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:ext4,event:drop-caches"""
         self.cell('7', 'longterm', 'ext4', 'drop-caches')
 
     def test_odp__ext4__drop_caches(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:odp,backing:ext4,event:drop-caches"""
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:ext4,event:drop-caches"""
         self.cell('7', 'odp', 'ext4', 'drop-caches')
 
     def test_gup__xfs__drop_caches(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:gup,backing:xfs,event:drop-caches"""
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:xfs,event:drop-caches"""
         self.cell('7', 'gup', 'xfs', 'drop-caches')
 
     def test_pin__xfs__drop_caches(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:pin,backing:xfs,event:drop-caches"""
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:xfs,event:drop-caches"""
         self.cell('7', 'pin', 'xfs', 'drop-caches')
 
     def test_longterm__xfs__drop_caches(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:longterm,backing:xfs,event:drop-caches"""
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:xfs,event:drop-caches"""
         self.cell('7', 'longterm', 'xfs', 'drop-caches')
 
     def test_odp__xfs__drop_caches(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:odp,backing:xfs,event:drop-caches"""
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:xfs,event:drop-caches"""
         self.cell('7', 'odp', 'xfs', 'drop-caches')
 
     def test_gup__ext4__writeback(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:gup,backing:ext4,event:writeback"""
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:ext4,event:writeback"""
         self.cell('7', 'gup', 'ext4', 'writeback')
 
     def test_pin__ext4__writeback(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:pin,backing:ext4,event:writeback,smoke"""
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:ext4,event:writeback,smoke"""
         self.cell('7', 'pin', 'ext4', 'writeback')
 
     def test_longterm__ext4__writeback(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:longterm,backing:ext4,event:writeback"""
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:ext4,event:writeback"""
         self.cell('7', 'longterm', 'ext4', 'writeback')
 
     def test_odp__ext4__writeback(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:odp,backing:ext4,event:writeback"""
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:ext4,event:writeback"""
         self.cell('7', 'odp', 'ext4', 'writeback')
 
     def test_gup__xfs__writeback(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:gup,backing:xfs,event:writeback"""
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:xfs,event:writeback"""
         self.cell('7', 'gup', 'xfs', 'writeback')
 
     def test_pin__xfs__writeback(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:pin,backing:xfs,event:writeback"""
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:xfs,event:writeback"""
         self.cell('7', 'pin', 'xfs', 'writeback')
 
     def test_longterm__xfs__writeback(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:longterm,backing:xfs,event:writeback"""
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:xfs,event:writeback"""
         self.cell('7', 'longterm', 'xfs', 'writeback')
 
     def test_odp__xfs__writeback(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:odp,backing:xfs,event:writeback"""
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:xfs,event:writeback"""
         self.cell('7', 'odp', 'xfs', 'writeback')
 
     def test_gup__ext4__2018(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:gup,backing:ext4,event:2018"""
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:ext4,event:2018"""
         self.cell('7', 'gup', 'ext4', '2018')
 
     def test_pin__ext4__2018(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:pin,backing:ext4,event:2018,smoke"""
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:ext4,event:2018,smoke"""
         self.cell('7', 'pin', 'ext4', '2018')
 
     def test_longterm__ext4__2018(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:longterm,backing:ext4,event:2018"""
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:ext4,event:2018"""
         self.cell('7', 'longterm', 'ext4', '2018')
 
     def test_odp__ext4__2018(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:odp,backing:ext4,event:2018"""
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:ext4,event:2018"""
         self.cell('7', 'odp', 'ext4', '2018')
 
     def test_gup__anon__migrate(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:gup,backing:anon,event:migrate"""
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:anon,event:migrate"""
         self.cell('7', 'gup', 'anon', 'migrate')
 
     def test_pin__anon__migrate(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:pin,backing:anon,event:migrate,smoke"""
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:anon,event:migrate,smoke"""
         self.cell('7', 'pin', 'anon', 'migrate')
 
     def test_longterm__anon__migrate(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:longterm,backing:anon,event:migrate"""
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:anon,event:migrate"""
         self.cell('7', 'longterm', 'anon', 'migrate')
 
     def test_odp__anon__migrate(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:odp,backing:anon,event:migrate"""
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:anon,event:migrate"""
         self.cell('7', 'odp', 'anon', 'migrate')
 
     def test_gup__memfd__migrate(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:gup,backing:memfd,event:migrate"""
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:memfd,event:migrate"""
         self.cell('7', 'gup', 'memfd', 'migrate')
 
     def test_pin__memfd__migrate(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:pin,backing:memfd,event:migrate"""
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:memfd,event:migrate"""
         self.cell('7', 'pin', 'memfd', 'migrate')
 
     def test_longterm__memfd__migrate(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:longterm,backing:memfd,event:migrate"""
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:memfd,event:migrate"""
         self.cell('7', 'longterm', 'memfd', 'migrate')
 
     def test_odp__memfd__migrate(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:odp,backing:memfd,event:migrate"""
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:memfd,event:migrate"""
         self.cell('7', 'odp', 'memfd', 'migrate')
 
     def test_gup__ext4__migrate(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:gup,backing:ext4,event:migrate"""
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:ext4,event:migrate"""
         self.cell('7', 'gup', 'ext4', 'migrate')
 
     def test_pin__ext4__migrate(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:pin,backing:ext4,event:migrate"""
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:ext4,event:migrate"""
         self.cell('7', 'pin', 'ext4', 'migrate')
 
     def test_longterm__ext4__migrate(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:longterm,backing:ext4,event:migrate"""
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:ext4,event:migrate"""
         self.cell('7', 'longterm', 'ext4', 'migrate')
 
     def test_odp__ext4__migrate(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:odp,backing:ext4,event:migrate"""
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:ext4,event:migrate"""
         self.cell('7', 'odp', 'ext4', 'migrate')
 
     def test_gup__anon__fork(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:gup,backing:anon,event:fork"""
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:anon,event:fork"""
         self.cell('7', 'gup', 'anon', 'fork')
 
     def test_pin__anon__fork(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:pin,backing:anon,event:fork,smoke"""
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:anon,event:fork,smoke"""
         self.cell('7', 'pin', 'anon', 'fork')
 
     def test_longterm__anon__fork(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:longterm,backing:anon,event:fork"""
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:anon,event:fork"""
         self.cell('7', 'longterm', 'anon', 'fork')
 
     def test_odp__anon__fork(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:odp,backing:anon,event:fork"""
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:anon,event:fork"""
         self.cell('7', 'odp', 'anon', 'fork')
 
     def test_gup__memfd__fork(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:gup,backing:memfd,event:fork"""
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:memfd,event:fork"""
         self.cell('7', 'gup', 'memfd', 'fork')
 
     def test_pin__memfd__fork(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:pin,backing:memfd,event:fork"""
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:memfd,event:fork"""
         self.cell('7', 'pin', 'memfd', 'fork')
 
     def test_longterm__memfd__fork(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:longterm,backing:memfd,event:fork"""
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:memfd,event:fork"""
         self.cell('7', 'longterm', 'memfd', 'fork')
 
     def test_odp__memfd__fork(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:odp,backing:memfd,event:fork"""
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:memfd,event:fork"""
         self.cell('7', 'odp', 'memfd', 'fork')
 
     def test_gup__private_file__fork(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:gup,backing:private-file,event:fork"""
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:private-file,event:fork"""
         self.cell('7', 'gup', 'private-file', 'fork')
 
     def test_pin__private_file__fork(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:pin,backing:private-file,event:fork"""
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:private-file,event:fork"""
         self.cell('7', 'pin', 'private-file', 'fork')
 
     def test_longterm__private_file__fork(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:longterm,backing:private-file,event:fork"""
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:private-file,event:fork"""
         self.cell('7', 'longterm', 'private-file', 'fork')
 
     def test_odp__private_file__fork(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:odp,backing:private-file,event:fork"""
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:private-file,event:fork"""
         self.cell('7', 'odp', 'private-file', 'fork')
 
     def test_gup__anon__fork_dontfork(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:gup,backing:anon,event:fork-dontfork"""
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:anon,event:fork-dontfork"""
         self.cell('7', 'gup', 'anon', 'fork-dontfork')
 
     def test_pin__anon__fork_dontfork(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:pin,backing:anon,event:fork-dontfork,smoke"""
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:anon,event:fork-dontfork,smoke"""
         self.cell('7', 'pin', 'anon', 'fork-dontfork')
 
     def test_longterm__anon__fork_dontfork(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:longterm,backing:anon,event:fork-dontfork"""
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:anon,event:fork-dontfork"""
         self.cell('7', 'longterm', 'anon', 'fork-dontfork')
 
     def test_odp__anon__fork_dontfork(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:odp,backing:anon,event:fork-dontfork"""
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:anon,event:fork-dontfork"""
         self.cell('7', 'odp', 'anon', 'fork-dontfork')
 
     def test_gup__anon__munmap(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:gup,backing:anon,event:munmap"""
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:anon,event:munmap"""
         self.cell('7', 'gup', 'anon', 'munmap')
 
     def test_pin__anon__munmap(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:pin,backing:anon,event:munmap,smoke"""
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:anon,event:munmap,smoke"""
         self.cell('7', 'pin', 'anon', 'munmap')
 
     def test_longterm__anon__munmap(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:longterm,backing:anon,event:munmap"""
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:anon,event:munmap"""
         self.cell('7', 'longterm', 'anon', 'munmap')
 
     def test_odp__anon__munmap(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:odp,backing:anon,event:munmap"""
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:anon,event:munmap"""
         self.cell('7', 'odp', 'anon', 'munmap')
 
     def test_gup__memfd__munmap(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:gup,backing:memfd,event:munmap"""
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:memfd,event:munmap"""
         self.cell('7', 'gup', 'memfd', 'munmap')
 
     def test_pin__memfd__munmap(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:pin,backing:memfd,event:munmap"""
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:memfd,event:munmap"""
         self.cell('7', 'pin', 'memfd', 'munmap')
 
     def test_longterm__memfd__munmap(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:longterm,backing:memfd,event:munmap"""
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:memfd,event:munmap"""
         self.cell('7', 'longterm', 'memfd', 'munmap')
 
     def test_odp__memfd__munmap(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:odp,backing:memfd,event:munmap"""
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:memfd,event:munmap"""
         self.cell('7', 'odp', 'memfd', 'munmap')
 
     def test_gup__ext4__munmap(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:gup,backing:ext4,event:munmap"""
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:ext4,event:munmap"""
         self.cell('7', 'gup', 'ext4', 'munmap')
 
     def test_pin__ext4__munmap(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:pin,backing:ext4,event:munmap"""
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:ext4,event:munmap"""
         self.cell('7', 'pin', 'ext4', 'munmap')
 
     def test_longterm__ext4__munmap(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:longterm,backing:ext4,event:munmap"""
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:ext4,event:munmap"""
         self.cell('7', 'longterm', 'ext4', 'munmap')
 
     def test_odp__ext4__munmap(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:odp,backing:ext4,event:munmap"""
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:ext4,event:munmap"""
         self.cell('7', 'odp', 'ext4', 'munmap')
 
     def test_gup__anon__dontneed(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:gup,backing:anon,event:dontneed"""
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:anon,event:dontneed"""
         self.cell('7', 'gup', 'anon', 'dontneed')
 
     def test_pin__anon__dontneed(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:pin,backing:anon,event:dontneed,smoke"""
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:anon,event:dontneed,smoke"""
         self.cell('7', 'pin', 'anon', 'dontneed')
 
     def test_longterm__anon__dontneed(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:longterm,backing:anon,event:dontneed"""
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:anon,event:dontneed"""
         self.cell('7', 'longterm', 'anon', 'dontneed')
 
     def test_odp__anon__dontneed(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:odp,backing:anon,event:dontneed"""
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:anon,event:dontneed"""
         self.cell('7', 'odp', 'anon', 'dontneed')
 
     def test_gup__memfd__dontneed(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:gup,backing:memfd,event:dontneed"""
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:memfd,event:dontneed"""
         self.cell('7', 'gup', 'memfd', 'dontneed')
 
     def test_pin__memfd__dontneed(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:pin,backing:memfd,event:dontneed"""
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:memfd,event:dontneed"""
         self.cell('7', 'pin', 'memfd', 'dontneed')
 
     def test_longterm__memfd__dontneed(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:longterm,backing:memfd,event:dontneed"""
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:memfd,event:dontneed"""
         self.cell('7', 'longterm', 'memfd', 'dontneed')
 
     def test_odp__memfd__dontneed(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:odp,backing:memfd,event:dontneed"""
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:memfd,event:dontneed"""
         self.cell('7', 'odp', 'memfd', 'dontneed')
 
     def test_gup__ext4__dontneed(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:gup,backing:ext4,event:dontneed"""
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:ext4,event:dontneed"""
         self.cell('7', 'gup', 'ext4', 'dontneed')
 
     def test_pin__ext4__dontneed(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:pin,backing:ext4,event:dontneed"""
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:ext4,event:dontneed"""
         self.cell('7', 'pin', 'ext4', 'dontneed')
 
     def test_longterm__ext4__dontneed(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:longterm,backing:ext4,event:dontneed"""
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:ext4,event:dontneed"""
         self.cell('7', 'longterm', 'ext4', 'dontneed')
 
     def test_odp__ext4__dontneed(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:odp,backing:ext4,event:dontneed"""
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:ext4,event:dontneed"""
         self.cell('7', 'odp', 'ext4', 'dontneed')
 
     def test_gup__private_file__dontneed(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:gup,backing:private-file,event:dontneed"""
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:private-file,event:dontneed"""
         self.cell('7', 'gup', 'private-file', 'dontneed')
 
     def test_pin__private_file__dontneed(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:pin,backing:private-file,event:dontneed"""
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:private-file,event:dontneed"""
         self.cell('7', 'pin', 'private-file', 'dontneed')
 
     def test_longterm__private_file__dontneed(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:longterm,backing:private-file,event:dontneed"""
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:private-file,event:dontneed"""
         self.cell('7', 'longterm', 'private-file', 'dontneed')
 
     def test_odp__private_file__dontneed(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:odp,backing:private-file,event:dontneed"""
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:private-file,event:dontneed"""
         self.cell('7', 'odp', 'private-file', 'dontneed')
 
     def test_gup__memfd__seal_write(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:gup,backing:memfd,event:seal-write"""
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:memfd,event:seal-write"""
         self.cell('7', 'gup', 'memfd', 'seal-write')
 
     def test_pin__memfd__seal_write(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:pin,backing:memfd,event:seal-write,smoke"""
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:memfd,event:seal-write,smoke"""
         self.cell('7', 'pin', 'memfd', 'seal-write')
 
     def test_longterm__memfd__seal_write(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:longterm,backing:memfd,event:seal-write"""
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:memfd,event:seal-write"""
         self.cell('7', 'longterm', 'memfd', 'seal-write')
 
     def test_odp__memfd__seal_write(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:odp,backing:memfd,event:seal-write"""
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:memfd,event:seal-write"""
         self.cell('7', 'odp', 'memfd', 'seal-write')
 
     def test_gup__anon__hot_unplug(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:gup,backing:anon,event:hot-unplug"""
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:anon,event:hot-unplug"""
         self.cell('7', 'gup', 'anon', 'hot-unplug')
 
     def test_pin__anon__hot_unplug(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:pin,backing:anon,event:hot-unplug,smoke"""
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:anon,event:hot-unplug,smoke"""
         self.cell('7', 'pin', 'anon', 'hot-unplug')
 
     def test_longterm__anon__hot_unplug(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:longterm,backing:anon,event:hot-unplug"""
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:anon,event:hot-unplug"""
         self.cell('7', 'longterm', 'anon', 'hot-unplug')
 
     def test_odp__anon__hot_unplug(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:odp,backing:anon,event:hot-unplug"""
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:anon,event:hot-unplug"""
         self.cell('7', 'odp', 'anon', 'hot-unplug')
 
     def test_gup__anon__pci_remove(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:gup,backing:anon,event:pci-remove"""
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:anon,event:pci-remove"""
         self.cell('7', 'gup', 'anon', 'pci-remove')
 
     def test_pin__anon__pci_remove(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:pin,backing:anon,event:pci-remove,smoke"""
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:anon,event:pci-remove,smoke"""
         self.cell('7', 'pin', 'anon', 'pci-remove')
 
     def test_longterm__anon__pci_remove(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:longterm,backing:anon,event:pci-remove"""
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:anon,event:pci-remove"""
         self.cell('7', 'longterm', 'anon', 'pci-remove')
 
     def test_odp__anon__pci_remove(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:odp,backing:anon,event:pci-remove"""
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:anon,event:pci-remove"""
         self.cell('7', 'odp', 'anon', 'pci-remove')
 
+    def test_gup__ext4__odirect_write(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:ext4,event:odirect-write"""
+        self.cell('7', 'gup', 'ext4', 'odirect-write')
+
+    def test_pin__ext4__odirect_write(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:ext4,event:odirect-write,smoke"""
+        self.cell('7', 'pin', 'ext4', 'odirect-write')
+
+    def test_longterm__ext4__odirect_write(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:ext4,event:odirect-write"""
+        self.cell('7', 'longterm', 'ext4', 'odirect-write')
+
+    def test_odp__ext4__odirect_write(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:ext4,event:odirect-write"""
+        self.cell('7', 'odp', 'ext4', 'odirect-write')
+
+    def test_gup__xfs__odirect_write(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:xfs,event:odirect-write"""
+        self.cell('7', 'gup', 'xfs', 'odirect-write')
+
+    def test_pin__xfs__odirect_write(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:xfs,event:odirect-write"""
+        self.cell('7', 'pin', 'xfs', 'odirect-write')
+
+    def test_longterm__xfs__odirect_write(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:xfs,event:odirect-write"""
+        self.cell('7', 'longterm', 'xfs', 'odirect-write')
+
+    def test_odp__xfs__odirect_write(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:xfs,event:odirect-write"""
+        self.cell('7', 'odp', 'xfs', 'odirect-write')
+
+    def test_gup__anon__exit(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:anon,event:exit"""
+        self.cell('7', 'gup', 'anon', 'exit')
+
+    def test_pin__anon__exit(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:anon,event:exit,smoke"""
+        self.cell('7', 'pin', 'anon', 'exit')
+
+    def test_longterm__anon__exit(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:anon,event:exit"""
+        self.cell('7', 'longterm', 'anon', 'exit')
+
+    def test_odp__anon__exit(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:anon,event:exit"""
+        self.cell('7', 'odp', 'anon', 'exit')
+
+    def test_gup__memfd__exit(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:memfd,event:exit"""
+        self.cell('7', 'gup', 'memfd', 'exit')
+
+    def test_pin__memfd__exit(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:memfd,event:exit"""
+        self.cell('7', 'pin', 'memfd', 'exit')
+
+    def test_longterm__memfd__exit(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:memfd,event:exit"""
+        self.cell('7', 'longterm', 'memfd', 'exit')
+
+    def test_odp__memfd__exit(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:memfd,event:exit"""
+        self.cell('7', 'odp', 'memfd', 'exit')
+
+    def test_gup__anon__oom(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:anon,event:oom"""
+        self.cell('7', 'gup', 'anon', 'oom')
+
+    def test_pin__anon__oom(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:anon,event:oom,smoke"""
+        self.cell('7', 'pin', 'anon', 'oom')
+
+    def test_longterm__anon__oom(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:anon,event:oom"""
+        self.cell('7', 'longterm', 'anon', 'oom')
+
+    def test_odp__anon__oom(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:anon,event:oom"""
+        self.cell('7', 'odp', 'anon', 'oom')
+
     def test_odp__anon__no_ack(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:odp,backing:anon,event:no-ack,smoke"""
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:anon,event:no-ack,smoke"""
         self.cell('7', 'odp', 'anon', 'no-ack')
 
     def test_odp__memfd__no_ack(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:odp,backing:memfd,event:no-ack"""
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:memfd,event:no-ack"""
         self.cell('7', 'odp', 'memfd', 'no-ack')

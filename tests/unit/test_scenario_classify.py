@@ -53,6 +53,48 @@ class ClassifyTest(unittest.TestCase):
         obs, _ = classify_cell(Cell("6.12", "gup", "ext4", "2018"), rep, dm, {})
         self.assertEqual(obs, "EXT4_WARN_DATA_LOST")
 
+    def test_odirect_write(self) -> None:
+        lost = report(map_g2=[["g2", 0, 4], ["zero", 4, 4], ["g2", 8, 8]],
+                      file_after=[["g2", 0, 4], ["zero", 4, 4], ["g2", 8, 8]])
+        obs, f = classify_cell(Cell("6.12", "pin", "ext4", "odirect-write"), lost,
+                               classify(""), {})
+        self.assertEqual(obs, "WRITES_LOST_SILENTLY")
+        self.assertEqual(f["map_g2"], lost["map_g2"])
+        ok = report(map_g2=[["g2", 0, 16]], file_after=[["g2", 0, 16]])
+        obs, _ = classify_cell(Cell("6.12", "odp", "ext4", "odirect-write"), ok,
+                               classify(""), {"kinds": {"invalidate_ack": 4}})
+        self.assertEqual(obs, "REVOKED_IN_TIME")
+
+    def test_victim_exit_and_oom(self) -> None:
+        reg = {"nr_foll_pin_acquired": 32, "nr_foll_pin_released": 16}
+
+        def victim(mode: str, event: str, kinds: dict[str, int], gone: dict[str, int],
+                   **extra: Any) -> str:
+            rep = report(victim={"region": 2, "pfns": [1, 2]}, victim_status=9,
+                         victim_signal=9, vmstat_before_victim=PINS,
+                         vmstat_victim_registered=reg, vmstat_victim_gone=gone, **extra)
+            obs, _ = classify_cell(Cell("6.12", mode, "anon", event), rep, classify(""),
+                                   {"victim": {"kinds": kinds, "violations": 0}})
+            return obs
+
+        done = {"create": 1, "access": 9, "destroy": 1}
+        self.assertEqual(victim("pin", "exit", done, PINS), "RELEASED_AT_EXIT")
+        self.assertEqual(victim("pin", "exit", done, reg), "PINS_LEAKED")
+        self.assertEqual(victim("gup", "exit", {"create": 1}, PINS), "REGION_NOT_RELEASED")
+        self.assertEqual(victim("odp", "exit", {**done, "invalidate_ack": 1}, PINS),
+                         "REVOKED_IN_TIME")
+        self.assertEqual(victim("odp", "oom", done, PINS, oom_events={"oom_kill": 0}),
+                         "OOM_NOT_TRIGGERED")
+        self.assertEqual(victim("pin", "oom", done, PINS, oom_events={"oom_kill": 1}),
+                         "RELEASED_AT_EXIT")
+        rep = report(victim={"region": 2}, victim_status=9)
+        obs, _ = classify_cell(Cell("6.12", "odp", "anon", "exit"), rep, classify(""),
+                               {"victim": {"violations": 1, "violation_samples": [{}]}})
+        self.assertEqual(obs, "DMA_AFTER_REVOKE")
+        obs, _ = classify_cell(Cell("6.12", "odp", "anon", "exit"),
+                               report(victim={"error": "boom"}), classify(""), {})
+        self.assertEqual(obs, "ERROR")
+
     def test_violation_and_pin_leak_win(self) -> None:
         rep = report(map_g1=[["g1", 0, 16]])
         obs, _ = classify_cell(Cell("6.12", "odp", "anon", "dma-write"), rep, classify(""),

@@ -1,0 +1,270 @@
+#!/usr/bin/env python3
+"""pinlab guest agent: one long-lived Python process per guest boot that runs workload
+commands (matrix cells) without paying for an interpreter start and imports each time
+(about 0.65 s of TCG time per cell), reloads pinlab.ko, and reads the kernel log.
+
+Standard library only. The host starts it over an SSH exec channel and speaks JSON
+lines: one request object per stdin line, one response object per stdout line. The
+first line it prints is {"ready": true, ...}.
+
+Requests (``op``):
+  ping                                   -> {"ok": true, "pid", "kernel"}
+  reload   {module, name, device}        -> rmmod + insmod + wait for the device node
+  dmesg-mark                             -> {"mark": N}: a kmsg reader positioned at the end
+  dmesg-since {mark}                     -> {"text": ...}: records after the mark, as dmesg
+  run      {argv, timeout}               -> {"report": ..., "exit", "ms", "output"}
+  exit                                   -> the agent exits
+
+``run`` forks: the child runs ``workload.py <argv>`` (same parser, same report) in a fresh
+process with its stdout/stderr going to a file, so a cell gets a process of its own (its
+mm, its cgroup membership) and stray output cannot corrupt this protocol.  A child that
+does not report within ``timeout`` is killed; one stuck in the kernel is left and reported
+(``stuck``), and the host reboots the guest.
+"""
+import contextlib
+import ctypes
+import errno
+import json
+import os
+import select
+import signal
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import workload  # noqa: E402
+
+SYS_DELETE_MODULE = 176       # x86_64
+SYS_FINIT_MODULE = 313
+O_NONBLOCK = os.O_NONBLOCK
+CELL_OUTPUT = "/tmp/pinlab-agent-cell.out"
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _syscall(nr, *args):
+    if _libc.syscall(nr, *args) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+# ------------------------------------------------------------------ module reload
+def module_loaded(name):
+    return os.path.exists(f"/sys/module/{name}")
+
+
+def reload(req):
+    name, path = req.get("name", "pinlab"), req["module"]
+    device = req.get("device", "/dev/pinlab0")
+    t0 = time.monotonic()
+    if module_loaded(name):
+        deadline = t0 + 10
+        while True:   # a just-closed file may hold the module for a moment
+            try:
+                _syscall(SYS_DELETE_MODULE, name.encode(), O_NONBLOCK)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EBUSY, errno.EWOULDBLOCK) \
+                        or time.monotonic() > deadline:
+                    return {"error": f"rmmod {name}: {exc}"}
+                time.sleep(0.05)
+    t1 = time.monotonic()
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        _syscall(SYS_FINIT_MODULE, fd, req.get("params", "").encode(), 0)
+    except OSError as exc:
+        return {"error": f"insmod {path}: {exc}"}
+    finally:
+        os.close(fd)
+    t2 = time.monotonic()
+    while not os.path.exists(device):
+        if time.monotonic() - t2 > 10:
+            return {"error": f"no {device} 10 s after insmod"}
+        time.sleep(0.01)
+    t3 = time.monotonic()
+    return {"ok": True, "rmmod_ms": round((t1 - t0) * 1000, 1),
+            "insmod_ms": round((t2 - t1) * 1000, 1), "node_ms": round((t3 - t2) * 1000, 1)}
+
+
+# ------------------------------------------------------------------ kernel log
+_marks = {}
+
+
+def dmesg_mark(_req):
+    """A /dev/kmsg reader positioned after the newest record."""
+    fd = os.open("/dev/kmsg", os.O_RDONLY | O_NONBLOCK | os.O_CLOEXEC)
+    os.lseek(fd, 0, os.SEEK_END)
+    mark = max(_marks, default=0) + 1
+    _marks[mark] = fd
+    return {"mark": mark}
+
+
+def _format(record):
+    """A kmsg record ("pri,seq,usec,flags;text\\n KEY=v...") as dmesg prints it."""
+    head, _, rest = record.partition(";")
+    text = rest.split("\n", 1)[0]
+    try:
+        usec = int(head.split(",")[2])
+    except (IndexError, ValueError):
+        usec = 0
+    return f"[{usec // 1000000:5d}.{usec % 1000000:06d}] {text}"
+
+
+def dmesg_since(req):
+    fd = _marks.pop(int(req["mark"]), None)
+    if fd is None:
+        return {"error": f"unknown dmesg mark {req['mark']}"}
+    lines, lost = [], 0
+    try:
+        while True:
+            try:
+                rec = os.read(fd, 8192)
+            except BlockingIOError:
+                break
+            except BrokenPipeError:   # records overwritten before we read them
+                lost += 1
+                continue
+            if not rec:
+                break
+            lines.append(_format(rec.decode(errors="replace")))
+    finally:
+        os.close(fd)
+    return {"text": "".join(ln + "\n" for ln in lines), "lost": lost}
+
+
+# ------------------------------------------------------------------ workload commands
+def _child(argv, w):
+    """In the forked child: run the command, write its report to ``w``, never return."""
+    code = 0
+    try:
+        os.setpgid(0, 0)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        null = os.open("/dev/null", os.O_RDONLY)
+        os.dup2(null, 0)
+        out = os.open(CELL_OUTPUT, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(out, 1)
+        os.dup2(out, 2)
+        sys.stdout = os.fdopen(1, "w", closefd=False)
+        sys.stderr = os.fdopen(2, "w", closefd=False)
+        try:
+            args = workload.parser().parse_args(argv)
+        except SystemExit:
+            report = {"error": f"bad workload arguments: {argv}"}
+        else:
+            report = workload.run(args)
+        os.write(w, json.dumps(report, default=str).encode())
+    except BaseException as exc:  # noqa: BLE001 - the child must never return
+        with contextlib.suppress(Exception):
+            os.write(w, json.dumps({"error": f"agent child: {exc!r}"}).encode())
+        code = 1
+    finally:
+        for f in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                f.flush()
+        os._exit(code)
+
+
+def _output_tail():
+    try:
+        with open(CELL_OUTPUT, errors="replace") as f:
+            return f.read()[-4000:]
+    except OSError:
+        return ""
+
+
+def run(req):
+    argv, timeout = [str(a) for a in req["argv"]], float(req.get("timeout", 300))
+    r, w = os.pipe()
+    t0 = time.monotonic()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        _child(argv, w)
+    os.close(w)
+    chunks, deadline = [], t0 + timeout
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            ready, _, _ = select.select([r], [], [], left)
+            if not ready:
+                break
+            b = os.read(r, 65536)
+            if not b:
+                break
+            chunks.append(b)
+    finally:
+        os.close(r)
+    timed_out = time.monotonic() >= deadline
+    if timed_out:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+    status = None
+    wait_until = time.monotonic() + (5 if timed_out else 60)
+    while time.monotonic() < wait_until:
+        done, st = os.waitpid(pid, os.WNOHANG)
+        if done:
+            status = st
+            break
+        time.sleep(0.01)
+    resp = {"ms": round((time.monotonic() - t0) * 1000, 1), "pid": pid,
+            "exit": os.waitstatus_to_exitcode(status) if status is not None else None,
+            "output": _output_tail()}
+    if status is None:
+        resp["stuck"] = True   # in the kernel (D state): the host reboots the guest
+    try:
+        resp["report"] = json.loads(b"".join(chunks) or b"null")
+    except ValueError:
+        resp["report"] = None
+    if timed_out:
+        resp["error"] = f"workload {' '.join(argv)} gave no report within {timeout:.0f}s"
+    elif not isinstance(resp["report"], dict):
+        resp["error"] = f"workload {' '.join(argv)} gave no report (exit {resp['exit']})"
+    return resp
+
+
+OPS = {
+    "ping": lambda req: {"ok": True, "pid": os.getpid(), "kernel": os.uname().release},
+    "reload": reload,
+    "dmesg-mark": dmesg_mark,
+    "dmesg-since": dmesg_since,
+    "run": run,
+}
+
+
+def main():
+    proto = os.fdopen(os.dup(1), "w")
+    # stray output (ours or a library's) must never reach the protocol stream
+    log = os.open("/tmp/pinlab-agent.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(log, 1)
+    sys.stdout = os.fdopen(1, "w", closefd=False)
+
+    def send(obj):
+        proto.write(json.dumps(obj, default=str) + "\n")
+        proto.flush()
+
+    send({"ready": True, "pid": os.getpid(), "kernel": os.uname().release})
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        req = None
+        try:
+            req = json.loads(line)
+            if not isinstance(req, dict):
+                raise ValueError("a request is a JSON object")
+            op = req.get("op")
+            if op == "exit":
+                send({"ok": True})
+                break
+            fn = OPS.get(op)
+            resp = fn(req) if fn else {"error": f"unknown op {op!r}"}
+        except Exception as exc:  # noqa: BLE001 - answer every request
+            resp = {"error": f"{type(exc).__name__}: {exc}"}
+        resp["id"] = req.get("id") if isinstance(req, dict) else None
+        send(resp)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Host side of the guest agent (images/guest/pinlab_agent.py): JSON lines over one SSH
+exec channel.
+
+A TCG guest needs about 0.65 s to start Python and import the workload; a matrix cell's
+experiment itself takes 40-300 ms.  The agent is started once per boot and forks a child
+per command, and it also reloads pinlab.ko and reads /dev/kmsg, so a cell costs no SSH
+command at all.  Every request has a deadline; a dead or silent agent is an AgentError
+(the pool then reboots the guest).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import paramiko
+
+from .ssh import GuestSSH, SSHError
+
+AGENT = "pinlab_agent.py"
+
+
+class AgentError(RuntimeError):
+    pass
+
+
+class GuestAgent:
+    def __init__(self, ssh: GuestSSH, guest_dir: str, log: Path | None = None) -> None:
+        self.ssh, self.guest_dir, self.log = ssh, guest_dir, log
+        self.chan: paramiko.Channel | None = None
+        self.buf = b""
+        self.next_id = 0
+        self.info: dict[str, Any] = {}
+
+    def start(self, timeout: float = 60) -> dict[str, Any]:
+        try:
+            self.chan = self.ssh.open_channel(f"exec python3 {self.guest_dir}/{AGENT}")
+        except SSHError as exc:
+            raise AgentError(f"cannot start the guest agent: {exc}") from exc
+        self.info = self._read(timeout, "start")
+        if not self.info.get("ready"):
+            raise AgentError(f"guest agent did not say ready: {self.info}")
+        return self.info
+
+    @property
+    def alive(self) -> bool:
+        return self.chan is not None and not self.chan.closed \
+            and not self.chan.exit_status_ready()
+
+    def request(self, op: str, wait: float = 60, **args: Any) -> dict[str, Any]:
+        """Send one request and wait (at most ``wait`` s) for its answer."""
+        if not self.alive:
+            raise AgentError(f"guest agent is not running ({op}){self._stderr()}")
+        assert self.chan is not None
+        self.next_id += 1
+        req = {"op": op, "id": self.next_id, **args}
+        self._log(">", req)
+        try:
+            self.chan.sendall(json.dumps(req).encode() + b"\n")
+        except (OSError, paramiko.SSHException) as exc:
+            raise AgentError(f"guest agent: cannot send {op}: {exc!r}") from exc
+        resp = self._read(wait, op)
+        if resp.get("id") != self.next_id:
+            raise AgentError(f"guest agent answered {resp.get('id')} to request "
+                             f"{self.next_id} ({op})")
+        return resp
+
+    def checked(self, op: str, wait: float = 60, **args: Any) -> dict[str, Any]:
+        resp = self.request(op, wait, **args)
+        if "error" in resp:
+            raise AgentError(f"guest agent {op}: {resp['error']}")
+        return resp
+
+    def _read(self, timeout: float, what: str) -> dict[str, Any]:
+        assert self.chan is not None
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AgentError(f"guest agent: no answer to {what} within {timeout:.0f}s")
+            self.chan.settimeout(min(left, 1.0))
+            try:
+                chunk = self.chan.recv(65536)
+            except TimeoutError:
+                continue
+            except (OSError, paramiko.SSHException) as exc:
+                raise AgentError(f"guest agent: channel failed during {what}: {exc!r}") \
+                    from exc
+            if not chunk:
+                raise AgentError(f"guest agent exited during {what}{self._stderr()}")
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\n")
+        try:
+            resp = json.loads(line)
+        except ValueError as exc:
+            raise AgentError(f"guest agent: bad answer to {what}: {line[:300]!r}") from exc
+        if not isinstance(resp, dict):
+            raise AgentError(f"guest agent: bad answer to {what}: {resp!r}")
+        self._log("<", resp)
+        return resp
+
+    def _stderr(self) -> str:
+        if not self.chan:
+            return ""
+        data = b""
+        while self.chan.recv_stderr_ready():
+            data += self.chan.recv_stderr(65536)
+        return f": {data.decode(errors='replace')[-2000:]}" if data else ""
+
+    def _log(self, way: str, obj: dict[str, Any]) -> None:
+        if self.log:
+            with self.log.open("a") as f:
+                f.write(f"{time.strftime('%H:%M:%S')} {way} "
+                        f"{json.dumps(obj, default=str)[:2000]}\n")
+
+    def close(self) -> None:
+        if self.chan is None:
+            return
+        if self.alive:
+            with contextlib.suppress(AgentError):
+                self.request("exit", wait=5)
+        self.chan.close()
+        self.chan = None

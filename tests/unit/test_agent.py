@@ -1,0 +1,103 @@
+"""The guest agent (images/guest/pinlab_agent.py), run here on the host: it is standard
+library Python, and its protocol is JSON lines on stdin/stdout."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import unittest
+import uuid
+from importlib import resources
+from typing import Any
+
+AGENT = str(resources.files("pinlab.images").joinpath("guest", "pinlab_agent.py"))
+
+
+class AgentTest(unittest.TestCase):
+    def setUp(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, AGENT], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.ready = self._line()
+
+    def tearDown(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+        for f in (self.proc.stdin, self.proc.stdout, self.proc.stderr):
+            if f:
+                f.close()
+
+    def _line(self) -> dict[str, Any]:
+        assert self.proc.stdout
+        line = self.proc.stdout.readline()
+        self.assertTrue(line, "agent closed its output")
+        obj = json.loads(line)
+        self.assertIsInstance(obj, dict)
+        return obj
+
+    def send_raw(self, data: bytes) -> dict[str, Any]:
+        assert self.proc.stdin
+        self.proc.stdin.write(data)
+        self.proc.stdin.flush()
+        return self._line()
+
+    def req(self, op: str, **args: Any) -> dict[str, Any]:
+        return self.send_raw(json.dumps({"op": op, "id": 7, **args}).encode() + b"\n")
+
+    def test_ready_and_ping(self) -> None:
+        self.assertTrue(self.ready["ready"])
+        r = self.req("ping")
+        self.assertEqual(r["id"], 7)
+        self.assertEqual(r["pid"], self.proc.pid)
+
+    def test_bad_requests_get_errors_and_the_agent_goes_on(self) -> None:
+        self.assertIn("error", self.send_raw(b"{not json\n"))
+        self.assertIn("error", self.send_raw(b"[1, 2]\n"))
+        self.assertIn("unknown op", self.req("frobnicate")["error"])
+        self.assertIn("error", self.req("dmesg-since", mark=12345))
+        self.assertIn("error", self.req("run"))            # no argv
+        self.assertTrue(self.req("ping")["ok"])
+
+    def test_run_forks_a_reporting_child(self) -> None:
+        r = self.req("run", argv=["--device", "/nonexistent", "info"], timeout=60)
+        self.assertNotIn("error", r)
+        self.assertEqual(r["exit"], 0)
+        self.assertNotEqual(r["pid"], self.proc.pid)
+        self.assertIs(r["report"]["device"], False)
+        self.assertIn("vmstat", r["report"])
+
+    def test_run_with_bad_arguments_reports_them(self) -> None:
+        r = self.req("run", argv=["cell", "--mode", "nonsense"], timeout=60)
+        self.assertIn("bad workload arguments", r["report"]["error"])
+        self.assertIn("invalid choice", r["output"])   # argparse's message, not on our stdout
+        self.assertTrue(self.req("ping")["ok"])
+
+    def test_reload_of_a_missing_module_fails_cleanly(self) -> None:
+        r = self.req("reload", name="pinlab_no_such_module", module="/nonexistent/x.ko")
+        self.assertIn("error", r)
+        self.assertTrue(self.req("ping")["ok"])
+
+    @unittest.skipUnless(os.access("/dev/kmsg", os.R_OK | os.W_OK), "needs /dev/kmsg (root)")
+    def test_dmesg_since_a_mark(self) -> None:
+        before = f"pinlab-agent-test before {uuid.uuid4()}"
+        after = f"pinlab-agent-test after {uuid.uuid4()}"
+        with open("/dev/kmsg", "w") as k:
+            k.write(before + "\n")
+        mark = self.req("dmesg-mark")["mark"]
+        with open("/dev/kmsg", "w") as k:
+            k.write(after + "\n")
+        text = self.req("dmesg-since", mark=mark)["text"]
+        self.assertIn(after, text)
+        self.assertNotIn(before, text)
+        self.assertRegex(text.splitlines()[0], r"^\[ *\d+\.\d{6}\] ")
+        self.assertIn("error", self.req("dmesg-since", mark=mark))   # a mark is used once
+
+    def test_exit(self) -> None:
+        self.assertTrue(self.req("exit")["ok"])
+        self.assertEqual(self.proc.wait(timeout=10), 0)
+
+
+if __name__ == "__main__":
+    unittest.main()
