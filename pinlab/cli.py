@@ -78,10 +78,14 @@ def _fuzz(args: argparse.Namespace) -> int:
     return run_fuzz(args.kernel, args.iterations, out, threads=args.threads, seed=args.seed)
 
 
-def _bench(args: argparse.Namespace, rest: list[str]) -> int:
-    from pinlab.bench.device import main as bench_main
+def _bench(what: str, rest: list[str]) -> int:
+    if what == "cells":
+        from pinlab.bench.cells import main as cells_main
 
-    return bench_main(rest)
+        return cells_main(rest)
+    from pinlab.bench.device import main as device_main
+
+    return device_main(rest)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,12 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     fi.add_argument("--seed", type=int, default=1)
     fi.add_argument("--artifacts", help="directory for console log and other artifacts")
 
-    sub.add_parser("bench", help="benchmarks: pinlab bench device [--json]", add_help=False)
+    sub.add_parser("bench", help="benchmarks: pinlab bench device|cells [--json]",
+                   add_help=False)
 
     if argv[:1] == ["bench"]:
-        if argv[1:2] != ["device"]:
-            p.error("usage: pinlab bench device [--json]")
-        return _bench(argparse.Namespace(), argv[2:])
+        if argv[1:2] not in (["device"], ["cells"]):
+            p.error("usage: pinlab bench device|cells [--json]")
+        return _bench(argv[1], argv[2:])
     if argv[:1] == ["device"]:
         if argv[1:2] != ["serve"]:
             p.error("usage: pinlab device serve --socket PATH --control PATH [--audit FILE]")
