@@ -6,9 +6,11 @@ reloaded, the audit marked, the scenario's own files and cgroups removed by the 
 It reboots the guest after a cell that broke the kernel (BUG/Oops/WARN/hung task: a WARN_ON_ONCE
 fires once per boot, so a later cell could not see it) or made the guest unreachable.
 
-Clients (Avocado cell tests, ``pinlab matrix``) send one JSON request per connection on
-``<pool dir>/pool.sock``; the first client starts the server, which exits by itself after
-``idle`` seconds without a request, or on ``{"op": "stop"}``.
+Clients (Avocado cell tests, ``pinlab matrix``, through ``poolclient.py``) send one JSON
+request per connection on ``<pool dir>/pool.sock``; the first client starts the server
+(a lock keeps it to one per kernel), which exits by itself after ``idle`` seconds without
+a request, or on ``{"op": "stop"}``. In the guest, cells run through the guest agent
+(``agent.py``): no SSH command and no Python start-up per cell.
 """
 
 from __future__ import annotations

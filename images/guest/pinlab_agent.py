@@ -88,15 +88,19 @@ def reload(req):
 
 # ------------------------------------------------------------------ kernel log
 _marks = {}
+_next_mark = [0]
+MAX_MARKS = 8       # a mark nobody read (the host's cell failed in between) is dropped
 
 
 def dmesg_mark(_req):
     """A /dev/kmsg reader positioned after the newest record."""
     fd = os.open("/dev/kmsg", os.O_RDONLY | O_NONBLOCK | os.O_CLOEXEC)
     os.lseek(fd, 0, os.SEEK_END)
-    mark = max(_marks, default=0) + 1
-    _marks[mark] = fd
-    return {"mark": mark}
+    _next_mark[0] += 1
+    _marks[_next_mark[0]] = fd
+    while len(_marks) > MAX_MARKS:
+        os.close(_marks.pop(min(_marks)))
+    return {"mark": _next_mark[0]}
 
 
 def _format(record):

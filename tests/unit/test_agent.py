@@ -94,6 +94,14 @@ class AgentTest(unittest.TestCase):
         self.assertRegex(text.splitlines()[0], r"^\[ *\d+\.\d{6}\] ")
         self.assertIn("error", self.req("dmesg-since", mark=mark))   # a mark is used once
 
+    @unittest.skipUnless(os.access("/dev/kmsg", os.R_OK), "needs /dev/kmsg (root)")
+    def test_unread_marks_are_dropped(self) -> None:
+        marks = [self.req("dmesg-mark")["mark"] for _ in range(12)]
+        self.assertIn("unknown dmesg mark", self.req("dmesg-since", mark=marks[0])["error"])
+        self.assertIn("text", self.req("dmesg-since", mark=marks[-1]))
+        fds = os.listdir(f"/proc/{self.proc.pid}/fd")
+        self.assertLess(len(fds), 20, f"the agent keeps {len(fds)} fds open")
+
     def test_exit(self) -> None:
         self.assertTrue(self.req("exit")["ok"])
         self.assertEqual(self.proc.wait(timeout=10), 0)
