@@ -26,6 +26,7 @@ from .expectations import Cell
 from .session import GUEST_DIR, GuestSession
 
 PAGE = 4096
+AUDIT_LIMIT = 100_000   # GuestSession.audit()'s default limit
 READY_FILE = "/tmp/pinlab-cell.ready"
 OUT_FILE = "/tmp/pinlab-cell.out"
 # events whose cell the workload can run in one go (the rest need the host mid-cell)
@@ -75,13 +76,17 @@ def _pfn_set(*lists: Any) -> set[int]:
 
 
 # --------------------------------------------------------------------- audit facts
-def audit_facts(s: GuestSession, rep: dict[str, Any]) -> dict[str, Any]:
-    """What the device did to this cell's region since the mark."""
+def audit_facts(s: GuestSession, rep: dict[str, Any],
+                cell_records: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """What the device did to this cell's region since the mark (``cell_records``: every
+    audit record since the mark, if already fetched)."""
     rid = rep.get("region")
     facts: dict[str, Any] = {}
     if rid is None:
         return facts
-    recs = s.audit(region=int(rid))
+    if cell_records is None:
+        cell_records = s.audit()
+    recs = [r for r in cell_records if r.get("region") == int(rid)]
     kinds: dict[str, int] = {}
     written: set[int] = set()
     gens: dict[int, int] = {}
@@ -106,8 +111,9 @@ def audit_facts(s: GuestSession, rep: dict[str, Any]) -> dict[str, Any]:
                                rep.get("pfns_parent_after_write"))
     outside = sorted(written - registered)
     viol = [v for v in s.violations() if inst is None or v.get("inst") == inst]
-    resets = [r for r in s.audit(kind="reset")]
-    facts.update(kinds=kinds, pages_written=len(written), outside_registration=len(outside),
+    resets = [r for r in cell_records if r.get("kind") == "reset"]
+    facts.update(records=len(recs), truncated=len(cell_records) >= AUDIT_LIMIT,
+                 kinds=kinds, pages_written=len(written), outside_registration=len(outside),
                  outside_pfns=outside[:16], write_gens=gens, violations=len(viol),
                  violation_samples=viol[:5], resets=len(resets))
     return facts
@@ -372,11 +378,15 @@ def _finish(s: GuestSession, cell: Cell, art: Path, rep: dict[str, Any], mark: i
     (art / "workload.json").write_text(json.dumps(rep, indent=2, default=str))
     dm = _dmesg_since(s, mark, art)
     try:
-        audit = audit_facts(s, rep)
+        records = s.audit()
+        with (art / "audit.jsonl").open("w") as fh:   # the cell's extract of the audit log
+            for r in records:
+                fh.write(json.dumps(r, separators=(",", ":")) + "\n")
+        audit = audit_facts(s, rep, records)
         victim = rep.get("victim")
         if isinstance(victim, dict) and victim.get("region") is not None:
             audit["victim"] = audit_facts(s, {"region": victim["region"], "mode": cell.mode,
-                                              "pfns_before": victim.get("pfns")})
+                                              "pfns_before": victim.get("pfns")}, records)
     except Exception as exc:  # noqa: BLE001 - the device may be gone (hot-unplug)
         audit = {"unavailable": repr(exc)}
     observed, facts = classify_cell(cell, rep, dm, audit)
