@@ -35,6 +35,8 @@ BACKINGS = ["anon", *FILE_SHARED, "private-file"]
 # * odirect-write: only disk filesystems have O_DIRECT over a page cache (ref row 5b).
 # * exit / oom: a second process dies with a region registered; anon and memfd stand for
 #   private and shared memory; oom needs only one (the memcg OOM killer picks the victim).
+# * mem-offline: anonymous pages in a hot-added ZONE_MOVABLE DIMM (file pages behave alike
+#   for offline: migration is refused on the extra reference either way, ref row 7).
 PAIRS: list[tuple[str, str]] = [
     *[(b, "dma-write") for b in BACKINGS],
     *[(b, "truncate") for b in FILE_SHARED],
@@ -55,6 +57,7 @@ PAIRS: list[tuple[str, str]] = [
     ("ext4", "odirect-write"), ("xfs", "odirect-write"),
     *[(b, "exit") for b in ["anon", "memfd"]],
     ("anon", "oom"),
+    ("anon", "mem-offline"),
 ]
 # Only odp revokes, so only odp has a revoke to leave unacknowledged.
 ODP_ONLY: list[tuple[str, str]] = [("anon", "no-ack"), ("memfd", "no-ack")]

@@ -20,6 +20,9 @@ PATTERNS: list[tuple[str, re.Pattern[str]]] = [
     ("BAD_PAGE", re.compile(r"BUG: Bad page (state|map)")),
     ("RCU_STALL", re.compile(r"rcu: INFO: rcu_\w+ (self-)?detected stall")),
     ("SOFT_LOCKUP", re.compile(r"soft lockup - CPU#")),
+    # memory offline that cannot migrate a page (mm/memory_hotplug.c do_migrate_range)
+    ("MIGRATION_FAILURE", re.compile(r"migrating pfn \w+ failed|"
+                                     r"page dumped because: migration failure")),
 ]
 SEVERE = {"WARN", "BUG", "OOPS", "PANIC", "HUNG_TASK", "BAD_PAGE", "RCU_STALL", "SOFT_LOCKUP"}
 

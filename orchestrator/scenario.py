@@ -104,7 +104,9 @@ def audit_facts(s: GuestSession, rep: dict[str, Any],
             written.add(int(r["gpa"]) // PAGE)
             g = int(r.get("gen", 0))
             gens[g] = gens.get(g, 0) + 1
-    registered = _pfn_set(rep.get("pfns_before"))
+    # the pages the driver registered: FOLL_LONGTERM may have migrated them first (out of
+    # ZONE_MOVABLE), so the PFNs after registration are the truth where the workload has them
+    registered = _pfn_set(rep.get("pfns_registered") or rep.get("pfns_before"))
     if rep.get("mode") == "odp":   # odp re-faults: any page the process mapped is legal
         registered |= _pfn_set(rep.get("pfns_after"), rep.get("pfns_after_touch"),
                                rep.get("pfns_after_event"), rep.get("pagemap_after_event"),
@@ -282,6 +284,26 @@ def classify_cell(cell: Cell, rep: dict[str, Any], dm: DmesgReport,
         return ok(all_gen(rep.get("map_g2"), 2) and all_gen(rep.get("file_after"), 2)), f
     if ev in ("exit", "oom"):
         return _classify_victim(cell, rep, audit, f)
+    if ev == "mem-offline":
+        off = rep.get("offline")
+        f.update(blocks=rep.get("blocks"), offline=off, map_g2=rep.get("map_g2"),
+                 movable_pages=rep.get("movable_pages"),
+                 moved_at_registration=_changed(rep.get("pfns_before"),
+                                                rep.get("pfns_registered")),
+                 moved_by_offline=_changed(rep.get("pfns_registered"),
+                                           rep.get("pfns_after_touch")),
+                 migration_failures=dm.lines.get("MIGRATION_FAILURE", [])[:3])
+        if not off:
+            return "OFFLINE_INCONCLUSIVE", f   # no page was in a movable block
+        if g2.get("errno"):
+            return f"DMA_FAILED({g2.get('errno_name')})", f
+        good = all_gen(rep.get("map_g2"), 2)
+        if not good:
+            return "WRITES_LOST_SILENTLY", f
+        if all(o.get("result") == "ok" for o in off):
+            return ("REVOKED_IN_TIME" if cell.mode == "odp" and revoked
+                    else "OFFLINE_SUCCEEDS"), f
+        return "OFFLINE_BLOCKED", f
     if ev == "seal-write":
         st = step(rep, "seal_write")
         f["seal"] = st
@@ -512,9 +534,52 @@ def hot_unplug(s: GuestSession, cell: Cell, art: Path) -> Observation:
     return obs
 
 
+HOTPLUG_MB = 256          # the DIMM a mem-offline cell hot-adds (2 memory blocks on x86)
+AUTO_ONLINE = "/sys/devices/system/memory/auto_online_blocks"
+
+
+def mem_offline(s: GuestSession, cell: Cell, art: Path) -> Observation:
+    """Memory offline of a ZONE_MOVABLE block that holds the registered pages (ref rows
+    7b/7c). The host hot-adds a DIMM (QMP object-add + device_add pc-dimm) that the guest
+    onlines movable; the workload touches its pages there, registers, offlines their
+    blocks (a blocked offline is interrupted after 3 s); then the host removes the DIMM
+    again, so the next cell sees the guest's usual memory layout."""
+    art.mkdir(parents=True, exist_ok=True)
+    s.mark()
+    mark = s.dmesg_mark()
+    g = s.guest
+    assert g.qmp
+    mem_id, dimm_id = "pinlab-hp-mem", "pinlab-hp-dimm"
+    extra: dict[str, Any] = {"needs_reboot": True}   # until the DIMM is gone again
+    old = g.ssh.run(f"cat {AUTO_ONLINE}", check=True).out.strip()
+    g.ssh.run(f"echo online_movable > {AUTO_ONLINE}", check=True)
+    try:
+        g.qmp.cmd("object-add", **{"qom-type": "memory-backend-memfd", "id": mem_id,
+                                   "size": HOTPLUG_MB << 20, "share": True})
+        g.qmp.cmd("device_add", driver="pc-dimm", id=dimm_id, memdev=mem_id)
+        rep = s.workload(*_cell_args(cell), timeout=300)
+    finally:
+        g.ssh.run(f"echo {shlex.quote(old)} > {AUTO_ONLINE}")
+    t0 = time.monotonic()
+    try:
+        g.qmp.cmd("device_del", id=dimm_id)
+        while not any(e.get("event") == "DEVICE_DELETED"
+                      and (e.get("data") or {}).get("device") == dimm_id
+                      for e in g.qmp.events()):
+            if time.monotonic() - t0 > 30:
+                raise RuntimeError("the guest did not eject the DIMM within 30 s")
+            time.sleep(0.1)
+        g.qmp.cmd("object-del", id=mem_id)
+        extra.update(needs_reboot=False, dimm_removed_s=round(time.monotonic() - t0, 2))
+    except Exception as exc:  # noqa: BLE001 - the pool reboots instead
+        extra["dimm_remove_error"] = repr(exc)
+    return _finish(s, cell, art, rep, mark, extra)
+
+
 SCENARIOS: dict[str, Callable[[GuestSession, Cell, Path], Observation]] = {
     **dict.fromkeys(EVENTS, run_cell),
     "hot-unplug": hot_unplug,
     "pci-remove": hot_unplug,
     "no-ack": no_ack,
+    "mem-offline": mem_offline,
 }

@@ -51,6 +51,8 @@ class GuestConfig:
     disks: list[tuple[str, Path]] = field(default_factory=list)  # (serial, image)
     scratch_disks: dict[str, int] = field(default_factory=dict)  # serial -> MiB, made blank
     device_args: list[str] = field(default_factory=list)
+    # room for memory hot-add (pc-dimm through QMP); 0: none
+    hotplug_mb: int = 0
 
 
 class Guest:
@@ -129,7 +131,8 @@ class Guest:
             "-name", "pinlab,debug-threads=on",
             "-machine", "q35,memory-backend=mem", "-accel",
             "tcg,thread=multi" if c.accel == "tcg" else "kvm",
-            "-cpu", "max" if c.accel == "tcg" else "host", "-smp", str(c.cpus), "-m", mem,
+            "-cpu", "max" if c.accel == "tcg" else "host", "-smp", str(c.cpus), "-m",
+            f"{mem},slots=2,maxmem={c.memory_mb + c.hotplug_mb}M" if c.hotplug_mb else mem,
             "-object", f"memory-backend-memfd,id=mem,size={mem},share=on",
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-kernel", str(im.kernel.vmlinuz), "-initrd", str(im.kernel.initramfs),

@@ -360,6 +360,52 @@ def _victim_child(args, kind, cg, info_w, go_r):
         os._exit(code)
 
 
+MEMDIR = "/sys/devices/system/memory"
+
+
+def zone_pages(zone):
+    """managed pages of a zone (all nodes), from /proc/zoneinfo."""
+    total, inside = 0, False
+    for line in read_file("/proc/zoneinfo").splitlines():
+        if line.startswith("Node "):
+            inside = line.split()[-1] == zone
+        elif inside and line.split()[:1] == ["managed"]:
+            total += int(line.split()[1])
+    return total
+
+
+def wait_movable_memory(timeout, settle=0.5):
+    """The host hot-added a DIMM; wait until the guest has onlined all of it as
+    ZONE_MOVABLE: the zone's managed pages grow block by block, and the zonelists that
+    let allocations use the new zone are rebuilt only after a block is online."""
+    deadline = time.monotonic() + timeout
+    last, since = -1, time.monotonic()
+    while True:
+        n = zone_pages("Movable")
+        if n != last:
+            last, since = n, time.monotonic()
+        elif n > 0 and time.monotonic() - since >= settle:
+            return n
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"ZONE_MOVABLE not settled {timeout} s after the hot-add "
+                               f"({n} pages)")
+        time.sleep(0.05)
+
+
+def offline_block(block, timeout):
+    """Offline one memory block; a blocked offline is interrupted after ``timeout`` s
+    (offline_pages retries migration until a signal arrives)."""
+    t0 = now_ms()
+    try:
+        r = subprocess.run(["sh", "-c", f"echo offline > {MEMDIR}/memory{block}/state"],
+                           capture_output=True, text=True, timeout=timeout)
+        result = "ok" if r.returncode == 0 else (r.stderr.strip()[-200:] or f"exit {r.returncode}")
+    except subprocess.TimeoutExpired:
+        result = "timeout"
+    return {"block": block, "result": result, "ms": round(now_ms() - t0, 1),
+            "state": read_file(f"{MEMDIR}/memory{block}/state").strip()}
+
+
 def memcg_current():
     with contextlib.suppress(OSError):
         return int(read_file(f"{CGCELL}/memory.current"))
@@ -489,6 +535,8 @@ class Cell:
         a, rep = self.a, self.rep
         if a.event == "memcg-reclaim":
             enter_cgroup(self.stack, rep)
+        if a.event == "mem-offline":
+            rep["movable_pages"] = wait_movable_memory(30)
         if a.event in ("pageout", "memcg-reclaim") and a.backing in ("anon", "memfd", "tmpfs"):
             enable_swap(self.stack, rep)
         self.m = Mapping(self.stack, a.backing, rep,
@@ -510,6 +558,7 @@ class Cell:
         self.registered = True
         rep["register_ms"] = round(now_ms() - t0, 1)
         rep["region"] = self.rid
+        rep["pfns_registered"] = self.m.pfns()
         rep["vmstat_registered"] = vmstat()
         rep["query_registered"] = self.dev.query(self.rid)
         self.dma(1)
@@ -770,6 +819,21 @@ class Cell:
         rep["map_g2"] = self.scan_map()
         rep["pfns_after_touch"] = m.pfns()
 
+    def ev_mem_offline(self):
+        """Offline the ZONE_MOVABLE memory blocks (of a DIMM the host hot-added) that held
+        the mapping's pages when they were first touched (ref rows 7b/7c)."""
+        m, rep = self.m, self.rep
+        bs = int(read_file(f"{MEMDIR}/block_size_bytes").strip(), 16)
+        blocks = sorted({p * PAGE // bs for p in rep["pfns_before"] if isinstance(p, int)})
+        zones = {b: read_file(f"{MEMDIR}/memory{b}/valid_zones").strip() for b in blocks}
+        rep["blocks"] = zones
+        movable = [b for b in blocks if zones[b].startswith("Movable")]
+        rep["offline"] = [offline_block(b, 3) for b in movable]
+        rep["pfns_after_event"] = m.pfns()
+        self.dma(2)
+        rep["map_g2"] = self.scan_map()
+        rep["pfns_after_touch"] = m.pfns()
+
     def ev_exit(self):
         self._victim(oom=False)
 
@@ -878,5 +942,5 @@ def cmd_cell(args):
 EVENTS = ["dma-write", "truncate", "punch-hole", "punch-hole-partial", "pageout",
           "memcg-reclaim", "drop-caches", "writeback", "2018", "migrate", "fork",
           "fork-dontfork", "munmap", "dontneed", "seal-write", "hot-unplug", "pci-remove",
-          "no-ack", "odirect-write", "exit", "oom"]
+          "no-ack", "odirect-write", "exit", "oom", "mem-offline"]
 BACKINGS = ["anon", "memfd", "tmpfs", "ext4", "xfs", "private-file", "hugetlb"]

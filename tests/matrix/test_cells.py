@@ -1191,6 +1191,26 @@ class Kernel6_12(CellTest):
         :avocado: tags=backing:anon,event:oom"""
         self.cell('6.12', 'odp', 'anon', 'oom')
 
+    def test_gup__anon__mem_offline(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:anon,event:mem-offline"""
+        self.cell('6.12', 'gup', 'anon', 'mem-offline')
+
+    def test_pin__anon__mem_offline(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:anon,event:mem-offline,smoke"""
+        self.cell('6.12', 'pin', 'anon', 'mem-offline')
+
+    def test_longterm__anon__mem_offline(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:anon,event:mem-offline"""
+        self.cell('6.12', 'longterm', 'anon', 'mem-offline')
+
+    def test_odp__anon__mem_offline(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:anon,event:mem-offline"""
+        self.cell('6.12', 'odp', 'anon', 'mem-offline')
+
     def test_odp__anon__no_ack(self) -> None:
         """:avocado: tags=matrix,kernel:6.12,mode:odp
         :avocado: tags=backing:anon,event:no-ack,smoke"""
@@ -2388,6 +2408,26 @@ class Kernel6_1(CellTest):
         :avocado: tags=backing:anon,event:oom"""
         self.cell('6.1', 'odp', 'anon', 'oom')
 
+    def test_gup__anon__mem_offline(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:anon,event:mem-offline"""
+        self.cell('6.1', 'gup', 'anon', 'mem-offline')
+
+    def test_pin__anon__mem_offline(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:anon,event:mem-offline,smoke"""
+        self.cell('6.1', 'pin', 'anon', 'mem-offline')
+
+    def test_longterm__anon__mem_offline(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:anon,event:mem-offline"""
+        self.cell('6.1', 'longterm', 'anon', 'mem-offline')
+
+    def test_odp__anon__mem_offline(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:anon,event:mem-offline"""
+        self.cell('6.1', 'odp', 'anon', 'mem-offline')
+
     def test_odp__anon__no_ack(self) -> None:
         """:avocado: tags=matrix,kernel:6.1,mode:odp
         :avocado: tags=backing:anon,event:no-ack,smoke"""
@@ -3584,6 +3624,26 @@ class Kernel7(CellTest):
         """:avocado: tags=matrix,kernel:7,mode:odp
         :avocado: tags=backing:anon,event:oom"""
         self.cell('7', 'odp', 'anon', 'oom')
+
+    def test_gup__anon__mem_offline(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:anon,event:mem-offline"""
+        self.cell('7', 'gup', 'anon', 'mem-offline')
+
+    def test_pin__anon__mem_offline(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:anon,event:mem-offline,smoke"""
+        self.cell('7', 'pin', 'anon', 'mem-offline')
+
+    def test_longterm__anon__mem_offline(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:anon,event:mem-offline"""
+        self.cell('7', 'longterm', 'anon', 'mem-offline')
+
+    def test_odp__anon__mem_offline(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:anon,event:mem-offline"""
+        self.cell('7', 'odp', 'anon', 'mem-offline')
 
     def test_odp__anon__no_ack(self) -> None:
         """:avocado: tags=matrix,kernel:7,mode:odp

@@ -95,6 +95,26 @@ class ClassifyTest(unittest.TestCase):
                                report(victim={"error": "boom"}), classify(""), {})
         self.assertEqual(obs, "ERROR")
 
+    def test_mem_offline(self) -> None:
+        blocked = report(blocks={"32": "Movable"}, map_g2=[["g2", 0, 16]],
+                         offline=[{"block": 32, "result": "timeout", "state": "online"}])
+        dm = classify("[ 13.5] migrating pfn 1000fb failed ret:16\n"
+                      "[ 13.6] page dumped because: migration failure\n")
+        obs, f = classify_cell(Cell("6.12", "pin", "anon", "mem-offline"), blocked, dm, {})
+        self.assertEqual(obs, "OFFLINE_BLOCKED")
+        self.assertEqual(len(f["migration_failures"]), 2)
+        self.assertFalse(dm.severe())
+        done = dict(blocked, offline=[{"block": 32, "result": "ok", "state": "offline"}])
+        obs, _ = classify_cell(Cell("6.12", "longterm", "anon", "mem-offline"), done,
+                               classify(""), {})
+        self.assertEqual(obs, "OFFLINE_SUCCEEDS")
+        obs, _ = classify_cell(Cell("6.12", "odp", "anon", "mem-offline"), done, classify(""),
+                               {"kinds": {"invalidate_ack": 16}})
+        self.assertEqual(obs, "REVOKED_IN_TIME")
+        obs, _ = classify_cell(Cell("6.12", "pin", "anon", "mem-offline"),
+                               dict(blocked, offline=[]), classify(""), {})
+        self.assertEqual(obs, "OFFLINE_INCONCLUSIVE")
+
     def test_violation_and_pin_leak_win(self) -> None:
         rep = report(map_g1=[["g1", 0, 16]])
         obs, _ = classify_cell(Cell("6.12", "odp", "anon", "dma-write"), rep, classify(""),
