@@ -240,24 +240,33 @@ def enable_swap(stack, rep):
     rep["swap"] = path
 
 
-def enter_cgroup(stack, rep):
-    """Move this process into a child cgroup with the memory controller on."""
-    ctl = read_file(f"{CGROOT}/cgroup.controllers").split()
-    if "memory" not in ctl:
+def memory_cgroup(path):
+    """Make a child cgroup of the root with the memory controller on."""
+    if "memory" not in read_file(f"{CGROOT}/cgroup.controllers").split():
         raise RuntimeError("no memory controller in cgroup2")
     if "memory" not in read_file(f"{CGROOT}/cgroup.subtree_control").split():
         write_file(f"{CGROOT}/cgroup.subtree_control", "+memory")
-    os.makedirs(CGCELL, exist_ok=True)
+    os.makedirs(path, exist_ok=True)
+
+
+def remove_cgroup(path):
+    """rmdir a cgroup, giving its last (exiting) process up to 5 s to leave."""
+    for _ in range(50):
+        try:
+            os.rmdir(path)
+            return
+        except OSError:
+            time.sleep(0.1)
+
+
+def enter_cgroup(stack, rep):
+    """Move this process into a child cgroup with the memory controller on."""
+    memory_cgroup(CGCELL)
     write_file(f"{CGCELL}/cgroup.procs", str(os.getpid()))
 
     def leave():
         write_file(f"{CGROOT}/cgroup.procs", str(os.getpid()))
-        for _ in range(50):
-            try:
-                os.rmdir(CGCELL)
-                break
-            except OSError:
-                time.sleep(0.1)
+        remove_cgroup(CGCELL)
     stack.callback(leave)
     rep["cgroup"] = CGCELL
 
@@ -268,21 +277,11 @@ OOM_LIMIT = 48 << 20
 
 def oom_cgroup(stack, rep):
     """A cgroup where the victim of an "oom" cell runs out of memory (no swap)."""
-    if "memory" not in read_file(f"{CGROOT}/cgroup.subtree_control").split():
-        write_file(f"{CGROOT}/cgroup.subtree_control", "+memory")
-    os.makedirs(CGOOM, exist_ok=True)
+    memory_cgroup(CGOOM)
     write_file(f"{CGOOM}/memory.max", str(OOM_LIMIT))
     with contextlib.suppress(OSError):
         write_file(f"{CGOOM}/memory.swap.max", "0")
-
-    def remove():
-        for _ in range(50):
-            try:
-                os.rmdir(CGOOM)
-                break
-            except OSError:
-                time.sleep(0.1)
-    stack.callback(remove)
+    stack.callback(remove_cgroup, CGOOM)
     rep["oom_cgroup"] = {"path": CGOOM, "memory.max": OOM_LIMIT}
     return CGOOM
 
