@@ -15,7 +15,6 @@ import errno
 import json
 import mmap
 import os
-import struct
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -26,28 +25,16 @@ PAGE = mmap.PAGESIZE
 MADV_NOHUGEPAGE = 15
 
 
-def vmstat(keys=("nr_foll_pin_acquired", "nr_foll_pin_released")):
-    out = {}
-    # vmstat counters drift per CPU until folded; stat_refresh folds them now.
-    with contextlib.suppress(OSError), open("/proc/sys/vm/stat_refresh", "w") as f:
-        f.write("1")
-    with open("/proc/vmstat") as f:
-        for line in f:
-            k, v = line.split()
-            if k in keys:
-                out[k] = int(v)
-    return out
+PIN_KEYS = ("nr_foll_pin_acquired", "nr_foll_pin_released")
+
+
+def vmstat():
+    return pinlab_cell.vmstat(PIN_KEYS)
 
 
 def pfns(addr, npages):
-    """PFN of each page (None when not present), from /proc/self/pagemap."""
-    res = []
-    with open("/proc/self/pagemap", "rb") as f:
-        f.seek((addr // PAGE) * 8)
-        data = f.read(npages * 8)
-    for (entry,) in struct.iter_unpack("<Q", data):
-        res.append(entry & ((1 << 55) - 1) if entry >> 63 else None)
-    return res
+    """PFN of each page (None when not present, "swap" when swapped out)."""
+    return pinlab_cell.pagemap(addr, npages)
 
 
 def anon_buffer(npages):
