@@ -164,6 +164,12 @@ class AuditLog:
             self.counters["destroys"] += 1
             self._emit({"kind": "destroy", "region": track.rid, "inst": track.inst})
 
+    def scratch(self, value: int) -> None:
+        """A write of the SCRATCH register: a marker the guest can place in the log with a
+        plain MMIO write (e.g. "the notifier has returned"), ordered with the accesses."""
+        with self._lock:
+            self._emit({"kind": "scratch", "value": value})
+
     def reset(self) -> None:
         with self._lock:
             self.counters["resets"] += 1

@@ -277,6 +277,7 @@ class Engine:
                 self._doorbell("eq_head", val, self.eq_entries)
             elif off == 0x080:
                 self.scratch = val
+                self.audit.scratch(val)
             elif not self.enabled:
                 self._write_config(off, val)
             self.cond.notify_all()

@@ -307,10 +307,12 @@ void pinlab_queue_free(struct pinlab_dev *pd);
 int pinlab_queue_start(struct pinlab_dev *pd);
 void pinlab_queue_kill(struct pinlab_dev *pd);
 void pinlab_dev_reset(struct pinlab_dev *pd, const char *why);
+void pinlab_dev_halt(struct pinlab_dev *pd, const char *why);
 int pinlab_submit(struct pinlab_dev *pd, struct pinlab_sqe *sqe,
 		  struct pinlab_completion *comp, unsigned int timeout_ms);
 int pinlab_status_to_errno(u16 status);
 int pinlab_dev_epoch_check(struct pinlab_dev *pd, u32 epoch);
+bool pinlab_dev_epoch_gone(struct pinlab_dev *pd, u32 epoch);
 irqreturn_t pinlab_cq_irq(int irq, void *data);
 irqreturn_t pinlab_eq_irq(int irq, void *data);
 void pinlab_event_work(struct work_struct *work);

@@ -101,6 +101,23 @@ static int pinlab_stats_show(struct seq_file *m, void *unused)
 DEFINE_SHOW_ATTRIBUTE(pinlab_stats);
 
 /*
+ * debugfs "mark": a value written here goes to SCRATCH, which the device
+ * records in its audit log in order with its DMA accesses (REGISTERS.md),
+ * so a test can mark a point of the driver's timeline, such as "the
+ * invalidation has returned", in the device's own log.
+ */
+static int pinlab_mark_set(void *data, u64 val)
+{
+	struct pinlab_dev *pd = data;
+
+	writel(lower_32_bits(val), pd->bar0 + PINLAB_REG_SCRATCH);
+	/* a read returns only after the write reached the device */
+	(void)readl(pd->bar0 + PINLAB_REG_SCRATCH);
+	return 0;
+}
+DEFINE_DEBUGFS_ATTRIBUTE(pinlab_mark_fops, NULL, pinlab_mark_set, "%llu\n");
+
+/*
  * One vector for both queues: MSI without interrupt remapping gives a single
  * vector on x86, and the device then signals the event queue on vector 0 too.
  */
@@ -246,6 +263,8 @@ static int pinlab_probe(struct pci_dev *pdev, const struct pci_device_id *id)
 
 	pd->debugfs = debugfs_create_dir(pd->name, pinlab_debugfs_root);
 	debugfs_create_file("stats", 0444, pd->debugfs, pd, &pinlab_stats_fops);
+	debugfs_create_file_unsafe("mark", 0200, pd->debugfs, pd,
+				   &pinlab_mark_fops);
 
 	dev_info(&pdev->dev, "%s: version %#x, %d %s vectors\n", pd->name,
 		 version, pd->nvecs, pdev->msix_enabled ? "MSI-X" : "MSI");
@@ -290,12 +309,8 @@ static void pinlab_remove(struct pci_dev *pdev)
 	debugfs_remove_recursive(pd->debugfs);
 	pd->debugfs = NULL;
 
-	/* stop every waiter (-ENODEV), then stop all DMA */
-	pinlab_queue_kill(pd);
-	mutex_lock(&pd->reset_lock);	/* wait out a reset in progress */
-	writel(PINLAB_CTRL_RESET, pd->bar0 + PINLAB_REG_CTRL);
-	(void)readl(pd->bar0 + PINLAB_REG_STATUS);
-	mutex_unlock(&pd->reset_lock);
+	/* stop all DMA, then fail every waiter (-ENODEV) */
+	pinlab_dev_halt(pd, "remove");
 
 	pinlab_free_irqs(pd);
 	destroy_workqueue(pd->wq);	/* drains pending events */

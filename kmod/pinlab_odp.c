@@ -60,7 +60,10 @@ static int pinlab_odp_fence(struct pinlab_region *r, unsigned long first,
 	if (!ret && comp.status == PINLAB_STATUS_OK)
 		pinlab_revoke_account(pd, ktime_us_delta(ktime_get(), t0));
 	if (ret == -ETIMEDOUT) {
-		/* pinlab_submit() reset the function: DMA has stopped */
+		/*
+		 * No slot or no completion in time: pinlab_submit() reset
+		 * the function before returning, so DMA has stopped.
+		 */
 		atomic64_inc(&pd->stats.escalations);
 		atomic_set(&r->last_status, PINLAB_STATUS_TIMEOUT);
 		dev_warn(&pd->pdev->dev,
@@ -110,9 +113,13 @@ static bool pinlab_odp_invalidate(struct mmu_interval_notifier *mni,
 		goto out;	/* nothing of ours in the range */
 
 	if (!blockable) {
-		/* the fence needs to sleep */
-		mutex_unlock(&r->map_lock);
-		goto refuse;
+		if (r->dev_live && !pinlab_dev_epoch_gone(pd, r->epoch)) {
+			/* the device may use these pages: the fence sleeps */
+			mutex_unlock(&r->map_lock);
+			goto refuse;
+		}
+		/* reset or halted since: nothing to fence, no sleep needed */
+		r->dev_live = false;
 	}
 
 	ev = min_t(unsigned int, range->event, PINLAB_NR_EVENTS_STATS - 1);

@@ -200,8 +200,24 @@ void pinlab_queue_kill(struct pinlab_dev *pd)
 }
 
 /*
+ * Wait until no reset or halt is in progress.  A reset or halt holds
+ * reset_lock from before its state change until the device has been told
+ * to stop, so once we own the lock the device has dropped every region of
+ * an older epoch.  Process context; the caller may hold a map_lock (the
+ * reset path never takes one).
+ */
+static void pinlab_dev_wait_reset(struct pinlab_dev *pd)
+{
+	mutex_lock(&pd->reset_lock);
+	mutex_unlock(&pd->reset_lock);
+}
+
+/*
  * 0 if commands naming a region created in @epoch may be sent, -ENODEV if
- * the device is gone, -EIO if the device was reset since (region failed).
+ * the device is gone (halted: it issues no more DMA), -EIO if the device
+ * was reset since (the device dropped the region).  A reset in progress is
+ * waited out first, so that a non-zero return always means the device no
+ * longer accesses the region's pages.  May sleep.
  */
 int pinlab_dev_epoch_check(struct pinlab_dev *pd, u32 epoch)
 {
@@ -214,7 +230,26 @@ int pinlab_dev_epoch_check(struct pinlab_dev *pd, u32 epoch)
 	else if (pd->state != PINLAB_DEV_RUNNING || pd->epoch != epoch)
 		ret = -EIO;
 	spin_unlock_irqrestore(&pd->lock, flags);
+	if (ret == -EIO)
+		pinlab_dev_wait_reset(pd);
 	return ret;
+}
+
+/*
+ * Like pinlab_dev_epoch_check() without sleeping, for non-blockable
+ * invalidations: true if the device provably no longer accesses regions
+ * of @epoch (reset since, not in progress; or halted).
+ */
+bool pinlab_dev_epoch_gone(struct pinlab_dev *pd, u32 epoch)
+{
+	unsigned long flags;
+	bool gone;
+
+	spin_lock_irqsave(&pd->lock, flags);
+	gone = pd->state == PINLAB_DEV_DEAD ||
+	       (pd->state == PINLAB_DEV_RUNNING && pd->epoch != epoch);
+	spin_unlock_irqrestore(&pd->lock, flags);
+	return gone;
 }
 
 /*
@@ -254,6 +289,8 @@ void pinlab_dev_reset(struct pinlab_dev *pd, const char *why)
 	pinlab_eq_clear(pd);
 
 	ret = id == PINLAB_ID_MAGIC ? pinlab_queue_program(pd) : -ENODEV;
+	if (ret)
+		pci_clear_master(pd->pdev);	/* DEAD means halted */
 
 	spin_lock_irqsave(&pd->lock, flags);
 	if (pd->state == PINLAB_DEV_RESETTING)
@@ -279,9 +316,28 @@ static bool pinlab_slot_available(struct pinlab_dev *pd)
 }
 
 /*
+ * Stop the function for good, then fail every waiter with -ENODEV:
+ * CTRL.RESET (the device drops every region and stream before it answers
+ * the following read) and Bus Master Enable cleared (PCI: a function with
+ * it clear issues no memory requests).  Only after both is the device
+ * marked DEAD, so DEAD and -ENODEV always mean "no more DMA from it".
+ * Process context; takes reset_lock.
+ */
+void pinlab_dev_halt(struct pinlab_dev *pd, const char *why)
+{
+	mutex_lock(&pd->reset_lock);
+	writel(PINLAB_CTRL_RESET, pd->bar0 + PINLAB_REG_CTRL);
+	(void)readl(pd->bar0 + PINLAB_REG_STATUS);
+	pci_clear_master(pd->pdev);
+	pinlab_queue_kill(pd);
+	mutex_unlock(&pd->reset_lock);
+	pr_debug("%s: halted: %s\n", pd->name, why);
+}
+
+/*
  * A device that vanished (surprise removal, its server died) reads all
- * ones.  Mark it dead so that every waiter fails with -ENODEV at once
- * instead of at its timeout.
+ * ones.  Halt it so that every waiter fails with -ENODEV at once instead
+ * of at its timeout, and nothing it might still do reaches memory.
  */
 static bool pinlab_dev_check_alive(struct pinlab_dev *pd)
 {
@@ -293,10 +349,11 @@ static bool pinlab_dev_check_alive(struct pinlab_dev *pd)
 	spin_lock_irqsave(&pd->lock, flags);
 	dead = pd->state == PINLAB_DEV_DEAD;
 	spin_unlock_irqrestore(&pd->lock, flags);
-	if (!dead)
+	if (!dead) {
 		dev_err(&pd->pdev->dev,
-			"device not responding, marking it dead\n");
-	pinlab_queue_kill(pd);
+			"device not responding, halting it\n");
+		pinlab_dev_halt(pd, "not responding");
+	}
 	return false;
 }
 
@@ -329,10 +386,12 @@ static unsigned long pinlab_wait_alive(struct pinlab_dev *pd,
  * Submit one command and wait for its completion, at most timeout_ms.
  *
  * Returns 0 with the completion in *comp (the device status may be
- * non-zero), or -ENODEV (device gone), -ECANCELED (reset while queued or
- * in flight) or -ETIMEDOUT.  A timeout resets the device, so that a
- * command that never completed provably stops touching memory before the
- * caller releases it.
+ * non-zero), or -ENODEV (device halted), -ECANCELED (reset while queued or
+ * in flight) or -ETIMEDOUT.  Every error return comes after the device was
+ * told to stop: a timeout (no free command slot, or no completion, within
+ * @timeout_ms) resets the function before returning, and -ECANCELED /
+ * -ENODEV are only returned once the reset or halt that caused them has
+ * reached the device.  Callers may therefore release pages on any error.
  */
 int pinlab_submit(struct pinlab_dev *pd, struct pinlab_sqe *sqe,
 		  struct pinlab_completion *comp, unsigned int timeout_ms)
@@ -355,6 +414,7 @@ int pinlab_submit(struct pinlab_dev *pd, struct pinlab_sqe *sqe,
 		}
 		if (pd->state == PINLAB_DEV_RESETTING) {
 			spin_unlock_irqrestore(&pd->lock, flags);
+			pinlab_dev_wait_reset(pd);
 			return -ECANCELED;
 		}
 		slot = find_first_zero_bit(pd->slot_map, PINLAB_NSLOTS);
@@ -362,8 +422,20 @@ int pinlab_submit(struct pinlab_dev *pd, struct pinlab_sqe *sqe,
 			break;
 		spin_unlock_irqrestore(&pd->lock, flags);
 		if (!wait_event_timeout(pd->slot_wq, pinlab_slot_available(pd),
-					tmo))
+					tmo)) {
+			/*
+			 * Every slot stayed busy: the device completes
+			 * nothing.  Reset it, so that a caller giving up
+			 * (an invalidation, a destroy) may release pages.
+			 */
+			atomic64_inc(&pd->stats.timeouts);
+			dev_warn(&pd->pdev->dev,
+				 "command op %#x region %u: no command slot within %u ms\n",
+				 sqe->opcode, le32_to_cpu(sqe->region),
+				 timeout_ms);
+			pinlab_dev_reset(pd, "command queue full");
 			return -ETIMEDOUT;
+		}
 	}
 
 	__set_bit(slot, pd->slot_map);

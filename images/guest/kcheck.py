@@ -294,6 +294,71 @@ def check_stream_hold(dev, mode):
            secs=time.monotonic() - t0)
 
 
+DEBUGFS = "/sys/kernel/debug/pinlab/pinlab0"
+MARK_RETURNED = 0x5A5A0001     # SCRATCH marker: the invalidation has returned
+NSLOTS = 255                   # kmod/pinlab.h PINLAB_NSLOTS
+
+
+def driver_stats():
+    with open(f"{DEBUGFS}/stats") as f:
+        return {k: int(v) for k, v in (ln.split() for ln in f if len(ln.split()) == 2)}
+
+
+def device_mark(value):
+    """Place a marker in the device's audit log (SCRATCH write through debugfs)."""
+    with open(f"{DEBUGFS}/mark", "w") as f:
+        f.write(str(value))
+
+
+def check_full_queue(dev):
+    """An invalidation while every command slot is taken: the notifier must not return
+    before the device stopped. The host has made the device drop its interrupts (after
+    READY), so no command ever completes from the driver's view: NSLOTS FENCE commands
+    fill every slot, then MADV_DONTNEED of a streaming odp region runs the notifier, whose
+    INVALIDATE finds no slot. After madvise returns, a SCRATCH marker goes into the
+    device's audit log; the host checks that no access to the region follows it."""
+    import threading
+    import time
+    ln = 16 * PAGE
+    addr = anon(16)
+    rid = dev.register(addr, ln, "odp")
+    dev.dma_write(rid, 0, ln, 1)
+    dev.stream_start(rid, 0, ln, 1, PAGE, 200)
+    print(json.dumps({"ready": True, "region": rid}), flush=True)
+    while not os.path.exists("/tmp/go-full"):
+        time.sleep(0.05)
+    base = driver_stats()["cmds"]
+    errs = []
+
+    def fence():
+        errs.append(errno_of(dev.fence))
+    threads = [threading.Thread(target=fence, daemon=True) for _ in range(NSLOTS)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 60
+    while driver_stats()["cmds"] - base < NSLOTS and time.monotonic() < deadline:
+        time.sleep(0.05)
+    filled = driver_stats()["cmds"] - base
+    t0 = time.monotonic()
+    libc.madvise(addr, ln, MADV_DONTNEED)      # the notifier: INVALIDATE finds no slot
+    madvise_s = time.monotonic() - t0
+    device_mark(MARK_RETURNED)
+    time.sleep(1.0)                            # a device still streaming would write now
+    for t in threads:
+        t.join(120)
+    q = None
+    try:
+        q = dev.query(rid)
+    except OSError as e:
+        q = {"errno": e.errno}
+    errno_of(dev.deregister, rid)
+    libc.munmap(addr, ln)
+    st = driver_stats()
+    record("full-queue", filled >= NSLOTS, region=rid, filled=filled,
+           madvise_s=round(madvise_s, 3), fence_errnos=sorted(set(errs)),
+           fences_done=len(errs), query=q, resets=st["resets"], timeouts=st["timeouts"])
+
+
 def main():
     what = sys.argv[1]
     dev = PinlabDevice()
@@ -313,6 +378,8 @@ def main():
             check_escalate(dev)
         elif what == "after-reset":
             check_after_reset(dev)
+        elif what == "full-queue":
+            check_full_queue(dev)
         elif what == "hold":
             check_stream_hold(dev, sys.argv[2])
     except OSError as e:

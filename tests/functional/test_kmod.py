@@ -7,6 +7,7 @@ images/guest/ioctl_fuzz.py.
 
 from __future__ import annotations
 
+import errno
 import json
 import time
 from pathlib import Path
@@ -17,6 +18,7 @@ from pinlab.orchestrator.session import GuestSession
 from pinlab.orchestrator.vm import GuestConfig
 
 GUEST = Path(__file__).resolve().parents[2] / "images" / "guest"
+MARK_RETURNED = 0x5A5A0001   # images/guest/kcheck.py: the invalidation has returned
 VMSTAT = ("echo 1 > /proc/sys/vm/stat_refresh; "
           "grep -E '^nr_foll_pin_(acquired|released) ' /proc/vmstat")
 HOLD = ("for m in pin odp; do setsid nohup python3 /root/pinlab/kcheck.py hold $m "
@@ -123,6 +125,82 @@ class KmodTest(GuestTest):
             rm = g.ssh.run("rmmod pinlab", timeout=60)
             self.assertEqual(rm.rc, 0, rm.err)
             self.assert_clean_dmesg(s)
+
+    def test_full_queue_invalidation(self) -> None:
+        """
+        An odp invalidation while every command slot is taken must not return before
+        the device stopped: the driver resets the function when no slot frees within
+        the fence timeout. The device drops its interrupts (so no command completes
+        from the driver's view), 255 FENCE commands fill the slots, MADV_DONTNEED of a
+        streaming odp region runs the notifier, and right after madvise returns the
+        guest writes a marker into the device's audit log (debugfs ``mark``, SCRATCH).
+        No access to the region may follow that marker.
+
+        :avocado: tags=guest,kernel:6.12,mode:odp,kmod
+        """
+        with GuestSession.boot("6.12", self.artifacts) as s:
+            self.remember(s)
+            g = s.guest
+            self.push(s)
+            g.ssh.run("echo 60000 > /sys/module/pinlab/parameters/cmd_timeout_ms; "
+                      "echo 1500 > /sys/module/pinlab/parameters/fence_timeout_ms",
+                      check=True, timeout=30)
+            s.mark()
+            g.ssh.run("rm -f /tmp/go-full; setsid nohup python3 /root/pinlab/kcheck.py "
+                      "full-queue > /tmp/fq.out 2>&1 < /dev/null &", check=True, timeout=30)
+            self.wait_output(g, "/tmp/fq.out", '"ready"', 60)
+            s.device("set-fault", **{"drop-irq": True})
+            try:
+                g.ssh.run("touch /tmp/go-full", check=True, timeout=30)
+                out = self.wait_output(g, "/tmp/fq.out", '"summary"', 240)
+            finally:
+                s.device("clear-fault", names=["drop-irq"])
+            (self.artifacts / "full-queue.out").write_text(out)
+            res = [json.loads(ln) for ln in out.splitlines()
+                   if ln.startswith('{"check": "full-queue"')]
+            self.assertEqual(len(res), 1, out)
+            r = res[0]
+            self.assertGreaterEqual(r["filled"], 255, "the command slots were not all taken")
+            records: list[dict] = []
+            while True:   # the device answers at most 100000 records a query
+                page = s.audit(since=records[-1]["seq"] if records else s.audit_since,
+                               limit=100_000)
+                records += page
+                if len(page) < 100_000:
+                    break
+            with open(self.artifacts / "full-queue-audit.jsonl", "w") as f:
+                for rec in records:
+                    f.write(json.dumps(rec) + "\n")
+            rid = r["region"]
+            inst = [x["inst"] for x in records if x["kind"] == "create" and x["region"] == rid]
+            self.assertTrue(inst, "the audit has no create record for the region")
+            marks = [x["seq"] for x in records
+                     if x["kind"] == "scratch" and x.get("value") == MARK_RETURNED]
+            self.assertEqual(len(marks), 1, "the guest's marker is not in the audit log")
+            mine = [x for x in records if x["kind"] == "access"
+                    and x.get("region") == rid and x.get("inst") == inst[-1]]
+            before = [x for x in mine if x["seq"] < marks[0]]
+            after = [x for x in mine if x["seq"] > marks[0]]
+            self.assertTrue(before, "the region was never streamed into")
+            self.assertEqual(after[:5], [], f"{len(after)} accesses after the notifier "
+                             "returned")
+            resets = [x for x in records if x["kind"] == "reset" and x["seq"] < marks[0]]
+            self.assertTrue(resets, "no reset reached the device before the notifier returned")
+            self.assertIn(errno.ECANCELED, r["fence_errnos"], r)
+            dm = g.dmesg()
+            self.assertIn("no command slot", dm)
+
+    def wait_output(self, g, path: str, needle: str, timeout: float) -> str:
+        """The guest file ``path`` once it contains ``needle`` (polled; AssertionError
+        with its contents after ``timeout`` s)."""
+        deadline = time.monotonic() + timeout
+        out = ""
+        while time.monotonic() < deadline:
+            out = g.ssh.run(f"cat {path}", timeout=30).out
+            if needle in out:
+                return out
+            time.sleep(0.5)
+        self.fail(f"{path} never showed {needle} within {timeout} s: {out[-2000:]}")
 
     def test_kernel_6_12(self) -> None:
         """
