@@ -15,7 +15,7 @@ from typing import Any
 from avocado import Test
 
 from . import poolclient
-from .expectations import Cell, expect, load
+from .expectations import INCONCLUSIVE, Cell, expect, load
 
 GENERATED = Path(__file__).resolve().parent.parent / "tests" / "matrix" / "test_cells.py"
 
@@ -24,8 +24,11 @@ def judge(cell: Cell, result: dict[str, Any]) -> dict[str, Any]:
     exp = expect(cell, load())
     observed = str(result.get("observed", "ERROR"))
     expected = exp.expected if exp else "UNKNOWN"
+    # INCONCLUSIVE (evidence missing) and a failed experiment are never a match or a
+    # mismatch: the run could not tell, so the cell is an error
     verdict = ("error" if observed in ("ERROR", "KERNEL_ERROR") and expected != observed
-               or exp is None else "match" if observed == expected else "mismatch")
+               or observed.startswith(INCONCLUSIVE) or exp is None
+               else "match" if observed == expected else "mismatch")
     return {"kernel": cell.kernel, "mode": cell.mode, "backing": cell.backing,
             "event": cell.event, "expected": expected, "observed": observed,
             "verdict": verdict, "source": exp.source if exp else "no rule",

@@ -35,7 +35,14 @@ def _matches(value: str, want: Any) -> bool:
     return bool(value == want)
 
 
+# the class of a cell whose evidence is missing, truncated or contradictory
+# (orchestrator/classify.py); reported as an error, never expected
+INCONCLUSIVE = "INCONCLUSIVE"
+
+
 def load(path: Path | None = None) -> list[dict[str, Any]]:
+    """The rules of the expectations table, in order. Raises ValueError for a rule without
+    ``expected`` or ``source``, or one that expects an INCONCLUSIVE outcome."""
     if path is None:
         text = resources.files("pinlab.orchestrator").joinpath(
             "data", "expectations.toml").read_text()
@@ -46,6 +53,9 @@ def load(path: Path | None = None) -> list[dict[str, Any]]:
         missing = {"expected", "source"} - set(r)
         if missing:
             raise ValueError(f"expectation rule {r} lacks {sorted(missing)}")
+        if str(r["expected"]).startswith(INCONCLUSIVE):
+            raise ValueError(f"expectation rule {r} expects {r['expected']}: missing evidence "
+                             "is never an expected outcome")
     return rules
 
 

@@ -1,0 +1,288 @@
+"""The classifier on cells recorded from a real three-kernel matrix run.
+
+``tests/data/classifier-corpus.json.gz`` keeps, per cell, exactly what the classifier
+read: the guest workload's report, the kernel log lines it classifies, and the facts of
+the device's audit extract (written by ``python -m pinlab.orchestrator.reclassify RUN
+--corpus FILE``). Two properties:
+
+* every recorded cell still gets the class it got in the run;
+* removing or corrupting any single piece of the evidence its class needs (as the
+  expectations header defines it, listed independently here) never yields that class: the
+  cell becomes INCONCLUSIVE or another class. This is what keeps a step that silently
+  fails on a candidate kernel from passing as the expected outcome.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import unittest
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from pinlab.orchestrator.classify import FILE_BACKINGS, base_class, classify_cell
+from pinlab.orchestrator.dmesg import classify
+from pinlab.orchestrator.expectations import Cell
+
+CORPUS = Path(__file__).resolve().parents[1] / "data" / "classifier-corpus.json.gz"
+Entry = dict[str, Any]
+Mutation = tuple[str, Callable[[Entry], None]]
+# classes that need the device's write of a generation (the "gen N written" evidence)
+WROTE = {"COHERENT", "WRITES_LOST_SILENTLY", "REVOKED_IN_TIME", "WRITEBACK_STALE",
+         "EXT4_WARN_DATA_LOST", "MIGRATION_FAILS", "PARENT_LOSES_WRITES",
+         "CHILD_SEES_WRITES", "OFFLINE_BLOCKED", "OFFLINE_SUCCEEDS"}
+NO_AUDIT = {"PIN_REFUSED", "KERNEL_ERROR", "ERROR", "DEVICE_NOT_REMOVED", "SEAL_REFUSED"}
+# the page scans each event's outcome is judged on (file backings add the file read-back)
+VIEWS = {"dma-write": ["map_g1"], "punch-hole": ["map_g2"], "punch-hole-partial": ["map_g2"],
+         "pageout": ["map_g2"], "memcg-reclaim": ["map_g2"], "drop-caches": ["map_g2"],
+         "dontneed": ["map_g2"], "writeback": ["disk_registered", "disk_released"],
+         "2018": ["file_after"], "migrate": ["map_g2"], "fork": ["map_parent_g2"],
+         "fork-dontfork": ["map_parent_g2"], "odirect-write": ["map_g2", "file_after"],
+         "mem-offline": ["map_g2"], "no-ack": ["map_g2"], "exit": [], "oom": [],
+         "seal-write": [], "hot-unplug": [], "pci-remove": []}
+
+
+def load_corpus() -> list[Entry]:
+    with gzip.open(CORPUS, "rt") as fh:
+        return list(json.load(fh))
+
+
+def clone(e: Entry) -> Entry:
+    """A copy deep enough for any mutation below (the report's big PFN lists are shared)."""
+    rep = dict(e["rep"])
+    rep["steps"] = [dict(st) for st in rep.get("steps", [])]
+    if isinstance(rep.get("child"), dict):
+        rep["child"] = dict(rep["child"])
+    audit = dict(e["audit"])
+    if isinstance(audit.get("kinds"), dict):
+        audit["kinds"] = dict(audit["kinds"])
+    if isinstance(audit.get("victim"), dict):
+        audit["victim"] = dict(audit["victim"])
+        if isinstance(audit["victim"].get("kinds"), dict):
+            audit["victim"]["kinds"] = dict(audit["victim"]["kinds"])
+    return {**e, "rep": rep, "audit": audit}
+
+
+def run(e: Entry) -> str:
+    return classify_cell(Cell(**e["cell"]), e["rep"], classify(e["dmesg"]), e["audit"])[0]
+
+
+def _step(e: Entry, name: str) -> dict[str, Any] | None:
+    for st in reversed(e["rep"].get("steps", [])):
+        if st.get("step") == name:
+            return st
+    return None
+
+
+def _drop_step(name: str) -> Callable[[Entry], None]:
+    def f(e: Entry) -> None:
+        e["rep"]["steps"] = [s for s in e["rep"].get("steps", []) if s.get("step") != name]
+    return f
+
+
+def _errno_none(name: str) -> Callable[[Entry], None]:
+    def f(e: Entry) -> None:
+        st = _step(e, name)
+        if st is not None:
+            st["errno"] = None
+    return f
+
+
+def _rep(key: str, value: Any = KeyError) -> Callable[[Entry], None]:
+    def f(e: Entry) -> None:
+        if value is KeyError:
+            e["rep"].pop(key, None)
+        else:
+            e["rep"][key] = value
+    return f
+
+
+def _audit(key: str, value: Any = KeyError, where: str = "") -> Callable[[Entry], None]:
+    def f(e: Entry) -> None:
+        a = e["audit"][where] if where else e["audit"]
+        if value is KeyError:
+            a.pop(key, None)
+        else:
+            a[key] = value
+    return f
+
+
+def scan_mutations(key: str) -> Iterator[Mutation]:
+    yield f"remove {key}", _rep(key)
+    yield f"empty {key}", _rep(key, [])
+    yield f"{key} of the wrong type", _rep(key, "g2")
+
+
+def step_mutations(name: str) -> Iterator[Mutation]:
+    yield f"remove step {name}", _drop_step(name)
+    yield f"step {name} without errno", _errno_none(name)
+
+
+def audit_mutations(where: str = "") -> Iterator[Mutation]:
+    label = f"audit[{where}]" if where else "audit"
+
+    def unavailable(e: Entry) -> None:
+        if where:
+            e["audit"][where] = {"unavailable": "x"}
+        else:
+            e["audit"] = {"unavailable": "x"}
+    yield f"{label} unavailable", unavailable
+    yield f"{label} incomplete", _audit("complete", False, where)
+    yield f"{label} without the create record", _audit("region_found", False, where)
+    yield f"{label} without violation count", _audit("violations", where=where)
+
+
+def mutations(e: Entry, cls: str) -> Iterator[Mutation]:
+    """Each single piece of evidence ``cls`` needs for this cell, removed or corrupted."""
+    cell = Cell(**e["cell"])
+    rep = e["rep"]
+    if cls == "PIN_REFUSED":
+        yield "remove errno", _rep("errno")
+        yield "errno 0", _rep("errno", 0)
+        return
+    if cls == "KERNEL_ERROR":
+        yield "no kernel log", lambda x: x.__setitem__("dmesg", "")
+        return
+    if cls == "SEAL_REFUSED":
+        yield from step_mutations("seal_write")
+        return
+    if cls not in NO_AUDIT:
+        yield from audit_mutations()
+        if cell.mode in ("pin", "longterm"):
+            yield "remove vmstat_before", _rep("vmstat_before")
+            yield "remove vmstat_end", _rep("vmstat_end")
+            yield "vmstat_end without counters", _rep("vmstat_end", {})
+    if cls == "SEAL_APPLIED":
+        yield from step_mutations("seal_write")
+        yield "remove seals", _rep("seals")
+        yield "seals without F_SEAL_WRITE", _rep("seals", 0)
+        return
+    if cls == "DEVICE_GONE_CLEAN":
+        yield "remove gone", _rep("gone")
+        yield "gone empty", _rep("gone", None)
+
+        def no_reset(x: Entry) -> None:
+            x["audit"]["resets"] = 0
+            x["audit"].get("kinds", {}).pop("destroy", None)
+        yield "neither reset nor destroy in the audit", no_reset
+        return
+    if cls == "ESCALATED_RESET":
+        yield "no escalation lines", lambda x: x.__setitem__("dmesg", "")
+        yield "no reset in the audit", _audit("resets", 0)
+        return
+    if cell.event in ("exit", "oom"):
+        yield "remove victim", _rep("victim")
+        yield "victim error", _rep("victim", {"error": "x"})
+        yield "remove victim_status", _rep("victim_status")
+        yield from audit_mutations("victim")
+        if cell.event == "oom":
+            yield "remove oom_events", _rep("oom_events")
+        if cell.mode in ("pin", "longterm"):
+            for k in ("vmstat_before_victim", "vmstat_victim_registered", "vmstat_victim_gone"):
+                yield f"remove {k}", _rep(k)
+        if cls == "RELEASED_AT_EXIT":
+            yield "victim audit without destroy", lambda x: x["audit"]["victim"]["kinds"].pop(
+                "destroy", None)
+        if cls == "REVOKED_IN_TIME":
+            yield "victim audit without ack", lambda x: x["audit"]["victim"]["kinds"].pop(
+                "invalidate_ack", None)
+        return
+    g2 = _step(e, "dma_write_g2")
+    failed = bool(g2 and g2.get("errno"))
+    gen = 1 if cell.event == "dma-write" else 2
+    if failed:
+        yield from step_mutations("dma_write_g2")
+        if cls == "REVOKED_IN_TIME":
+            yield "no event acks", _audit("event_acks", 0)
+            yield "event acks missing", _audit("event_acks")
+        if cell.event == "truncate" and cell.mode == "odp":
+            yield from scan_mutations("map_kept_g2")
+        return
+    if cls in WROTE:
+        yield from step_mutations(f"dma_write_g{gen}")
+        yield f"audit without gen{gen} pages", _audit("gen_pages", {})
+        yield "remove npages", _rep("npages")
+    if cls == "REVOKED_IN_TIME":
+        yield "no event acks", _audit("event_acks", 0)
+        yield "event acks missing", _audit("event_acks")
+    if cls == "EXT4_WARN_DATA_LOST":
+        yield "no kernel log", lambda x: x.__setitem__("dmesg", "")
+        yield from scan_mutations("file_after")
+        return
+    views = list(VIEWS.get(cell.event, []))
+    if cell.event == "truncate":
+        views = ["map_kept_g2", "map_after_extend"]
+        yield "remove kept_pages", _rep("kept_pages")
+    if cell.event in ("dma-write", "punch-hole", "punch-hole-partial", "pageout",
+                      "memcg-reclaim", "drop-caches", "dontneed") \
+            and cell.backing in FILE_BACKINGS:
+        views.append("file_after")
+    if cell.event == "munmap":
+        yield from step_mutations("munmap")
+        if cell.backing != "anon":
+            views.append("remap_g2")
+    if cell.event == "odirect-write":
+        yield from step_mutations("odirect_write")
+    if cell.event == "migrate":
+        yield "remove pinned_moved", _rep("pinned_moved")
+        yield "remove control_moved", _rep("control_moved")
+    if cell.event in ("fork", "fork-dontfork"):
+        yield "remove child", _rep("child")
+        yield "empty child report", _rep("child", {})
+        yield "child failed", _rep("child_status", 256)
+        if rep.get("child", {}).get("mapped"):
+            yield "child scan missing", lambda x: x["rep"]["child"].pop("map", None)
+    if cell.event == "mem-offline":
+        yield "remove offline", _rep("offline")
+        yield "no offline results", _rep("offline", [])
+    for v in views:
+        yield from scan_mutations(v)
+
+
+class CorpusTest(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls) -> None:
+        cls.corpus = load_corpus()
+
+    def test_corpus_spans_the_matrix(self) -> None:
+        kernels = {e["cell"]["kernel"] for e in self.corpus}
+        classes = {base_class(e["observed"]) for e in self.corpus}
+        self.assertEqual(kernels, {"6.1", "6.12", "7"})
+        self.assertGreaterEqual(len(self.corpus), 600)
+        self.assertGreaterEqual(len(classes), 12, classes)
+
+    def test_recorded_cells_keep_their_class(self) -> None:
+        moved = [(e["cell"], e["observed"], run(e)) for e in self.corpus
+                 if run(e) != e["observed"]]
+        self.assertEqual(moved, [])
+
+    def test_no_single_evidence_loss_yields_the_class(self) -> None:
+        tried = 0
+        bad = []
+        for e in self.corpus:
+            cls = e["observed"]
+            if cls.startswith(("INCONCLUSIVE", "ERROR")):
+                continue
+            for what, mutate in mutations(e, base_class(cls)):
+                m = clone(e)
+                mutate(m)
+                got = run(m)
+                tried += 1
+                if got == cls:
+                    bad.append(f"{Cell(**e['cell']).name}: {what} still gives {cls}")
+        self.assertGreater(tried, 5000)
+        self.assertEqual(bad[:20], [], f"{len(bad)} mutations kept the class")
+
+    def test_no_evidence_loss_turns_a_mismatch_into_the_expected_class(self) -> None:
+        for e in self.corpus:
+            if e["observed"] == e["expected"] or not e["expected"]:
+                continue
+            for what, mutate in mutations(e, base_class(e["observed"])):
+                m = clone(e)
+                mutate(m)
+                self.assertNotEqual(run(m), e["expected"], f"{e['cell']}: {what}")
+
+
+if __name__ == "__main__":
+    unittest.main()
