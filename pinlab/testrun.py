@@ -2,9 +2,10 @@
 
 Runs the unit and guest tests as one Avocado job (its output shown as it goes), then the
 matrix (the default kernel in full, the smoke slice of the others) as one job per kernel at
-the same time. Prints one plain closing line ``N passed, N failed, N skipped`` and exits
-non-zero if any test failed or errored, if no test ran, or if any QEMU or device-server
-process outlived the run.
+the same time. Prints one plain closing line ``N passed, N failed, N skipped`` (skipped
+counts Avocado's SKIP and CANCEL, each listed before it) and exits non-zero if any test
+failed or errored, if a job ran no test, if any QEMU or device-server process outlived
+the run, or, under CI (``CI`` set), if any test was skipped or cancelled.
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         poolclient.stop_all(kernels)
 
-    passed = failed = skipped = 0
+    passed = failed = skipped = cancelled = 0
+    strict = bool(os.environ.get("CI"))   # in CI a skipped or cancelled test is a failure
     for job in jobs:
         found = job.results()
         if not found:
@@ -77,11 +79,15 @@ def main(argv: list[str] | None = None) -> int:
         if job.rc != 0 and bad == 0:   # e.g. the job timed out, or avocado itself failed
             print(f"pinlab: {job.name}: avocado exited {job.rc}", file=sys.stderr)
             bad = 1
+        if res.get("pass", 0) + bad == 0:
+            print(f"pinlab: {job.name}: no test ran", file=sys.stderr)
+            bad += 1
         passed += res.get("pass", 0)
         failed += bad
-        skipped += res.get("skip", 0) + res.get("cancel", 0)
+        skipped += res.get("skip", 0)
+        cancelled += res.get("cancel", 0)
         for t in res.get("tests", []):
-            if t.get("status") not in ("PASS", "SKIP", "CANCEL"):
+            if t.get("status") != "PASS":
                 print(f"  {t.get('status')}: {t.get('id')}: {t.get('fail_reason')}\n"
                       f"      logs: {t.get('logdir')}")
         print(f"results ({job.name}): {found}")
@@ -89,7 +95,12 @@ def main(argv: list[str] | None = None) -> int:
     if left:
         print("pinlab: processes left behind by the tests:\n  " + "\n  ".join(left))
         failed += 1
-    print(f"{passed} passed, {failed} failed, {skipped} skipped")
+    if skipped or cancelled:
+        print(f"pinlab: {skipped} skipped and {cancelled} cancelled tests (listed above)"
+              + (": a failure in CI" if strict else ""), file=sys.stderr)
+        if strict:
+            failed += skipped + cancelled
+    print(f"{passed} passed, {failed} failed, {skipped + cancelled} skipped")
     if passed == 0 and failed == 0:
         print("pinlab: no test ran", file=sys.stderr)
         return 1

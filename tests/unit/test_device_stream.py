@@ -77,9 +77,12 @@ class StreamTest(unittest.TestCase):
             self.assertEqual(snap, [self.rig.ram.read(p, 4096) for p in pages[first:first + 8]])
         self.assertEqual(self.dev.audit.stats()["violations"], 0)
         wait_for(lambda: self.stream(1).state == "paused")
-        self.assertEqual(self.stream(1).fault_page, self.stream(1).fault_page)
+        # every page was revoked: the stream stops at a page of the range and says which
+        fault_page = self.stream(1).fault_page
+        self.assertIn(fault_page, range(64))
         evs = self.d.events()
-        self.assertTrue(any(e.type == E.EV_PAGE_FAULT and e.region == 1 for e in evs))
+        self.assertIn((1, fault_page), [(e.region, e.info0) for e in evs
+                                        if e.type == E.EV_PAGE_FAULT])
         # re-map: the stream resumes
         chunks = self.stream(1).chunks
         self.rig.map_pages(1, 0, pages)
@@ -112,13 +115,15 @@ class StreamTest(unittest.TestCase):
         self.assertEqual(stream.state, "stopped")
 
     def test_vfio_user_stays_responsive_while_streaming(self) -> None:
+        # register accesses are served while a stream runs (how fast: bench/device.py)
         self.make(1, 256)
         self.d.cmd(E.OP_STREAM_START, 1, 0, 256 * 4096, 1, 1 << 20, 0)
-        t0 = time.monotonic()
-        for _ in range(50):
-            self.rig.client.reg_read(0x080)
-        self.assertLess((time.monotonic() - t0) / 50, 0.05)
-        self.d.cmd(E.OP_STREAM_STOP, 1)
+        chunks = self.stream(1).chunks
+        for i in range(50):
+            self.rig.client.reg_write(0x080, i)
+            self.assertEqual(self.rig.client.reg_read(0x080), i)
+        wait_for(lambda: self.stream(1).chunks > chunks)   # and the stream went on too
+        self.assertEqual(self.d.cmd(E.OP_STREAM_STOP, 1).status, E.OK)
 
     def test_client_disconnect_while_streaming(self) -> None:
         self.make(1, 16)
@@ -137,9 +142,12 @@ class StreamTest(unittest.TestCase):
     def test_delay_revoke_fault(self) -> None:
         self.make(1, 4)
         self.dev.faults.update({"delay-revoke-ms": 200})
-        t0 = time.monotonic()
         self.assertEqual(self.d.cmd(E.OP_INVALIDATE, 1, 0, 4).status, E.OK)
-        self.assertGreaterEqual(time.monotonic() - t0, 0.2)
+        # the device's own clock: the acknowledgement came at least the delay after the
+        # request (a causal check of the fault, not a speed measurement)
+        req = self.dev.audit.query(kind="invalidate")[-1]
+        ack = self.dev.audit.query(kind="invalidate_ack")[-1]
+        self.assertGreaterEqual(ack["t"] - req["t"], 200_000_000)
 
     def test_never_ack_revoke_then_clear(self) -> None:
         self.make(1, 4)
@@ -162,15 +170,10 @@ class StreamTest(unittest.TestCase):
         self.dev.faults.update({"drop-irq": True})
         self.d.cmd(E.OP_NOP)
         self.assertEqual(self.d.irq_count(0), 0)
-        self.dev.faults.update({"drop-irq": False, "delay-irq-ms": 150})
+        self.dev.faults.update({"drop-irq": False, "delay-irq-ms": 2000})
         self.d.cmd(E.OP_NOP)
-        self.assertEqual(self.d.irq_count(0), 0)
-        time.sleep(0.3)
-        self.assertEqual(self.d.irq_count(0), 1)
-
-
-if __name__ == "__main__":
-    unittest.main()
+        self.assertEqual(self.d.irq_count(0), 0)   # not yet: it comes 2 s later
+        wait_for(lambda: self.d.irq_count(0) == 1)
 
 
 class InvalidateOvertakesTest(unittest.TestCase):
@@ -230,3 +233,7 @@ class InvalidateOvertakesTest(unittest.TestCase):
         self.assertEqual([c.status for c in comps], [E.OK, E.OK, E.OK])
         self.assertEqual(comps[2].result0, 4)  # the map happened before the invalidate
         self.assertEqual(self.dev.audit.stats()["violations"], 0)
+
+
+if __name__ == "__main__":
+    unittest.main()
