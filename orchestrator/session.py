@@ -17,7 +17,9 @@ from .agent import AgentError, GuestAgent
 from .qmp import QMP
 from .vm import GUEST_MODULE, Guest, GuestConfig
 
-GUEST_TOOLS = ("pinlab_ioctl.py", "pinlab_cell.py", "workload.py", "pinlab_agent.py")
+# the guest API (pinlab_ioctl, pinlab_mm, pinlab_kmsg, pinlab_env) and the matrix's cell code
+GUEST_TOOLS = ("pinlab_ioctl.py", "pinlab_mm.py", "pinlab_kmsg.py", "pinlab_env.py",
+               "pinlab_cell.py", "workload.py", "pinlab_agent.py")
 GUEST_DIR = "/root/pinlab"
 
 

@@ -18,6 +18,7 @@ import ctypes
 import fcntl
 import os
 import struct
+import zlib
 
 # ---------------------------------------------------------------- ioctl encoding
 _IOC_NRBITS, _IOC_TYPEBITS, _IOC_SIZEBITS = 8, 8, 14
@@ -163,6 +164,13 @@ def buffer_address(buf):
     return addr
 
 
+def dma_crc32(data):
+    """The checksum DMA_READ returns for ``data`` (bytes-like: the raw bytes of the range,
+    in region-offset order): CRC-32 of IEEE 802.3, the value of zlib.crc32(data) (start
+    0), an int in [0, 2**32). Defined in device/REGISTERS.md (Opcodes, DMA_READ)."""
+    return zlib.crc32(data) & 0xFFFFFFFF
+
+
 def mmap_address(m):
     """Address of an mmap.mmap object (alias of buffer_address)."""
     return buffer_address(m)
@@ -269,7 +277,12 @@ class PinlabDevice:
         return self._ioctl("DMA_WRITE", PINLAB_IOC_DMA_WRITE, arg).bytes
 
     def dma_read(self, region, offset, length):
-        """Device reads; returns (crc32, bytes)."""
+        """The device reads [offset, offset+length) of the region (bytes); returns
+        (crc32, bytes_read): crc32 is dma_crc32() of the bytes the device saw in the pages
+        the driver mapped for it, which differ from what the process sees through its
+        mapping when the two no longer share pages (e.g. after a COW break).
+        Raises PinlabError (EFAULT with device status PAGE_FAULT: a page in the range is
+        not mapped for the device; EINVAL: range outside the region)."""
         arg = PinlabDma(region=region, offset=offset, len=length)
         arg = self._ioctl("DMA_READ", PINLAB_IOC_DMA_READ, arg)
         return arg.crc32, arg.bytes
@@ -302,6 +315,7 @@ class PinlabDevice:
 
 __all__ = [
     "PinlabDevice", "PinlabError", "buffer_address", "mmap_address", "pattern_word",
+    "dma_crc32",
     "decode_word", "check_pattern", "MODES", "STATUS_NAMES",
     "PINLAB_IOC_REGISTER", "PINLAB_IOC_DEREGISTER", "PINLAB_IOC_DMA_WRITE",
     "PINLAB_IOC_DMA_READ", "PINLAB_IOC_STREAM_START", "PINLAB_IOC_STREAM_STOP",
