@@ -175,14 +175,19 @@ class Guest:
                 "x-msg-timeout": self.cfg.msg_timeout_ms, "bus": "pinlab-port",
                 "socket": {"type": "unix", "path": str(self.device_sock)}}
 
-    def replug_device(self, timeout: float = 30) -> None:
+    def replug_device(self, timeout: float = 30, node: str = "/dev/pinlab0") -> str:
         """Plug the device back in after a device_del (QMP device_add on the same root
-        port; the device server kept running and accepts QEMU's new connection)."""
+        port; the device server kept running and accepts QEMU's new connection), and wait
+        for its char device. ``node`` may be a shell glob: the driver names the new device
+        pinlab1 when a file of the removed pinlab0 is still open. Returns the node found.
+        Raises QMPError, SSHError (no node within ``timeout`` seconds)."""
         assert self.qmp
         self.qmp.cmd("device_add", **self.device_spec())
-        self.ssh.run(f"for i in $(seq {int(timeout * 10)}); do [ -c /dev/pinlab0 ] && exit 0;"
-                     " sleep 0.1; done; echo 'no /dev/pinlab0 after device_add' >&2; exit 1",
-                     check=True, timeout=timeout + 10)
+        return self.ssh.run(
+            f"for i in $(seq {int(timeout * 10)}); do for n in {node}; do [ -c \"$n\" ] && "
+            f"echo \"$n\" && exit 0; done; sleep 0.1; done; "
+            f"echo 'no {node} after device_add' >&2; exit 1",
+            check=True, timeout=timeout + 10).out.strip()
 
     def dead(self) -> str | None:
         """Why the guest can no longer work (QEMU or the device server exited, or the

@@ -104,10 +104,11 @@ def replug(s: GuestSession, rounds: int = 1, ready_file: str = "",
            progress: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """``rounds`` times: (wait until the guest file ``ready_file`` exists, remove it),
     QMP device_del of the device, wait for DEVICE_DELETED, device_add with the same
-    arguments (Guest.device_spec), wait for /dev/pinlab0 in the guest. Each round's
-    record: round, unplug_s and plug_s (seconds), dmesg (the kernel log lines of the
-    round). Raises WorkbenchError without a device or with MSI-X (QEMU 11.1's
-    vfio-user-pci aborts on device_del of an MSI-X device; ``force`` tries anyway),
+    arguments (Guest.device_spec), wait for a /dev/pinlabN in the guest. Each round's
+    record: round, node (the new /dev/pinlabN), unplug_s and plug_s (seconds), dmesg
+    (the kernel log lines of the round). Raises WorkbenchError without a device or with
+    MSI-X (QEMU 11.1's vfio-user-pci aborts on device_del of an MSI-X device; ``force``
+    tries anyway),
     TimeoutError/RuntimeError when a wait fails (RuntimeError names QEMU's exit)."""
     g = s.guest
     if not g.cfg.device or g.qmp is None:
@@ -136,7 +137,7 @@ def replug(s: GuestSession, rounds: int = 1, ready_file: str = "",
         g.qmp.cmd("device_del", id=DEVICE_ID)
         _wait_deleted(s, 60)
         t1 = time.monotonic()
-        g.replug_device()
+        rec["node"] = g.replug_device(node="/dev/pinlab*")
         rec["unplug_s"] = round(t1 - t0, 2)
         rec["plug_s"] = round(time.monotonic() - t1, 2)
         rec["dmesg"] = s.dmesg_since(mark).splitlines()

@@ -68,6 +68,8 @@ def _up(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from pinlab.orchestrator.artifacts import run_dir
     from pinlab.orchestrator.cells import parse_cell
     from pinlab.orchestrator.registry import RegistryError
+    from pinlab.orchestrator.ssh import SSHError
+    from pinlab.orchestrator.vm import GuestError
     from pinlab.orchestrator.workbench import UpOptions, Workbench, WorkbenchError
 
     _check_kernel(p, args.kernel)
@@ -92,6 +94,9 @@ def _up(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     except (WorkbenchError, RegistryError) as exc:
         print(f"pinlab: {exc}", file=sys.stderr)
         return 2
+    except (SSHError, GuestError) as exc:
+        print(f"pinlab: the guest failed: {exc}", file=sys.stderr)
+        return 1
     print("pinlab: torn down", file=sys.stderr)
     return rc
 
@@ -152,7 +157,7 @@ def _replug(args: argparse.Namespace) -> int:
     if not args.json:
         for r in resp["rounds"]:
             print(f"round {r['round']}: device_del {r['unplug_s']}s, device_add "
-                  f"{r['plug_s']}s; the guest logged:")
+                  f"{r['plug_s']}s, {r['node']}; the guest logged:")
             for line in r["dmesg"]:
                 print(f"  {line}")
     return 0

@@ -43,9 +43,9 @@ CELL_HUGEPAGES = 3                   # a hugetlb cell's mapping (2) and one spar
 NR_HUGEPAGES = "/proc/sys/vm/nr_hugepages"
 
 
-def _later(stack, fn, *args):
+def _later(stack, fn, *args, **kwargs):
     if stack is not None:
-        stack.callback(fn, *args)
+        stack.callback(fn, *args, **kwargs)
 
 
 def find_disk(serial):
