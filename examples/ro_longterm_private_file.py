@@ -80,7 +80,7 @@ def main():
     p.add_argument("--modes", default="longterm,pin")
     p.add_argument("--dir", default="/mnt/pinlab-ext4", help="an ext4 mount (up has one)")
     p.add_argument("--pages", type=int, default=16)
-    p.add_argument("--device", default="/dev/pinlab0")
+    p.add_argument("--device", default=None, help="default: the first /dev/pinlabN")
     a = p.parse_args()
     mark = pinlab_kmsg.mark()
     out = {"kernel": os.uname().release, "modes": []}

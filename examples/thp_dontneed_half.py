@@ -42,7 +42,7 @@ def states(buf, rid, gen, first, count):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--mode", default="longterm", choices=sorted(pinlab_ioctl.MODES))
-    p.add_argument("--device", default="/dev/pinlab0")
+    p.add_argument("--device", default=None, help="default: the first /dev/pinlabN")
     a = p.parse_args()
     rep = {"kernel": os.uname().release, "mode": a.mode, "thp": pinlab_mm.thp_setting()}
     mark = pinlab_kmsg.mark()

@@ -110,7 +110,7 @@ def _shift_name(args: argparse.Namespace) -> None:
         return
     if registry.NAME.match(args.name) and registry.path_of(args.name).exists():
         return
-    if args.cmd == "run" and args.script is not None:
+    if args.cmd == "run" and args.script is not None and Path(args.name).is_file():
         args.args = [args.script, *args.args]
         args.script = args.name
     elif args.cmd == "ssh":

@@ -771,7 +771,9 @@ def ready_cell(mode, backing, event, device="/dev/pinlab0"):
     (``c.dev``, ``c.rid``) and written once by the device. ``c.event()`` runs the event,
     ``c.finish()`` returns the report, ``c.close()`` undoes everything. ``python3 -i
     pinlab_cell.py ready MODE BACKING EVENT`` opens a Python prompt with ``c`` set.
-    Raises OSError when registration is refused (the errno the cell would observe)."""
+    When the driver refuses the registration (what some cells observe, e.g. EFAULT for
+    longterm on ext4), ``c.registered`` is False and ``c.rep`` has errno/errno_name; the
+    mapping is still there. Raises what the environment setup raises (pinlab_env)."""
     import argparse
 
     stack = contextlib.ExitStack()
@@ -779,8 +781,7 @@ def ready_cell(mode, backing, event, device="/dev/pinlab0"):
              stack)
     c.close = stack.close
     try:
-        if not c.prepare():
-            raise OSError(c.rep["errno"], f"register ({mode}): {c.rep['errno_name']}")
+        c.prepare()
     except BaseException:
         stack.close()
         raise
@@ -817,7 +818,9 @@ if __name__ == "__main__":
     if sys.argv[1:2] != ["ready"] or len(sys.argv) != 5:
         sys.exit("usage: python3 -i pinlab_cell.py ready MODE BACKING EVENT")
     c = ready_cell(*sys.argv[2:5])
-    print(f"cell {'/'.join(sys.argv[2:5])} ready before its event: mapping at "
-          f"{c.m.addr:#x} ({c.m.npages} pages, {c.m.path or c.m.kind}), region {c.rid}, "
-          "generation 1 written.\n  c.event()  runs the event; c.finish() releases and "
-          "returns the report; c.rep is the report so far")
+    where = (f"region {c.rid}, generation 1 written" if c.registered else
+             f"registration refused: {c.rep['errno_name']} (as in the cell)")
+    print(f"cell {'/'.join(sys.argv[2:5])} ready before its event: mapping c.m at "
+          f"{c.m.addr:#x} ({c.m.npages} pages, {c.m.path or c.m.kind}), {where}.\n"
+          "  c.event() runs the event; c.finish() releases and returns the report; c.rep "
+          "is the report so far; c.dev is the open /dev/pinlab0")

@@ -16,6 +16,7 @@ device answered, the raw device status (``.status``) and the output struct (``.r
 
 import ctypes
 import fcntl
+import glob
 import os
 import struct
 import zlib
@@ -228,12 +229,24 @@ def check_pattern(buf, region, generation, offset=0, length=None, buf_offset=Non
 
 
 # ---------------------------------------------------------------- device
-class PinlabDevice:
-    """One open file of /dev/pinlabN; regions belong to it and die with close()."""
+def find_device():
+    """The first /dev/pinlabN (str). After a hot-unplug and replug the driver names the
+    new device pinlab1 when a file of the removed pinlab0 was still open. Raises
+    FileNotFoundError when there is none (device not plugged or pinlab.ko not loaded)."""
+    nodes = sorted(glob.glob("/dev/pinlab[0-9]*"), key=lambda n: int(n[len("/dev/pinlab"):]))
+    if not nodes:
+        raise FileNotFoundError(2, "no /dev/pinlabN (is pinlab.ko loaded and the device "
+                                "plugged?)")
+    return nodes[0]
 
-    def __init__(self, path="/dev/pinlab0"):
-        self.path = path
-        self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+
+class PinlabDevice:
+    """One open file of /dev/pinlabN (``path``; None: find_device()); regions belong to
+    it and die with close(). Raises OSError from open(2) (ENOENT: no such node)."""
+
+    def __init__(self, path=None):
+        self.path = path or find_device()
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
 
     def close(self):
         if self.fd is not None:
@@ -315,7 +328,7 @@ class PinlabDevice:
 
 __all__ = [
     "PinlabDevice", "PinlabError", "buffer_address", "mmap_address", "pattern_word",
-    "dma_crc32",
+    "dma_crc32", "find_device",
     "decode_word", "check_pattern", "MODES", "STATUS_NAMES",
     "PINLAB_IOC_REGISTER", "PINLAB_IOC_DEREGISTER", "PINLAB_IOC_DMA_WRITE",
     "PINLAB_IOC_DMA_READ", "PINLAB_IOC_STREAM_START", "PINLAB_IOC_STREAM_STOP",
