@@ -765,7 +765,7 @@ class Cell:
         rep["map_after"] = self.scan_map()
 
 
-def ready_cell(mode, backing, event, device="/dev/pinlab0"):
+def ready_cell(mode, backing, event, device=None):
     """A matrix cell stopped just before its event, for a human: the cell's environment
     set up, its mapping made (``c.m.mm``, ``c.m.addr``, ``c.m.path``), registered
     (``c.dev``, ``c.rid``) and written once by the device. ``c.event()`` runs the event,
