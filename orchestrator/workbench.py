@@ -39,6 +39,7 @@ from .guestenv import guest_config, setup_guest
 from .poolclient import recv_json
 from .procs import process_alive, wait_for
 from .registry import GuestEntry, RegistryError
+from .scenario import DIMM_ID, HOTPLUG_MB, READY_FILE, hot_add_dimm
 from .session import GuestSession
 from .vm import DEVICE_ID
 
@@ -206,6 +207,10 @@ class Workbench:
                                faults=self.faults() if o.device else None,
                                extra_packages=o.extra_packages) as s:
             env = setup_guest(s, swap=o.swap, hugepages=o.hugepages, cell=cell)
+            if o.cell and o.cell.event == "mem-offline":
+                # as scenario.mem_offline: a movable DIMM for the cell's pages (kept)
+                env["dimm"] = {"id": DIMM_ID, "mib": HOTPLUG_MB,
+                               "auto_online_was": hot_add_dimm(s.guest)}
             (self.artifacts / "guest-env.json").write_text(json.dumps(env, indent=2) + "\n")
             g = s.guest
             kh = g.rundir / "known_hosts"
@@ -266,6 +271,12 @@ class Workbench:
                          f"and written once, before the event:\n"
                          f"    pinlab ssh {n} python3 -i /root/pinlab/pinlab_cell.py ready "
                          f"{m} {b} {ev}")
+            if ev in ("hot-unplug",):
+                lines.append(f"    its event waits for the device to go: in another terminal "
+                             f"`pinlab replug {n} --ready-file {READY_FILE}`")
+            if ev == "mem-offline":
+                lines.append(f"    a {HOTPLUG_MB} MiB DIMM ({DIMM_ID}) is hot-added and online "
+                             "movable, as in the cell")
         lines.append(f"`pinlab down {n}` or Ctrl-C tears everything down.")
         return "\n".join(lines)
 

@@ -384,6 +384,7 @@ class Cell:
         rep["pfns_before"] = self.m.pfns()
         rep["memcg_before"] = memcg_current() if a.event == "memcg-reclaim" else None
         self.dev = pinlab_ioctl.PinlabDevice(a.device)
+        a.device = self.dev.path      # None: the node find_device() chose
         self.stack.callback(self.dev.close)
         self.stack.callback(self._safe_deregister)
         rep["vmstat_before"] = vmstat()

@@ -246,7 +246,7 @@ class Workbench(Test):
         :avocado: tags=guest,workbench,kernel:6.12
         """
         e = self.up("nodev", "--kernel", self.kernel, "--no-device")
-        out = self.pinlab("ssh", "nodev", "modinfo -F vermagic /tmp/pinlab.ko; uname -r").stdout
+        out = self.pinlab("ssh", "nodev", "modinfo -F vermagic /tmp/pinlab.ko && uname -r").stdout
         vermagic, release = out.splitlines()[:2]
         self.assertTrue(vermagic.startswith(release + " "), out)
         r = self.pinlab("replug", "nodev", check=False)
