@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -360,6 +361,10 @@ def main(argv: list[str] | None = None) -> int:
         except (RegistryError, WorkbenchError, SSHError, FileNotFoundError) as exc:
             print(f"pinlab {args.cmd}: {exc}", file=sys.stderr)
             return 2
+        except BrokenPipeError:      # our output went to a closed pipe (`| head`)
+            with contextlib.suppress(OSError):
+                sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - until exit
+            return 1
     if args.cmd == "ps":
         return _ps(args)
     if args.cmd == "matrix":

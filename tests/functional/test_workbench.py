@@ -236,6 +236,26 @@ class Workbench(Test):
         self.assertTrue(rep["steps"], rep)
         self.assertEqual(rep.get("dirty_pages"), 16, rep)
         self.assertEqual(rep["map_g1"], [["g1", 0, 16]], rep)
+
+        # a host-driven event by hand: the hot-unplug cell's event waits for the device to
+        # go, `pinlab replug --ready-file` removes it when the cell says it is streaming
+        hu = subprocess.Popen([sys.executable, "-m", "pinlab", "run", "cellg",
+                               str(EXAMPLES / "cell_event.py"), "pin", "anon", "hot-unplug"],
+                              env=self.env, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE)
+        try:
+            rp = self.pinlab("replug", "cellg", "--ready-file", "/tmp/pinlab-cell.ready",
+                             "--json", timeout=300)
+            out, err = hu.communicate(timeout=300)
+        finally:
+            if hu.poll() is None:
+                hu.kill()
+                hu.wait()
+        self.assertEqual(hu.returncode, 0, err[-2000:])
+        rep = self.report(subprocess.CompletedProcess([], 0, out, err))
+        self.assertIsNotNone(rep["gone"], rep)
+        self.assertEqual(rep["map_g1"], [["g1", 0, 16]], rep)
+        self.assertIn("removed", " ".join(json.loads(rp.stdout)["rounds"][0]["dmesg"]))
         self.down(e)
 
     def test_no_device_and_errors(self) -> None:

@@ -160,6 +160,17 @@ class CommandLineTest(unittest.TestCase):
             self.assertEqual(r.returncode, 2, cmd)
             self.assertIn("no guest", r.stderr)
 
+    def test_html_report_names_the_cell_to_debug(self) -> None:
+        from pinlab.orchestrator.matrix import write_html
+
+        v = {"kernel": "6.12", "mode": "pin", "backing": "ext4", "event": "2018",
+             "expected": "COHERENT", "observed": "EXT4_WARN_DATA_LOST", "verdict": "mismatch",
+             "evidence": {}, "artifacts": "/tmp/x", "source": "s"}
+        with tempfile.TemporaryDirectory() as d:
+            page = write_html([v], Path(d)).read_text()
+        self.assertIn("pinlab up --cell 6.12/pin/ext4/2018", page)
+        self.assertIn("✗ expected COHERENT", page)
+
     def test_matrix_guest_config_is_shared(self) -> None:
         cfg = guest_config()
         self.assertEqual(cfg.device_args, ["--irq", "msi"])
