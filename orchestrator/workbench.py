@@ -41,7 +41,7 @@ from .procs import process_alive, wait_for
 from .registry import GuestEntry, RegistryError
 from .scenario import DIMM_ID, HOTPLUG_MB, READY_FILE, hot_add_dimm
 from .session import GuestSession
-from .vm import DEVICE_ID
+from .vm import DEVICE_ID, GuestConfig
 
 REQUEST_TIMEOUT = 1800.0
 # events whose cell needs a device fault from the start (scenario.py sets it per cell)
@@ -175,17 +175,18 @@ class Workbench:
         self.name = registry.check_name(opts.name) if opts.name else \
             registry.free_name(f"lab-{kernel}")
         try:
-            old = registry.load(self.name)
-            if old.alive():
-                raise RegistryError(f"a guest named {self.name!r} is already up "
-                                    f"(pid {old.pid}); pick another --name")
-        except RegistryError as exc:
-            if "already up" in str(exc):
-                raise
+            old: GuestEntry | None = registry.load(self.name)
+        except RegistryError:
+            old = None
+        if old is not None and old.alive():
+            raise RegistryError(f"a guest named {self.name!r} is already up "
+                                f"(pid {old.pid}); pick another --name")
         if opts.cell and not opts.device:
             raise WorkbenchError("--cell needs the device")
 
-    def config(self):  # type: ignore[no-untyped-def]
+    def config(self) -> GuestConfig:
+        """The matrix guest (guestenv.guest_config) with this up's IRQ mode, extra kernel
+        arguments, gdbstub and memory."""
         cfg = guest_config(self.o.irq)
         if self.o.append:
             cfg.cmdline = f"{cfg.cmdline} {self.o.append}".strip()
