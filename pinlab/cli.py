@@ -151,9 +151,12 @@ def _replug(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(resp, indent=2))
     if "error" in resp:
-        print(f"pinlab: replug of {e.name}: {resp['error']}", file=sys.stderr)
-        if resp.get("dead"):
-            print(f"pinlab: the guest is gone: {resp['dead']}", file=sys.stderr)
+        msg = str(resp["error"])
+        if resp.get("dead"):     # QEMU's exit status and the last line it logged
+            dead = str(resp["dead"]).splitlines()
+            msg = (msg.split(": QEMU exited")[0] + f"\npinlab: the guest is gone: "
+                   f"{dead[0].split(':')[0]}: {dead[-1].strip()}")
+        print(f"pinlab: replug of {e.name}: {msg}", file=sys.stderr)
         return 1
     if not args.json:
         for r in resp["rounds"]:
