@@ -11,10 +11,10 @@ CRC-32); then the process writes every page and the device reads again. The repo
 which pages' PFNs changed at registration and at the write, and whose bytes the device
 read: the mapping's (what the process sees now) or the file's (the page cache).
 
-Kernel behaviour involved: a FOLL_LONGTERM R/O pin of a page in a private ("COW") mapping
-breaks COW first (FAULT_FLAG_UNSHARE; gup_must_unshare() in mm/internal.h, commit
-a7f226604170 "mm/gup: trigger FAULT_FLAG_UNSHARE when R/O-pinning a possibly shared
-anonymous page" and its extension to private file pages); a short-term R/O pin does not.
+Kernel behaviour involved: where the kernel has it, a FOLL_LONGTERM R/O pin of a page in a
+private ("COW") mapping breaks COW first (FAULT_FLAG_UNSHARE, decided by gup_must_unshare()
+in mm/internal.h; tools/testing/selftests/mm/cow.c tests R/O long-term pins in private
+file mappings); a short-term R/O pin does not. 6.12 unshares, 6.1 does not.
 The last line of output is the JSON report.
 """
 import argparse

@@ -8,6 +8,9 @@ QUERY output.  The host (orchestrator/scenario.py) turns it into an outcome clas
 
 Every cell cleans up after itself (munmap, close, remove files, unmount, swapoff, leave
 the cgroup, restore nr_hugepages) so the next cell starts from the same guest state.
+The environment (scratch filesystems, swap, cgroups, huge pages) comes from pinlab_env and
+the /proc readers from pinlab_mm: the guest API that ``pinlab run`` scripts use too.
+``ready_cell()`` stops a cell before its event, for a human (``pinlab up --cell``).
 
 Page states (see scan()): "g<N>" the whole page holds generation N of this region's
 pattern, "zero", "partial-g<N>" (starts with gen N but differs later), "other".
