@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from pinlab.orchestrator.artifacts import run_dir
-from pinlab.orchestrator.pool import guest_config
+from pinlab.orchestrator.guestenv import guest_config
 from pinlab.orchestrator.session import GUEST_DIR, GuestSession
 from pinlab.orchestrator.vm import GUEST_MODULE
 

@@ -80,3 +80,61 @@ def smoke(cells: list[Cell]) -> set[Cell]:
     for c in sorted(cells, key=lambda c: (c.event, rank.get(c.mode, 99), c.backing)):
         out.setdefault(c.event, c)
     return set(out.values())
+
+
+def cell_tags(c: Cell, smoke_set: set[Cell]) -> list[str]:
+    """The Avocado tags of a cell's test (tests/matrix/test_cells.py)."""
+    return (["matrix", f"kernel:{c.kernel}", f"mode:{c.mode}", f"backing:{c.backing}",
+             f"event:{c.event}"] + (["smoke"] if c in smoke_set else []))
+
+
+def tags_match(tags: list[str], filters: list[str] | None) -> bool:
+    """Avocado's --filter-by-tags semantics for one test's tags: each filter is a
+    comma-separated AND of tags (``-tag``: must not have it); several filters are ORed;
+    no filter matches everything."""
+    if not filters:
+        return True
+    have = set(tags)
+    for f in filters:
+        parts = [p for p in f.split(",") if p]
+        if all((p[1:] not in have) if p.startswith("-") else (p in have) for p in parts):
+            return True
+    return False
+
+
+def select(kernel: str, filters: list[str] | None) -> list[Cell]:
+    """The cells of ``kernel`` that the tag filters select (as ``pinlab matrix`` would
+    run them)."""
+    cells = all_cells(kernel)
+    sm = smoke(cells)
+    return [c for c in cells if tags_match(cell_tags(c, sm), filters)]
+
+
+def parse_cell(text: str) -> Cell:
+    """A cell from ``KERNEL/MODE/BACKING/EVENT`` (a verdict's cell name, shown in the HTML
+    report) or from its Avocado test id (``...test_cells.py:Kernel6_12.test_pin__ext4__2018``).
+    Raises ValueError naming what does not exist."""
+    text = text.strip()
+    if ".test_" in text:
+        cls, _, meth = text.rpartition(":")[2].partition(".test_")
+        kernel = next((k for k in KERNELS
+                       if "Kernel" + "".join(ch if ch.isalnum() else "_" for ch in k) == cls),
+                      None)
+        if kernel is None:
+            raise ValueError(f"no kernel for test class {cls!r}")
+        found = [c for c in all_cells(kernel) if "__".join(
+            "".join(ch if ch.isalnum() else "_" for ch in x)
+            for x in (c.mode, c.backing, c.event)) == meth]
+        if not found:
+            raise ValueError(f"no matrix cell is tested by {text!r}")
+        return found[0]
+    parts = text.split("/")
+    if len(parts) != 4:
+        raise ValueError(f"a cell is KERNEL/MODE/BACKING/EVENT (e.g. 6.12/longterm/ext4/2018), "
+                         f"not {text!r}")
+    cell = Cell(*parts)
+    if cell.kernel not in KERNELS:
+        raise ValueError(f"unknown kernel {cell.kernel!r} (known: {', '.join(KERNELS)})")
+    if cell not in all_cells(cell.kernel):
+        raise ValueError(f"{text} is not a matrix cell (see orchestrator/cells.py: PAIRS)")
+    return cell

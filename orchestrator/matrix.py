@@ -25,6 +25,7 @@ from pinlab.images.kernel import KERNELS
 from . import poolclient
 from .artifacts import run_dir
 from .avocadojob import Job, run_concurrently, run_one
+from .cells import select
 
 REPO = Path(__file__).resolve().parent.parent
 TASKS_PER_KERNEL = 2
@@ -92,7 +93,8 @@ def write_html(verdicts: list[dict[str, Any]], d: Path) -> Path:
            "<style>td,th{border:1px solid #999;padding:4px;font:12px sans-serif}"
            "table{border-collapse:collapse}td a{color:inherit}</style>",
            f"<h1>pinlab matrix</h1><p>{len(verdicts)} cells: {counts}. Rows: event × backing;"
-           " columns: mode × kernel. Hover a cell for its source; click for artifacts.</p>",
+           " columns: mode × kernel. Hover a cell for its name (KERNEL/MODE/BACKING/EVENT, "
+           "for <code>pinlab up --cell</code>) and source; click for artifacts.</p>",
            "<table><tr><th></th>"]
     out += [f"<th>{html.escape(m)}<br>{html.escape(k)}</th>" for m, k in cols]
     out.append("</tr>")
@@ -105,7 +107,9 @@ def write_html(verdicts: list[dict[str, Any]], d: Path) -> Path:
                 continue
             mark = "" if v["verdict"] == "match" else \
                 f"<br>✗ expected {html.escape(str(v['expected']))}"
-            title = html.escape(f"{v.get('source', '')}\n{json.dumps(v.get('evidence'))[:600]}")
+            name = f"{k}/{m}/{v['backing']}/{v['event']}"
+            title = html.escape(f"{name}\ndebug by hand: pinlab up --cell {name}\n"
+                                f"{v.get('source', '')}\n{json.dumps(v.get('evidence'))[:600]}")
             out.append(f'<td style="background:{colour.get(v["verdict"], "#ddd")}" '
                        f'title="{title}"><a href="file://{html.escape(str(v["artifacts"]))}">'
                        f'{html.escape(str(v["observed"]))}</a>{mark}</td>')
@@ -139,6 +143,19 @@ def run_matrix(kernels: list[str] | None = None, tags: list[str] | None = None,
     for k in names:
         if k not in KERNELS:
             raise SystemExit(f"pinlab: unknown kernel {k!r} (known: {', '.join(KERNELS)})")
+    # Avocado answers a filter that selects nothing with "Test Suite could not be created"
+    selected = {k: len(select(k, tags)) for k in names}
+    if not any(selected.values()):
+        console.print(f"[red]pinlab: no matrix cell matches --tags {' OR '.join(tags or [])} "
+                      f"on kernel {', '.join(names)}[/]; tags are kernel:K, mode:M, "
+                      "backing:B, event:E and smoke (comma: AND, repeated --tags: OR, "
+                      "-tag: NOT)")
+        return 2
+    for k in names:
+        if not selected[k]:
+            console.print(f"pinlab: no cell of kernel {k} matches the tags; skipping it")
+    names = [k for k in names if selected[k]]
+    for k in names:
         ensure_images(k)
     out = run_dir("matrix")
     t0 = time.monotonic()

@@ -30,22 +30,12 @@ from typing import Any
 
 from .dmesg import SEVERE, classify
 from .expectations import Cell
+from .guestenv import guest_config
 from .poolclient import ANOTHER_POOL, recv_json
 from .scenario import SCENARIOS, Observation
 from .session import GuestSession
-from .vm import GuestConfig
 
 IDLE_SECONDS = 180.0
-
-
-def guest_config() -> GuestConfig:
-    """What a matrix guest looks like: scratch disks for the filesystems, page poisoning,
-    room for a hot-added DIMM (mem-offline cells), and the device with MSI instead of
-    MSI-X: QEMU 11.1's vfio-user-pci aborts on device_del of an MSI-X device, and the
-    hot-unplug cells need device_del to work."""
-    return GuestConfig(scratch_disks={"pinlab-ext4": 512, "pinlab-xfs": 512},
-                       cmdline="page_poison=1", device_args=["--irq", "msi"],
-                       hotplug_mb=512)
 
 
 # -- server ------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from .classify import audit_facts, classify_cell
 from .dmesg import DmesgReport, classify
 from .expectations import Cell
 from .session import GUEST_DIR, GuestSession
+from .vm import Guest
 
 AUDIT_LIMIT = 100_000   # records of one cell's audit extract at most
 READY_FILE = "/tmp/pinlab-cell.ready"
@@ -198,40 +199,62 @@ HOTPLUG_MB = 256          # the DIMM a mem-offline cell hot-adds (2 memory block
 AUTO_ONLINE = "/sys/devices/system/memory/auto_online_blocks"
 
 
+MEM_ID, DIMM_ID = "pinlab-hp-mem", "pinlab-hp-dimm"
+
+
+def hot_add_dimm(g: Guest) -> str:
+    """Hot-add a HOTPLUG_MB DIMM (QMP object-add + device_add pc-dimm) that the guest
+    onlines as ZONE_MOVABLE. Returns the guest's previous auto_online_blocks policy (for
+    remove_dimm). Raises QMPError, SSHError."""
+    assert g.qmp
+    old = g.ssh.run(f"cat {AUTO_ONLINE}", check=True).out.strip()
+    g.ssh.run(f"echo online_movable > {AUTO_ONLINE}", check=True)
+    try:
+        g.qmp.cmd("object-add", **{"qom-type": "memory-backend-memfd", "id": MEM_ID,
+                                   "size": HOTPLUG_MB << 20, "share": True})
+        g.qmp.cmd("device_add", driver="pc-dimm", id=DIMM_ID, memdev=MEM_ID)
+    except BaseException:
+        g.ssh.run(f"echo {shlex.quote(old)} > {AUTO_ONLINE}")
+        raise
+    return old
+
+
+def remove_dimm(g: Guest, timeout: float = 30) -> float:
+    """device_del the hot-added DIMM, wait until the guest ejected it, drop its memory
+    backend. Returns the seconds it took. Raises RuntimeError after ``timeout`` s."""
+    assert g.qmp
+    t0 = time.monotonic()
+    g.qmp.cmd("device_del", id=DIMM_ID)
+    while not any(e.get("event") == "DEVICE_DELETED"
+                  and (e.get("data") or {}).get("device") == DIMM_ID
+                  for e in g.qmp.events()):
+        if time.monotonic() - t0 > timeout:
+            raise RuntimeError(f"the guest did not eject the DIMM within {timeout:.0f} s")
+        time.sleep(0.1)
+    g.qmp.cmd("object-del", id=MEM_ID)
+    return round(time.monotonic() - t0, 2)
+
+
 def mem_offline(s: GuestSession, cell: Cell, art: Path) -> Observation:
     """Memory offline of a ZONE_MOVABLE block that holds the registered pages (ref rows
-    7b/7c). The host hot-adds a DIMM (QMP object-add + device_add pc-dimm) that the guest
-    onlines movable; the workload touches its pages there, registers, offlines their
-    blocks (a blocked offline is interrupted after 3 s); then the host removes the DIMM
-    again, so the next cell sees the guest's usual memory layout."""
+    7b/7c). The host hot-adds a DIMM (hot_add_dimm) that the guest onlines movable; the
+    workload touches its pages there, registers, offlines their blocks (a blocked offline
+    is interrupted after 3 s); then the host removes the DIMM again, so the next cell sees
+    the guest's usual memory layout."""
     art.mkdir(parents=True, exist_ok=True)
     s.mark()
     mark = s.dmesg_mark()
     g = s.guest
-    assert g.qmp
-    mem_id, dimm_id = "pinlab-hp-mem", "pinlab-hp-dimm"
     extra: dict[str, Any] = {"needs_reboot": True}   # until the DIMM is gone again
-    old = g.ssh.run(f"cat {AUTO_ONLINE}", check=True).out.strip()
-    g.ssh.run(f"echo online_movable > {AUTO_ONLINE}", check=True)
+    old = hot_add_dimm(g)
     try:
-        g.qmp.cmd("object-add", **{"qom-type": "memory-backend-memfd", "id": mem_id,
-                                   "size": HOTPLUG_MB << 20, "share": True})
-        g.qmp.cmd("device_add", driver="pc-dimm", id=dimm_id, memdev=mem_id)
         rep = s.workload(*_cell_args(cell), timeout=300)
     finally:
         g.ssh.run(f"echo {shlex.quote(old)} > {AUTO_ONLINE}")
-    t0 = time.monotonic()
     try:
-        g.qmp.cmd("device_del", id=dimm_id)
-        while not any(e.get("event") == "DEVICE_DELETED"
-                      and (e.get("data") or {}).get("device") == dimm_id
-                      for e in g.qmp.events()):
-            if time.monotonic() - t0 > 30:
-                raise RuntimeError("the guest did not eject the DIMM within 30 s")
-            time.sleep(0.1)
-        g.qmp.cmd("object-del", id=mem_id)
-        extra.update(needs_reboot=False, dimm_removed_s=round(time.monotonic() - t0, 2))
+        extra.update(needs_reboot=False, dimm_removed_s=remove_dimm(g))
     except Exception as exc:  # noqa: BLE001 - the pool reboots instead
+        extra["needs_reboot"] = True
         extra["dimm_remove_error"] = repr(exc)
     return _finish(s, cell, art, rep, mark, extra)
 

@@ -17,8 +17,15 @@ from .agent import AgentError, GuestAgent
 from .qmp import QMP
 from .vm import GUEST_MODULE, Guest, GuestConfig
 
-GUEST_TOOLS = ("pinlab_ioctl.py", "pinlab_cell.py", "workload.py", "pinlab_agent.py")
+# the guest API (pinlab_ioctl, pinlab_mm, pinlab_kmsg, pinlab_env) and the matrix's cell code
+GUEST_TOOLS = ("pinlab_ioctl.py", "pinlab_mm.py", "pinlab_kmsg.py", "pinlab_env.py",
+               "pinlab_cell.py", "workload.py", "pinlab_agent.py")
 GUEST_DIR = "/root/pinlab"
+
+
+def guest_tool(name: str) -> bytes:
+    """The bytes of one file of images/guest/ (a GUEST_TOOLS name)."""
+    return resources.files("pinlab.images").joinpath("guest", name).read_bytes()
 
 
 class WorkloadError(RuntimeError):
@@ -38,8 +45,14 @@ class GuestSession:
     @classmethod
     @contextlib.contextmanager
     def boot(cls, kernel: str | None, artifacts: Path, *, device: bool = True,
-             module: bool = True, config: GuestConfig | None = None) -> Iterator[GuestSession]:
-        images = ensure_images(kernel or DEFAULT_KERNEL)
+             module: bool = True, config: GuestConfig | None = None,
+             faults: dict[str, Any] | None = None,
+             extra_packages: list[str] | None = None) -> Iterator[GuestSession]:
+        """Boot a guest and get it ready: device connected (``faults`` set on it through
+        its control socket before the driver binds, as QMP set-fault arguments), guest
+        tools pushed, pinlab.ko copied to GUEST_MODULE (also without a device) and loaded
+        when ``module``. ``extra_packages`` rebuilds the cached rootfs with them."""
+        images = ensure_images(kernel or DEFAULT_KERNEL, extra_packages=extra_packages)
         cfg = config or GuestConfig()
         cfg.device = device
         accel, why = choose_accel(images)
@@ -52,9 +65,13 @@ class GuestSession:
                 if device:
                     s.control = QMP(g.control_sock, artifacts / "device-qmp.log")
                     s.control.connect()
+                    if faults:
+                        s.control.cmd("set-fault", **faults)
                 s.push_tools()
                 if module:
                     g.load_module()
+                else:
+                    g.push_module()
                 yield s
             finally:
                 if s._agent:
@@ -65,8 +82,7 @@ class GuestSession:
     def push_tools(self) -> None:
         self.guest.ssh.run(f"mkdir -p {GUEST_DIR}", check=True)
         for name in GUEST_TOOLS:
-            data = resources.files("pinlab.images").joinpath("guest", name).read_bytes()
-            self.guest.ssh.put(data, f"{GUEST_DIR}/{name}")
+            self.guest.ssh.put(guest_tool(name), f"{GUEST_DIR}/{name}")
 
     @property
     def agent(self) -> GuestAgent:

@@ -7,6 +7,7 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import paramiko
 
@@ -96,6 +97,35 @@ class GuestSSH:
             raise SSHError(f"ssh failed during: {cmd}: {exc!r}") from exc
         res = Result(cmd, rc, out, err)
         return res.check() if check else res
+
+    def stream(self, cmd: str, out: BinaryIO, err: BinaryIO, timeout: float = 3600) -> int:
+        """Run ``cmd``, copying its stdout and stderr to ``out``/``err`` as they arrive;
+        returns its exit status. Raises SSHError when the connection fails or the command
+        runs longer than ``timeout`` seconds (the channel is closed then)."""
+        chan = self.open_channel(cmd)
+        deadline = time.monotonic() + timeout
+        try:
+            while True:
+                busy = False
+                if chan.recv_ready():
+                    out.write(chan.recv(65536))
+                    out.flush()
+                    busy = True
+                if chan.recv_stderr_ready():
+                    err.write(chan.recv_stderr(65536))
+                    err.flush()
+                    busy = True
+                if not busy:
+                    if chan.exit_status_ready() and not chan.recv_ready() \
+                            and not chan.recv_stderr_ready():
+                        return chan.recv_exit_status()
+                    if chan.closed and not chan.exit_status_ready():
+                        raise SSHError(f"ssh channel closed during: {cmd}")
+                    if time.monotonic() > deadline:
+                        raise SSHError(f"guest command timed out after {timeout:.0f}s: {cmd}")
+                    time.sleep(0.02)
+        finally:
+            chan.close()
 
     def open_channel(self, cmd: str) -> paramiko.Channel:
         """A long-lived exec channel running ``cmd`` (for a guest agent)."""

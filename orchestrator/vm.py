@@ -53,6 +53,9 @@ class GuestConfig:
     device_args: list[str] = field(default_factory=list)
     # room for memory hot-add (pc-dimm through QMP); 0: none
     hotplug_mb: int = 0
+    # QEMU's gdbstub on 127.0.0.1:gdb_port (0: none); the kernel then boots with nokaslr
+    # so that symbol addresses (vmlinux, /proc/kallsyms) are the link-time ones
+    gdb_port: int = 0
 
 
 class Guest:
@@ -127,6 +130,8 @@ class Guest:
         c, im = self.cfg, self.images
         mem = f"{c.memory_mb}M"
         append = f"console=ttyS0 panic=-1 pinlab.hostname=pinlab {c.cmdline}".strip()
+        if c.gdb_port:
+            append += " nokaslr"
         args = [
             "-name", "pinlab,debug-threads=on",
             "-machine", "q35,memory-backend=mem", "-accel",
@@ -147,6 +152,8 @@ class Guest:
             "-qmp", f"unix:{self.qmp_sock},server=on,wait=off",
             "-qmp", f"unix:{self.human_qmp_sock},server=on,wait=off",
         ]
+        if c.gdb_port:   # localhost only: the stub gives full control of the guest
+            args += ["-gdb", f"tcp:127.0.0.1:{c.gdb_port}"]
         disks = list(c.disks)
         for serial, mib in sorted(c.scratch_disks.items()):
             img = self.rundir / f"{serial}.img"  # sparse: costs nothing until written
@@ -168,14 +175,19 @@ class Guest:
                 "x-msg-timeout": self.cfg.msg_timeout_ms, "bus": "pinlab-port",
                 "socket": {"type": "unix", "path": str(self.device_sock)}}
 
-    def replug_device(self, timeout: float = 30) -> None:
+    def replug_device(self, timeout: float = 30, node: str = "/dev/pinlab0") -> str:
         """Plug the device back in after a device_del (QMP device_add on the same root
-        port; the device server kept running and accepts QEMU's new connection)."""
+        port; the device server kept running and accepts QEMU's new connection), and wait
+        for its char device. ``node`` may be a shell glob: the driver names the new device
+        pinlab1 when a file of the removed pinlab0 is still open. Returns the node found.
+        Raises QMPError, SSHError (no node within ``timeout`` seconds)."""
         assert self.qmp
         self.qmp.cmd("device_add", **self.device_spec())
-        self.ssh.run(f"for i in $(seq {int(timeout * 10)}); do [ -c /dev/pinlab0 ] && exit 0;"
-                     " sleep 0.1; done; echo 'no /dev/pinlab0 after device_add' >&2; exit 1",
-                     check=True, timeout=timeout + 10)
+        return self.ssh.run(
+            f"for i in $(seq {int(timeout * 10)}); do for n in {node}; do [ -c \"$n\" ] && "
+            f"echo \"$n\" && exit 0; done; sleep 0.1; done; "
+            f"echo 'no {node} after device_add' >&2; exit 1",
+            check=True, timeout=timeout + 10).out.strip()
 
     def dead(self) -> str | None:
         """Why the guest can no longer work (QEMU or the device server exited, or the
@@ -201,6 +213,8 @@ class Guest:
             "device_control": str(self.control_sock), "console": str(self.console.path),
             "kernel": self.images.kernel.release, "qemu": self.images.qemu.version,
             "accel": self.cfg.accel, "boot_seconds": round(self.boot_seconds, 2),
+            "gdb": f"127.0.0.1:{self.cfg.gdb_port}" if self.cfg.gdb_port else None,
+            "device_spec": self.device_spec() if self.cfg.device else None,
             "ready": self.ready_line,
         }
         (self.artifacts / "guest.json").write_text(json.dumps(info, indent=2) + "\n")
@@ -210,8 +224,12 @@ class Guest:
                 f"-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null root@127.0.0.1")
 
     # -- in the guest ------------------------------------------------------------------
-    def load_module(self, params: str = "") -> None:
+    def push_module(self) -> None:
+        """Copy this kernel's pinlab.ko to GUEST_MODULE in the guest."""
         self.ssh.put(self.images.kmod, GUEST_MODULE)
+
+    def load_module(self, params: str = "") -> None:
+        self.push_module()
         self.ssh.run(f"insmod {GUEST_MODULE} {params}", check=True, timeout=60)
         self.ssh.run("for i in $(seq 100); do [ -c /dev/pinlab0 ] && exit 0; sleep 0.1; done;"
                      " echo 'no /dev/pinlab0' >&2; exit 1", check=True, timeout=30)

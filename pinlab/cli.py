@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import signal
+import contextlib
+import os
 import sys
-import time
 from pathlib import Path
 
 
@@ -23,37 +23,189 @@ def _images(args: argparse.Namespace) -> int:
     return 0
 
 
-def _up(args: argparse.Namespace) -> int:
+def kernel_help() -> str:
+    """The --kernel choices with what each is and, once built, its release."""
+    from pinlab.images.cache import Cache
+    from pinlab.images.kernel import DEFAULT_KERNEL, KERNELS
+
+    cache = Cache.default()
+    out = []
+    for k, spec in KERNELS.items():
+        entry = cache.entry(f"kernel-{k}") or {}
+        rel = entry.get("release")
+        out.append(f"{k} ({spec.description}; " + (f"built: {rel}" if rel else "not built yet")
+                   + (", default" if k == DEFAULT_KERNEL else "") + ")")
+    return "; ".join(out)
+
+
+def _check_kernel(p: argparse.ArgumentParser, kernel: str | None) -> None:
+    from pinlab.images.kernel import KERNELS
+
+    if kernel is not None and kernel not in KERNELS:
+        p.error(f"unknown kernel {kernel!r}; choose one of: {kernel_help()}")
+
+
+def _faults(p: argparse.ArgumentParser, items: list[str] | None) -> dict[str, object]:
+    from pinlab.device.faults import Faults
+
+    out: dict[str, object] = {}
+    for item in items or []:
+        name, eq, value = item.partition("=")
+        if name not in Faults.names() or name == "die":
+            p.error(f"unknown fault {name!r}; choose from "
+                    f"{', '.join(n for n in Faults.names() if n != 'die')}")
+        if not eq:
+            out[name] = True
+        elif value.isdigit():
+            out[name] = int(value)
+        elif value in ("true", "false"):
+            out[name] = value == "true"
+        else:
+            p.error(f"--fault {item}: the value is an integer (ms) or true/false")
+    return out
+
+
+def _up(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     from pinlab.orchestrator.artifacts import run_dir
-    from pinlab.orchestrator.session import GuestSession
+    from pinlab.orchestrator.cells import parse_cell
+    from pinlab.orchestrator.registry import RegistryError
+    from pinlab.orchestrator.ssh import SSHError
+    from pinlab.orchestrator.vm import GuestError
+    from pinlab.orchestrator.workbench import UpOptions, Workbench, WorkbenchError
 
-    out = Path(args.artifacts) if args.artifacts else run_dir("up")
-    stop = {"now": False}
-
-    def on_signal(signum: int, frame: object) -> None:
-        stop["now"] = True
-
-    with GuestSession.boot(args.kernel, out, device=not args.no_device,
-                           module=not args.no_module and not args.no_device) as s:
-        g = s.guest
-        print(f"""
-pinlab guest is up ({g.images.kernel.release}, {g.cfg.accel}, booted in {g.boot_seconds:.1f}s)
-  ssh:            {g.ssh_command()}
-  QMP (humans):   qmp-shell {g.human_qmp_sock}
-  device socket:  {g.device_sock if g.cfg.device else '-'}
-  device control: {'qmp-shell ' + str(g.control_sock) if g.cfg.device else '-'}
-  console log:    {g.console.path}
-  artifacts:      {out}
-Ctrl-C tears everything down.""", flush=True)
-        signal.signal(signal.SIGTERM, on_signal)
-        signal.signal(signal.SIGINT, on_signal)
-        while not stop["now"]:
-            dead = g.dead()
-            if dead:
-                print(f"pinlab: guest ended: {dead}", file=sys.stderr)
-                return 1
-            time.sleep(0.5)
+    _check_kernel(p, args.kernel)
+    try:
+        cell = parse_cell(args.cell) if args.cell else None
+    except ValueError as exc:
+        p.error(f"--cell: {exc}")
+    if args.gdb is not None and not 1 <= args.gdb <= 65535:
+        p.error("--gdb PORT: a TCP port 1..65535")
+    opts = UpOptions(kernel=args.kernel, name=args.name, device=not args.no_device,
+                     module=not args.no_module, irq=args.irq,
+                     faults=_faults(p, args.fault), append=" ".join(args.append or []),
+                     gdb_port=args.gdb or 0, cell=cell, swap=args.swap,
+                     hugepages=args.hugepages, memory_mb=args.memory or 0,
+                     extra_packages=[x for x in (args.extra_packages or "").split(",") if x]
+                     or None)
+    try:
+        wb = Workbench(opts, Path(args.artifacts) if args.artifacts else Path("."))
+        if not args.artifacts:
+            wb.artifacts = run_dir(f"up-{wb.name}")
+        rc = wb.run()
+    except (WorkbenchError, RegistryError) as exc:
+        print(f"pinlab: {exc}", file=sys.stderr)
+        return 2
+    except (SSHError, GuestError) as exc:
+        print(f"pinlab: the guest failed: {exc}", file=sys.stderr)
+        return 1
     print("pinlab: torn down", file=sys.stderr)
+    return rc
+
+
+def _shift_name(args: argparse.Namespace) -> None:
+    """The guest name is optional before a script or command: ``pinlab run x.py 3`` and
+    ``pinlab ssh uname -r`` mean the only guest up when no guest is called x.py/uname."""
+    from pinlab.orchestrator import registry
+
+    if args.cmd not in ("ssh", "run") or args.name is None:
+        return
+    if registry.NAME.match(args.name) and registry.path_of(args.name).exists():
+        return
+    if args.cmd == "run" and args.script is not None and Path(args.name).is_file():
+        args.args = [args.script, *args.args]
+        args.script = args.name
+    elif args.cmd == "ssh":
+        args.command = [args.name, *args.command]
+    else:
+        return
+    args.name = None
+
+
+def _guest(args: argparse.Namespace):  # type: ignore[no-untyped-def]
+    from pinlab.orchestrator import registry
+
+    return registry.resolve(args.name)
+
+
+def _ssh(args: argparse.Namespace) -> int:
+    from pinlab.orchestrator.guestrun import exec_ssh
+
+    exec_ssh(_guest(args), list(args.command))
+    return 0   # not reached
+
+
+def _run(args: argparse.Namespace) -> int:
+    from pinlab.orchestrator.guestrun import run_script
+
+    return run_script(_guest(args), Path(args.script), list(args.args))
+
+
+def _replug(args: argparse.Namespace) -> int:
+    import json
+
+    from pinlab.orchestrator.workbench import request
+
+    e = _guest(args)
+    resp = request(e, {"op": "replug", "rounds": args.rounds, "ready_file": args.ready_file,
+                       "ready_timeout": args.ready_timeout, "force": args.force})
+    if args.json:
+        print(json.dumps(resp, indent=2))
+    if "error" in resp:
+        msg = str(resp["error"])
+        if resp.get("dead"):     # QEMU's exit status and the last line it logged
+            dead = str(resp["dead"]).splitlines()
+            msg = (msg.split(": QEMU exited")[0] + f"\npinlab: the guest is gone: "
+                   f"{dead[0].split(':')[0]}: {dead[-1].strip()}")
+        print(f"pinlab: replug of {e.name}: {msg}", file=sys.stderr)
+        return 1
+    if not args.json:
+        for r in resp["rounds"]:
+            print(f"round {r['round']}: device_del {r['unplug_s']}s, device_add "
+                  f"{r['plug_s']}s, {r['node']}; the guest logged:")
+            for line in r["dmesg"]:
+                print(f"  {line}")
+    return 0
+
+
+def _qmp(args: argparse.Namespace) -> int:
+    e = _guest(args)
+    argv = [sys.executable, "-m", "qemu.qmp.qmp_shell", *(["-p"] if args.pretty else []),
+            e.device_control if args.device else e.qmp_human]
+    if args.device and not e.device_control:
+        raise SystemExit(f"pinlab: guest {e.name} has no device")
+    os.execv(argv[0], argv)
+    return 0   # not reached
+
+
+def _down(args: argparse.Namespace) -> int:
+    from pinlab.orchestrator.workbench import down
+
+    e = _guest(args)
+    down(e)
+    print(f"pinlab: {e.name} is down")
+    return 0
+
+
+def _ps(args: argparse.Namespace) -> int:
+    import json
+    import time as _time
+
+    from pinlab.orchestrator import registry
+
+    rows = registry.entries()
+    if args.json:
+        print(json.dumps([{**e.__dict__, "alive": alive} for e, alive in rows], indent=2))
+    else:
+        print(f"{'NAME':<14} {'KERNEL':<6} {'PID':>7} {'SSH':>6} {'IRQ':<5} {'GDB':<16} "
+              f"{'UP':>6}  CELL / STATE")
+        for e, alive in rows:
+            age = f"{(_time.time() - e.started) / 60:.0f}m"
+            state = e.cell or "-"
+            if not alive:
+                state = f"stale (pid {e.pid} gone): removed"
+            print(f"{e.name:<14} {e.kernel:<6} {e.pid:>7} {e.ssh_port:>6} {e.irq or '-':<5} "
+                  f"{e.gdb or '-':<16} {age:>6}  {state}")
+    registry.prune()
     return 0
 
 
@@ -99,17 +251,74 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--kernel", action="append", help="6.1, 6.12, 7 or all (repeatable)")
     b.add_argument("--extra-packages", help="comma-separated Debian packages for the rootfs")
 
-    up = sub.add_parser("up", help="boot a guest for manual debugging")
-    up.add_argument("--kernel", default=None)
-    up.add_argument("--no-device", action="store_true", help="boot without the DMA device")
+    up = sub.add_parser("up", help="boot a guest for debugging by hand, set up like a "
+                        "matrix guest")
+    up.add_argument("--kernel", default=None, metavar="K", help=kernel_help())
+    up.add_argument("--name", help="the guest's name for ssh/run/replug/qmp/down "
+                    "(default lab-KERNEL, lab-KERNEL-2, ...)")
+    up.add_argument("--cell", metavar="KERNEL/MODE/BACKING/EVENT",
+                    help="boot as that matrix cell's guest did, its environment set up "
+                    "(also accepts the cell's Avocado test id)")
+    up.add_argument("--no-device", action="store_true", help="boot without the DMA device "
+                    "(pinlab.ko is still copied to /tmp/pinlab.ko)")
     up.add_argument("--no-module", action="store_true", help="do not load pinlab.ko")
+    up.add_argument("--irq", choices=["msi", "msix"], default="msi",
+                    help="the device's interrupts (default msi, as in the matrix; "
+                    "device_del of an MSI-X device aborts QEMU 11.1)")
+    up.add_argument("--fault", action="append", metavar="NAME[=VALUE]",
+                    help="device fault set at start (repeatable): never-ack-revoke, "
+                    "delay-revoke-ms=MS, write-after-revoke, drop-irq, delay-irq-ms=MS")
+    up.add_argument("--append", action="append", metavar="ARGS",
+                    help="extra kernel command-line arguments (repeatable)")
+    up.add_argument("--swap", action="store_true", help="a 64 MiB swapfile on the ext4 disk")
+    up.add_argument("--hugepages", type=int, default=0, metavar="N",
+                    help="raise vm.nr_hugepages by N (2 MiB pages)")
+    up.add_argument("--memory", type=int, metavar="MIB", help="guest RAM (default 1024)")
+    up.add_argument("--gdb", type=int, metavar="PORT",
+                    help="QEMU's gdbstub on 127.0.0.1:PORT (the kernel boots nokaslr)")
+    up.add_argument("--extra-packages", metavar="P1,P2",
+                    help="Debian packages for the rootfs (rebuilds the cached rootfs)")
     up.add_argument("--artifacts", help="directory for console log and other artifacts")
+
+    sh = sub.add_parser("ssh", help="a shell (or one command) in an up guest")
+    sh.add_argument("name", nargs="?", help="guest name (default: the only one up)")
+    sh.add_argument("command", nargs=argparse.REMAINDER, help="command to run instead")
+
+    rn = sub.add_parser("run", help="run a local Python script in an up guest, with the "
+                        "guest API (pinlab_ioctl, pinlab_mm, pinlab_kmsg, pinlab_env) "
+                        "importable")
+    rn.add_argument("name", nargs="?", help="guest name (default: the only one up)")
+    rn.add_argument("script")
+    rn.add_argument("args", nargs=argparse.REMAINDER)
+
+    rp = sub.add_parser("replug", help="device_del + device_add of the device, with what "
+                        "the guest logged")
+    rp.add_argument("name", nargs="?", help="guest name (default: the only one up)")
+    rp.add_argument("--rounds", type=int, default=1)
+    rp.add_argument("--ready-file", default="", metavar="GUEST_PATH",
+                    help="before each round wait until this guest file exists, remove it")
+    rp.add_argument("--ready-timeout", type=float, default=120, metavar="S")
+    rp.add_argument("--force", action="store_true", help="replug an MSI-X device anyway")
+    rp.add_argument("--json", action="store_true")
+
+    qm = sub.add_parser("qmp", help="qmp-shell on the guest's QMP socket for humans")
+    qm.add_argument("name", nargs="?", help="guest name (default: the only one up)")
+    qm.add_argument("--device", action="store_true",
+                    help="the device server's control socket instead")
+    qm.add_argument("--pretty", action="store_true")
+
+    dn = sub.add_parser("down", help="tear an up guest down")
+    dn.add_argument("name", nargs="?", help="guest name (default: the only one up)")
+
+    ps = sub.add_parser("ps", help="list the up guests (stale entries are removed)")
+    ps.add_argument("--json", action="store_true")
 
     sub.add_parser("device", help="run the DMA device server: pinlab device serve --help",
                    add_help=False)
 
     m = sub.add_parser("matrix", help="run the scenario matrix and write verdicts")
-    m.add_argument("--kernel", action="append", help="kernel(s); default: all defaults")
+    m.add_argument("--kernel", action="append", metavar="K",
+                   help="kernel(s), repeatable; default: all of " + kernel_help())
     m.add_argument("--tags", action="append",
                    help="avocado tag filter, e.g. mode:odp,backing:ext4 (repeatable: ORed)")
     m.add_argument("--json", help="verdict JSON file")
@@ -142,7 +351,25 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "images":
         return _images(args)
     if args.cmd == "up":
-        return _up(args)
+        return _up(up, args)
+    if args.cmd in ("ssh", "run", "replug", "qmp", "down"):
+        from pinlab.orchestrator.registry import RegistryError
+        from pinlab.orchestrator.ssh import SSHError
+        from pinlab.orchestrator.workbench import WorkbenchError
+
+        _shift_name(args)
+        try:
+            return {"ssh": _ssh, "run": _run, "replug": _replug, "qmp": _qmp,
+                    "down": _down}[args.cmd](args)
+        except (RegistryError, WorkbenchError, SSHError, FileNotFoundError) as exc:
+            print(f"pinlab {args.cmd}: {exc}", file=sys.stderr)
+            return 2
+        except BrokenPipeError:      # our output went to a closed pipe (`| head`)
+            with contextlib.suppress(OSError):
+                sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - until exit
+            return 1
+    if args.cmd == "ps":
+        return _ps(args)
     if args.cmd == "matrix":
         return _matrix(args)
     if args.cmd == "fuzz":

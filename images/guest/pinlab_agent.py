@@ -32,6 +32,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import pinlab_kmsg  # noqa: E402
 import workload  # noqa: E402
 
 SYS_DELETE_MODULE = 176       # x86_64
@@ -103,37 +104,16 @@ def dmesg_mark(_req):
     return {"mark": _next_mark[0]}
 
 
-def _format(record):
-    """A kmsg record ("pri,seq,usec,flags;text\\n KEY=v...") as dmesg prints it."""
-    head, _, rest = record.partition(";")
-    text = rest.split("\n", 1)[0]
-    try:
-        usec = int(head.split(",")[2])
-    except (IndexError, ValueError):
-        usec = 0
-    return f"[{usec // 1000000:5d}.{usec % 1000000:06d}] {text}"
-
-
 def dmesg_since(req):
     fd = _marks.pop(int(req["mark"]), None)
     if fd is None:
         return {"error": f"unknown dmesg mark {req['mark']}"}
-    lines, lost = [], 0
     try:
-        while True:
-            try:
-                rec = os.read(fd, 8192)
-            except BlockingIOError:
-                break
-            except BrokenPipeError:   # records overwritten before we read them
-                lost += 1
-                continue
-            if not rec:
-                break
-            lines.append(_format(rec.decode(errors="replace")))
+        records, lost = pinlab_kmsg.read_records(fd)
     finally:
         os.close(fd)
-    return {"text": "".join(ln + "\n" for ln in lines), "lost": lost}
+    return {"text": "".join(pinlab_kmsg.format_record(r) + "\n" for r in records),
+            "lost": lost}
 
 
 # ------------------------------------------------------------------ workload commands

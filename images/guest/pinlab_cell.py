@@ -8,13 +8,15 @@ QUERY output.  The host (orchestrator/scenario.py) turns it into an outcome clas
 
 Every cell cleans up after itself (munmap, close, remove files, unmount, swapoff, leave
 the cgroup, restore nr_hugepages) so the next cell starts from the same guest state.
+The environment (scratch filesystems, swap, cgroups, huge pages) comes from pinlab_env and
+the /proc readers from pinlab_mm: the guest API that ``pinlab run`` scripts use too.
+``ready_cell()`` stops a cell before its event, for a human (``pinlab up --cell``).
 
 Page states (see scan()): "g<N>" the whole page holds generation N of this region's
 pattern, "zero", "partial-g<N>" (starts with gen N but differs later), "other".
 Scans are run-length encoded: [[state, first_page, count], ...].
 """
 import contextlib
-import ctypes
 import errno
 import fcntl
 import json
@@ -27,32 +29,34 @@ import subprocess
 import time
 
 import pinlab_ioctl
+from pinlab_env import CGCELL, cell_environment, mount_scratch, mount_tmpfs, oom_cgroup
+from pinlab_mm import (
+    F_ADD_SEALS,
+    F_GET_SEALS,
+    F_SEAL_WRITE,
+    HPAGE,
+    MADV_DONTFORK,
+    MADV_DONTNEED,
+    MADV_NOHUGEPAGE,
+    MADV_PAGEOUT,
+    MADV_SOFT_OFFLINE,
+    MFD_ALLOW_SEALING,
+    MFD_CLOEXEC,
+    MFD_HUGETLB,
+    PAGE,
+    delta,
+    drop_caches,
+    madvise,
+    pagemap,
+    punch_hole,
+    read_file,
+    vmstat,
+    write_file,
+)
 
-PAGE = mmap.PAGESIZE
-HPAGE = 2 << 20
 NPAGES = 16                 # 64 KiB: enough for truncate halves, holes, partial pages
-MADV_DONTFORK = 10
-MADV_NOHUGEPAGE = 15
-MADV_PAGEOUT = 21
-MADV_DONTNEED = 4
-MADV_SOFT_OFFLINE = 101
 SOFT_OFFLINE_PAGES = 4
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-F_ADD_SEALS = 1033
-F_SEAL_WRITE = 0x0008
-MFD_CLOEXEC, MFD_ALLOW_SEALING, MFD_HUGETLB = 0x1, 0x2, 0x4
-CGROOT = "/sys/fs/cgroup"
-CGCELL = f"{CGROOT}/pinlab-cell"
-DISKS = {"ext4": "pinlab-ext4", "xfs": "pinlab-xfs"}
-VMSTAT_KEYS = ("nr_foll_pin_acquired", "nr_foll_pin_released", "pswpin", "pswpout",
-               "pgmigrate_success", "pgmigrate_fail", "compact_migrate_scanned",
-               "compact_isolated", "compact_stall", "compact_fail", "compact_success",
-               "pgsteal_anon", "pgsteal_file", "pgactivate", "thp_split_page")
 READY_FILE = "/tmp/pinlab-cell.ready"
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
 
 # ------------------------------------------------------------------ small helpers
@@ -62,55 +66,6 @@ def errname(e):
 
 def now_ms():
     return time.monotonic() * 1000.0
-
-
-def write_file(path, text):
-    with open(path, "w") as f:
-        f.write(text)
-
-
-def read_file(path):
-    with open(path) as f:
-        return f.read()
-
-
-def vmstat(keys=VMSTAT_KEYS):
-    """/proc/vmstat counters (folded first: per-CPU drift otherwise)."""
-    with contextlib.suppress(OSError):
-        write_file("/proc/sys/vm/stat_refresh", "1")
-    out = {}
-    with open("/proc/vmstat") as f:
-        for line in f:
-            k, v = line.split()
-            if k in keys:
-                out[k] = int(v)
-    return out
-
-
-def delta(a, b):
-    return {k: b.get(k, 0) - a.get(k, 0) for k in b if b.get(k, 0) != a.get(k, 0)}
-
-
-def pagemap(addr, npages):
-    """Per page: PFN (int), "swap", or None (not present)."""
-    res = []
-    with open("/proc/self/pagemap", "rb") as f:
-        f.seek((addr // PAGE) * 8)
-        data = f.read(npages * 8)
-    for (e,) in struct.iter_unpack("<Q", data):
-        if e >> 63:
-            res.append(e & ((1 << 55) - 1))
-        elif (e >> 62) & 1:
-            res.append("swap")
-        else:
-            res.append(None)
-    return res
-
-
-def drop_caches(sync=True):
-    if sync:
-        os.sync()
-    write_file("/proc/sys/vm/drop_caches", "3")
 
 
 def rle(states):
@@ -173,118 +128,6 @@ def last_step(rep, name):
         if st["step"] == name:
             return st
     return None
-
-
-_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-
-
-def _madvise(addr, length, advice):
-    """madvise(2) on a raw address range (mmap.madvise cannot name MADV_SOFT_OFFLINE)."""
-    if _libc.madvise(addr, length, advice) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
-
-
-# ------------------------------------------------------------------ environment pieces
-def find_disk(serial):
-    for dev in sorted(os.listdir("/sys/block")):
-        with contextlib.suppress(OSError):
-            if read_file(f"/sys/block/{dev}/serial").strip() == serial:
-                return f"/dev/{dev}"
-    raise RuntimeError(f"no scratch disk with serial {serial}")
-
-
-def mount_scratch(stack, fs, rep):
-    """Mount the fs's scratch disk at /mnt/pinlab-<fs> (mkfs on first use)."""
-    mnt = f"/mnt/pinlab-{fs}"
-    os.makedirs(mnt, exist_ok=True)
-    if os.path.ismount(mnt):
-        return mnt
-    dev = find_disk(DISKS[fs])
-    if subprocess.run(["mount", "-t", fs, dev, mnt], capture_output=True).returncode:
-        mk = ["mkfs.ext4", "-F", "-q", dev] if fs == "ext4" else ["mkfs.xfs", "-f", "-q", dev]
-        subprocess.run(mk, check=True, capture_output=True)
-        subprocess.run(["mount", "-t", fs, dev, mnt], check=True, capture_output=True)
-        rep.setdefault("notes", []).append(f"mkfs {fs} {dev}")
-    stack.callback(lambda: subprocess.run(["umount", mnt], capture_output=True))
-    return mnt
-
-
-def mount_tmpfs(stack):
-    mnt = "/mnt/pinlab-tmpfs"
-    os.makedirs(mnt, exist_ok=True)
-    if not os.path.ismount(mnt):
-        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", mnt], check=True)
-        stack.callback(lambda: subprocess.run(["umount", mnt], capture_output=True))
-    return mnt
-
-
-def enable_swap(stack, rep):
-    """A 64 MiB swapfile on the ext4 scratch disk (anon/shmem reclaim needs swap)."""
-    if read_file("/proc/swaps").count("\n") > 1:
-        return
-    mnt = mount_scratch(stack, "ext4", rep)
-    path = f"{mnt}/swapfile"
-    fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_TRUNC, 0o600)
-    try:
-        os.posix_fallocate(fd, 0, 64 << 20)
-    finally:
-        os.close(fd)
-    subprocess.run(["mkswap", path], check=True, capture_output=True)
-    subprocess.run(["swapon", path], check=True, capture_output=True)
-
-    def off():
-        subprocess.run(["swapoff", path], capture_output=True)
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-    stack.callback(off)
-    rep["swap"] = path
-
-
-def memory_cgroup(path):
-    """Make a child cgroup of the root with the memory controller on."""
-    if "memory" not in read_file(f"{CGROOT}/cgroup.controllers").split():
-        raise RuntimeError("no memory controller in cgroup2")
-    if "memory" not in read_file(f"{CGROOT}/cgroup.subtree_control").split():
-        write_file(f"{CGROOT}/cgroup.subtree_control", "+memory")
-    os.makedirs(path, exist_ok=True)
-
-
-def remove_cgroup(path):
-    """rmdir a cgroup, giving its last (exiting) process up to 5 s to leave."""
-    for _ in range(50):
-        try:
-            os.rmdir(path)
-            return
-        except OSError:
-            time.sleep(0.1)
-
-
-def enter_cgroup(stack, rep):
-    """Move this process into a child cgroup with the memory controller on."""
-    memory_cgroup(CGCELL)
-    write_file(f"{CGCELL}/cgroup.procs", str(os.getpid()))
-
-    def leave():
-        write_file(f"{CGROOT}/cgroup.procs", str(os.getpid()))
-        remove_cgroup(CGCELL)
-    stack.callback(leave)
-    rep["cgroup"] = CGCELL
-
-
-CGOOM = f"{CGROOT}/pinlab-oom"
-OOM_LIMIT = 48 << 20
-
-
-def oom_cgroup(stack, rep):
-    """A cgroup where the victim of an "oom" cell runs out of memory (no swap)."""
-    memory_cgroup(CGOOM)
-    write_file(f"{CGOOM}/memory.max", str(OOM_LIMIT))
-    with contextlib.suppress(OSError):
-        write_file(f"{CGOOM}/memory.swap.max", "0")
-    stack.callback(remove_cgroup, CGOOM)
-    rep["oom_cgroup"] = {"path": CGOOM, "memory.max": OOM_LIMIT}
-    return CGOOM
 
 
 def memcg_events(cg):
@@ -423,10 +266,10 @@ class Mapping:
         self.shared = kind not in ("anon", "private-file")
         prot = mmap.PROT_READ | mmap.PROT_WRITE
         if kind == "hugetlb":
+            # two huge pages; pinlab_env.cell_environment() reserved them and one spare
+            # (after truncate/punch the orphaned huge page stays allocated, and re-faulting
+            # the range must not SIGBUS for want of a free huge page)
             self.npages = 2 * HPAGE // PAGE
-            # one spare: after truncate/punch the orphaned huge page stays allocated, and
-            # re-faulting the range must not SIGBUS for want of a free huge page
-            self._hugepages(stack, 3, rep)
         self.size = self.npages * PAGE
         if kind == "anon":
             self.mm = mmap.mmap(-1, self.size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
@@ -438,7 +281,7 @@ class Mapping:
                 self.fd = os.memfd_create(f"pinlab-{tag}", MFD_CLOEXEC | MFD_HUGETLB)
             else:
                 d = (mount_tmpfs(stack) if kind == "tmpfs" else
-                     mount_scratch(stack, "ext4" if kind == "private-file" else kind, rep))
+                     mount_scratch("ext4" if kind == "private-file" else kind, stack, rep))
                 self.path = f"{d}/{tag}.dat"
                 self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR | os.O_TRUNC, 0o600)
                 stack.callback(self._unlink)
@@ -454,13 +297,6 @@ class Mapping:
         step = HPAGE if kind == "hugetlb" else PAGE
         for off in range(0, self.size, step):   # fault every page in, writable
             self.mm[off:off + 1] = b"\0"
-
-    def _hugepages(self, stack, n, rep):
-        path = "/proc/sys/vm/nr_hugepages"
-        old = int(read_file(path))
-        write_file(path, str(old + n))
-        rep["nr_hugepages"] = int(read_file(path))
-        stack.callback(lambda: write_file(path, str(old)))
 
     def _close_fd(self):
         if self.fd is not None:
@@ -532,19 +368,26 @@ class Cell:
 
     # -- main flow
     def run(self):
+        """The whole cell: prepare(), the event, release, the final file check."""
+        if self.prepare():
+            self.event()
+        return self.finish()
+
+    def prepare(self):
+        """Everything before the event: environment, mapping, registration, generation 1
+        written by the device. Returns False when registration was refused (rep says
+        why)."""
         a, rep = self.a, self.rep
-        if a.event == "memcg-reclaim":
-            enter_cgroup(self.stack, rep)
+        cell_environment(a.backing, a.event, self.stack, rep)
         if a.event == "mem-offline":
             rep["movable_pages"] = wait_movable_memory(30)
-        if a.event in ("pageout", "memcg-reclaim") and a.backing in ("anon", "memfd", "tmpfs"):
-            enable_swap(self.stack, rep)
         self.m = Mapping(self.stack, a.backing, rep,
                          npages=64 if a.event == "migrate" else NPAGES)
         rep["npages"] = self.m.npages
         rep["pfns_before"] = self.m.pfns()
         rep["memcg_before"] = memcg_current() if a.event == "memcg-reclaim" else None
         self.dev = pinlab_ioctl.PinlabDevice(a.device)
+        a.device = self.dev.path      # None: the node find_device() chose
         self.stack.callback(self.dev.close)
         self.stack.callback(self._safe_deregister)
         rep["vmstat_before"] = vmstat()
@@ -554,7 +397,7 @@ class Cell:
         except OSError as exc:
             rep.update(errno=exc.errno, errno_name=errname(exc.errno), step="register",
                        register_ms=round(now_ms() - t0, 1))
-            return rep
+            return False
         self.registered = True
         rep["register_ms"] = round(now_ms() - t0, 1)
         rep["region"] = self.rid
@@ -563,11 +406,20 @@ class Cell:
         rep["query_registered"] = self.dev.query(self.rid)
         self.dma(1)
         rep["map_g1"] = self.scan_map()
-        getattr(self, "ev_" + a.event.replace("-", "_"))()
+        return True
+
+    def event(self):
+        """The cell's event (ev_<event>), on a prepared cell."""
+        getattr(self, "ev_" + self.a.event.replace("-", "_"))()
+
+    def finish(self):
+        """Release the region, check the file; returns the report."""
+        if not self.registered and self.rid is None:
+            return self.rep
         self.deregister()
-        rep["pfns_after"] = self.m.pfns() if not self.m.mm.closed else None
+        self.rep["pfns_after"] = self.m.pfns() if not self.m.mm.closed else None
         self.final_file_check()
-        return rep
+        return self.rep
 
     def _safe_deregister(self):
         if self.registered:
@@ -601,12 +453,7 @@ class Cell:
         rep["map_after_extend"] = self.scan_map()
 
     def _punch(self, off, length):
-        def punch():
-            if _libc.fallocate(self.m.fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                               off, length) != 0:
-                e = ctypes.get_errno()
-                raise OSError(e, os.strerror(e))
-        timed(self.rep, "punch_hole", punch)
+        timed(self.rep, "punch_hole", punch_hole, self.m.fd, off, length)
 
     def ev_punch_hole(self):
         m, rep = self.m, self.rep
@@ -692,7 +539,7 @@ class Cell:
         # the first pages of both mappings get a deterministic migration attempt
         for tag, mp in (("control", ctl), ("registered", self.m)):
             for i in range(SOFT_OFFLINE_PAGES):
-                timed(rep, f"soft_offline_{tag}_{i}", _madvise, mp.addr + i * PAGE, PAGE,
+                timed(rep, f"soft_offline_{tag}_{i}", madvise, mp.addr + i * PAGE, PAGE,
                       MADV_SOFT_OFFLINE)
         rep["vmstat_event"] = delta(v0, vmstat())
         pa = self.m.pfns()
@@ -795,7 +642,7 @@ class Cell:
         # unmap first so only the driver's page references can make it fail
         timed(rep, "munmap", m.unmap)
         timed(rep, "seal_write", fcntl.fcntl, m.fd, F_ADD_SEALS, F_SEAL_WRITE)
-        rep["seals"] = fcntl.fcntl(m.fd, 1034)   # F_GET_SEALS
+        rep["seals"] = fcntl.fcntl(m.fd, F_GET_SEALS)
         self.dma(2)
         self.file_scan("file_g2")
 
@@ -922,6 +769,29 @@ class Cell:
         rep["map_after"] = self.scan_map()
 
 
+def ready_cell(mode, backing, event, device=None):
+    """A matrix cell stopped just before its event, for a human: the cell's environment
+    set up, its mapping made (``c.m.mm``, ``c.m.addr``, ``c.m.path``), registered
+    (``c.dev``, ``c.rid``) and written once by the device. ``c.event()`` runs the event,
+    ``c.finish()`` returns the report, ``c.close()`` undoes everything. ``python3 -i
+    pinlab_cell.py ready MODE BACKING EVENT`` opens a Python prompt with ``c`` set.
+    When the driver refuses the registration (what some cells observe, e.g. EFAULT for
+    longterm on ext4), ``c.registered`` is False and ``c.rep`` has errno/errno_name; the
+    mapping is still there. Raises what the environment setup raises (pinlab_env)."""
+    import argparse
+
+    stack = contextlib.ExitStack()
+    c = Cell(argparse.Namespace(mode=mode, backing=backing, event=event, device=device),
+             stack)
+    c.close = stack.close
+    try:
+        c.prepare()
+    except BaseException:
+        stack.close()
+        raise
+    return c
+
+
 def cmd_cell(args):
     with contextlib.ExitStack() as stack:
         c = Cell(args, stack)
@@ -944,3 +814,17 @@ EVENTS = ["dma-write", "truncate", "punch-hole", "punch-hole-partial", "pageout"
           "fork-dontfork", "munmap", "dontneed", "seal-write", "hot-unplug", "pci-remove",
           "no-ack", "odirect-write", "exit", "oom", "mem-offline"]
 BACKINGS = ["anon", "memfd", "tmpfs", "ext4", "xfs", "private-file", "hugetlb"]
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:2] != ["ready"] or len(sys.argv) != 5:
+        sys.exit("usage: python3 -i pinlab_cell.py ready MODE BACKING EVENT")
+    c = ready_cell(*sys.argv[2:5])
+    where = (f"region {c.rid}, generation 1 written" if c.registered else
+             f"registration refused: {c.rep['errno_name']} (as in the cell)")
+    print(f"cell {'/'.join(sys.argv[2:5])} ready before its event: mapping c.m at "
+          f"{c.m.addr:#x} ({c.m.npages} pages, {c.m.path or c.m.kind}), {where}.\n"
+          "  c.event() runs the event; c.finish() releases and returns the report; c.rep "
+          "is the report so far; c.dev is the open /dev/pinlab0")

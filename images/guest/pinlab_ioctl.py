@@ -16,8 +16,10 @@ device answered, the raw device status (``.status``) and the output struct (``.r
 
 import ctypes
 import fcntl
+import glob
 import os
 import struct
+import zlib
 
 # ---------------------------------------------------------------- ioctl encoding
 _IOC_NRBITS, _IOC_TYPEBITS, _IOC_SIZEBITS = 8, 8, 14
@@ -163,6 +165,13 @@ def buffer_address(buf):
     return addr
 
 
+def dma_crc32(data):
+    """The checksum DMA_READ returns for ``data`` (bytes-like: the raw bytes of the range,
+    in region-offset order): CRC-32 of IEEE 802.3, the value of zlib.crc32(data) (start
+    0), an int in [0, 2**32). Defined in device/REGISTERS.md (Opcodes, DMA_READ)."""
+    return zlib.crc32(data) & 0xFFFFFFFF
+
+
 def mmap_address(m):
     """Address of an mmap.mmap object (alias of buffer_address)."""
     return buffer_address(m)
@@ -220,12 +229,24 @@ def check_pattern(buf, region, generation, offset=0, length=None, buf_offset=Non
 
 
 # ---------------------------------------------------------------- device
-class PinlabDevice:
-    """One open file of /dev/pinlabN; regions belong to it and die with close()."""
+def find_device():
+    """The first /dev/pinlabN (str). After a hot-unplug and replug the driver names the
+    new device pinlab1 when a file of the removed pinlab0 was still open. Raises
+    FileNotFoundError when there is none (device not plugged or pinlab.ko not loaded)."""
+    nodes = sorted(glob.glob("/dev/pinlab[0-9]*"), key=lambda n: int(n[len("/dev/pinlab"):]))
+    if not nodes:
+        raise FileNotFoundError(2, "no /dev/pinlabN (is pinlab.ko loaded and the device "
+                                "plugged?)")
+    return nodes[0]
 
-    def __init__(self, path="/dev/pinlab0"):
-        self.path = path
-        self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+
+class PinlabDevice:
+    """One open file of /dev/pinlabN (``path``; None: find_device()); regions belong to
+    it and die with close(). Raises OSError from open(2) (ENOENT: no such node)."""
+
+    def __init__(self, path=None):
+        self.path = path or find_device()
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
 
     def close(self):
         if self.fd is not None:
@@ -269,7 +290,12 @@ class PinlabDevice:
         return self._ioctl("DMA_WRITE", PINLAB_IOC_DMA_WRITE, arg).bytes
 
     def dma_read(self, region, offset, length):
-        """Device reads; returns (crc32, bytes)."""
+        """The device reads [offset, offset+length) of the region (bytes); returns
+        (crc32, bytes_read): crc32 is dma_crc32() of the bytes the device saw in the pages
+        the driver mapped for it, which differ from what the process sees through its
+        mapping when the two no longer share pages (e.g. after a COW break).
+        Raises PinlabError (EFAULT with device status PAGE_FAULT: a page in the range is
+        not mapped for the device; EINVAL: range outside the region)."""
         arg = PinlabDma(region=region, offset=offset, len=length)
         arg = self._ioctl("DMA_READ", PINLAB_IOC_DMA_READ, arg)
         return arg.crc32, arg.bytes
@@ -302,6 +328,7 @@ class PinlabDevice:
 
 __all__ = [
     "PinlabDevice", "PinlabError", "buffer_address", "mmap_address", "pattern_word",
+    "dma_crc32", "find_device",
     "decode_word", "check_pattern", "MODES", "STATUS_NAMES",
     "PINLAB_IOC_REGISTER", "PINLAB_IOC_DEREGISTER", "PINLAB_IOC_DMA_WRITE",
     "PINLAB_IOC_DMA_READ", "PINLAB_IOC_STREAM_START", "PINLAB_IOC_STREAM_STOP",

@@ -20,28 +20,25 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import pinlab_cell  # noqa: E402
 import pinlab_ioctl  # noqa: E402
+import pinlab_mm  # noqa: E402
 
-PAGE = mmap.PAGESIZE
-MADV_NOHUGEPAGE = 15
-
-
-PIN_KEYS = ("nr_foll_pin_acquired", "nr_foll_pin_released")
+PAGE = pinlab_mm.PAGE
 
 
 def vmstat():
-    return pinlab_cell.vmstat(PIN_KEYS)
+    return pinlab_mm.vmstat(pinlab_mm.PIN_KEYS)
 
 
 def pfns(addr, npages):
     """PFN of each page (None when not present, "swap" when swapped out)."""
-    return pinlab_cell.pagemap(addr, npages)
+    return pinlab_mm.pagemap(addr, npages)
 
 
 def anon_buffer(npages):
     mm = mmap.mmap(-1, npages * PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
                    prot=mmap.PROT_READ | mmap.PROT_WRITE)
     with contextlib.suppress(AttributeError, OSError):
-        mm.madvise(MADV_NOHUGEPAGE)
+        mm.madvise(pinlab_mm.MADV_NOHUGEPAGE)
     for off in range(0, npages * PAGE, PAGE):  # fault every page in
         mm[off:off + 1] = b"\0"
     return mm

@@ -1,0 +1,55 @@
+"""What a matrix guest looks like, for the matrix's warm guests (pool.py) and for
+``pinlab up`` (workbench.py): one definition, so a guest booted by hand is the guest a
+cell ran in.
+
+The host side is a GuestConfig (scratch disks, kernel command line, device IRQ mode, room
+for a hot-added DIMM); the guest side is ``pinlab_env.py`` (images/guest/), which the
+matrix's cell code calls per cell and ``up`` calls once after boot (``setup_guest``).
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from typing import Any
+
+from .session import GUEST_DIR, GuestSession
+from .vm import GuestConfig
+
+IRQ_MODES = ("msi", "msix")
+SCRATCH_DISKS = {"pinlab-ext4": 512, "pinlab-xfs": 512}   # serial -> MiB (pinlab_env.DISKS)
+CMDLINE = "page_poison=1"
+HOTPLUG_MB = 512
+
+
+def guest_config(irq: str = "msi") -> GuestConfig:
+    """A matrix guest: scratch disks for the filesystems, page poisoning, room for a
+    hot-added DIMM (mem-offline cells), and the device with MSI instead of MSI-X:
+    QEMU 11.1's vfio-user-pci aborts on device_del of an MSI-X device, and the hot-unplug
+    cells need device_del to work. Raises ValueError for an unknown ``irq``."""
+    if irq not in IRQ_MODES:
+        raise ValueError(f"irq must be one of {', '.join(IRQ_MODES)}, not {irq!r}")
+    return GuestConfig(scratch_disks=dict(SCRATCH_DISKS), cmdline=CMDLINE,
+                       device_args=["--irq", irq], hotplug_mb=HOTPLUG_MB)
+
+
+def setup_command(*, swap: bool = False, hugepages: int = 0, cell: str | None = None) -> str:
+    """The guest command that sets an ``up`` guest up like a matrix guest: both scratch
+    filesystems, tmpfs and hugetlbfs mounted, optionally swap and huge pages, and the
+    environment of one cell (``MODE/BACKING/EVENT``)."""
+    argv = ["python3", f"{GUEST_DIR}/pinlab_env.py", "setup", "--fs", "ext4,xfs", "--tmpfs",
+            "--hugetlbfs"]
+    if swap:
+        argv.append("--swap")
+    if hugepages:
+        argv += ["--hugepages", str(hugepages)]
+    if cell:
+        argv += ["--cell", cell]
+    return " ".join(shlex.quote(a) for a in argv)
+
+
+def setup_guest(s: GuestSession, **kw: Any) -> dict[str, Any]:
+    """Run setup_command(**kw) in the guest; returns its JSON report (mounts, swap,
+    nr_hugepages, cgroups). Raises SSHError when the setup fails."""
+    out = s.guest.ssh.run(setup_command(**kw), timeout=180, check=True).out
+    return dict(json.loads(out.strip().splitlines()[-1]))
