@@ -201,11 +201,11 @@ def audit_facts(rep: dict[str, Any], records: Sequence[dict[str, Any]],
     (the device keeps a bounded ring, and a truncated extract cannot prove an absence).
 
     Returns counts per record kind, ``gen_pages`` (generation, as a string like every JSON
-    key -> distinct guest pages written with it), ``outside_registration`` (written pages that were not registered:
-    for odp any page the process mapped counts as registered), ``event_acks`` (invalidate
-    acknowledgements after the region's last generation-1 write and before its first
-    generation-2 write, i.e. caused by the event between them), ``ack_before_destroy``,
-    ``violations`` and ``resets``.
+    key -> distinct guest pages written with it), ``outside_registration`` (written pages
+    that were not registered: for odp any page the process mapped counts as registered),
+    ``event_acks`` (invalidate acknowledgements after the region's last generation-1 write
+    and before its first generation-2 write, i.e. caused by the event between them),
+    ``ack_before_destroy``, ``violations`` and ``resets``.
     """
     rid = rep.get("region") if region is None else region
     seqs = [r.get("seq") for r in records]
