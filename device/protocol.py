@@ -1,6 +1,8 @@
 """vfio-user wire protocol: constants, struct layouts and message framing.
 
-See /work/shared/reference/vfio-user-server.md. All integers are little-endian (x86 host).
+The protocol is specified in QEMU's docs/interop/vfio-user.rst; the layouts here are the
+ones QEMU's client sends and expects (hw/vfio-user/protocol.h, proxy.c, device.c,
+container.c), since that client is the peer. All integers are little-endian (x86 host).
 """
 
 from __future__ import annotations

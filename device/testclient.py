@@ -181,8 +181,9 @@ class VfioUserClient:
         self.region_write(P.PCI_BAR0, off, value.to_bytes(n, "little"), posted)
 
     def bring_up(self, ram: GuestRam, iova: int = 0) -> None:
-        """The sequence QEMU performs at realize (reference §6), minus firmware. (With an
-        MSI capability QEMU skips the MSI-X steps; they are harmless with 0 vectors.)"""
+        """The sequence QEMU's vfio-user-pci performs at realize (hw/vfio-user/pci.c, then
+        hw/vfio/pci.c), minus firmware. (With an MSI capability QEMU skips the MSI-X steps;
+        they are harmless with 0 vectors.)"""
         self.version()
         self.dma_map(iova, ram.size, 3, 0, ram.dup_fd())
         info = self.get_info()

@@ -2,8 +2,9 @@
 /*
  * pinlab: every kernel-version difference lives here.
  *
- * Supported: Debian 6.1, 6.12, 7.2/7.3.  See
- * shared/reference/kernel-pinning-semantics.md section 1.
+ * Supported: Debian 6.1, 6.12, 7.2/7.3.  The pin API is described in the
+ * kernel's Documentation/core-api/pin_user_pages.rst; what each mode does
+ * per kernel is in docs/pinning-semantics.md (rows 1-5) of this repository.
  */
 #ifndef _PINLAB_COMPAT_H
 #define _PINLAB_COMPAT_H
@@ -12,8 +13,10 @@
 #include <linux/mm.h>
 
 /*
- * v6.5 ("mm/gup: remove vmas parameter from ...") dropped the vmas
- * argument of get_user_pages() and pin_user_pages().  Both must be
+ * v6.5 dropped the vmas argument of get_user_pages() and pin_user_pages()
+ * (54d020692b34 "mm/gup: remove unused vmas parameter from
+ * get_user_pages()", 4c630f307455 "mm/gup: remove vmas parameter from
+ * pin_user_pages()").  Both must be
  * called with mmap_read_lock() held and may return fewer pages than
  * requested; callers loop.
  */

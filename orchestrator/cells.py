@@ -22,21 +22,23 @@ BACKINGS = ["anon", *FILE_SHARED, "private-file"]
 # * drop-caches: only the page cache is dropped: anon and private-file COW pages are not
 #   page cache; hugetlb is not on the LRU.
 # * writeback: only filesystems with writeback (ext4, xfs) write anything back.
-# * 2018: the reference's recipe is ext4's buffer_head path (row 4d); xfs (iomap) has no
-#   buffer_heads to strip.
+# * 2018: the 2018 recipe is ext4's buffer_head path (docs/pinning-semantics.md row 17);
+#   xfs (iomap) has no buffer_heads to strip.
 # * migrate: compaction does not move hugetlb pages; tmpfs = memfd; xfs = ext4 (file pages).
-# * fork: MAP_SHARED backings other than memfd behave alike (row 8c); fork-dontfork is
-#   only meaningful where fork COWs (anon).
+# * fork: MAP_SHARED backings other than memfd behave alike (docs/pinning-semantics.md
+#   row 31); fork-dontfork is only meaningful where fork COWs (anon).
 # * munmap / dontneed: one shmem (memfd) and one disk file (ext4) stand for their kinds.
 # * seal-write: only memfd has seals.
 # * hot-unplug / pci-remove: the backing does not matter for device removal; anon is the
 #   simplest. pci-remove (guest sysfs remove + rescan) runs the same driver remove() path
 #   without QMP device_del, which crashes QEMU 11.1's vfio-user-pci (see the report).
-# * odirect-write: only disk filesystems have O_DIRECT over a page cache (ref row 5b).
+# * odirect-write: only disk filesystems have O_DIRECT over a page cache
+#   (docs/pinning-semantics.md row 13).
 # * exit / oom: a second process dies with a region registered; anon and memfd stand for
 #   private and shared memory; oom needs only one (the memcg OOM killer picks the victim).
 # * mem-offline: anonymous pages in a hot-added ZONE_MOVABLE DIMM (file pages behave alike
-#   for offline: migration is refused on the extra reference either way, ref row 7).
+#   for offline: migration is refused on the extra reference either way,
+#   docs/pinning-semantics.md row 24).
 PAIRS: list[tuple[str, str]] = [
     *[(b, "dma-write") for b in BACKINGS],
     *[(b, "truncate") for b in FILE_SHARED],

@@ -236,11 +236,11 @@ def remove_dimm(g: Guest, timeout: float = 30) -> float:
 
 
 def mem_offline(s: GuestSession, cell: Cell, art: Path) -> Observation:
-    """Memory offline of a ZONE_MOVABLE block that holds the registered pages (ref rows
-    7b/7c). The host hot-adds a DIMM (hot_add_dimm) that the guest onlines movable; the
-    workload touches its pages there, registers, offlines their blocks (a blocked offline
-    is interrupted after 3 s); then the host removes the DIMM again, so the next cell sees
-    the guest's usual memory layout."""
+    """Memory offline of a ZONE_MOVABLE block that holds the registered pages
+    (docs/pinning-semantics.md rows 26-28). The host hot-adds a DIMM (hot_add_dimm) that the
+    guest onlines movable; the workload touches its pages there, registers, offlines their
+    blocks (a blocked offline is interrupted after 3 s); then the host removes the DIMM
+    again, so the next cell sees the guest's usual memory layout."""
     art.mkdir(parents=True, exist_ok=True)
     s.mark()
     mark = s.dmesg_mark()

@@ -649,7 +649,8 @@ class Cell:
     def ev_odirect_write(self):
         """An O_DIRECT write over part of the registered, cached, mapped range: the kernel
         writes back and invalidates the page cache there (invalidate_inode_pages2), pin or
-        no pin (ref row 5b). Then the device writes generation 2 over everything."""
+        no pin (docs/pinning-semantics.md row 13). Then the device writes generation 2 over
+        everything."""
         m, rep = self.m, self.rep
         first, count = 4, 4
         rep["odirect_pages"] = [first, count]
@@ -668,7 +669,8 @@ class Cell:
 
     def ev_mem_offline(self):
         """Offline the ZONE_MOVABLE memory blocks (of a DIMM the host hot-added) that held
-        the mapping's pages when they were first touched (ref rows 7b/7c)."""
+        the mapping's pages when they were first touched
+        (docs/pinning-semantics.md rows 26-28)."""
         m, rep = self.m, self.rep
         bs = int(read_file(f"{MEMDIR}/block_size_bytes").strip(), 16)
         blocks = sorted({p * PAGE // bs for p in rep["pfns_before"] if isinstance(p, int)})
@@ -691,7 +693,8 @@ class Cell:
         """A second process registers a region of the same backing, has the device stream
         into it, and dies without deregistering: SIGKILL (exit) or the memcg OOM killer
         (oom, whose reaper invalidates without blocking). The driver's teardown is what is
-        observed (ref row 11); this cell's own region is the control."""
+        observed (docs/pinning-semantics.md rows 37-38); this cell's own
+        region is the control."""
         rep = self.rep
         info_r, info_w = os.pipe()
         go_r, go_w = os.pipe()
