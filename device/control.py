@@ -20,13 +20,21 @@ from collections.abc import Callable
 from typing import Any
 
 from .device import Device
-from .server import listen_unix
+from .limits import (
+    MAX_CONTROL_CLIENTS,
+    MAX_JSON_DEPTH,
+    MAX_QMP_INPUT,
+    MAX_QMP_QUEUE,
+    JsonDepthError,
+    check_json_depth,
+)
+from .sockets import listen_unix, remove_socket
 
 log = logging.getLogger("pinlab.device.control")
 
 VERSION = {"qemu": {"major": 0, "minor": 1, "micro": 0}, "package": "pinlab-device"}
-MAX_BUFFER = 1 << 20
-EVENT_QUEUE = 10000
+MAX_BUFFER = MAX_QMP_INPUT
+EVENT_QUEUE = MAX_QMP_QUEUE
 DIE_EXIT_CODE = 99
 
 
@@ -108,9 +116,20 @@ class ControlClient:
                 if len(buf) > MAX_BUFFER:
                     self.send({"error": {"class": "GenericError", "desc": "input too long"}})
                     buf = ""
+                try:
+                    check_json_depth(buf)
+                except JsonDepthError:
+                    self.send({"error": {"class": "GenericError", "desc":
+                                         f"JSON nested deeper than {MAX_JSON_DEPTH} levels"}})
+                    buf = ""
                 while buf := buf.lstrip():
                     try:
                         obj, end = decoder.raw_decode(buf)
+                    except RecursionError:  # not reached after check_json_depth; still safe
+                        self.send({"error": {"class": "GenericError",
+                                             "desc": "JSON nested too deep"}})
+                        buf = ""
+                        break
                     except json.JSONDecodeError as exc:
                         if ((exc.pos >= len(buf) or exc.msg.startswith("Unterminated"))
                                 and "\n" not in buf[exc.pos:]):
@@ -155,15 +174,26 @@ class ControlClient:
             after()
 
 
+def _refuse(conn: socket.socket) -> None:
+    """Tell a client over the limit why, without waiting for it, and hang up."""
+    msg = {"error": {"class": "GenericError",
+                     "desc": f"too many control clients (at most {MAX_CONTROL_CLIENTS})"}}
+    with contextlib.suppress(OSError):
+        conn.setblocking(False)
+        conn.send(json.dumps(msg).encode() + b"\r\n")
+    conn.close()
+
+
 class ControlServer:
     def __init__(self, device: Device, path: str) -> None:
         self.dev = device
         self.path = path
-        self.sock = listen_unix(path, 8)
+        self.sock, self._ident = listen_unix(path, 8)
         self._lock = threading.Lock()
         self._clients: list[ControlClient] = []
         self._wake_r, self._wake_w = os.pipe()
         self._stopping = False
+        self.refused = 0  # connections refused: MAX_CONTROL_CLIENTS were connected
         self.thread = threading.Thread(target=self._accept_loop, name="qmp-accept", daemon=True)
         self.commands: dict[str, Callable[[dict[str, Any]], Any]] = {
             "query-status": self.query_status, "query-regions": self.query_regions,
@@ -182,8 +212,8 @@ class ControlServer:
         if self.thread.is_alive():
             self.thread.join(5)
         self.sock.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        with contextlib.suppress(OSError):
+            remove_socket(self.path, self._ident)
         with self._lock:
             clients = list(self._clients)
         for c in clients:
@@ -206,6 +236,12 @@ class ControlServer:
                 try:
                     conn, _ = self.sock.accept()
                 except OSError:
+                    continue
+                with self._lock:
+                    full = len(self._clients) >= MAX_CONTROL_CLIENTS
+                if full:  # bounded: each client costs two threads
+                    self.refused += 1
+                    _refuse(conn)
                     continue
                 client = ControlClient(self, conn)
                 with self._lock:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import mmap
 import os
@@ -41,12 +42,16 @@ class VfioUserError(Exception):
 
 
 class GuestRam:
-    """A memfd of ``size`` bytes mapped into this process, like QEMU's memfd backend."""
+    """A memfd of ``size`` bytes mapped into this process, like QEMU's memfd backend: with
+    ``seal`` (QEMU's default, seal=on) sealed against shrinking and growing, without it a
+    plain memfd the test may shrink under the device."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, seal: bool = True) -> None:
         self.size = size
-        self.fd = os.memfd_create("pinlab-guest-ram", os.MFD_CLOEXEC)
+        self.fd = os.memfd_create("pinlab-guest-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(self.fd, size)
+        if seal:
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
         self.mm = mmap.mmap(self.fd, size, mmap.MAP_SHARED)
 
     def read(self, addr: int, n: int) -> bytes:
