@@ -169,6 +169,7 @@ class AuditLog:
                                   "in memory (query-audit, query-violations)"},
                           separators=(",", ":")) + "\n"
         self._file.write(line)
+        self._file.flush()
         self._file_end += len(line)
         self._to_file = False
         self._truncated_at = seq

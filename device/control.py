@@ -107,21 +107,32 @@ class ControlClient:
         buf = ""
         self.send({"QMP": {"version": VERSION, "capabilities": []}})
         self.server.dev.events.subscribe(self.event)
+        skipping = False  # dropping the rest of a refused (too deep) line
         try:
             while not self.closed:
                 data = self.conn.recv(65536)
                 if not data:
                     break
-                buf += data.decode("utf-8", errors="replace")
+                text = data.decode("utf-8", errors="replace")
+                if skipping:
+                    if "\n" not in text:
+                        continue
+                    text = text.partition("\n")[2]
+                    skipping = False
+                buf += text
                 if len(buf) > MAX_BUFFER:
                     self.send({"error": {"class": "GenericError", "desc": "input too long"}})
                     buf = ""
                 try:
                     check_json_depth(buf)
-                except JsonDepthError:
+                except JsonDepthError as exc:
                     self.send({"error": {"class": "GenericError", "desc":
                                          f"JSON nested deeper than {MAX_JSON_DEPTH} levels"}})
-                    buf = ""
+                    # one error per offending command: drop input to the end of its line
+                    # (commands before it are lost with it: they were not complete JSON)
+                    rest = buf[exc.pos:]
+                    skipping = "\n" not in rest
+                    buf = "" if skipping else rest.partition("\n")[2]
                 while buf := buf.lstrip():
                     try:
                         obj, end = decoder.raw_decode(buf)

@@ -27,7 +27,11 @@ _TOKENS = re.compile(r'"(?:[^"\\]|\\.)*"?|[\[\]{}]')
 
 
 class JsonDepthError(ValueError):
-    """The text nests objects/arrays deeper than allowed."""
+    """The text nests objects/arrays deeper than allowed; ``pos``: where it got too deep."""
+
+    def __init__(self, why: str, pos: int) -> None:
+        super().__init__(why)
+        self.pos = pos
 
 
 def check_json_depth(text: str, limit: int = MAX_JSON_DEPTH) -> None:
@@ -43,6 +47,6 @@ def check_json_depth(text: str, limit: int = MAX_JSON_DEPTH) -> None:
         if c in "[{":
             depth += 1
             if depth > limit:
-                raise JsonDepthError(f"JSON nested deeper than {limit} levels")
+                raise JsonDepthError(f"JSON nested deeper than {limit} levels", m.start())
         elif c in "]}":
             depth = max(depth - 1, 0)
