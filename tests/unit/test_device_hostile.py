@@ -159,26 +159,24 @@ class PermissionTest(HostileTestBase):
     def test_ring_in_unreadable_map_is_not_fetched(self) -> None:
         for flags in (0, P.DMA_FLAG_WRITE):
             with self.subTest(flags=flags):
-                self.c.dma_unmap(0, 0, P.DMA_UNMAP_FLAG_ALL) if flags else None
+                if flags:
+                    self.c.dma_unmap(0, 0, P.DMA_UNMAP_FLAG_ALL)
                 self.map_split(flags)
                 self.c.reset()
-                drv = Driver(self.c, self.ram, base=1 << 20, entries=2, eq=False)
-                try:
-                    self.ram.write(drv.sq, bytes(2 * 64 + 4 * 32))
-                    self.ram.write(drv.sq, SQE.pack(OP_NOP, 0, 1, 0, *[0] * 7))
-                    for off, val in ((0x010, drv.sq), (0x018, 2), (0x028, drv.cq),
-                                     (0x030, 2), (0x040, 0), (0x048, 0)):
-                        self.c.reg_write(off, val, 8 if off in (0x010, 0x028) else 4)
-                    self.c.reg_write(0x00C, 1)
-                    self.c.reg_write(0x01C, 1)
-                    self.assertEqual(self.c.reg_read(0x008), 2)  # FATAL, never enabled
-                    time.sleep(0.1)
-                    self.assertEqual(self.c.reg_read(0x060), 0)  # nothing executed
-                    self.assertEqual(self.ram.read(drv.cq, 32), bytes(32))
-                    reason = self.dev.status()["engine"]["fatal_reason"]
-                    self.assertIn("not readable", reason)
-                finally:
-                    drv.close()
+                sq, cq = 1 << 20, 0x10000  # the SQ in the restricted map, the CQ not
+                self.ram.write(cq, bytes(2 * 32))
+                self.ram.write(sq, SQE.pack(OP_NOP, 0, 1, 0, *[0] * 7) + bytes(64))
+                for off, val in ((0x010, sq), (0x018, 2), (0x028, cq), (0x030, 2),
+                                 (0x040, 0), (0x048, 0)):
+                    self.c.reg_write(off, val, 8 if off in (0x010, 0x028) else 4)
+                self.c.reg_write(0x00C, 1)
+                self.c.reg_write(0x01C, 1)
+                self.assertEqual(self.c.reg_read(0x008), 2)  # FATAL, never enabled
+                time.sleep(0.2)
+                self.assertEqual(self.c.reg_read(0x060), 0)  # nothing executed
+                self.assertEqual(self.ram.read(cq, 32), bytes(32))  # nothing completed
+                reason = self.dev.status()["engine"]["fatal_reason"]
+                self.assertIn("not readable", reason)
         self.assert_alive()
 
     def test_page_list_in_write_only_map_is_not_read(self) -> None:
