@@ -5,6 +5,11 @@
   (``mmap`` slice assignment) of the same chunk size over the same span of the same memfd.
 * ``revoke_p50/p99/max``: INVALIDATE latency (doorbell write to the completion's MSI-X
   eventfd firing) while a stream runs on the same region, vs. the same with no stream.
+* ``audit_file_<chunk>``: the audit path's cost per access: microseconds per stream chunk
+  (one audited access of ``chunk`` bytes) with the ``--audit`` JSONL file vs. the same
+  stream with the in-memory audit only, in two devices side by side.
+* ``unsealed_<chunk>``: microseconds per stream chunk into guest RAM whose memfd is not
+  sealed against shrinking (accessed with pwrite, SIGBUS-safe) vs. a sealed one (mmap).
 * ``mmio_read``: one BAR0 register read from inside a TCG guest through vfio-user vs. one
   read of a register QEMU emulates itself (needs a guest image; skipped with --no-guest).
 
@@ -92,6 +97,49 @@ def bench_stream(ram_size: int, seconds: float) -> dict[str, Figure]:
             out[f"stream_{chunk // KiB}k"] = figure(dev / MiB, host / MiB, "MiB/s", goal)
     finally:
         rig.close()
+    return out
+
+
+# --- audit path and unsealed guest RAM ---------------------------------------------------
+AUDIT_CHUNKS = (8, 4 * KiB, 64 * KiB)
+
+
+def _chunk_us(audit: bool, seal: bool, chunks: tuple[int, ...], seconds: float
+              ) -> dict[int, float]:
+    """Microseconds per stream chunk (one audited access each), per chunk size."""
+    rig = Rig(ram_size=64 * MiB, audit=audit, seal=seal)
+    out: dict[int, float] = {}
+    try:
+        d = rig.driver
+        npages = 1024  # 4 MiB span
+        if d.cmd(E.OP_CREATE_REGION, 1, npages, 1).status != E.OK:
+            raise RuntimeError("CREATE_REGION failed")
+        if rig.map_pages(1, 0, rig.pages(npages)).status != E.OK:
+            raise RuntimeError("MAP_PAGES failed")
+        for chunk in chunks:
+            t0 = time.perf_counter()
+            if d.cmd(E.OP_STREAM_START, 1, 0, npages * 4096, 1, chunk, 0).status != E.OK:
+                raise RuntimeError("STREAM_START failed")
+            time.sleep(seconds)
+            comp = d.cmd(E.OP_STREAM_STOP, 1)
+            out[chunk] = (time.perf_counter() - t0) / max(comp.result0, 1) * 1e6
+    finally:
+        rig.close()
+    return out
+
+
+def bench_audit(seconds: float) -> dict[str, Figure]:
+    out: dict[str, Figure] = {}
+    base = _chunk_us(False, True, AUDIT_CHUNKS, seconds)
+    with_file = _chunk_us(True, True, AUDIT_CHUNKS, seconds)
+    for chunk in AUDIT_CHUNKS:
+        name = f"{chunk}b" if chunk < KiB else f"{chunk // KiB}k"
+        out[f"audit_file_{name}"] = figure(with_file[chunk], base[chunk], "us/access",
+                                           "<= 1.5x")
+    unsealed = _chunk_us(False, False, AUDIT_CHUNKS[1:], seconds)
+    for chunk in AUDIT_CHUNKS[1:]:
+        out[f"unsealed_{chunk // KiB}k"] = figure(unsealed[chunk], base[chunk], "us/access",
+                                                  "-")
     return out
 
 
@@ -285,6 +333,7 @@ def bench_mmio(artifacts: Path, kernel: str, n: int) -> dict[str, Figure]:
 def run(args: argparse.Namespace) -> dict[str, Figure]:
     out: dict[str, Figure] = {}
     out.update(bench_stream(args.ram_mib * MiB, args.seconds))
+    out.update(bench_audit(args.seconds))
     out.update(bench_revoke(args.revokes))
     if not args.no_guest:
         try:

@@ -126,20 +126,27 @@ class AuditLog:
                 self._write_unwritten()
 
     def _write_unwritten(self) -> None:
-        """Format the pending entries and append them to the file."""
+        """Format the pending entries and append them to the file (one write)."""
         assert self._file is not None
+        out: list[str] = []
+        end = self._file_end
+        index_seq, index_off = self._index_seq, self._index_off
         for entry in self._unwritten:
-            if not self._to_file:
-                break
+            seq0 = entry[0]
             if len(entry) == 3:
-                lines = [json.dumps(entry[2], separators=(",", ":")) + "\n"]
+                text = json.dumps(entry[2], separators=(",", ":")) + "\n"
+                lines = None
+            elif entry[1] == 1:  # a one-page run: the usual entry of small accesses
+                text = _LINE % (entry[2], entry[3], entry[4], (entry[5][0] & ~PAGE_MASK)
+                                + entry[6], entry[7], entry[9], entry[10], seq0, entry[11])
+                lines = None
             else:
                 lines = _run_lines(entry)
-            seq0 = entry[0]
-            text = "".join(lines)
-            room = self._file_max - MARKER_RESERVE - self._file_end
+                text = "".join(lines)
+            room = self._file_max - MARKER_RESERVE - end
             cut = -1
-            if len(text) > room:  # the bound: keep the lines that fit
+            if len(text) > room:  # the bound: keep the lines that fit, then the marker
+                lines = lines or [text]
                 cut = 0
                 while cut < len(lines) and len(lines[cut]) <= room:
                     room -= len(lines[cut])
@@ -147,16 +154,26 @@ class AuditLog:
                 lines = lines[:cut]
                 text = "".join(lines)
             k = (1 - seq0) % INDEX_EVERY  # first record of the entry with seq % E == 1
-            if k < len(lines):
-                off = self._file_end + sum(len(x) for x in lines[:k])
+            if lines is None:
+                if not k:
+                    index_seq.append(seq0)
+                    index_off.append(end)
+            elif k < len(lines):
+                off = end + sum(len(x) for x in lines[:k])
                 for j in range(k, len(lines), INDEX_EVERY):
-                    self._index_seq.append(seq0 + j)
-                    self._index_off.append(off)
+                    index_seq.append(seq0 + j)
+                    index_off.append(off)
                     off += sum(len(x) for x in lines[j:j + INDEX_EVERY])
-            self._file.write(text)
-            self._file_end += len(text)
+            out.append(text)
+            end += len(text)
             if cut >= 0:
+                self._file.write("".join(out))
+                self._file_end = end
                 self._write_marker(seq0 + cut)
+                break
+        else:
+            self._file.write("".join(out))
+            self._file_end = end
         self._unwritten.clear()
         self._unwritten_records = 0
 
@@ -391,6 +408,10 @@ def _run_records(entry: Entry, since: int, limit: int) -> Iterator[Record]:
         limit -= 1
         yield {"kind": "access", "region": rid, "inst": inst, "page": page0 + i, "gpa": gpa,
                "len": length, "dir": d, "gen": gen, "seq": seq, "t": t}
+
+
+_LINE = ('{"kind":"access","region":%d,"inst":%d,"page":%d,"gpa":%d,"len":%d,"dir":"%s",'
+         '"gen":%d,"seq":%d,"t":%d}\n')
 
 
 def _run_lines(entry: Entry) -> list[str]:

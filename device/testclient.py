@@ -375,10 +375,10 @@ class Rig:
     """A running server, guest RAM, a connected client after bring-up and a driver."""
 
     def __init__(self, ram_size: int = 64 << 20, audit: bool = False, enable: bool = True,
-                 entries: int = 64, irq: str = "msix") -> None:
+                 entries: int = 64, irq: str = "msix", seal: bool = True) -> None:
         self.server = LocalServer(audit, irq)
         self.device = self.server.device
-        self.ram = GuestRam(ram_size)
+        self.ram = GuestRam(ram_size, seal)
         self.client = self.server.client()
         self.client.bring_up(self.ram)
         self.driver = Driver(self.client, self.ram, entries=entries)
