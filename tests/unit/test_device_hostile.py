@@ -22,7 +22,7 @@ import unittest
 
 from pinlab.device import protocol as P
 from pinlab.device.engine import OP_CREATE_REGION, OP_MAP_PAGES, OP_NOP, OP_STREAM_START, SQE
-from pinlab.device.limits import MAX_DMA_MAPS, MAX_JSON_DEPTH
+from pinlab.device.limits import MAX_CONTROL_CLIENTS, MAX_DMA_MAPS, MAX_JSON_DEPTH
 from pinlab.device.pci import MSIX_CAP
 from pinlab.device.testclient import (
     DeviceProcess,
@@ -241,6 +241,39 @@ class NestingTest(HostileTestBase):
                     self.assertIn("nested", rep["error"]["desc"])  # type: ignore[index]
             q.execute("query-status")  # the reader thread still serves this client
         self.assert_alive()
+
+
+class ControlClientsTest(HostileTestBase):
+    """Bound: control clients at once (each costs two threads)."""
+
+    def test_control_clients_are_bounded(self) -> None:
+        clients = [self.dev.qmp(5.0) for _ in range(MAX_CONTROL_CLIENTS)]
+        try:
+            s = socket.socket(socket.AF_UNIX)
+            s.settimeout(5.0)
+            s.connect(self.dev.control_path)
+            with s:
+                data = s.recv(4096)
+                self.assertIn(b"too many control clients", data)
+                self.assertEqual(s.recv(4096), b"")  # and hung up
+            clients.pop().close()
+            self.wait_for_room()  # the server notices the hang-up, then has room again
+        finally:
+            for q in clients:
+                q.close()
+        self.wait_for_room()
+        self.assert_alive()
+
+    def wait_for_room(self) -> None:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with self.dev.qmp(1.0) as q:
+                    q.execute("query-status")
+                return
+            except (AssertionError, OSError):
+                self.assertLess(time.monotonic(), deadline, "no room for a control client")
+                time.sleep(0.05)
 
 
 class SpecTest(HostileTestBase):
