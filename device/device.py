@@ -12,7 +12,7 @@ from .audit import AuditLog
 from .engine import Engine
 from .faults import Faults
 from .irq import IrqTable
-from .limits import AUDIT_FILE_MAX, MAX_DMA_MAPS
+from .limits import AUDIT_FILE_MAX, MAX_DMA_MAPS, MAX_FD_DMA_MAPS
 from .memory import GuestMemory
 from .pci import PciFunction, check_irq_mode
 
@@ -62,7 +62,8 @@ class Device:
         self.fail_client: Callable[[str], None] | None = None
         self.mappings_lost = 0
         self._lost_reported = -1
-        self.memory = GuestMemory(MAX_DMA_MAPS, on_lost=self._mapping_lost)
+        self.memory = GuestMemory(MAX_DMA_MAPS, on_lost=self._mapping_lost,
+                                  max_fd_maps=MAX_FD_DMA_MAPS)
         self.irq = IrqTable(irq)
         self.faults = Faults()
         self.audit = AuditLog(audit_path, on_violation=lambda r: self.events.emit("VIOLATION", r),

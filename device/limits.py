@@ -10,6 +10,8 @@ import re
 
 # vfio-user: DMA maps per connection; equal to the max_dma_maps we advertise (ENOSPC)
 MAX_DMA_MAPS = 65535
+# ... of which with an fd: each is an mmap (a VMA) or a kept fd (ENOSPC beyond)
+MAX_FD_DMA_MAPS = 1024
 # vfio-user: a client that does not read its replies (or stalls inside a message) for this
 # long is disconnected; unread replies are thus bounded by the socket buffer
 MESSAGE_TIMEOUT = 10.0

@@ -81,6 +81,7 @@ class Mapping:
     mm: mmap.mmap | None
     words: np.ndarray | None = None  # the mapping as uint64 words (sealed writable maps)
     fd: int | None = None  # unsealed mapping: the client's fd, accessed with pread/pwrite
+    had_fd: bool = False  # DMA_MAP came with an fd (counted against max_fd_maps)
 
     @property
     def end(self) -> int:
@@ -133,14 +134,19 @@ class GuestMemory:
     """Map table with translation. Thread-safe; ``lock`` serialises accesses and unmaps.
 
     Maps never overlap (a DMA_MAP over an existing one is refused with EEXIST) and there
-    are at most ``max_maps`` of them (ENOSPC beyond: the ``max_dma_maps`` we advertise).
+    are at most ``max_maps`` of them (ENOSPC beyond: the ``max_dma_maps`` we advertise),
+    of which at most ``max_fd_maps`` with an fd (each costs an mmap or a kept fd: the
+    process's VMA and fd limits must stay out of a client's reach).
     ``on_lost(why)`` is called (under ``lock``; it must not block) when an access finds
     that the file behind a mapping shrank."""
 
     def __init__(self, max_maps: int = 65535,
-                 on_lost: Callable[[str], None] | None = None) -> None:
+                 on_lost: Callable[[str], None] | None = None,
+                 max_fd_maps: int = 1024) -> None:
         self.lock = threading.RLock()
         self.max_maps = max_maps
+        self.max_fd_maps = max_fd_maps
+        self._fd_maps = 0  # maps created with an fd
         self.on_lost = on_lost
         self._maps: list[Mapping] = []  # sorted by iova, never overlapping
         self._starts: list[int] = []  # the iova of each entry of _maps
@@ -159,6 +165,8 @@ class GuestMemory:
                 raise _errno_error(errno.EINVAL, f"DMA_MAP range {iova:#x}+{size:#x}")
             with self.lock:
                 self._check_free(iova, size)
+                if fd is not None and self._fd_maps >= self.max_fd_maps:
+                    raise _errno_error(errno.ENOSPC, f"{self.max_fd_maps} DMA maps with an fd")
             mm: mmap.mmap | None = None
             if fd is not None:
                 sealed = _validate_fd(fd, size, flags, offset)
@@ -173,7 +181,8 @@ class GuestMemory:
                         mm.close()
                         mm = None
                         keep_fd = True
-            m = Mapping(iova, size, flags, offset, mm, fd=fd if keep_fd else None)
+            m = Mapping(iova, size, flags, offset, mm, fd=fd if keep_fd else None,
+                        had_fd=fd is not None)
             if mm is not None and flags & WRITE and size % 8 == 0 and iova % 8 == 0:
                 m.words = np.frombuffer(mm, dtype=np.uint64)
             with self.lock:
@@ -181,6 +190,7 @@ class GuestMemory:
                 i = bisect.bisect_left(self._starts, iova)
                 self._maps.insert(i, m)
                 self._starts.insert(i, iova)
+                self._fd_maps += m.had_fd
                 self._last = None
             return m
         except BaseException:
@@ -230,6 +240,7 @@ class GuestMemory:
     def _drop(self, maps: list[Mapping]) -> None:
         self._last = None
         for m in maps:
+            self._fd_maps -= m.had_fd
             m.words = None  # the only long-lived buffer export of m.mm
             if m.mm is not None:
                 try:

@@ -22,7 +22,12 @@ import unittest
 
 from pinlab.device import protocol as P
 from pinlab.device.engine import OP_CREATE_REGION, OP_MAP_PAGES, OP_NOP, OP_STREAM_START, SQE
-from pinlab.device.limits import MAX_CONTROL_CLIENTS, MAX_DMA_MAPS, MAX_JSON_DEPTH
+from pinlab.device.limits import (
+    MAX_CONTROL_CLIENTS,
+    MAX_DMA_MAPS,
+    MAX_FD_DMA_MAPS,
+    MAX_JSON_DEPTH,
+)
 from pinlab.device.pci import MSIX_CAP
 from pinlab.device.testclient import (
     DeviceProcess,
@@ -215,6 +220,17 @@ class DmaMapLimitTest(HostileTestBase):
         self.assertLessEqual(len(st["dma_maps"]), 64)  # type: ignore[index]
         self.c.dma_unmap(0, 0, P.DMA_UNMAP_FLAG_ALL)
         self.c.dma_map(0, 4096, 3)  # room again
+        self.assert_alive()
+
+    def test_maps_with_an_fd_are_bounded(self) -> None:
+        self.c.version()
+        for i in range(MAX_FD_DMA_MAPS):  # each is an mmap: VMAs are a process resource
+            self.c.dma_map(i << 16, 4096, 3, 0, self.ram.dup_fd())
+        self.assertErrno(errno.ENOSPC, self.c.dma_map, MAX_FD_DMA_MAPS << 16, 4096, 3, 0,
+                         self.ram.dup_fd())
+        self.c.dma_map(1 << 40, 4096, 3)  # fd-less maps still fit
+        self.c.dma_unmap(0, 1 << 16)
+        self.c.dma_map(0, 4096, 3, 0, self.ram.dup_fd())  # room again after an unmap
         self.assert_alive()
 
 
