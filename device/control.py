@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import queue
-import select
 import socket
 import threading
 import time
@@ -28,7 +27,7 @@ from .limits import (
     JsonDepthError,
     check_json_depth,
 )
-from .sockets import listen_unix, remove_socket
+from .sockets import listen_unix, readable, remove_socket
 
 log = logging.getLogger("pinlab.device.control")
 
@@ -240,10 +239,10 @@ class ControlServer:
 
     def _accept_loop(self) -> None:
         while not self._stopping:
-            r, _, _ = select.select([self.sock, self._wake_r], [], [])
+            r = readable([self.sock.fileno(), self._wake_r])
             if self._stopping:
                 break
-            if self.sock in r:
+            if self.sock.fileno() in r:
                 try:
                     conn, _ = self.sock.accept()
                 except OSError:

@@ -7,7 +7,6 @@ import errno
 import json
 import logging
 import os
-import select
 import socket
 import threading
 from collections.abc import Callable
@@ -16,7 +15,7 @@ from . import protocol as P
 from .device import Device
 from .limits import MESSAGE_TIMEOUT, JsonDepthError, check_json_depth
 from .protocol import Message, MessageError, ProtocolError
-from .sockets import listen_unix, remove_socket
+from .sockets import listen_unix, readable, remove_socket
 
 log = logging.getLogger("pinlab.device.server")
 
@@ -261,8 +260,7 @@ class VfioUserServer:
             conn.shutdown(socket.SHUT_RDWR)
 
     def _wait_readable(self, sock: socket.socket) -> bool:
-        r, _, _ = select.select([sock, self._wake_r], [], [])
-        return not self._stopping and sock in r
+        return not self._stopping and sock.fileno() in readable([sock.fileno(), self._wake_r])
 
     def serve_forever(self) -> None:
         while not self._stopping:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import select
 import socket
 import stat
 
@@ -41,17 +42,35 @@ def remove_socket(path: str, ident: tuple[int, int] | None = None) -> None:
 
 def listen_unix(path: str, backlog: int) -> tuple[socket.socket, tuple[int, int]]:
     """A listening Unix stream socket at ``path``, mode 0600, in a private directory
-    (:func:`private_dir`), replacing a stale *socket* only. Returns the socket and its
-    (st_dev, st_ino) for :func:`remove_socket`. Raises OSError."""
-    private_dir(os.path.dirname(os.path.abspath(path)))
+    (:func:`private_dir`), replacing a stale *socket* only. The socket is bound, listening
+    and 0600 under a temporary name first, then renamed to ``path``: once ``path`` exists
+    it accepts connections. Returns the socket and its (st_dev, st_ino) for
+    :func:`remove_socket`. Raises OSError."""
+    d = os.path.dirname(os.path.abspath(path))
+    private_dir(d)
     remove_socket(path)
+    tmp = os.path.join(d, f".{os.path.basename(path)[:40]}.{os.getpid()}")
+    remove_socket(tmp)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.bind(path)
-        os.chmod(path, 0o600)  # the directory keeps others out until then
-        st = os.lstat(path)
+        sock.bind(tmp)
+        os.chmod(tmp, 0o600)  # the directory keeps others out until then
         sock.listen(backlog)
+        st = os.lstat(tmp)
+        os.rename(tmp, path)
     except BaseException:
         sock.close()
+        with contextlib.suppress(OSError):
+            remove_socket(tmp)
         raise
     return sock, (st.st_dev, st.st_ino)
+
+
+def readable(fds: list[int], timeout: float | None = None) -> set[int]:
+    """The fds of ``fds`` that are readable (or hung up) within ``timeout`` seconds (None:
+    wait). poll(2), not select(2): fd numbers past 1023 are fine."""
+    p = select.poll()
+    for fd in fds:
+        p.register(fd, select.POLLIN)
+    events = p.poll(None if timeout is None else timeout * 1000)
+    return {fd for fd, _ in events}

@@ -14,7 +14,6 @@ import fcntl
 import json
 import mmap
 import os
-import select
 import shutil
 import socket
 import struct
@@ -30,6 +29,7 @@ from .device import Device
 from .engine import CQE_SIZE, EQE_SIZE, SQE, SQE_SIZE
 from .pci import MSI_CAP, MSIX_CAP
 from .server import VfioUserServer
+from .sockets import readable
 
 QEMU_VERSION_JSON = (
     b'{"capabilities": {"pgsizes": 4096, "max_msg_fds": 16, "max_dma_maps": 65535, '
@@ -120,8 +120,7 @@ class VfioUserClient:
         return rep.payload
 
     def readable(self, timeout: float = 0.0) -> bool:
-        r, _, _ = select.select([self.sock], [], [], timeout)
-        return bool(r)
+        return bool(readable([self.sock.fileno()], timeout))
 
     # --- commands -------------------------------------------------------------------
     def version(self, body: bytes = QEMU_VERSION_JSON) -> dict[str, object]:
@@ -134,8 +133,13 @@ class VfioUserClient:
 
     def dma_map(self, iova: int, size: int, flags: int = 3, offset: int = 0,
                 fd: int | None = None) -> None:
-        self.request(P.DMA_MAP, P.DMA_MAP_S.pack(32, flags, offset, iova, size),
-                     [fd] if fd is not None else None)
+        """DMA_MAP; takes ownership of ``fd`` (closed once sent: pass a dup)."""
+        try:
+            self.request(P.DMA_MAP, P.DMA_MAP_S.pack(32, flags, offset, iova, size),
+                         [fd] if fd is not None else None)
+        finally:
+            if fd is not None:
+                os.close(fd)
 
     def dma_unmap(self, iova: int, size: int, flags: int = 0) -> bytes:
         return self.request(P.DMA_UNMAP, P.DMA_UNMAP_S.pack(24, flags, iova, size))
@@ -361,8 +365,8 @@ class LocalServer:
         self.server.start()
         self.control.start()
 
-    def client(self) -> VfioUserClient:
-        return VfioUserClient(self.path)
+    def client(self, timeout: float = 10.0) -> VfioUserClient:
+        return VfioUserClient(self.path, timeout)
 
     def close(self) -> None:
         self.server.stop()

@@ -33,6 +33,8 @@ from pinlab.device.testclient import (
     DeviceProcess,
     Driver,
     GuestRam,
+    LocalServer,
+    QmpLine,
     VfioUserClient,
     VfioUserError,
 )
@@ -292,6 +294,26 @@ class ControlClientsTest(HostileTestBase):
                 time.sleep(0.05)
 
 
+class HighFdTest(unittest.TestCase):
+    """The device holds up to 1024 map fds: its own fds then pass 1023 (select's limit)."""
+
+    def test_fds_past_1023_are_served(self) -> None:
+        null = os.open("/dev/null", os.O_RDONLY)
+        filler = [os.dup(null) for _ in range(1100)]
+        srv = LocalServer()  # its sockets and pipes get fd numbers past 1023
+        try:
+            self.assertGreater(srv.server.sock.fileno(), 1023)
+            with srv.client(5.0) as c:
+                c.version()
+                self.assertEqual(c.get_info()[2], 9)
+            with QmpLine(srv.control_path, 5.0) as q:
+                q.execute("query-status")
+        finally:
+            srv.close()
+            for fd in [*filler, null]:
+                os.close(fd)
+
+
 class SpecTest(HostileTestBase):
     """Input 6: vfio-user error codes where the specification is strict."""
 
@@ -317,11 +339,12 @@ class SpecTest(HostileTestBase):
         tmp.flush()
         ro = os.open(tmp.name, os.O_RDONLY)
         rw = os.open(tmp.name, os.O_RDWR)
+        null = os.open("/dev/null", os.O_RDONLY)
         try:
             cases = [
                 ("pipe", errno.EINVAL, 3, 0, 0x1000, r),
                 ("socket", errno.EINVAL, 3, 0, 0x1000, s1.fileno()),
-                ("/dev/null", errno.EINVAL, 1, 0, 0x1000, os.open("/dev/null", os.O_RDONLY)),
+                ("/dev/null", errno.EINVAL, 1, 0, 0x1000, null),
                 ("read-only file, write flag", errno.EACCES, 3, 0, 0x1000, ro),
                 ("offset past EOF", errno.EINVAL, 3, 0x8000, 0x1000, rw),
                 ("range past EOF", errno.EINVAL, 3, 0, 0x8000, rw),
@@ -329,11 +352,11 @@ class SpecTest(HostileTestBase):
             for i, (name, err, flags, offset, size, fd) in enumerate(cases):
                 with self.subTest(name):
                     self.assertErrno(err, self.c.dma_map, (i + 1) << 24, size, flags, offset,
-                                     fd)
+                                     os.dup(fd))
             self.assertEqual(self.dev.status()["dma_map_count"], 0)
-            self.c.dma_map(1 << 30, 0x1000, 1, 0, ro)  # what the fd allows is accepted
+            self.c.dma_map(1 << 30, 0x1000, 1, 0, os.dup(ro))  # what the fd allows: accepted
         finally:
-            for fd in (r, w, ro, rw):
+            for fd in (r, w, ro, rw, null):
                 os.close(fd)
             s1.close()
             s2.close()
