@@ -27,6 +27,7 @@ from pinlab.device.limits import (
     MAX_DMA_MAPS,
     MAX_FD_DMA_MAPS,
     MAX_JSON_DEPTH,
+    MESSAGE_TIMEOUT,
 )
 from pinlab.device.pci import MSIX_CAP
 from pinlab.device.testclient import (
@@ -258,6 +259,29 @@ class NestingTest(HostileTestBase):
                     self.assertIn("error", rep)
                     self.assertIn("nested", rep["error"]["desc"])  # type: ignore[index]
             q.execute("query-status")  # the reader thread still serves this client
+        self.assert_alive()
+
+
+class UnreadRepliesTest(HostileTestBase):
+    """Bound: a client that never reads its replies is disconnected (MESSAGE_TIMEOUT)."""
+
+    def test_client_that_reads_nothing_is_disconnected(self) -> None:
+        self.c.version()
+        req = P.pack(1, P.REGION_READ, 0, P.REGION_RW_S.pack(0, P.PCI_CONFIG, 4096))
+        self.c.sock.setblocking(False)
+        sent = 0
+        try:
+            while True:  # until both socket buffers are full of replies and requests
+                self.c.sock.send(req)
+                sent += 1
+        except BlockingIOError:
+            pass
+        self.assertGreater(sent, 10)
+        deadline = time.monotonic() + MESSAGE_TIMEOUT + 30
+        while self.dev.status()["connected"]:
+            self.assertLess(time.monotonic(), deadline, "stalled client never disconnected")
+            time.sleep(0.5)
+        self.assertIn("closing connection", self.dev.log())
         self.assert_alive()
 
 
