@@ -63,13 +63,11 @@ class HostileTestBase(unittest.TestCase):
 
     def setUp(self) -> None:
         self.dev = DeviceProcess(self.extra)
+        self.addCleanup(self.dev.close)  # also when setUp fails below: no process left
         self.ram = GuestRam(4 << 20)
+        self.addCleanup(self.ram.close)
         self.c = self.dev.client(5.0)
-
-    def tearDown(self) -> None:
-        self.c.close()
-        self.dev.close()
-        self.ram.close()
+        self.addCleanup(lambda: self.c.close())
 
     def assertErrno(self, err: int, fn, *args, **kw) -> None:  # noqa: N802
         with self.assertRaises(VfioUserError) as cm:
