@@ -104,42 +104,56 @@ def bench_stream(ram_size: int, seconds: float) -> dict[str, Figure]:
 AUDIT_CHUNKS = (8, 4 * KiB, 64 * KiB)
 
 
-def _chunk_us(audit: bool, seal: bool, chunks: tuple[int, ...], seconds: float
-              ) -> dict[int, float]:
-    """Microseconds per stream chunk (one audited access each), per chunk size."""
-    rig = Rig(ram_size=64 * MiB, audit=audit, seal=seal)
-    out: dict[int, float] = {}
-    try:
-        d = rig.driver
-        npages = 1024  # 4 MiB span
-        if d.cmd(E.OP_CREATE_REGION, 1, npages, 1).status != E.OK:
+class _StreamRig:
+    """A rig with one 4 MiB writable region mapped, ready to stream."""
+
+    NPAGES = 1024
+
+    def __init__(self, audit: bool, seal: bool) -> None:
+        self.rig = Rig(ram_size=64 * MiB, audit=audit, seal=seal)
+        d = self.rig.driver
+        if d.cmd(E.OP_CREATE_REGION, 1, self.NPAGES, 1).status != E.OK:
             raise RuntimeError("CREATE_REGION failed")
-        if rig.map_pages(1, 0, rig.pages(npages)).status != E.OK:
+        if self.rig.map_pages(1, 0, self.rig.pages(self.NPAGES)).status != E.OK:
             raise RuntimeError("MAP_PAGES failed")
-        for chunk in chunks:
-            t0 = time.perf_counter()
-            if d.cmd(E.OP_STREAM_START, 1, 0, npages * 4096, 1, chunk, 0).status != E.OK:
-                raise RuntimeError("STREAM_START failed")
-            time.sleep(seconds)
-            comp = d.cmd(E.OP_STREAM_STOP, 1)
-            out[chunk] = (time.perf_counter() - t0) / max(comp.result0, 1) * 1e6
+
+    def chunk_us(self, chunk: int, seconds: float) -> float:
+        """Microseconds per stream chunk (one audited access)."""
+        d = self.rig.driver
+        t0 = time.perf_counter()
+        if d.cmd(E.OP_STREAM_START, 1, 0, self.NPAGES * 4096, 1, chunk, 0).status != E.OK:
+            raise RuntimeError("STREAM_START failed")
+        time.sleep(seconds)
+        comp = d.cmd(E.OP_STREAM_STOP, 1)
+        return (time.perf_counter() - t0) / max(comp.result0, 1) * 1e6
+
+
+def bench_audit(seconds: float, rounds: int = 3) -> dict[str, Figure]:
+    """Three devices side by side (in-memory audit only, audit file, unsealed RAM with
+    the in-memory audit), measured in turns, ``rounds`` times: the best of each is kept,
+    so load from other processes shifts them all alike."""
+    rigs = {"base": _StreamRig(False, True), "file": _StreamRig(True, True),
+            "unsealed": _StreamRig(False, False)}
+    best: dict[tuple[str, int], float] = {}
+    try:
+        for _ in range(rounds):
+            for chunk in AUDIT_CHUNKS:
+                for name, r in rigs.items():
+                    if name == "unsealed" and chunk < KiB:
+                        continue
+                    us = r.chunk_us(chunk, seconds)
+                    best[name, chunk] = min(best.get((name, chunk), us), us)
     finally:
-        rig.close()
-    return out
-
-
-def bench_audit(seconds: float) -> dict[str, Figure]:
+        for r in rigs.values():
+            r.rig.close()
     out: dict[str, Figure] = {}
-    base = _chunk_us(False, True, AUDIT_CHUNKS, seconds)
-    with_file = _chunk_us(True, True, AUDIT_CHUNKS, seconds)
     for chunk in AUDIT_CHUNKS:
         name = f"{chunk}b" if chunk < KiB else f"{chunk // KiB}k"
-        out[f"audit_file_{name}"] = figure(with_file[chunk], base[chunk], "us/access",
-                                           "<= 1.5x")
-    unsealed = _chunk_us(False, False, AUDIT_CHUNKS[1:], seconds)
+        out[f"audit_file_{name}"] = figure(best["file", chunk], best["base", chunk],
+                                           "us/access", "<= 1.5x")
     for chunk in AUDIT_CHUNKS[1:]:
-        out[f"unsealed_{chunk // KiB}k"] = figure(unsealed[chunk], base[chunk], "us/access",
-                                                  "-")
+        out[f"unsealed_{chunk // KiB}k"] = figure(best["unsealed", chunk],
+                                                  best["base", chunk], "us/access", "-")
     return out
 
 
