@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 from . import protocol as P
 from .device import Device
-from .limits import MESSAGE_TIMEOUT, JsonDepthError, check_json_depth
+from .limits import MESSAGE_TIMEOUT, check_json_depth
 from .protocol import Message, MessageError, ProtocolError
 from .sockets import listen_unix, readable, remove_socket
 
@@ -81,9 +81,7 @@ class Session:
             raw = text[:-1].decode()
             check_json_depth(raw)
             body = json.loads(raw or "{}")
-        except JsonDepthError as exc:
-            raise MessageError(errno.EINVAL, f"VERSION JSON: {exc}") from exc
-        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JsonDepthError too
             raise MessageError(errno.EINVAL, f"VERSION JSON: {exc}") from exc
         if not isinstance(body, dict):
             raise MessageError(errno.EINVAL, "VERSION JSON is not an object")
