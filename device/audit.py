@@ -126,9 +126,9 @@ class AuditLog:
                 self._write_unwritten()
 
     def _write_unwritten(self) -> None:
-        """Format the pending entries and append them to the file (one write)."""
+        """Format the pending entries and append them to the (buffered) file."""
         assert self._file is not None
-        out: list[str] = []
+        write = self._file.write
         end = self._file_end
         index_seq, index_off = self._index_seq, self._index_off
         for entry in self._unwritten:
@@ -164,15 +164,13 @@ class AuditLog:
                     index_seq.append(seq0 + j)
                     index_off.append(off)
                     off += sum(len(x) for x in lines[j:j + INDEX_EVERY])
-            out.append(text)
+            write(text)
             end += len(text)
             if cut >= 0:
-                self._file.write("".join(out))
                 self._file_end = end
                 self._write_marker(seq0 + cut)
                 break
         else:
-            self._file.write("".join(out))
             self._file_end = end
         self._unwritten.clear()
         self._unwritten_records = 0
