@@ -7,6 +7,11 @@ acknowledged (until it is re-mapped) or to any page of a destroyed region.
 
 Memory is bounded: the newest records live in a ring; every record is also appended to a
 JSONL file when one is given. Violations are additionally kept in their own bounded list.
+The file is bounded too (``file_max`` bytes, :data:`~pinlab.device.limits.AUDIT_FILE_MAX`
+by default): the record that would pass the bound is replaced by one ``"kind":
+"truncated"`` line (its ``seq`` is the first record not written) and nothing more is
+written; the in-memory ring, the counters and the violations carry on. The file is
+created 0600 and never through a symlink (O_NOFOLLOW).
 
 Hot path: the engine records the pages of one DMA chunk with one :meth:`AuditLog.access_run`
 call. When no page of the run can be a violation (the usual case, checked with one
@@ -20,11 +25,15 @@ from __future__ import annotations
 
 import bisect
 import json
+import os
+import stat
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import IO, Any
+
+from .limits import AUDIT_FILE_MAX
 
 Record = dict[str, Any]
 # A ring entry: (seq, 1, record) for a record kept as a dict, or an access run
@@ -36,6 +45,21 @@ PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
 PAGE_MASK = PAGE_SIZE - 1
 FILE_BATCH = 4096  # records formatted and written to the JSONL file at once
+MARKER_RESERVE = 512  # bytes kept free below the file bound for the "truncated" line
+
+
+def open_audit_file(path: str) -> IO[str]:
+    """Open ``path`` for appending: created 0600, never through a symlink, regular files
+    only. Raises OSError (ELOOP for a symlink, EINVAL for a non-regular file)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(22, "audit log is not a regular file", path)
+        return os.fdopen(fd, "a", buffering=1 << 20)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 class RegionTrack:
@@ -56,15 +80,22 @@ INDEX_EVERY = 1024
 
 class AuditLog:
     def __init__(self, path: str | None = None, ring: int = 65536, max_violations: int = 10000,
-                 on_violation: Callable[[Record], None] | None = None) -> None:
+                 on_violation: Callable[[Record], None] | None = None,
+                 file_max: int = AUDIT_FILE_MAX) -> None:
         self._lock = threading.Lock()
         self._ring: deque[Entry] = deque()
         self._ring_max = ring
         self._ring_records = 0  # records in _ring (>= ring once full; runs are not split)
         self._violations: deque[Record] = deque(maxlen=max_violations)
         self._path = path
-        self._file: IO[str] | None = open(path, "a", buffering=1 << 20) if path else None  # noqa: SIM115
+        self._file: IO[str] | None = open_audit_file(path) if path else None
         self._file_start = self._file.tell() if self._file is not None else 0  # earlier runs
+        self._file_max = max(file_max, 2 * MARKER_RESERVE)
+        self._truncated_at = 0  # seq of the first record not written (0: none)
+        self._to_file = self._file is not None  # records still go to the file
+        if self._to_file and self._file_start + MARKER_RESERVE >= self._file_max:
+            self._to_file = False  # an earlier run filled it; its marker is already there
+            self._truncated_at = 1
         # entries not written to the file yet (written in batches of FILE_BATCH records)
         self._unwritten: list[Entry] = []
         self._unwritten_records = 0
@@ -88,33 +119,75 @@ class AuditLog:
         while self._ring_records - ring[0][1] >= self._ring_max:  # keep >= ring records
             self._ring_records -= ring.popleft()[1]
         self.counters["records"] += n
-        if self._file is not None:
+        if self._to_file:
             self._unwritten.append(entry)
             self._unwritten_records += n
             if self._unwritten_records >= FILE_BATCH:
                 self._write_unwritten()
 
     def _write_unwritten(self) -> None:
-        """Format the pending entries and append them to the file."""
+        """Format the pending entries and append them to the (buffered) file."""
         assert self._file is not None
+        write = self._file.write
+        end = self._file_end
+        index_seq, index_off = self._index_seq, self._index_off
         for entry in self._unwritten:
+            seq0 = entry[0]
             if len(entry) == 3:
-                lines = [json.dumps(entry[2], separators=(",", ":")) + "\n"]
+                text = json.dumps(entry[2], separators=(",", ":")) + "\n"
+                lines = None
+            elif entry[1] == 1:  # a one-page run: the usual entry of small accesses
+                text = _LINE % (entry[2], entry[3], entry[4], (entry[5][0] & ~PAGE_MASK)
+                                + entry[6], entry[7], entry[9], entry[10], seq0, entry[11])
+                lines = None
             else:
                 lines = _run_lines(entry)
-            seq0 = entry[0]
+                text = "".join(lines)
+            room = self._file_max - MARKER_RESERVE - end
+            cut = -1
+            if len(text) > room:  # the bound: keep the lines that fit, then the marker
+                lines = lines or [text]
+                cut = 0
+                while cut < len(lines) and len(lines[cut]) <= room:
+                    room -= len(lines[cut])
+                    cut += 1
+                lines = lines[:cut]
+                text = "".join(lines)
             k = (1 - seq0) % INDEX_EVERY  # first record of the entry with seq % E == 1
-            if k < len(lines):
-                off = self._file_end + sum(len(x) for x in lines[:k])
+            if lines is None:
+                if not k:
+                    index_seq.append(seq0)
+                    index_off.append(end)
+            elif k < len(lines):
+                off = end + sum(len(x) for x in lines[:k])
                 for j in range(k, len(lines), INDEX_EVERY):
-                    self._index_seq.append(seq0 + j)
-                    self._index_off.append(off)
+                    index_seq.append(seq0 + j)
+                    index_off.append(off)
                     off += sum(len(x) for x in lines[j:j + INDEX_EVERY])
-            text = "".join(lines)
-            self._file.write(text)
-            self._file_end += len(text)
+            write(text)
+            end += len(text)
+            if cut >= 0:
+                self._file_end = end
+                self._write_marker(seq0 + cut)
+                break
+        else:
+            self._file_end = end
         self._unwritten.clear()
         self._unwritten_records = 0
+
+    def _write_marker(self, seq: int) -> None:
+        """End the file with the "truncated" line; caller holds the lock."""
+        assert self._file is not None
+        line = json.dumps({"kind": "truncated", "seq": seq, "t": time.monotonic_ns(),
+                           "bytes": self._file_end, "file_max": self._file_max,
+                           "why": "audit file reached its bound; later records are only "
+                                  "in memory (query-audit, query-violations)"},
+                          separators=(",", ":")) + "\n"
+        self._file.write(line)
+        self._file.flush()
+        self._file_end += len(line)
+        self._to_file = False
+        self._truncated_at = seq
 
     def _emit(self, rec: Record) -> Record:
         """Append under the lock. Returns the record (with seq and t filled in)."""
@@ -208,7 +281,7 @@ class AuditLog:
                 while self._ring_records - ring[0][1] >= self._ring_max:
                     self._ring_records -= ring.popleft()[1]
                 c["records"] += n
-                if self._file is not None:
+                if self._to_file:
                     self._unwritten.append(entry)
                     self._unwritten_records += n
                     if self._unwritten_records >= FILE_BATCH:
@@ -281,7 +354,8 @@ class AuditLog:
         assert self._path is not None
         i = bisect.bisect_right(self._index_seq, since + 1) - 1  # last entry <= since+1
         start = self._index_off[i] if i >= 0 else self._file_start
-        with open(self._path) as f:
+        fd = os.open(self._path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        with os.fdopen(fd) as f:
             f.seek(start)
             for line in f:
                 rec = json.loads(line)
@@ -297,7 +371,9 @@ class AuditLog:
     def stats(self) -> dict[str, int]:
         with self._lock:
             first = self._ring[0][0] if self._ring else self._seq + 1
-            return {**self.counters, "last_seq": self._seq, "first_seq_in_memory": first}
+            return {**self.counters, "last_seq": self._seq, "first_seq_in_memory": first,
+                    "file_bytes": self._file_end - self._file_start if self._file else 0,
+                    "file_truncated_at": self._truncated_at}
 
     def flush(self) -> None:
         with self._lock:
@@ -336,6 +412,10 @@ def _run_records(entry: Entry, since: int, limit: int) -> Iterator[Record]:
         limit -= 1
         yield {"kind": "access", "region": rid, "inst": inst, "page": page0 + i, "gpa": gpa,
                "len": length, "dir": d, "gen": gen, "seq": seq, "t": t}
+
+
+_LINE = ('{"kind":"access","region":%d,"inst":%d,"page":%d,"gpa":%d,"len":%d,"dir":"%s",'
+         '"gen":%d,"seq":%d,"t":%d}\n')
 
 
 def _run_lines(entry: Entry) -> list[str]:

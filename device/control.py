@@ -12,7 +12,6 @@ import json
 import logging
 import os
 import queue
-import select
 import socket
 import threading
 import time
@@ -20,13 +19,21 @@ from collections.abc import Callable
 from typing import Any
 
 from .device import Device
-from .server import listen_unix
+from .limits import (
+    MAX_CONTROL_CLIENTS,
+    MAX_JSON_DEPTH,
+    MAX_QMP_INPUT,
+    MAX_QMP_QUEUE,
+    JsonDepthError,
+    check_json_depth,
+)
+from .sockets import listen_unix, readable, remove_socket
 
 log = logging.getLogger("pinlab.device.control")
 
 VERSION = {"qemu": {"major": 0, "minor": 1, "micro": 0}, "package": "pinlab-device"}
-MAX_BUFFER = 1 << 20
-EVENT_QUEUE = 10000
+MAX_BUFFER = MAX_QMP_INPUT
+EVENT_QUEUE = MAX_QMP_QUEUE
 DIE_EXIT_CODE = 99
 
 
@@ -99,18 +106,40 @@ class ControlClient:
         buf = ""
         self.send({"QMP": {"version": VERSION, "capabilities": []}})
         self.server.dev.events.subscribe(self.event)
+        skipping = False  # dropping the rest of a refused (too deep) line
         try:
             while not self.closed:
                 data = self.conn.recv(65536)
                 if not data:
                     break
-                buf += data.decode("utf-8", errors="replace")
+                text = data.decode("utf-8", errors="replace")
+                if skipping:
+                    if "\n" not in text:
+                        continue
+                    text = text.partition("\n")[2]
+                    skipping = False
+                buf += text
                 if len(buf) > MAX_BUFFER:
                     self.send({"error": {"class": "GenericError", "desc": "input too long"}})
                     buf = ""
+                try:
+                    check_json_depth(buf)
+                except JsonDepthError as exc:
+                    self.send({"error": {"class": "GenericError", "desc":
+                                         f"JSON nested deeper than {MAX_JSON_DEPTH} levels"}})
+                    # one error per offending command: drop input to the end of its line
+                    # (commands before it are lost with it: they were not complete JSON)
+                    rest = buf[exc.pos:]
+                    skipping = "\n" not in rest
+                    buf = "" if skipping else rest.partition("\n")[2]
                 while buf := buf.lstrip():
                     try:
                         obj, end = decoder.raw_decode(buf)
+                    except RecursionError:  # not reached after check_json_depth; still safe
+                        self.send({"error": {"class": "GenericError",
+                                             "desc": "JSON nested too deep"}})
+                        buf = ""
+                        break
                     except json.JSONDecodeError as exc:
                         if ((exc.pos >= len(buf) or exc.msg.startswith("Unterminated"))
                                 and "\n" not in buf[exc.pos:]):
@@ -155,15 +184,26 @@ class ControlClient:
             after()
 
 
+def _refuse(conn: socket.socket) -> None:
+    """Tell a client over the limit why, without waiting for it, and hang up."""
+    msg = {"error": {"class": "GenericError",
+                     "desc": f"too many control clients (at most {MAX_CONTROL_CLIENTS})"}}
+    with contextlib.suppress(OSError):
+        conn.setblocking(False)
+        conn.send(json.dumps(msg).encode() + b"\r\n")
+    conn.close()
+
+
 class ControlServer:
     def __init__(self, device: Device, path: str) -> None:
         self.dev = device
         self.path = path
-        self.sock = listen_unix(path, 8)
+        self.sock, self._ident = listen_unix(path, 8)
         self._lock = threading.Lock()
         self._clients: list[ControlClient] = []
         self._wake_r, self._wake_w = os.pipe()
         self._stopping = False
+        self.refused = 0  # connections refused: MAX_CONTROL_CLIENTS were connected
         self.thread = threading.Thread(target=self._accept_loop, name="qmp-accept", daemon=True)
         self.commands: dict[str, Callable[[dict[str, Any]], Any]] = {
             "query-status": self.query_status, "query-regions": self.query_regions,
@@ -182,8 +222,8 @@ class ControlServer:
         if self.thread.is_alive():
             self.thread.join(5)
         self.sock.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        with contextlib.suppress(OSError):
+            remove_socket(self.path, self._ident)
         with self._lock:
             clients = list(self._clients)
         for c in clients:
@@ -199,13 +239,19 @@ class ControlServer:
 
     def _accept_loop(self) -> None:
         while not self._stopping:
-            r, _, _ = select.select([self.sock, self._wake_r], [], [])
+            r = readable([self.sock.fileno(), self._wake_r])
             if self._stopping:
                 break
-            if self.sock in r:
+            if self.sock.fileno() in r:
                 try:
                     conn, _ = self.sock.accept()
                 except OSError:
+                    continue
+                with self._lock:
+                    full = len(self._clients) >= MAX_CONTROL_CLIENTS
+                if full:  # bounded: each client costs two threads
+                    self.refused += 1
+                    _refuse(conn)
                     continue
                 client = ControlClient(self, conn)
                 with self._lock:

@@ -12,12 +12,15 @@ from .audit import AuditLog
 from .engine import Engine
 from .faults import Faults
 from .irq import IrqTable
+from .limits import AUDIT_FILE_MAX, MAX_DMA_MAPS, MAX_FD_DMA_MAPS
 from .memory import GuestMemory
 from .pci import PciFunction, check_irq_mode
 
 log = logging.getLogger("pinlab.device")
 
 Listener = Callable[[str, dict[str, Any], float], None]
+# query-status lists at most this many DMA maps (``dma_map_count`` has them all)
+STATUS_MAPS = 64
 
 
 class EventHub:
@@ -51,17 +54,34 @@ class Device:
     """``irq``: ``"msix"`` (default, MSI-X capability + BAR2) or ``"msi"`` (MSI capability,
     no BAR2; QEMU 11.1's vfio-user-pci aborts on device_del of a device with MSI-X)."""
 
-    def __init__(self, audit_path: str | None = None, irq: str = "msix") -> None:
+    def __init__(self, audit_path: str | None = None, irq: str = "msix",
+                 audit_max: int = AUDIT_FILE_MAX) -> None:
         self.irq_mode = check_irq_mode(irq)
         self.events = EventHub()
-        self.memory = GuestMemory()
+        # set by the vfio-user server: disconnects the client (never blocks)
+        self.fail_client: Callable[[str], None] | None = None
+        self.mappings_lost = 0
+        self._lost_reported = -1
+        self.memory = GuestMemory(MAX_DMA_MAPS, on_lost=self._mapping_lost,
+                                  max_fd_maps=MAX_FD_DMA_MAPS)
         self.irq = IrqTable(irq)
         self.faults = Faults()
-        self.audit = AuditLog(audit_path, on_violation=lambda r: self.events.emit("VIOLATION", r))
+        self.audit = AuditLog(audit_path, on_violation=lambda r: self.events.emit("VIOLATION", r),
+                              file_max=audit_max)
         self.engine = Engine(self.memory, self.irq, self.audit, self.faults, self.events.emit)
         self.pci = PciFunction(self.engine.bar0_read, self.engine.bar0_write, irq)
         self.connections = 0
         self.connected = False
+
+    def _mapping_lost(self, why: str) -> None:
+        """A guest RAM file shrank under an access (GuestMemory holds its lock): fail the
+        connection; the accesses already fail with DMA_ERROR / a fatal device error."""
+        self.mappings_lost += 1
+        if self._lost_reported != self.connections:  # one event per connection
+            self._lost_reported = self.connections
+            self.events.emit("CLIENT_ERROR", {"reason": why})
+        if self.fail_client is not None:
+            self.fail_client(why)
 
     def reset(self, source: str) -> None:
         """DEVICE_RESET: the engine drops everything; config space is left to the client."""
@@ -85,11 +105,12 @@ class Device:
             "engine": self.engine.describe(),
             "regions": self.engine.region_list(), "streams": self.engine.stream_list(),
             "audit": self.audit.stats(), "faults": self.faults.as_dict(),
-            "dma_maps": self.memory.mappings(),
+            "dma_maps": self.memory.mappings(STATUS_MAPS), "dma_map_count": len(self.memory),
+            "mappings_lost": self.mappings_lost,
             "irq_mode": self.irq_mode,
             # "msix" describes the interrupt vectors of either mode (the name predates MSI)
             "msix": {"enabled": (self.pci.config.msix_enabled if self.irq_mode == "msix"
                                  else self.pci.config.msi_enabled),
                      "assigned": self.irq.assigned(self.irq.index),
-                     "triggered": list(self.irq.triggered), "no_fd": self.irq.dropped},
+                     "triggered": list(self.irq.triggered), **self.irq.counters()},
         }

@@ -13,6 +13,7 @@ from types import FrameType
 from .control import ControlServer
 from .device import Device
 from .engine import SWITCH_INTERVAL
+from .limits import AUDIT_FILE_MAX
 from .pci import IRQ_MODES
 from .server import VfioUserServer
 
@@ -22,7 +23,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 description="pinlab emulated PCI DMA engine (vfio-user server)")
     p.add_argument("--socket", required=True, help="vfio-user Unix socket path")
     p.add_argument("--control", required=True, help="QMP control Unix socket path")
-    p.add_argument("--audit", help="append every audit record to this JSONL file")
+    p.add_argument("--audit", help="append every audit record to this JSONL file (created "
+                                   "0600; a symlink is refused)")
+    p.add_argument("--audit-max-bytes", type=int, default=AUDIT_FILE_MAX, metavar="N",
+                   help="bound of the audit file: past it a 'truncated' record ends the file "
+                        f"(default {AUDIT_FILE_MAX})")
     p.add_argument("--irq", choices=IRQ_MODES, default="msix",
                    help="interrupt capability: MSI-X (default) or MSI (no BAR2; use it when "
                         "the device is hot-unplugged: QEMU 11.1 aborts on device_del of a "
@@ -43,7 +48,13 @@ def main(argv: list[str] | None = None) -> int:
         stop.set()
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    device = Device(args.audit, irq=args.irq)
+    try:
+        device = Device(args.audit, irq=args.irq, audit_max=args.audit_max_bytes)
+    except OSError as exc:
+        print(f"pinlab-device: --audit: {exc}", file=sys.stderr)
+        for s, h in old.items():
+            signal.signal(s, h)
+        return 1
     control: ControlServer | None = None
     server: VfioUserServer | None = None
     try:

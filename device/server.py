@@ -7,20 +7,24 @@ import errno
 import json
 import logging
 import os
-import select
 import socket
 import threading
 from collections.abc import Callable
 
 from . import protocol as P
 from .device import Device
+from .limits import MESSAGE_TIMEOUT, check_json_depth
 from .protocol import Message, MessageError, ProtocolError
+from .sockets import listen_unix, readable, remove_socket
 
 log = logging.getLogger("pinlab.device.server")
 
 Reply = tuple[bytes, list[int]]
-# mid-message reads: a client that stalls this long inside a message is disconnected
-MESSAGE_TIMEOUT = 10.0
+# VERSION capabilities we understand and the JSON type each must have (spec: "Version")
+CAPABILITY_TYPES: dict[str, type] = {
+    "max_msg_fds": int, "max_data_xfer_size": int, "pgsizes": int, "max_dma_maps": int,
+    "migration": dict, "twin_socket": dict, "write_multiple": bool,
+}
 
 
 def version_reply_json() -> bytes:
@@ -74,17 +78,24 @@ class Session:
         if not text.endswith(b"\0"):
             raise MessageError(errno.EINVAL, "VERSION JSON not NUL-terminated")
         try:
-            body = json.loads(text[:-1].decode() or "{}")
-        except (UnicodeDecodeError, ValueError) as exc:
+            raw = text[:-1].decode()
+            check_json_depth(raw)
+            body = json.loads(raw or "{}")
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JsonDepthError too
             raise MessageError(errno.EINVAL, f"VERSION JSON: {exc}") from exc
         if not isinstance(body, dict):
             raise MessageError(errno.EINVAL, "VERSION JSON is not an object")
+        check_capabilities(body)
         log.info("client version %d.%d %s", major, minor, body)
-        payload = (0).to_bytes(2, "little") * 2 + version_reply_json()
-        if P.HDR_SIZE + len(payload) > msg.size:  # P2: the reply must fit QEMU's buffer
-            payload = (0).to_bytes(2, "little") * 2 + b'{"capabilities":{}}\0'
-            if P.HDR_SIZE + len(payload) > msg.size:
-                raise MessageError(errno.EINVAL, "VERSION request too small for a reply")
+        # P2: the reply must fit QEMU's buffer (the request's size): the full capabilities,
+        # else none, else the minimal valid payload "{}" (a request can be no smaller)
+        head = (0).to_bytes(2, "little") * 2
+        for json_text in (version_reply_json(), b'{"capabilities":{}}\0', b"{}\0"):
+            payload = head + json_text
+            if P.HDR_SIZE + len(payload) <= msg.size:
+                break
+        else:
+            raise MessageError(errno.EINVAL, "VERSION request too small for a reply")
         self.negotiated = True
         return P.reply(msg, payload)
 
@@ -98,12 +109,14 @@ class Session:
             raise MessageError(errno.EINVAL, f"bad DMA_MAP flags={flags:#x} fds={len(fds)}")
         fd = fds[0] if fds else None
         try:
+            # fd-less and read-only maps are accepted (P8: QEMU never sends a RAM map we
+            # could refuse); an fd we cannot map, an overlap or one map too many is not
             self.dev.memory.map(iova, size, flags, offset, fd)
-        except (OSError, ValueError, OverflowError) as exc:
-            # P8: never fail a map; an unusable map is recorded without backing
-            log.warning("DMA_MAP %#x+%#x: cannot mmap fd (%s); kept without backing",
-                        iova, size, exc)
-            self.dev.memory.map(iova, size, flags, offset, None)
+        except OSError as exc:
+            raise MessageError(exc.errno or errno.EINVAL,
+                               f"DMA_MAP {iova:#x}+{size:#x}: {exc}") from exc
+        except (ValueError, OverflowError) as exc:
+            raise MessageError(errno.EINVAL, f"DMA_MAP {iova:#x}+{size:#x}: {exc}") from exc
         log.debug("DMA_MAP iova=%#x size=%#x flags=%d offset=%#x fd=%s", iova, size, flags,
                   offset, fd is not None)
         return P.reply(msg)
@@ -116,8 +129,10 @@ class Session:
             raise MessageError(errno.EINVAL, f"bad DMA_UNMAP flags={flags:#x}")
         if flags & P.DMA_UNMAP_FLAG_ALL:
             self.dev.memory.unmap_all()
-        else:
-            self.dev.memory.unmap(iova, size)
+        elif size == 0 or iova + size > 1 << 64:
+            raise MessageError(errno.EINVAL, f"DMA_UNMAP range {iova:#x}+{size:#x}")
+        elif not self.dev.memory.unmap(iova, size):
+            raise MessageError(errno.ENOENT, f"DMA_UNMAP {iova:#x}+{size:#x}: not mapped")
         return P.reply(msg, msg.payload)  # echo, as libvfio-user does
 
     def get_info(self, msg: Message) -> bytes:
@@ -185,14 +200,19 @@ class Session:
         return P.reply(msg)
 
 
-def listen_unix(path: str, backlog: int) -> socket.socket:
-    """A listening Unix stream socket at ``path``, replacing a stale socket file."""
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(path)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.bind(path)
-    sock.listen(backlog)
-    return sock
+def check_capabilities(body: dict[str, object]) -> None:
+    """Refuse (EINVAL) VERSION capabilities of the wrong JSON type. Unknown names are
+    ignored, as the spec asks."""
+    caps = body.get("capabilities", {})
+    if not isinstance(caps, dict):
+        raise MessageError(errno.EINVAL, "VERSION 'capabilities' is not an object")
+    for name, value in caps.items():
+        want = CAPABILITY_TYPES.get(name)
+        if want is None:
+            continue
+        ok = isinstance(value, want) and (want is bool or not isinstance(value, bool))
+        if not ok or (want is int and value < 0):  # type: ignore[operator]
+            raise MessageError(errno.EINVAL, f"VERSION capability {name!r}: {value!r}")
 
 
 class VfioUserServer:
@@ -201,10 +221,12 @@ class VfioUserServer:
     def __init__(self, device: Device, path: str) -> None:
         self.dev = device
         self.path = path
-        self.sock = listen_unix(path, 1)
+        self.sock, self._ident = listen_unix(path, 1)
         self._wake_r, self._wake_w = os.pipe()
         self._stopping = False
         self._conn: socket.socket | None = None
+        self.failed: list[str] = []  # why connections were failed by the device
+        device.fail_client = self.fail_connection
         self.thread = threading.Thread(target=self.serve_forever, name="vfio-user",
                                        daemon=True)
 
@@ -218,14 +240,25 @@ class VfioUserServer:
         if self.thread.is_alive() and self.thread is not threading.current_thread():
             self.thread.join(10)
         self.sock.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.path)
+        with contextlib.suppress(OSError):
+            remove_socket(self.path, self._ident)
         for fd in (self._wake_r, self._wake_w):
             P.close_quietly(fd)
 
+    def fail_connection(self, why: str) -> None:
+        """Disconnect the current client (it broke its contract, e.g. its guest RAM file
+        shrank). Never blocks: callable from any thread, under any lock."""
+        conn = self._conn
+        if conn is None:
+            return
+        if len(self.failed) < 100:
+            self.failed.append(why)
+        log.error("failing the vfio-user connection: %s", why)
+        with contextlib.suppress(OSError):
+            conn.shutdown(socket.SHUT_RDWR)
+
     def _wait_readable(self, sock: socket.socket) -> bool:
-        r, _, _ = select.select([sock, self._wake_r], [], [])
-        return not self._stopping and sock in r
+        return not self._stopping and sock.fileno() in readable([sock.fileno(), self._wake_r])
 
     def serve_forever(self) -> None:
         while not self._stopping:
@@ -241,9 +274,11 @@ class VfioUserServer:
             self.dev.connections += 1
             self.dev.connected = True
             log.info("client %d connected", self.dev.connections)
+            self._conn = conn
             try:
                 self.serve_client(conn)
             finally:
+                self._conn = None
                 conn.close()
                 self.dev.connected = False
                 self.dev.disconnect_cleanup()

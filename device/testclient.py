@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import mmap
 import os
-import select
 import shutil
 import socket
 import struct
+import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -27,6 +29,7 @@ from .device import Device
 from .engine import CQE_SIZE, EQE_SIZE, SQE, SQE_SIZE
 from .pci import MSI_CAP, MSIX_CAP
 from .server import VfioUserServer
+from .sockets import readable
 
 QEMU_VERSION_JSON = (
     b'{"capabilities": {"pgsizes": 4096, "max_msg_fds": 16, "max_dma_maps": 65535, '
@@ -41,12 +44,16 @@ class VfioUserError(Exception):
 
 
 class GuestRam:
-    """A memfd of ``size`` bytes mapped into this process, like QEMU's memfd backend."""
+    """A memfd of ``size`` bytes mapped into this process, like QEMU's memfd backend: with
+    ``seal`` (QEMU's default, seal=on) sealed against shrinking and growing, without it a
+    plain memfd the test may shrink under the device."""
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, seal: bool = True) -> None:
         self.size = size
-        self.fd = os.memfd_create("pinlab-guest-ram", os.MFD_CLOEXEC)
+        self.fd = os.memfd_create("pinlab-guest-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(self.fd, size)
+        if seal:
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
         self.mm = mmap.mmap(self.fd, size, mmap.MAP_SHARED)
 
     def read(self, addr: int, n: int) -> bytes:
@@ -113,8 +120,7 @@ class VfioUserClient:
         return rep.payload
 
     def readable(self, timeout: float = 0.0) -> bool:
-        r, _, _ = select.select([self.sock], [], [], timeout)
-        return bool(r)
+        return bool(readable([self.sock.fileno()], timeout))
 
     # --- commands -------------------------------------------------------------------
     def version(self, body: bytes = QEMU_VERSION_JSON) -> dict[str, object]:
@@ -127,8 +133,13 @@ class VfioUserClient:
 
     def dma_map(self, iova: int, size: int, flags: int = 3, offset: int = 0,
                 fd: int | None = None) -> None:
-        self.request(P.DMA_MAP, P.DMA_MAP_S.pack(32, flags, offset, iova, size),
-                     [fd] if fd is not None else None)
+        """DMA_MAP; takes ownership of ``fd`` (closed once sent: pass a dup)."""
+        try:
+            self.request(P.DMA_MAP, P.DMA_MAP_S.pack(32, flags, offset, iova, size),
+                         [fd] if fd is not None else None)
+        finally:
+            if fd is not None:
+                os.close(fd)
 
     def dma_unmap(self, iova: int, size: int, flags: int = 0) -> bytes:
         return self.request(P.DMA_UNMAP, P.DMA_UNMAP_S.pack(24, flags, iova, size))
@@ -355,8 +366,8 @@ class LocalServer:
         self.server.start()
         self.control.start()
 
-    def client(self) -> VfioUserClient:
-        return VfioUserClient(self.path)
+    def client(self, timeout: float = 10.0) -> VfioUserClient:
+        return VfioUserClient(self.path, timeout)
 
     def close(self) -> None:
         self.server.stop()
@@ -369,10 +380,10 @@ class Rig:
     """A running server, guest RAM, a connected client after bring-up and a driver."""
 
     def __init__(self, ram_size: int = 64 << 20, audit: bool = False, enable: bool = True,
-                 entries: int = 64, irq: str = "msix") -> None:
+                 entries: int = 64, irq: str = "msix", seal: bool = True) -> None:
         self.server = LocalServer(audit, irq)
         self.device = self.server.device
-        self.ram = GuestRam(ram_size)
+        self.ram = GuestRam(ram_size, seal)
         self.client = self.server.client()
         self.client.bring_up(self.ram)
         self.driver = Driver(self.client, self.ram, entries=entries)
@@ -405,3 +416,123 @@ class Rig:
         self.driver.close()
         self.server.close()
         self.ram.close()
+
+
+class QmpLine:
+    """A blocking QMP client on a raw socket, every wait bounded by ``timeout`` seconds
+    (a device that does not answer in time raises TimeoutError): for tests that must tell
+    a hang from an answer."""
+
+    def __init__(self, path: str, timeout: float = 1.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(path)
+        self._buf = b""
+        greeting = self.read()
+        if "QMP" not in greeting:
+            raise AssertionError(f"no QMP greeting: {greeting}")
+        self.execute("qmp_capabilities")
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self) -> QmpLine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def read(self) -> dict[str, object]:
+        while b"\n" not in self._buf:
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("control socket closed")
+            self._buf += data
+        line, _, self._buf = self._buf.partition(b"\n")
+        return json.loads(line)
+
+    def send_raw(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def reply(self) -> dict[str, object]:
+        """The next reply (a "return" or an "error"), skipping events."""
+        while True:
+            obj = self.read()
+            if "return" in obj or "error" in obj:
+                return obj
+
+    def execute(self, cmd: str, args: dict[str, object] | None = None) -> object:
+        """Run ``cmd``; returns its "return" value, raises AssertionError on an error."""
+        msg: dict[str, object] = {"execute": cmd}
+        if args:
+            msg["arguments"] = args
+        self.send_raw(json.dumps(msg).encode() + b"\n")
+        rep = self.reply()
+        if "error" in rep:
+            raise AssertionError(f"{cmd}: {rep['error']}")
+        return rep["return"]
+
+
+class DeviceProcess:
+    """``python -m pinlab.device`` in a child process with its sockets in a private
+    directory: a test client cannot take the test runner down with it (a SIGBUS, a hang),
+    and :meth:`alive` tells whether it still answers. ``extra``: more command-line args."""
+
+    def __init__(self, extra: list[str] | None = None, audit: bool = True,
+                 umask: int | None = None) -> None:
+        self.tmp = tempfile.mkdtemp(prefix="pinlab-devp-")
+        self.path = os.path.join(self.tmp, "vfio.sock")
+        self.control_path = os.path.join(self.tmp, "control.sock")
+        self.audit_path = os.path.join(self.tmp, "audit.jsonl") if audit else None
+        self.log_path = os.path.join(self.tmp, "device.log")
+        argv = [sys.executable, "-m", "pinlab.device", "--socket", self.path,
+                "--control", self.control_path, "--log-level", "INFO", *(extra or [])]
+        if self.audit_path:
+            argv += ["--audit", self.audit_path]
+        self._log = open(self.log_path, "wb")  # noqa: SIM115  (closed in close())
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,
+            preexec_fn=None if umask is None else (lambda: os.umask(umask)))  # noqa: PLW1509
+        deadline = time.monotonic() + 60
+        while not os.path.exists(self.path):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                raise RuntimeError(f"device did not start: {self.log()[-2000:]}")
+            time.sleep(0.02)
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def client(self, timeout: float = 10.0) -> VfioUserClient:
+        return VfioUserClient(self.path, timeout)
+
+    def qmp(self, timeout: float = 1.0) -> QmpLine:
+        return QmpLine(self.control_path, timeout)
+
+    def status(self) -> dict[str, object]:
+        with self.qmp(5.0) as q:
+            out = q.execute("query-status")
+        assert isinstance(out, dict)
+        return out
+
+    def alive(self, within: float = 1.0) -> None:
+        """Raise unless the device answers a new client's VERSION and a QMP query-status,
+        each within ``within`` seconds (the previous vfio-user client must be gone)."""
+        if self.proc.poll() is not None:
+            raise AssertionError(f"device exited {self.proc.returncode}")
+        with self.client(within) as c:
+            c.version()
+        with self.qmp(within) as q:
+            q.execute("query-status")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        shutil.rmtree(self.tmp, ignore_errors=True)

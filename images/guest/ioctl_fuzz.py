@@ -1,11 +1,13 @@
 """Random ioctls on /dev/pinlab0 from several threads (stdlib only).
 
-    python3 ioctl_fuzz.py --iterations N [--threads T] [--seed S]
+    python3 ioctl_fuzz.py --iterations N [--threads T] [--seed S] [--deadline SECONDS]
 
 Random ioctl numbers, sizes and arguments, random registrations in every mode,
 deregister racing DMA and streams, and closing a file while another thread streams
-on it.  Prints one JSON summary line.  Only the kernel's reaction matters: the caller
-checks dmesg and the pin counters.
+on it.  Prints one JSON progress line on stderr every --progress seconds
+({"progress": done, "total": N}) and one JSON summary line on stdout at the end, also
+when --deadline stops it early ("deadline_hit": true).  Only the kernel's reaction
+matters: the caller checks dmesg and the pin counters.
 """
 
 import argparse
@@ -18,6 +20,7 @@ import os
 import random
 import sys
 import threading
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import pinlab_ioctl as P  # noqa: E402
@@ -28,6 +31,8 @@ IOCS = [P.PINLAB_IOC_REGISTER, P.PINLAB_IOC_DEREGISTER, P.PINLAB_IOC_DMA_WRITE,
         P.PINLAB_IOC_QUERY, P.PINLAB_IOC_DIRTY, P.PINLAB_IOC_FENCE]
 counts = {}
 lock = threading.Lock()
+progress = {"done": 0}
+stop = threading.Event()   # the deadline passed: every thread stops at its next step
 
 
 def count(key):
@@ -112,6 +117,10 @@ def worker(seed, iterations, shared):
     dev = shared if shared is not None and rng.random() < 0.5 else P.PinlabDevice()
     regions = []
     for _ in range(iterations):
+        if stop.is_set():
+            break
+        with lock:
+            progress["done"] += 1
         if dev.fd is None:
             dev = P.PinlabDevice()
             regions = []
@@ -132,6 +141,8 @@ def racer(seed, iterations):
     rng = random.Random(seed)
     m = mmap.mmap(-1, 32 * PAGE)
     for _ in range(max(1, iterations // 50)):
+        if stop.is_set():
+            break
         dev = P.PinlabDevice()
         try:
             rid = dev.register(P.buffer_address(m), len(m), rng.choice(["pin", "odp", "gup"]))
@@ -166,17 +177,32 @@ def main():
     ap.add_argument("--iterations", type=int, default=1000)
     ap.add_argument("--threads", type=int, default=4)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--deadline", type=float, default=0,
+                    help="stop after this many seconds (0: never)")
+    ap.add_argument("--progress", type=float, default=5, help="seconds between progress lines")
     a = ap.parse_args()
+    t0 = time.monotonic()
+    total = a.iterations * a.threads
     shared = P.PinlabDevice()
     ths = [threading.Thread(target=worker, args=(a.seed * 100 + i, a.iterations, shared))
            for i in range(a.threads)]
     ths.append(threading.Thread(target=racer, args=(a.seed, a.iterations)))
     for t in ths:
         t.start()
-    for t in ths:
-        t.join()
+    while alive := [t for t in ths if t.is_alive()]:
+        alive[0].join(a.progress)
+        elapsed = time.monotonic() - t0
+        if a.deadline and elapsed > a.deadline:
+            stop.set()
+        with lock:
+            done = progress["done"]
+        print(json.dumps({"progress": done, "total": total, "elapsed": round(elapsed, 1)}),
+              file=sys.stderr, flush=True)
     shared.close()
     print(json.dumps({"iterations": a.iterations, "threads": a.threads, "seed": a.seed,
+                      "done": progress["done"], "total": total,
+                      "elapsed": round(time.monotonic() - t0, 1),
+                      "deadline_hit": stop.is_set(),
                       "counts": dict(sorted(counts.items()))}), flush=True)
 
 
