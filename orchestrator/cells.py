@@ -66,8 +66,11 @@ ODP_ONLY: list[tuple[str, str]] = [("anon", "no-ack"), ("memfd", "no-ack")]
 SMOKE_MODE_ORDER = ["pin", "odp", "longterm", "gup"]
 
 
-def all_cells(kernel: str) -> list[Cell]:
-    if kernel not in KERNELS:
+def all_cells(kernel: str, known_only: bool = True) -> list[Cell]:
+    """Every cell of the matrix on ``kernel``. Raises ValueError for a kernel that is not
+    one of the Debian KERNELS unless ``known_only`` is false (``pinlab validate`` runs the
+    same cells on kernels built from source, ``build:<key>``)."""
+    if known_only and kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r}")
     return ([Cell(kernel, m, b, e) for b, e in PAIRS for m in MODES]
             + [Cell(kernel, "odp", b, e) for b, e in ODP_ONLY])
@@ -80,3 +83,32 @@ def smoke(cells: list[Cell]) -> set[Cell]:
     for c in sorted(cells, key=lambda c: (c.event, rank.get(c.mode, 99), c.backing)):
         out.setdefault(c.event, c)
     return set(out.values())
+
+
+def tags(cell: Cell, smoke_set: set[Cell]) -> list[str]:
+    """The Avocado tags of a cell's test (tests/matrix/test_cells.py)."""
+    return (["matrix", f"kernel:{cell.kernel}", f"mode:{cell.mode}", f"backing:{cell.backing}",
+             f"event:{cell.event}"] + (["smoke"] if cell in smoke_set else []))
+
+
+def select(cells: list[Cell], filters: list[str] | None) -> list[Cell]:
+    """The cells whose tags pass ``filters``, with ``avocado run --filter-by-tags``
+    semantics: each filter is a comma-separated AND of tags (``-tag`` negates one); a cell
+    passes if any filter passes. No filters: every cell. Raises ValueError on an empty tag.
+    """
+    if not filters:
+        return list(cells)
+    smoke_set = smoke(cells)
+    parsed = []
+    for f in filters:
+        words = [w.strip() for w in f.split(",")]
+        if any(not w or w == "-" for w in words):
+            raise ValueError(f"empty tag in filter {f!r}")
+        parsed.append(words)
+    out = []
+    for c in cells:
+        have = set(tags(c, smoke_set))
+        if any(all((w[1:] not in have) if w.startswith("-") else (w in have) for w in words)
+               for words in parsed):
+            out.append(c)
+    return out
