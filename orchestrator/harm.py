@@ -29,7 +29,7 @@ class Level:
 
 @dataclass(frozen=True)
 class HarmTable:
-    levels: tuple[Level, ...]          # most harmful first
+    levels: tuple[Level, ...]          # most harmful first; several may share a harm
     by_class: dict[str, Level]
     infra: Level
     infra_classes: frozenset[str]
@@ -61,7 +61,8 @@ class HarmTable:
                                ) from None
 
     def harm(self, observed: str) -> int:
-        """Harm rank (0 harmless .. 6 kernel error); -1 for infrastructure classes."""
+        """Harm rank (0 no harm: coherent, revoked in time, refused, blocked .. 6 kernel
+        error); -1 for infrastructure classes."""
         return self.level(observed).harm
 
 

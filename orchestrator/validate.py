@@ -38,7 +38,7 @@ from .expectations import Cell, expect, load
 from .harm import HarmTable
 from .harm import load as load_harm
 
-console = Console()
+console = Console(soft_wrap=True)
 ROLES = ("base", "candidate")
 
 
