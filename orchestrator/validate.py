@@ -84,6 +84,16 @@ def prebuilt(role: str, name: str) -> Subject:
                     "suite": spec.suite.name})
 
 
+def built(role: str, kernel: str, label: str, source: dict[str, Any],
+          expectations: str | None = None) -> Subject:
+    """A kernel built from source by ``pinlab.images.kbuild``: ``kernel`` is its
+    ``build:<key>`` id (which ``ensure_images`` boots), ``source`` what it was built from
+    (tree, revision, patches, config; it becomes KCIDB's checkout/build ``misc``), and
+    ``expectations`` the Debian kernel whose expectation rows apply, if any (a build of
+    Debian's 6.12 source: "6.12")."""
+    return Subject(role, kernel, label, expectations, {"kind": "kbuild", **source})
+
+
 def resolve_subjects(args: argparse.Namespace) -> tuple[Subject, Subject]:
     """THE SEAM: what to build or boot -> (base, candidate) Subjects with kernel ids.
 
@@ -91,7 +101,11 @@ def resolve_subjects(args: argparse.Namespace) -> tuple[Subject, Subject]:
     (``--tree/--base/--candidate/--patch/--series``, ``--base-image/--candidate-image``)
     are built (or found in the image cache) by ``pinlab.images.kbuild``, which returns
     ``build:<key>`` ids that ``ensure_images`` and the pools boot like any other kernel.
-    Raises InputError on missing, unknown or identical kernels."""
+    Raises InputError on missing, unknown or identical kernels.
+
+    The kernel-build half plugs in here: when its options are given it builds both kernels
+    (exit 2 with the reason if a patch does not apply or a build fails, before anything
+    boots) and returns ``built("base", ...), built("candidate", ...)``."""
     base_k = getattr(args, "base_kernel", None)
     cand_k = getattr(args, "candidate_kernel", None)
     if not base_k or not cand_k:

@@ -108,9 +108,10 @@ def markdown(doc: Doc) -> str:
                       if a.get("facts")), None)
         if facts:
             lines.append(f"    candidate facts: {json.dumps(facts, default=str)[:400]}")
-        last = (r["attempts"]["candidate"] or r["attempts"]["base"])[-1:]
-        if last:
-            lines.append(f"    artifacts: {Path(last[0]['artifacts']).parent.parent}")
+        for role in ("base", "candidate"):
+            if r["attempts"][role]:
+                lines.append(f"    {role + ' files:':16} "
+                             f"{Path(r['attempts'][role][-1]['artifacts']).parent}/attempt-*")
     return "\n".join(lines) + "\n"
 
 

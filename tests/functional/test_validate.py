@@ -66,14 +66,15 @@ class ValidatePrebuilt(Test):
                 exp = expect(Cell(kernel, mode, backing, event), rules)
                 assert exp is not None
                 for a in r["attempts"][role]:
-                    self.assertFalse(a["infra"], a)
-                    self.assertEqual(a["observed"], exp.expected, f"{cid} on {kernel}: {a}")
-            # a cell that differs is re-run on fresh guests on both kernels; all recorded
+                    if not a["infra"]:
+                        self.assertEqual(a["observed"], exp.expected, f"{cid} on {kernel}")
+            # a cell that differs is re-run on fresh guests on both kernels; every attempt
+            # is recorded (with the infrastructure failures retried, if any)
             reruns = 3 if WANT[cid] != "unchanged" else 0
             for role in ("base", "candidate"):
-                atts = r["attempts"][role]
-                self.assertEqual(len(atts), 1 + reruns, atts)
-                self.assertTrue(all(a["fresh"] for a in atts[1:]))
+                atts = [a for a in r["attempts"][role] if not a["infra"]]
+                self.assertEqual(len(atts), 1 + reruns, r["attempts"][role])
+                self.assertTrue(all(a["fresh"] for a in r["attempts"][role][1:]))
                 self.assertEqual(len({a["boot"] for a in atts}), len(atts),
                                  "each rerun needs its own boot")
         self.assertEqual(got["longterm/ext4/truncate"]["base"], "WRITES_LOST_SILENTLY")

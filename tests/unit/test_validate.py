@@ -235,7 +235,9 @@ class TagSelection(unittest.TestCase):
                               "mode:pin,backing:xfs,event:dma-write"])
         self.assertEqual([c.name for c in both],
                          ["6.1/pin/xfs/dma-write", "6.1/longterm/ext4/truncate"])
-        self.assertFalse(any(c.backing == "anon" for c in select(cells, ["mode:gup,-backing:anon"])))
+        no_anon = select(cells, ["mode:gup,-backing:anon"])
+        self.assertTrue(no_anon)
+        self.assertFalse(any(c.backing == "anon" or c.mode != "gup" for c in no_anon))
         self.assertEqual(select(cells, ["mode:none"]), [])
         with self.assertRaises(ValueError):
             select(cells, ["mode:gup,,event:fork"])
