@@ -183,6 +183,7 @@ class Plan:
     tags: list[str] | None
     reruns: int = compare.RERUNS
     infra_retries: int = compare.INFRA_RETRIES
+    concurrent: bool = True          # both kernels at once (one guest each)
 
 
 class Validation:
@@ -236,6 +237,10 @@ class Validation:
             raise
 
     def _both(self, cells: list[Cell], why: str, fresh: bool, times: int) -> None:
+        if not self.plan.concurrent:
+            for r in ROLES:
+                self._side(r, cells, why, fresh, times)
+            return
         threads = [threading.Thread(target=self._side, args=(r, cells, why, fresh, times),
                                     name=f"validate-{r}", daemon=True) for r in ROLES]
         for t in threads:
@@ -300,7 +305,8 @@ def run_validate(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     for s in (base, cand):
         ensure_images(s.kernel)
-    plan = Plan(base, cand, cells, args.tags, args.reruns, compare.INFRA_RETRIES)
+    plan = Plan(base, cand, cells, args.tags, args.reruns, compare.INFRA_RETRIES,
+                concurrent=not args.serial)
     kernels = [base.kernel, cand.kernel]
     started = time.time()
     t0 = time.monotonic()

@@ -135,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="re-runs on freshly booted guests, on both kernels, of a cell that "
                     "differs (default 3)")
     va.add_argument("--out", help="report directory (default: a new $PINLAB_RESULTS/validate-*)")
+    va.add_argument("--serial", action="store_true",
+                    help="run the kernels one after another (default: at the same time)")
 
     fz = sub.add_parser("fuzz", help="fuzz pinlab.ko's ioctls in a guest")
     fzs = fz.add_subparsers(dest="fuzz_cmd", required=True)

@@ -226,6 +226,82 @@ class Reports(unittest.TestCase):
             self.assertIn("<table", paths["html"].read_text())
 
 
+class Replay:
+    """Answers a Validation's requests with a recorded run's attempts, in their order, and
+    notes what was asked (role, cell, fresh)."""
+
+    def __init__(self, doc: dict[str, Any]) -> None:
+        self.queue = {(role, r["cell"]): list(r["attempts"][role])
+                      for r in doc["results"] for role in ("base", "candidate")}
+        self.asked: list[tuple[str, str, bool]] = []
+
+    def __call__(self, subject: Any, cell: Any, art: Path,
+                 fresh: bool) -> tuple[dict[str, Any] | None, str | None]:
+        cid = f"{cell.mode}/{cell.backing}/{cell.event}"
+        self.asked.append((subject.role, cid, fresh))
+        a = self.queue[(subject.role, cid)].pop(0)
+        if a.get("pool_error"):
+            return None, a["pool_error"]
+        if a["signatures"]:
+            (art / "dmesg.txt").write_text("".join(
+                f"[ 1.0] {s}\n" for s in a["signatures"]))
+        return {"observed": a["observed"], "evidence": {"dmesg": a["dmesg"]},
+                "boot": a.get("boot"), "release": a.get("release"), "seconds": 1.0}, None
+
+
+class Scheduling(unittest.TestCase):
+    """The runner asks for exactly the attempts the recorded run made: a first pass, an
+    infrastructure retry on a fresh guest, and reruns on fresh guests on both kernels of
+    the cells that differ."""
+
+    def test_replay_of_a_recorded_run(self) -> None:
+        from pinlab.orchestrator.cells import all_cells, select
+        from pinlab.orchestrator.validate import Plan, Validation, prebuilt
+
+        doc = validate_doc("validate-6.1-to-6.12-longterm.json")
+        replay = Replay(doc)
+        cells = select(all_cells("6.1"), doc["tags"])
+        plan = Plan(prebuilt("base", "6.1"), prebuilt("candidate", "6.12"), cells,
+                    doc["tags"], reruns=3)
+        with tempfile.TemporaryDirectory() as d:
+            results = Validation(plan, Path(d), TABLE, runner=replay).run()
+        self.assertEqual({r["cell"]: r["result"] for r in results},
+                         {r["cell"]: r["result"] for r in doc["results"]})
+        self.assertEqual([q for q in replay.queue.values() if q], [], "attempts left over")
+        recorded = {(role, r["cell"]): [(a["why"], a["fresh"]) for a in r["attempts"][role]]
+                    for r in doc["results"] for role in ("base", "candidate")}
+        for r in results:
+            for role in ("base", "candidate"):
+                self.assertEqual([(a["why"], a["fresh"]) for a in r["attempts"][role]],
+                                 recorded[(role, r["cell"])], (role, r["cell"]))
+        infra = [a for r in results for a in r["attempts"]["candidate"] if a["infra"]]
+        self.assertTrue(infra, "the recorded run had a boot that timed out")
+        self.assertIn("READY marker", infra[0]["pool_error"])
+        # unchanged cells are not re-run; differing ones 3 times on each side
+        unchanged = [r for r in results if r["result"] == "unchanged"]
+        self.assertTrue(unchanged)
+        for r in unchanged:
+            self.assertEqual(len(r["attempts"]["base"]), 1)
+
+
+class CommandLine(unittest.TestCase):
+    """Bad input ends with exit 2 before anything boots."""
+
+    def test_bad_input_exits_2(self) -> None:
+        from pinlab.cli import main
+
+        for argv in (["--base-kernel", "6.1"],
+                     ["--base-kernel", "6.1", "--candidate-kernel", "9.9"],
+                     ["--base-kernel", "6.12", "--candidate-kernel", "6.12"],
+                     ["--base-kernel", "6.1", "--candidate-kernel", "6.12",
+                      "--tags", "mode:none"],
+                     ["--base-kernel", "6.1", "--candidate-kernel", "6.12",
+                      "--tags", "mode:gup,,event:fork"],
+                     ["--base-kernel", "6.1", "--candidate-kernel", "6.12", "--reruns", "0"]):
+            with self.subTest(argv=argv):
+                self.assertEqual(main(["validate", *argv]), 2)
+
+
 class TagSelection(unittest.TestCase):
     def test_avocado_semantics(self) -> None:
         cells = all_cells("6.1")
