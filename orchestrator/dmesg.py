@@ -62,6 +62,8 @@ class DmesgReport:
 _PREFIX = re.compile(r"^(<\d+>)?(\[\s*\d+\.\d+\]\s*)?(\[\s*[TC]\d+\]\s*)?")
 # a call-trace frame (" ext4_dirty_folio+0x4b/0x60 [ext4]") repeats the header's function
 _FRAME = re.compile(r"^(\? )?[\w.]+\+0x[0-9a-f]+/0x[0-9a-f]+( \[\w+\])?$")
+# the register dump of a WARN/Oops ("RIP: 0010:ext4_dirty_folio+0x28/0x30 [ext4]")
+_DUMP = re.compile(r"^(RIP|RSP|RAX|RDX|RBP|RSI|R\d+|FS|CS|CR2|Code|Call Trace):")
 # 6.x "WARNING: CPU: 1 PID: 5 at fs/x.c:12 fn+0x1/0x2 [mod]",
 # 7.x "WARNING: fs/x.c:12 at fn+0x1/0x2, CPU#1: c/5"
 _WARN_OLD = re.compile(r"WARNING: CPU: \d+ PID: \d+ at (\S+?):\d+ ([\w.]+)")
@@ -77,7 +79,7 @@ def signature(cls: str, line: str) -> str | None:
     its header. ``cls`` is the dmesg class that matched the line (unused for the shape,
     kept so callers pass what they know)."""
     text = _PREFIX.sub("", line.strip())
-    if not text or _FRAME.match(text):
+    if not text or _FRAME.match(text) or _DUMP.match(text):
         return None
     m = _WARN_OLD.search(text) or _WARN_NEW.search(text)
     if m:
@@ -93,7 +95,7 @@ def signature(cls: str, line: str) -> str | None:
     text = re.sub(r"\b(pid|PID|comm|task)[:=]?\s*\S+", r"\1", text)
     text = _NUMBERS.sub("#", text)
     text = re.sub(r"\s*:\s*", ":", text)
-    return re.sub(r"\s+", "_", text.strip())[:100]
+    return re.sub(r"\s+", "_", text.strip())[:120]
 
 
 def classify(text: str) -> DmesgReport:

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -40,14 +42,23 @@ class ValidatePrebuilt(Test):
         :avocado: tags=guest,validate,kernel:6.12,kernel:6.1,mode:longterm
         """
         out = Path(self.logdir) / "validate"
-        env = {**os.environ, "PINLAB_POOL_DIR": str(Path(self.logdir) / "pools")}
+        # pools of their own (a short path: the pool's socket name must fit sun_path)
+        pools = Path(tempfile.mkdtemp(prefix="pinlab-validate-"))
+        env = {**os.environ, "PINLAB_POOL_DIR": str(pools)}
         before = set(leftover_processes())
         t0 = time.monotonic()
         cmd = [sys.executable, "-m", "pinlab", "validate", "--base-kernel", "6.1",
                "--candidate-kernel", "6.12", "--out", str(out),
                *[f"--tags={t}" for t in SLICE]]
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1400,
-                              check=False)
+        try:
+            proc = subprocess.run(cmd, env=env, capture_output=True, text=True,
+                                  timeout=1400, check=False)
+        finally:
+            for k in ("6.1", "6.12"):       # the pools' own logs join the test's
+                log = pools / k / "pool.log"
+                if log.exists():
+                    shutil.copy(log, Path(self.logdir) / f"pool-{k}.log")
+            shutil.rmtree(pools, ignore_errors=True)
         wall = time.monotonic() - t0
         (Path(self.logdir) / "validate.out").write_text(proc.stdout + proc.stderr)
         self.whiteboard = json.dumps({"wall_seconds": round(wall, 1), "rc": proc.returncode})
