@@ -187,8 +187,11 @@ class Plan:
 
 
 class Validation:
-    """Runs a Plan and keeps every attempt. ``runner`` runs one cell (the pools; tests of
-    the policy use recorded attempts instead, through compare.py)."""
+    """Runs a Plan and keeps every attempt (``attempts[cell id][role]``, in order).
+    ``runner`` runs one cell: the kernels' pools; the unit tests replay a recorded run
+    through it to check the order and freshness of the attempts asked for.
+    ``run`` raises RuntimeError if a runner thread failed (not an infrastructure failure
+    of a cell, which is an attempt like any other)."""
 
     def __init__(self, plan: Plan, out: Path, table: HarmTable,
                  runner: Runner = pool_runner) -> None:
