@@ -142,10 +142,8 @@ def attempt_record(subject: Subject, cell: Cell, n: int, why: str, fresh: bool,
         dm = classify(dm_file.read_text(errors="replace"))
         sigs, err = dm.signatures(), sorted(dm.signatures(table.regression_dmesg))
         classes = dm.summary()
-    else:               # no kernel log for this attempt (pool error): classes only
-        classes = dict(evidence.get("dmesg") or {})
-        sigs = {c: n for c, n in classes.items()}
-        err = sorted(c for c in classes if c in table.regression_dmesg)
+    else:   # no kernel log for this attempt (pool error, QEMU gone): no signature known
+        classes, sigs, err = dict(evidence.get("dmesg") or {}), {}, []
     rec = {"n": n, "why": why, "fresh": fresh, "kernel": subject.kernel,
            "observed": observed, "infra": table.is_infra(observed),
            "expected": exp.expected if exp else None,

@@ -282,9 +282,6 @@ class Replay:
         a = self.queue[(subject.role, cid)].pop(0)
         if a.get("pool_error"):
             return None, a["pool_error"]
-        if a["signatures"]:
-            (art / "dmesg.txt").write_text("".join(
-                f"[ 1.0] {s}\n" for s in a["signatures"]))
         return {"observed": a["observed"], "evidence": {"dmesg": a["dmesg"]},
                 "boot": a.get("boot"), "release": a.get("release"), "seconds": 1.0}, None
 
