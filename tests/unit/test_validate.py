@@ -121,6 +121,35 @@ class RecordedMatrices(unittest.TestCase):
             compare.decide([b], [again(b, 1, observed="SOMETHING_NEW")], TABLE)
 
 
+class RecordedLongtermRun(unittest.TestCase):
+    """The whole longterm slice through `pinlab validate`, 6.1 -> 6.12 (--reruns 1)."""
+
+    def test_results_and_every_class_agree_with_the_matrix(self) -> None:
+        from pinlab.orchestrator.expectations import Cell, expect
+        from pinlab.orchestrator.expectations import load as load_rules
+
+        doc = validate_doc("validate-6.1-to-6.12-longterm-all.json")
+        rules = load_rules()
+        m61, m612 = matrix("6.1"), matrix("6.12")
+        counts: dict[str, int] = {}
+        for r in doc["results"]:
+            d = compare.decide(r["attempts"]["base"], r["attempts"]["candidate"], TABLE)
+            self.assertEqual(d["result"], r["result"], r["cell"])
+            counts[r["result"]] = counts.get(r["result"], 0) + 1
+            mode, backing, event = r["cell"].split("/")
+            for role, kernel, m in (("base", "6.1", m61), ("candidate", "6.12", m612)):
+                exp = expect(Cell(kernel, mode, backing, event), rules)
+                assert exp is not None
+                for a in r["attempts"][role]:
+                    self.assertEqual(a["observed"], exp.expected, (r["cell"], role))
+                    # and with the kernel's own matrix run
+                    self.assertEqual(a["observed"], m[r["cell"]]["observed"], r["cell"])
+            if r["result"] == "fix":
+                self.assertIn(r["base"], ("WRITES_LOST_SILENTLY", "WRITEBACK_STALE"))
+        self.assertEqual(counts, {"fix": 9, "changed": 13, "unchanged": 38})
+        self.assertEqual(doc["exit_code"], 0)
+
+
 def without_base_warn(doc: dict[str, Any]) -> dict[str, Any]:
     """The recorded gup/ext4 run with the base's one WARN attempt left out (real records,
     one dropped): the candidate's WARN is then new, and the run a regression."""
