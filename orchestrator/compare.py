@@ -18,8 +18,8 @@ Policy (also in README.md, "Validating a kernel change"):
   ``fix`` / ``changed`` only if every attempt on each side agrees; otherwise ``flaky``.
 * A kernel-log error signature (WARN/BUG/Oops/hung task/ext4 buffers, harm.toml
   ``[dmesg]``) that the candidate shows and no base attempt did is a ``regression`` even if
-  it appeared once: a WARN_ON_ONCE fires once per boot, and syzbot and the 0-day robot
-  count a single crash.
+  it appeared once: a WARN_ON_ONCE fires once per boot (include/asm-generic/bug.h, its
+  static __warned flag), and syzbot and the 0-day robot count a single crash.
 * Same class on both sides: ``unchanged``, unless an error signature the base showed every
   time is gone from every candidate attempt (``fix``).
 """
