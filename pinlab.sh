@@ -4,6 +4,8 @@
 #   ./pinlab.sh matrix      the main job: the scenario matrix on the default kernels
 #   ./pinlab.sh test        every test (unit + guests), with images built first
 #   ./pinlab.sh up          a guest for manual debugging
+#   ./pinlab.sh validate --base-kernel 6.1 --candidate-kernel 6.12 [--tags ...]
+#                           what a kernel change does to each cell (README.md)
 #   ./pinlab.sh <args>      any other `pinlab` command, e.g. `images build --kernel all`
 #
 # Safe to run again: apt packages, the venv and images are only (re)made when missing or

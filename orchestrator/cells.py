@@ -68,8 +68,11 @@ ODP_ONLY: list[tuple[str, str]] = [("anon", "no-ack"), ("memfd", "no-ack")]
 SMOKE_MODE_ORDER = ["pin", "odp", "longterm", "gup"]
 
 
-def all_cells(kernel: str) -> list[Cell]:
-    if kernel not in KERNELS:
+def all_cells(kernel: str, known_only: bool = True) -> list[Cell]:
+    """Every cell of the matrix on ``kernel``. Raises ValueError for a kernel that is not
+    one of the Debian KERNELS unless ``known_only`` is false (``pinlab validate`` runs the
+    same cells on kernels built from source, ``build:<key>``)."""
+    if known_only and kernel not in KERNELS:
         raise ValueError(f"unknown kernel {kernel!r}")
     return ([Cell(kernel, m, b, e) for b, e in PAIRS for m in MODES]
             + [Cell(kernel, "odp", b, e) for b, e in ODP_ONLY])
@@ -91,25 +94,27 @@ def cell_tags(c: Cell, smoke_set: set[Cell]) -> list[str]:
 
 
 def tags_match(tags: list[str], filters: list[str] | None) -> bool:
-    """Avocado's --filter-by-tags semantics for one test's tags: each filter is a
+    """Avocado's ``--filter-by-tags`` semantics for one test's tags: each filter is a
     comma-separated AND of tags (``-tag``: must not have it); several filters are ORed;
-    no filter matches everything."""
+    no filter matches everything. Raises ValueError on an empty tag."""
     if not filters:
         return True
     have = set(tags)
     for f in filters:
-        parts = [p for p in f.split(",") if p]
-        if all((p[1:] not in have) if p.startswith("-") else (p in have) for p in parts):
+        words = [w.strip() for w in f.split(",")]
+        if any(not w or w == "-" for w in words):
+            raise ValueError(f"empty tag in filter {f!r}")
+        if all((w[1:] not in have) if w.startswith("-") else (w in have) for w in words):
             return True
     return False
 
 
-def select(kernel: str, filters: list[str] | None) -> list[Cell]:
-    """The cells of ``kernel`` that the tag filters select (as ``pinlab matrix`` would
-    run them)."""
-    cells = all_cells(kernel)
-    sm = smoke(cells)
-    return [c for c in cells if tags_match(cell_tags(c, sm), filters)]
+def select(cells: list[Cell], filters: list[str] | None) -> list[Cell]:
+    """The cells whose tags (:func:`cell_tags`) pass ``filters`` (:func:`tags_match`), as
+    ``pinlab matrix --tags`` and ``pinlab validate --tags`` run them. Raises ValueError on
+    an empty tag."""
+    smoke_set = smoke(cells)
+    return [c for c in cells if tags_match(cell_tags(c, smoke_set), filters)]
 
 
 def parse_cell(text: str) -> Cell:

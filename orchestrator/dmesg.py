@@ -41,6 +41,62 @@ class DmesgReport:
     def summary(self) -> dict[str, int]:
         return {k: len(v) for k, v in sorted(self.lines.items()) if v}
 
+    def signatures(self, only: set[str] | frozenset[str] | None = None) -> dict[str, int]:
+        """How often each kernel-log signature occurs, 0-day style (see ``signature``),
+        e.g. ``{"WARNING:at_fs/ext4/inode.c:#ext4_dirty_folio": 1}``. A line that several
+        classes matched counts once; ``only`` keeps the lines of those classes."""
+        seen: dict[str, str] = {}    # line -> first class that matched it
+        for cls, lines in self.lines.items():
+            if only is not None and cls not in only:
+                continue
+            for line in lines:
+                seen.setdefault(line, cls)
+        out: dict[str, int] = {}
+        for line, cls in seen.items():
+            sig = signature(cls, line)
+            if sig:
+                out[sig] = out.get(sig, 0) + 1
+        return dict(sorted(out.items()))
+
+
+_PREFIX = re.compile(r"^(<\d+>)?(\[\s*\d+\.\d+\]\s*)?(\[\s*[TC]\d+\]\s*)?")
+# a call-trace frame (" ext4_dirty_folio+0x4b/0x60 [ext4]") repeats the header's function
+_FRAME = re.compile(r"^(\? )?[\w.]+\+0x[0-9a-f]+/0x[0-9a-f]+( \[\w+\])?$")
+# the register dump of a WARN/Oops ("RIP: 0010:ext4_dirty_folio+0x28/0x30 [ext4]")
+_DUMP = re.compile(r"^(RIP|RSP|RAX|RDX|RBP|RSI|R\d+|FS|CS|CR2|Code|Call Trace):")
+# 6.x "WARNING: CPU: 1 PID: 5 at fs/x.c:12 fn+0x1/0x2 [mod]",
+# 7.x "WARNING: fs/x.c:12 at fn+0x1/0x2, CPU#1: c/5"
+_WARN_OLD = re.compile(r"WARNING: CPU: \d+ PID: \d+ at (\S+?):\d+ ([\w.]+)")
+_WARN_NEW = re.compile(r"WARNING: (\S+?):\d+ at ([\w.]+)")
+_NUMBERS = re.compile(r"0x[0-9a-fA-F]+|\b[0-9a-fA-F]{8,}\b|\b\d+\b")
+
+
+def signature(cls: str, line: str) -> str | None:
+    """A kernel-log line reduced to what stays the same across runs and kernel versions,
+    as the 0-day robot counts them (``WARNING:at_mm/gup.c:#try_grab_folio``,
+    ``BUG:kernel_NULL_pointer_dereference,address``): timestamps, numbers, addresses,
+    line numbers, PIDs and task names go. ``None`` for a call-trace frame, which repeats
+    its header. ``cls`` is the dmesg class that matched the line (unused for the shape,
+    kept so callers pass what they know)."""
+    text = _PREFIX.sub("", line.strip())
+    if not text or _FRAME.match(text) or _DUMP.match(text):
+        return None
+    m = _WARN_OLD.search(text) or _WARN_NEW.search(text)
+    if m:
+        return f"WARNING:at_{m.group(1)}:#{m.group(2)}"
+    if cls == "HUNG_TASK":
+        return "INFO:task_blocked_for_more_than#seconds"
+    for key in ("kernel BUG at ", "BUG: ", "Oops: ", "general protection fault",
+                "Kernel panic - not syncing", "does not have buffers attached"):
+        i = text.find(key)
+        if i >= 0:
+            text = text[i:] if key != "does not have buffers attached" else text
+            break
+    text = re.sub(r"\b(pid|PID|comm|task)[:=]?\s*\S+", r"\1", text)
+    text = _NUMBERS.sub("#", text)
+    text = re.sub(r"\s*:\s*", ":", text)
+    return re.sub(r"\s+", "_", text.strip())[:120]
+
 
 def classify(text: str) -> DmesgReport:
     rep = DmesgReport()

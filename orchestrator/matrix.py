@@ -25,7 +25,7 @@ from pinlab.images.kernel import KERNELS
 from . import poolclient
 from .artifacts import run_dir
 from .avocadojob import Job, run_concurrently, run_one
-from .cells import select
+from .cells import all_cells, select
 
 REPO = Path(__file__).resolve().parent.parent
 TASKS_PER_KERNEL = 2
@@ -81,38 +81,84 @@ def collect(results: list[Path]) -> list[dict[str, Any]]:
     return verdicts
 
 
+def _order(values: set[str], preferred: list[str]) -> list[str]:
+    rank = {v: i for i, v in enumerate(preferred)}
+    return sorted(values, key=lambda v: (rank.get(v, len(rank)), v))
+
+
 def write_html(verdicts: list[dict[str, Any]], d: Path) -> Path:
+    """The matrix as a grid: rows event x backing, columns mode x kernel with the modes in
+    the order of the story (gup, pin, longterm, odp). Each cell is coloured by the harm of
+    its observed class (harm.toml, with a legend); a mismatch with its expectation gets a
+    thick red frame and the expected class, an infrastructure error a dashed frame, and a
+    cell seen more than once with different classes (repeated or merged runs) is marked
+    flaky. Returns the page's path."""
+    from .cells import MODES, PAIRS
+    from .harm import load as load_harm
+
+    table = load_harm()
     d.mkdir(parents=True, exist_ok=True)
-    cols = sorted({(v["mode"], v["kernel"]) for v in verdicts})
-    rows = sorted({(v["event"], v["backing"]) for v in verdicts})
-    by = {(v["event"], v["backing"], v["mode"], v["kernel"]): v for v in verdicts}
-    colour = {"match": "#c8efc8", "mismatch": "#f7b2b2", "error": "#f3d58a"}
+    kernels = _order({v["kernel"] for v in verdicts}, DEFAULT_KERNELS)
+    modes = _order({v["mode"] for v in verdicts}, MODES)
+    cols = [(m, k) for m in modes for k in kernels
+            if any(v["mode"] == m and v["kernel"] == k for v in verdicts)]
+    pair_rank = {(e, b): i for i, (b, e) in enumerate(PAIRS)}
+    rows = sorted({(v["event"], v["backing"]) for v in verdicts},
+                  key=lambda r: (pair_rank.get(r, len(pair_rank)), r))
+    by: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
+    for v in verdicts:
+        by.setdefault((v["event"], v["backing"], v["mode"], v["kernel"]), []).append(v)
     counts = ", ".join(f"{k} {sum(v['verdict'] == k for v in verdicts)}"
                        for k in ("match", "mismatch", "error"))
+    flaky = sum(len({v["observed"] for v in vs}) > 1 for vs in by.values())
     out = ["<!doctype html><meta charset=utf-8><title>pinlab matrix</title>",
            "<style>td,th{border:1px solid #999;padding:4px;font:12px sans-serif}"
-           "table{border-collapse:collapse}td a{color:inherit}</style>",
-           f"<h1>pinlab matrix</h1><p>{len(verdicts)} cells: {counts}. Rows: event × backing;"
-           " columns: mode × kernel. Hover a cell for its name (KERNEL/MODE/BACKING/EVENT, "
-           "for <code>pinlab up --cell</code>) and source; click for artifacts.</p>",
-           "<table><tr><th></th>"]
+           "table{border-collapse:collapse}td a{color:inherit}"
+           "td.mismatch{outline:3px solid #d50000;outline-offset:-3px}"
+           "td.error{outline:2px dashed #263238;outline-offset:-3px}"
+           "td.flaky{background-image:repeating-linear-gradient(45deg,transparent 0 6px,"
+           "rgba(0,0,0,.18) 6px 8px)}</style>",
+           f"<h1>pinlab matrix</h1><p>{len(verdicts)} cells: {counts}, flaky {flaky}. "
+           "Rows: event × backing; columns: mode × kernel. Colour: the harm of the observed "
+           "class; hover a cell for its name (KERNEL/MODE/BACKING/EVENT, for <code>pinlab up "
+           "--cell</code>) and source; click for artifacts.</p>",
+           "<table><tr><th>colour</th><th>harm (orchestrator/data/harm.toml)</th></tr>"]
+    for lv in (*table.levels, table.infra):
+        rank = str(lv.harm) if lv.harm >= 0 else "-"
+        out.append(f'<tr><td style="background:{lv.colour}"></td><td>{rank} '
+                   f"{html.escape(lv.name)}</td></tr>")
+    out += ['<tr><td class="mismatch"></td><td>mismatch: observed ≠ expected (✗)</td></tr>',
+            '<tr><td class="error"></td><td>error: the experiment did not run</td></tr>',
+            '<tr><td class="flaky"></td><td>flaky: different classes in repeated runs (≈)'
+            "</td></tr></table><p></p>", "<table><tr><th></th>"]
     out += [f"<th>{html.escape(m)}<br>{html.escape(k)}</th>" for m, k in cols]
     out.append("</tr>")
     for ev, b in rows:
         out.append(f"<tr><th>{html.escape(ev)}<br>{html.escape(b)}</th>")
         for m, k in cols:
-            v = by.get((ev, b, m, k))
-            if not v:
+            vs = by.get((ev, b, m, k))
+            if not vs:
                 out.append("<td></td>")
                 continue
-            mark = "" if v["verdict"] == "match" else \
-                f"<br>✗ expected {html.escape(str(v['expected']))}"
+            v = vs[-1]
+            try:
+                lv = table.level(str(v["observed"]))
+            except ValueError:
+                lv = table.infra
+            marks = [] if v["verdict"] == "match" else [v["verdict"]]
+            observed = list(dict.fromkeys(str(x["observed"]) for x in vs))
+            if len(observed) > 1:
+                marks.append("flaky")
+            text = "<br>≈ ".join(html.escape(o) for o in observed)
+            if v["verdict"] == "mismatch":
+                text += f"<br>✗ expected {html.escape(str(v['expected']))}"
+            fg = "#fff" if lv.harm >= 5 else "#000"
             name = f"{k}/{m}/{v['backing']}/{v['event']}"
-            title = html.escape(f"{name}\ndebug by hand: pinlab up --cell {name}\n"
+            title = html.escape(f"{name}\ndebug by hand: pinlab up --cell {name}\n{lv.name}\n"
                                 f"{v.get('source', '')}\n{json.dumps(v.get('evidence'))[:600]}")
-            out.append(f'<td style="background:{colour.get(v["verdict"], "#ddd")}" '
-                       f'title="{title}"><a href="file://{html.escape(str(v["artifacts"]))}">'
-                       f'{html.escape(str(v["observed"]))}</a>{mark}</td>')
+            out.append(f'<td class="{" ".join(marks)}" style="background-color:{lv.colour};'
+                       f'color:{fg}" title="{title}"><a href="file://'
+                       f'{html.escape(str(v["artifacts"]))}">{text}</a></td>')
         out.append("</tr>")
     out.append("</table>")
     page = d / "index.html"
@@ -144,7 +190,7 @@ def run_matrix(kernels: list[str] | None = None, tags: list[str] | None = None,
         if k not in KERNELS:
             raise SystemExit(f"pinlab: unknown kernel {k!r} (known: {', '.join(KERNELS)})")
     # Avocado answers a filter that selects nothing with "Test Suite could not be created"
-    selected = {k: len(select(k, tags)) for k in names}
+    selected = {k: len(select(all_cells(k), tags)) for k in names}
     if not any(selected.values()):
         console.print(f"[red]pinlab: no matrix cell matches --tags {' OR '.join(tags or [])} "
                       f"on kernel {', '.join(names)}[/]; tags are kernel:K, mode:M, "

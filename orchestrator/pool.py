@@ -6,11 +6,13 @@ reloaded, the audit marked, the scenario's own files and cgroups removed by the 
 It reboots the guest after a cell that broke the kernel (BUG/Oops/WARN/hung task: a WARN_ON_ONCE
 fires once per boot, so a later cell could not see it) or made the guest unreachable.
 
-Clients (Avocado cell tests, ``pinlab matrix``, through ``poolclient.py``) send one JSON
-request per connection on ``<pool dir>/pool.sock``; the first client starts the server
-(a lock keeps it to one per kernel), which exits by itself after ``idle`` seconds without
-a request, or on ``{"op": "stop"}``. In the guest, cells run through the guest agent
-(``agent.py``): no SSH command and no Python start-up per cell.
+Clients (Avocado cell tests, ``pinlab matrix``, ``pinlab validate``, through
+``poolclient.py``) send one JSON request per connection on ``<pool dir>/pool.sock``
+(``{"op": "run", "cell": ..., "artifacts": DIR, "fresh": true}`` reboots the guest before
+the cell); the first client starts the server (a lock keeps it to one per kernel), which
+exits by itself after ``idle`` seconds without a request, or on ``{"op": "stop"}``. In the
+guest, cells run through the guest agent (``agent.py``): no SSH command and no Python
+start-up per cell.
 """
 
 from __future__ import annotations
@@ -134,7 +136,11 @@ class CellServer:
                 return {"error": f"this pool runs kernel {self.kernel}, not {cell.kernel}"}
             if cell.event not in SCENARIOS:
                 return {"error": f"no scenario for event {cell.event!r}"}
-            return self.run_cell(cell, Path(req["artifacts"]))
+            if req.get("fresh") and self.session is not None:
+                # `pinlab validate` re-runs a differing cell on a freshly booted guest
+                self.taint = self.taint or "a freshly booted guest was requested"
+            return {**self.run_cell(cell, Path(req["artifacts"])),
+                    "fresh": bool(req.get("fresh"))}
         if op == "stop":
             return {"ok": True, "stopping": True}
         return {"error": f"unknown op {op!r}"}

@@ -104,9 +104,12 @@ def _spawn(kernel: str, d: Path) -> subprocess.Popen[bytes]:
                             stdin=subprocess.DEVNULL, start_new_session=True)
 
 
-def run_cell(cell: Cell, artifacts: Path) -> dict[str, Any]:
+def run_cell(cell: Cell, artifacts: Path, fresh: bool = False) -> dict[str, Any]:
+    """Run one cell in its kernel's pool; ``fresh`` boots a new guest for it first.
+    Returns the pool's answer (observed, evidence, seconds, boot, guest, release, taint,
+    fresh). Raises PoolError when the pool cannot start or answer."""
     return request(cell.kernel, {"op": "run", "cell": asdict(cell),
-                                 "artifacts": str(artifacts)})
+                                 "artifacts": str(artifacts), "fresh": fresh})
 
 
 def stop_all(kernels: list[str], wait: float = 60.0) -> None:

@@ -222,6 +222,12 @@ def _matrix(args: argparse.Namespace) -> int:
                       html_dir=args.html, concurrent=not args.serial)
 
 
+def _validate(args: argparse.Namespace) -> int:
+    from pinlab.orchestrator.validate import run_validate
+
+    return run_validate(args)
+
+
 def _fuzz(args: argparse.Namespace) -> int:
     from pinlab.orchestrator.artifacts import run_dir
     from pinlab.orchestrator.fuzz import run_fuzz
@@ -326,6 +332,21 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--serial", action="store_true",
                    help="run the kernels one after another (default: at the same time)")
 
+    from pinlab.orchestrator.validate import add_subject_arguments
+
+    va = sub.add_parser("validate", help="run the matrix on a base and a candidate kernel and "
+                        "report each cell as regression, fix, changed, unchanged, flaky or "
+                        "infra-error (exit 0 no regression, 1 regression, 2 incomplete)")
+    add_subject_arguments(va)
+    va.add_argument("--tags", action="append",
+                    help="avocado tag filter, e.g. mode:longterm,backing:ext4 (repeatable: ORed)")
+    va.add_argument("--reruns", type=int, default=3,
+                    help="re-runs on freshly booted guests, on both kernels, of a cell that "
+                    "differs (default 3)")
+    va.add_argument("--out", help="report directory (default: a new $PINLAB_RESULTS/validate-*)")
+    va.add_argument("--serial", action="store_true",
+                    help="run the kernels one after another (default: at the same time)")
+
     fz = sub.add_parser("fuzz", help="fuzz pinlab.ko's ioctls in a guest")
     fzs = fz.add_subparsers(dest="fuzz_cmd", required=True)
     fi = fzs.add_parser("ioctl", help="random ioctls from several threads; fails on any "
@@ -374,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
         return _matrix(args)
     if args.cmd == "fuzz":
         return _fuzz(args)
+    if args.cmd == "validate":
+        return _validate(args)
     p.error(f"unknown command {args.cmd}")
     return 2
 

@@ -119,9 +119,9 @@ class CellNamesTest(unittest.TestCase):
         self.assertTrue(tags_match(tags, ["mode:odp", "event:2018"]))     # ORed
         self.assertFalse(tags_match(tags, ["event:2018,-mode:pin"]))      # negation
         self.assertTrue(tags_match(tags, ["-smoke"]))
-        self.assertEqual(len(select("6.12", ["event:2018"])), 4)
-        self.assertEqual(select("6.12", ["event:nosuch"]), [])
-        self.assertEqual(len(select("6.12", ["smoke"])),
+        self.assertEqual(len(select(all_cells("6.12"), ["event:2018"])), 4)
+        self.assertEqual(select(all_cells("6.12"), ["event:nosuch"]), [])
+        self.assertEqual(len(select(all_cells("6.12"), ["smoke"])),
                          len({c.event for c in all_cells("6.12")}))
 
 

@@ -1,0 +1,336 @@
+"""``pinlab validate``: run the matrix (or a tag slice) on a base and a candidate kernel
+and say, cell by cell, what the candidate changes: regression, fix, changed, unchanged,
+flaky or infra-error (policy in ``compare.py`` and README.md).
+
+What is compared are *kernel ids*, the names the image cache and the warm-guest pools know:
+``6.1``, ``6.12``, ``7`` (Debian's prebuilt kernels, ``images/kernel.py``), and
+``build:<key>`` for kernels built from a tree, Debian source or patches
+(``pinlab.images.kbuild``). ``resolve_subjects`` is the one place that turns the command
+line into the two kernel ids; everything after it is the same for every kind of kernel.
+
+Running: the cells go straight to each kernel's warm-guest pool (``pool.py``), one runner
+thread per kernel, so the two guests work at the same time (two cores, 1 GiB each), as
+``pinlab matrix`` runs one Avocado job per kernel. Infrastructure failures are retried on a
+freshly booted guest; a cell that differs is re-run on freshly booted guests on both
+kernels. Every attempt keeps its artifacts in ``<out>/<role>/<cell>/attempt-<n>/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from pinlab.images.kernel import KERNELS
+
+from . import compare, poolclient
+from .cells import all_cells, select
+from .dmesg import classify
+from .expectations import Cell, expect, load
+from .harm import HarmTable
+from .harm import load as load_harm
+
+console = Console(soft_wrap=True)
+ROLES = ("base", "candidate")
+
+
+class InputError(ValueError):
+    """Bad input to ``validate``: the command exits 2 with this message, nothing booted."""
+
+
+@dataclass(frozen=True)
+class Subject:
+    """One side of a comparison.
+
+    ``kernel``: the kernel id the images and pools know ("6.1", "build:<key>").
+    ``label``: how reports name it ("Debian 6.1 (prebuilt)").
+    ``expectations``: which kernel's rows of expectations.toml apply (None: none do).
+    ``source``: how the kernel was obtained, for the reports and KCIDB's checkout/build
+    (prebuilt: {"kind": "debian-prebuilt", ...}; kbuild adds tree, revision, patches...).
+    """
+    role: str
+    kernel: str
+    label: str
+    expectations: str | None
+    source: dict[str, Any] = field(default_factory=dict)
+
+
+def add_subject_arguments(p: argparse.ArgumentParser) -> None:
+    """The options that say what to compare. The kernel-build half (--tree, --base,
+    --candidate, --patch, --series, --base-image, --candidate-image) adds its options here
+    and resolves them in ``resolve_subjects``."""
+    g = p.add_argument_group("prebuilt kernels (Debian's, images/kernel.py)")
+    g.add_argument("--base-kernel", metavar="K", help=f"base kernel: {', '.join(KERNELS)}")
+    g.add_argument("--candidate-kernel", metavar="K",
+                   help=f"candidate kernel: {', '.join(KERNELS)}")
+
+
+def prebuilt(role: str, name: str) -> Subject:
+    """A Debian kernel that images/kernel.py downloads. Raises InputError if unknown."""
+    spec = KERNELS.get(name)
+    if spec is None:
+        raise InputError(f"unknown {role} kernel {name!r} (prebuilt kernels: "
+                         f"{', '.join(KERNELS)})")
+    return Subject(role, name, f"Debian {name} (prebuilt)", name,
+                   {"kind": "debian-prebuilt", "kernel": name, "package": spec.description,
+                    "suite": spec.suite.name})
+
+
+def built(role: str, kernel: str, label: str, source: dict[str, Any],
+          expectations: str | None = None) -> Subject:
+    """A kernel built from source by ``pinlab.images.kbuild``: ``kernel`` is its
+    ``build:<key>`` id (which ``ensure_images`` boots), ``source`` what it was built from
+    (tree, revision, patches, config; it becomes KCIDB's checkout/build ``misc``), and
+    ``expectations`` the Debian kernel whose expectation rows apply, if any (a build of
+    Debian's 6.12 source: "6.12")."""
+    return Subject(role, kernel, label, expectations, {"kind": "kbuild", **source})
+
+
+def resolve_subjects(args: argparse.Namespace) -> tuple[Subject, Subject]:
+    """THE SEAM: what to build or boot -> (base, candidate) Subjects with kernel ids.
+
+    Prebuilt Debian kernels are used as they are. Kernels built from source
+    (``--tree/--base/--candidate/--patch/--series``, ``--base-image/--candidate-image``)
+    are built (or found in the image cache) by ``pinlab.images.kbuild``, which returns
+    ``build:<key>`` ids that ``ensure_images`` and the pools boot like any other kernel.
+    Raises InputError on missing, unknown or identical kernels.
+
+    The kernel-build half plugs in here: when its options are given it builds both kernels
+    (exit 2 with the reason if a patch does not apply or a build fails, before anything
+    boots) and returns ``built("base", ...), built("candidate", ...)``."""
+    base_k = getattr(args, "base_kernel", None)
+    cand_k = getattr(args, "candidate_kernel", None)
+    if not base_k or not cand_k:
+        raise InputError("say what to compare: --base-kernel K --candidate-kernel K "
+                         f"(K one of {', '.join(KERNELS)})")
+    base, cand = prebuilt("base", base_k), prebuilt("candidate", cand_k)
+    if base.kernel == cand.kernel:
+        raise InputError(f"base and candidate are the same kernel ({base.kernel}); "
+                         "a kernel's pool runs one guest, so they must differ")
+    return base, cand
+
+
+# ------------------------------------------------------------------------ one attempt
+def cell_id(c: Cell) -> str:
+    """A cell without its kernel: "longterm/ext4/truncate"."""
+    return f"{c.mode}/{c.backing}/{c.event}"
+
+
+def attempt_record(subject: Subject, cell: Cell, n: int, why: str, fresh: bool,
+                   art: Path, resp: dict[str, Any] | None, error: str | None,
+                   table: HarmTable) -> dict[str, Any]:
+    """One attempt as validate.json keeps it: the pool's answer trimmed to what the
+    comparison and the reports need, with the cell's kernel-log signatures (read from the
+    attempt's dmesg.txt). The whole answer stays in ``<art>/attempt.json``."""
+    rules = load()
+    exp = expect(Cell(subject.expectations, cell.mode, cell.backing, cell.event), rules) \
+        if subject.expectations else None
+    if resp is None:
+        observed, evidence = "ERROR", {"pool_error": error}
+    else:
+        observed, evidence = str(resp.get("observed", "ERROR")), resp.get("evidence", {})
+    dm_file = art / "dmesg.txt"
+    if dm_file.exists():
+        dm = classify(dm_file.read_text(errors="replace"))
+        sigs, err = dm.signatures(), sorted(dm.signatures(table.regression_dmesg))
+        classes = dm.summary()
+    else:   # no kernel log for this attempt (pool error, QEMU gone): no signature known
+        classes, sigs, err = dict(evidence.get("dmesg") or {}), {}, []
+    rec = {"n": n, "why": why, "fresh": fresh, "kernel": subject.kernel,
+           "observed": observed, "infra": table.is_infra(observed),
+           "expected": exp.expected if exp else None,
+           "dmesg": classes, "signatures": sigs, "error_signatures": err,
+           "facts": evidence.get("facts"), "artifacts": str(art)}
+    if resp is not None:
+        rec.update({k: resp.get(k) for k in ("seconds", "boot", "guest", "release")})
+    if error:
+        rec["pool_error"] = error[-2000:]
+    if isinstance(evidence, dict) and evidence.get("exception"):
+        rec["exception"] = str(evidence["exception"])[:500]
+    return rec
+
+
+Runner = Callable[[Subject, Cell, Path, bool], tuple[dict[str, Any] | None, str | None]]
+
+
+def pool_runner(subject: Subject, cell: Cell, art: Path,
+                fresh: bool) -> tuple[dict[str, Any] | None, str | None]:
+    """Run a cell in the subject's pool: (answer, None), or (None, error text) when the
+    pool failed (boot, QEMU, SSH, device server): an infrastructure failure."""
+    try:
+        return poolclient.run_cell(Cell(subject.kernel, cell.mode, cell.backing, cell.event),
+                                   art, fresh=fresh), None
+    except (poolclient.PoolError, OSError) as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+
+
+# ------------------------------------------------------------------------ the run
+@dataclass
+class Plan:
+    base: Subject
+    candidate: Subject
+    cells: list[Cell]                # kernel-less templates (kernel field = base's id)
+    tags: list[str] | None
+    reruns: int = compare.RERUNS
+    infra_retries: int = compare.INFRA_RETRIES
+    concurrent: bool = True          # both kernels at once (one guest each)
+
+
+class Validation:
+    """Runs a Plan and keeps every attempt (``attempts[cell id][role]``, in order).
+    ``runner`` runs one cell: the kernels' pools; the unit tests replay a recorded run
+    through it to check the order and freshness of the attempts asked for.
+    ``run`` raises RuntimeError if a runner thread failed (not an infrastructure failure
+    of a cell, which is an attempt like any other)."""
+
+    def __init__(self, plan: Plan, out: Path, table: HarmTable,
+                 runner: Runner = pool_runner) -> None:
+        self.plan, self.out, self.table, self.runner = plan, out, table, runner
+        self.attempts: dict[str, dict[str, list[dict[str, Any]]]] = {
+            cell_id(c): {"base": [], "candidate": []} for c in plan.cells}
+        self.lock = threading.Lock()
+        self.failures: list[str] = []
+
+    def subject(self, role: str) -> Subject:
+        return self.plan.base if role == "base" else self.plan.candidate
+
+    def attempt(self, role: str, cell: Cell, why: str, fresh: bool) -> dict[str, Any]:
+        subject = self.subject(role)
+        cid = cell_id(cell)
+        n = len(self.attempts[cid][role]) + 1
+        art = self.out / role / cid.replace("/", "__") / f"attempt-{n}"
+        art.mkdir(parents=True, exist_ok=True)
+        t0 = time.monotonic()
+        resp, err = self.runner(subject, cell, art, fresh)
+        (art / "attempt.json").write_text(json.dumps(
+            {"response": resp, "error": err, "why": why, "fresh": fresh}, indent=2,
+            default=str))
+        rec = attempt_record(subject, cell, n, why, fresh, art, resp, err, self.table)
+        rec["wall_seconds"] = round(time.monotonic() - t0, 2)
+        with self.lock:
+            self.attempts[cid][role].append(rec)
+        console.print(f"  {role:9} {subject.kernel:6} {cid:34} #{n} {why:11} "
+                      f"{rec['observed']}" + (" [infra]" if rec["infra"] else ""),
+                      highlight=False)
+        return rec
+
+    def _with_retries(self, role: str, cell: Cell, why: str, fresh: bool) -> None:
+        self.attempt(role, cell, why, fresh)
+        while compare.needs_infra_retry(self.attempts[cell_id(cell)][role], self.table,
+                                        self.plan.infra_retries):
+            self.attempt(role, cell, "infra-retry", True)
+
+    def _side(self, role: str, cells: list[Cell], why: str, fresh: bool, times: int) -> None:
+        try:
+            for cell in cells:
+                for _ in range(times):
+                    self._with_retries(role, cell, why, fresh)
+        except BaseException as exc:   # noqa: BLE001 - reported by run(), never swallowed
+            self.failures.append(f"{role}: {exc!r}")
+            raise
+
+    def _both(self, cells: list[Cell], why: str, fresh: bool, times: int) -> None:
+        if not self.plan.concurrent:
+            for r in ROLES:
+                self._side(r, cells, why, fresh, times)
+            return
+        threads = [threading.Thread(target=self._side, args=(r, cells, why, fresh, times),
+                                    name=f"validate-{r}", daemon=True) for r in ROLES]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if self.failures:
+            raise RuntimeError("; ".join(self.failures))
+
+    def run(self) -> list[dict[str, Any]]:
+        """First pass on both kernels at once, infra retries, then reruns of the cells that
+        differ on fresh guests on both. Returns one result per cell (compare.decide plus
+        the cell, its attempts and the expectations)."""
+        p = self.plan
+        console.print(f"pass 1: {len(p.cells)} cells on {p.base.kernel} and "
+                      f"{p.candidate.kernel}")
+        self._both(p.cells, "first", False, 1)
+        differ = [c for c in p.cells
+                  if compare.differs(*self._pair(c), self.table)]
+        if differ and p.reruns > 0:
+            console.print(f"pass 2: {len(differ)} cells differ; {p.reruns} reruns each on a "
+                          "freshly booted guest, on both kernels")
+            self._both(differ, "rerun", True, p.reruns)
+        return [self.result(c) for c in p.cells]
+
+    def _pair(self, c: Cell) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        a = self.attempts[cell_id(c)]
+        return a["base"], a["candidate"]
+
+    def result(self, c: Cell) -> dict[str, Any]:
+        base, cand = self._pair(c)
+        d = compare.decide(base, cand, self.table)
+        return {"cell": cell_id(c), "mode": c.mode, "backing": c.backing, "event": c.event,
+                **d, "expected": {"base": base[0]["expected"] if base else None,
+                                  "candidate": cand[0]["expected"] if cand else None},
+                "attempts": {"base": base, "candidate": cand}}
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    """``pinlab validate``: resolve, run, compare, report. Returns the exit code:
+    0 no regression, 1 regression, 2 incomplete (infra errors left, or bad input)."""
+    from pinlab.images.build import ensure_images
+
+    from .artifacts import run_dir
+    from .validate_report import write_all
+
+    try:
+        base, cand = resolve_subjects(args)
+        table = load_harm()
+        try:
+            cells = select(all_cells(base.kernel, known_only=False), args.tags)
+        except ValueError as exc:
+            raise InputError(str(exc)) from exc
+        if not cells:
+            raise InputError(f"no cell matches the tags {args.tags}")
+        if args.reruns < 1:
+            raise InputError("--reruns must be at least 1")
+    except InputError as exc:
+        console.print(f"[red]pinlab validate: {exc}[/]")
+        return 2
+    out = Path(args.out) if args.out else run_dir("validate")
+    out.mkdir(parents=True, exist_ok=True)
+    for s in (base, cand):
+        ensure_images(s.kernel)
+    plan = Plan(base, cand, cells, args.tags, args.reruns, compare.INFRA_RETRIES,
+                concurrent=not args.serial)
+    kernels = [base.kernel, cand.kernel]
+    started = time.time()
+    t0 = time.monotonic()
+    poolclient.stop_all(kernels)     # a pool left by an older run may hold older code
+    try:
+        results = Validation(plan, out, table).run()
+    finally:
+        poolclient.stop_all(kernels)
+    seconds = time.monotonic() - t0
+    code = compare.exit_code(r["result"] for r in results)
+    doc = {"schema": "pinlab-validate/1", "base": asdict(base), "candidate": asdict(cand),
+           "tags": args.tags, "reruns": plan.reruns, "infra_retries": plan.infra_retries,
+           "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+           "seconds": round(seconds, 1), "exit_code": code, "results": results}
+    for role in ROLES:
+        rel = next((a.get("release") for r in results for a in r["attempts"][role]
+                    if a.get("release")), None)
+        doc[role]["release"] = rel
+    paths = write_all(doc, out)
+    with contextlib.suppress(Exception):
+        console.print((out / "summary.md").read_text(), markup=False, highlight=False)
+    for k, v in paths.items():
+        console.print(f"{k:9} {v}", highlight=False)
+    console.print(f"exit {code} ({['no regression', 'regression', 'incomplete'][code]}), "
+                  f"{seconds:.0f} s")
+    return code
