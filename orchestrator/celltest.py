@@ -84,8 +84,8 @@ def render() -> str:
             out += ["",
                     f"    def test_{_ident(c.mode)}__{_ident(c.backing)}__{_ident(c.event)}"
                     "(self) -> None:",
-                    f'        """:avocado: tags={",".join(t[:3])}',
-                    f'        :avocado: tags={",".join(t[3:])}"""',
+                    f'        """:avocado: tags={",".join(tags[:3])}',
+                    f'        :avocado: tags={",".join(tags[3:])}"""',
                     f"        self.cell({c.kernel!r}, {c.mode!r}, {c.backing!r}, {c.event!r})"]
     return "\n".join(out) + "\n"
 

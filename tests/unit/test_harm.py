@@ -28,7 +28,7 @@ class HarmTableTest(unittest.TestCase):
     def test_every_class_in_the_expectations_header_is_ranked(self) -> None:
         table = load()
         classes = header_classes()
-        self.assertGreater(len(classes), 25, "the header's class list was not found")
+        self.assertGreater(len(classes), 20, "the header's class list was not found")
         for c in classes:
             with self.subTest(cls=c):
                 lv = table.level(c)      # raises UnknownClass if harm.toml lacks it
@@ -69,7 +69,7 @@ class HarmTableTest(unittest.TestCase):
         t = load()
         self.assertEqual(t.level("PIN_REFUSED(EFAULT)"), t.level("PIN_REFUSED(EPERM)"))
         for c in ("ERROR", "QEMU_CRASHED", "INCONCLUSIVE(no audit records)",
-                  "ERROR(pool)", "OFFLINE_INCONCLUSIVE"):
+                  "ERROR(pool)"):
             with self.subTest(cls=c):
                 self.assertTrue(t.is_infra(c))
                 self.assertEqual(t.harm(c), -1)
