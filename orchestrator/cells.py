@@ -73,6 +73,14 @@ def all_cells(kernel: str) -> list[Cell]:
             + [Cell(kernel, "odp", b, e) for b, e in ODP_ONLY])
 
 
+def cell_tags(cell: Cell, smoke_set: set[Cell]) -> list[str]:
+    """The Avocado tags of a cell's test, in the order the generated test file lists them:
+    ``matrix``, ``kernel:``, ``mode:``, ``backing:``, ``event:`` and ``smoke`` if the cell is
+    in ``smoke_set``."""
+    return (["matrix", f"kernel:{cell.kernel}", f"mode:{cell.mode}", f"backing:{cell.backing}",
+             f"event:{cell.event}"] + (["smoke"] if cell in smoke_set else []))
+
+
 def smoke(cells: list[Cell]) -> set[Cell]:
     """The first cell of each event, preferring the modes in SMOKE_MODE_ORDER."""
     out: dict[str, Cell] = {}

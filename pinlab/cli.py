@@ -64,10 +64,18 @@ def _device(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _matrix(args: argparse.Namespace) -> int:
-    from pinlab.orchestrator.matrix import run_matrix
+    from pinlab.orchestrator.matrix import resolve_shard, run_matrix
 
     return run_matrix(kernels=args.kernel, tags=args.tags, json_out=args.json,
-                      html_dir=args.html, concurrent=not args.serial)
+                      html_dir=args.html, concurrent=not args.serial,
+                      shard=resolve_shard(args.shard), jobs=args.jobs,
+                      out=Path(args.out) if args.out else None)
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from pinlab.orchestrator.merge import main as merge_main
+
+    return merge_main(args.dirs, args.out)
 
 
 def _fuzz(args: argparse.Namespace) -> int:
@@ -115,7 +123,19 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--json", help="verdict JSON file")
     m.add_argument("--html", help="directory for the HTML report")
     m.add_argument("--serial", action="store_true",
-                   help="run the kernels one after another (default: at the same time)")
+                   help="run one warm guest at a time (default: as many as --jobs)")
+    m.add_argument("--shard", metavar="I/N",
+                   help="run only shard I of N (1-based); default from PINLAB_SHARD, "
+                   "CI_NODE_INDEX/CI_NODE_TOTAL or JOB_COMPLETION_INDEX/PINLAB_SHARD_TOTAL")
+    m.add_argument("--jobs", type=int, metavar="N",
+                   help="warm guests in total (default: from cores and memory, at least one "
+                   "per kernel)")
+    m.add_argument("--out", metavar="DIR",
+                   help="output directory (default: a new $PINLAB_RESULTS/matrix-*)")
+
+    mg = sub.add_parser("merge", help="merge the output directories of matrix shards")
+    mg.add_argument("dirs", nargs="+", metavar="DIR", help="one output directory per shard")
+    mg.add_argument("--out", required=True, metavar="DIR", help="where the merged files go")
 
     fz = sub.add_parser("fuzz", help="fuzz pinlab.ko's ioctls in a guest")
     fzs = fz.add_subparsers(dest="fuzz_cmd", required=True)
@@ -145,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
         return _up(args)
     if args.cmd == "matrix":
         return _matrix(args)
+    if args.cmd == "merge":
+        return _merge(args)
     if args.cmd == "fuzz":
         return _fuzz(args)
     p.error(f"unknown command {args.cmd}")
