@@ -11,9 +11,9 @@ computes the same shards. Cells are ordered by kernel, then by whether they make
 reboot the guest, then by a stable hash (SHA-256) of the cell id, and that list is cut into
 ``N`` contiguous pieces. The cut minimises the largest piece's cost, counting one guest
 boot for every kernel a piece touches and for every cell that reboots the guest: so a shard
-holds as few kernels as balance allows, the rebooting cells stay together (and the last one
-of a kernel saves its reboot, which the pool does lazily before the next cell), and the
-hash spreads each event's cells evenly over the pieces.
+holds as few kernels as balance allows, the rebooting cells (expected kernel warnings) stay
+together (and the last one of a kernel saves its reboot, which the pool does lazily before
+the next cell), and the hash spreads each event's cells evenly over the pieces.
 
 ``select_cells`` is the one entry point; ``pinlab matrix`` uses it, and so can any other
 command that runs cells.
@@ -41,9 +41,6 @@ from .expectations import Cell, expect, load
 # pool about 8 s.
 CELL_COST = 1
 BOOT_COST = 8
-# Events after which the pool always reboots the guest (scenario.py: hot-unplug removes the
-# device; the pool boots a fresh guest rather than trusting a replug after a failed one).
-REBOOT_EVENTS = frozenset({"hot-unplug"})
 
 
 @dataclass(frozen=True, order=True)
@@ -106,11 +103,13 @@ def stable_hash(cell: Cell) -> int:
 
 
 def reboots(cell: Cell, rules: list[dict[str, Any]]) -> bool:
-    """Whether the pool will reboot the guest after this cell: its event removes the device,
-    or its expected outcome is a kernel warning (the pool reboots after any WARN/BUG/Oops in
-    dmesg, because a WARN_ON_ONCE fires only once per boot; pool.py)."""
+    """Whether the pool will reboot the guest after this cell: its expected outcome is a
+    kernel warning (``EXT4_WARN_DATA_LOST``), and the pool reboots after any WARN/BUG/Oops
+    in dmesg because a WARN_ON_ONCE fires only once per boot (pool.py). Hot-unplug cells
+    plug the device back in (scenario.py) and reboot only when that fails, which no split
+    can know in advance."""
     exp = expect(cell, rules)
-    return cell.event in REBOOT_EVENTS or bool(exp and "WARN" in exp.expected)
+    return bool(exp and "WARN" in exp.expected)
 
 
 def filter_cells(cells: list[Cell], tags: list[str] | None) -> list[Cell]:
