@@ -112,7 +112,7 @@ def print_table(verdicts: list[dict[str, Any]], seconds: float) -> None:
 def resolve_shard(text: str | None) -> Shard | None:
     """``--shard I/N`` if given, else the CI engine's variables (``Shard.from_env``)."""
     try:
-        return Shard.parse(text) if text else Shard.from_env()
+        return Shard.resolve(text)
     except ValueError as exc:
         raise SystemExit(f"pinlab: {exc}") from None
 

@@ -21,15 +21,13 @@ command that runs cells.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any
-
-from avocado.core.resolver import ReferenceResolutionResult
-from avocado.core.tags import filter_tags_on_runnables
 
 from pinlab.images.kernel import KERNELS
 
@@ -83,12 +81,28 @@ class Shard:
         return None
 
     @classmethod
+    def resolve(cls, text: str | None, env: Mapping[str, str] | None = None) -> Shard | None:
+        """``--shard`` if given (``parse``), else the CI engine's variables (``from_env``).
+        Raises ValueError as those do."""
+        return cls.parse(text) if text else cls.from_env(env)
+
+    @classmethod
     def _pair(cls, env: Mapping[str, str], index: str, total: str, base: int) -> Shard:
         i, n = env.get(index, ""), env.get(total, "")
         if not i.isdigit() or not n.isdigit():
             raise ValueError(f"{index}={i!r} and {total}={n!r}: both must be set to "
                              "non-negative integers")
         return cls(int(i) + 1 - base, int(n))
+
+
+SHARD_HELP = ("run only shard I of N (1-based); default from PINLAB_SHARD, "
+              "CI_NODE_INDEX/CI_NODE_TOTAL or JOB_COMPLETION_INDEX/PINLAB_SHARD_TOTAL")
+
+
+def add_shard_argument(parser: argparse.ArgumentParser) -> None:
+    """``--shard I/N`` for a command that runs cells (``pinlab matrix``, and any other);
+    resolve the value with ``Shard.resolve``."""
+    parser.add_argument("--shard", metavar="I/N", help=SHARD_HELP)
 
 
 def cell_id(cell: Cell) -> str:
@@ -118,6 +132,9 @@ def filter_cells(cells: list[Cell], tags: list[str] | None) -> list[Cell]:
     (``-tag`` negates), repeated filters are ORed. ``None`` or ``[]``: every cell."""
     if not tags:
         return list(cells)
+    from avocado.core.resolver import ReferenceResolutionResult   # only when filtering
+    from avocado.core.tags import filter_tags_on_runnables
+
     smoke_set = {s for k in {c.kernel for c in cells} for s in smoke(all_cells(k))}
     runnables = []
     for c in cells:

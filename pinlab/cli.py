@@ -97,6 +97,8 @@ def _bench(what: str, rest: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pinlab.orchestrator.shard import add_shard_argument
+
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="pinlab", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -124,9 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--html", help="directory for the HTML report")
     m.add_argument("--serial", action="store_true",
                    help="run one warm guest at a time (default: as many as --jobs)")
-    m.add_argument("--shard", metavar="I/N",
-                   help="run only shard I of N (1-based); default from PINLAB_SHARD, "
-                   "CI_NODE_INDEX/CI_NODE_TOTAL or JOB_COMPLETION_INDEX/PINLAB_SHARD_TOTAL")
+    add_shard_argument(m)
     m.add_argument("--jobs", type=int, metavar="N",
                    help="warm guests in total (default: from cores and memory, at least one "
                    "per kernel)")
