@@ -132,7 +132,7 @@ def filter_cells(cells: list[Cell], tags: list[str] | None) -> list[Cell]:
     (``-tag`` negates), repeated filters are ORed. ``None`` or ``[]``: every cell."""
     if not tags:
         return list(cells)
-    from avocado.core.resolver import ReferenceResolutionResult   # only when filtering
+    from avocado.core.resolver import ReferenceResolutionResult  # only when filtering
     from avocado.core.tags import filter_tags_on_runnables
 
     smoke_set = {s for k in {c.kernel for c in cells} for s in smoke(all_cells(k))}
