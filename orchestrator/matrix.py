@@ -133,7 +133,8 @@ def run_matrix(kernels: list[str] | None = None, tags: list[str] | None = None,
         plan = plan_guests(list(sel.cells), jobs)
     except ValueError as exc:
         raise SystemExit(f"pinlab: {exc}") from None
-    for k in names:
+    used = list(dict.fromkeys(c.kernel for c in sel.cells))   # a shard may need fewer
+    for k in used:
         ensure_images(k)
     if out is None:
         out = run_dir("matrix")
@@ -153,7 +154,7 @@ def run_matrix(kernels: list[str] | None = None, tags: list[str] | None = None,
     doc = document(collect(results), list(sel.cells),
                    {**sel.describe(), "seconds": round(seconds, 1),
                     "guests": plan.per_kernel(), "host": os.uname().nodename},
-                   {k: kernel_identity(k) for k in names}, out / "verdicts.json")
+                   {k: kernel_identity(k) for k in used}, out / "verdicts.json")
     verdicts = doc["verdicts"]
     print_table(verdicts, seconds)
     jpath, junit, page = write_all(doc, out)

@@ -65,7 +65,11 @@ def check(docs: list[tuple[Path, dict[str, Any]]]) -> Shard:
         raise MergeError("no shard directories given")
     _same("pinlab versions", docs, lambda doc: doc["pinlab"])
     _same("expectations tables (sha256)", docs, lambda doc: doc["expectations"])
-    _same("kernels (release and image keys)", docs, lambda doc: doc["kernels"])
+    for k in sorted({k for _, doc in docs for k in doc["kernels"]}):
+        # a shard records only the kernels it ran; those that ran one must agree on it
+        _same(f"builds of kernel {k} (release and image keys)",
+              [(d, doc) for d, doc in docs if k in doc["kernels"]],
+              lambda doc, k=k: doc["kernels"][k])
     _same("selections (kernels, tags, shard total)", docs, lambda doc: (
         doc["selection"]["kernels"], doc["selection"]["tags"], _shard_of(doc).total))
     total = _shard_of(docs[0][1]).total
@@ -119,7 +123,8 @@ def merge(dirs: list[Path], out: Path) -> dict[str, Any]:
     merged = document(verdicts, [cell_of(v) for v in verdicts],
                       {"kernels": sel["kernels"], "tags": sel["tags"], "shard": None,
                        "selected": sel["selected"]},
-                      first["kernels"], out / "verdicts.json", pinlab=first["pinlab"],
+                      {k: v for _, doc in docs for k, v in doc["kernels"].items()},
+                      out / "verdicts.json", pinlab=first["pinlab"],
                       expectations=first["expectations"])
     merged["shards"] = [{"dir": str(d), **doc["selection"]} for d, doc in docs]
     assert merged["cells"] == cells

@@ -6,7 +6,7 @@
     {"format": "pinlab-verdicts/2",
      "pinlab": {"version": "0.1.0", "commit": "<git HEAD or null>"},
      "expectations": "<sha256 of expectations.toml>",
-     "kernels": {"6.12": {"release": "...", "kernel": "<image key>", "kmod": "<key>"}},
+     "kernels": {"6.12": {"release": "...", "kernel": "<image key>", "kmod": "<key>"}},  # ran
      "selection": {"kernels": [...], "tags": [...], "shard": {"index": 1, "total": 3} | null,
                    "selected": <cells in the whole selection>},
      "shards": [<the selections merged>]       # merged files only

@@ -35,6 +35,8 @@ def write_shard(d: Path, shard: Shard | None, *, wrong: str | None = None,
     """A shard's output directory: every cell judged as if it had observed its expectation
     (``wrong`` names one cell that observed something else)."""
     sel = select_cells(KERNELS, TAGS, shard)
+    ran = {c.kernel for c in sel.cells}     # as pinlab matrix: only the kernels it ran
+    kernels = {k: v for k, v in (kernels or IDENTITY).items() if k in ran}
     verdicts = []
     for c in sel.cells[drop:]:
         exp = expect(c, RULES)
@@ -49,7 +51,7 @@ def write_shard(d: Path, shard: Shard | None, *, wrong: str | None = None,
         (art / "workload.json").write_text("{}")
         v["artifacts"] = str(art)
         verdicts.append(v)
-    doc = document(verdicts, list(sel.cells), sel.describe(), kernels or IDENTITY,
+    doc = document(verdicts, list(sel.cells), sel.describe(), kernels,
                    d / "verdicts.json", pinlab={"version": version, "commit": "abc"},
                    expectations=expectations)
     write_all(doc, d)
@@ -131,9 +133,15 @@ class MergeTest(unittest.TestCase):
 
     def test_different_kernels(self) -> None:
         s = self.shards()
+        kernels = [{c.kernel for c in select_cells(KERNELS, TAGS, Shard(i, 3)).cells}
+                   for i in (1, 2, 3)]
+        self.assertEqual(kernels, [{"6.12"}, {"6.12", "6.1"}, {"6.1"}])
         changed = {**IDENTITY, "6.1": {**IDENTITY["6.1"], "kernel": "k2-rebuilt"}}
-        other = write_shard(self.tmp / "other", Shard(1, 3), kernels=changed)
-        self.refused([other, s[1], s[2]], "kernels", "k2-rebuilt", str(other))
+        other = write_shard(self.tmp / "other", Shard(3, 3), kernels=changed)
+        self.refused([s[0], s[1], other], "kernel 6.1", "k2-rebuilt", str(other))
+        # shard 1 ran no 6.1 cell, so it records no 6.1 build and cannot disagree
+        doc = merge(s, self.tmp / "ok")
+        self.assertEqual(doc["kernels"], IDENTITY)
 
     def test_different_totals(self) -> None:
         a, b = self.shards(2), self.shards(3)
