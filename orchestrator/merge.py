@@ -140,11 +140,12 @@ def main(dirs: list[str], out: str) -> int:
     try:
         doc = merge([Path(d) for d in dirs], Path(out))
     except MergeError as exc:
-        console.print(f"[red]pinlab merge: refused:[/] {exc}", highlight=False)
+        console.print(f"[red]pinlab merge: refused:[/] {exc}", highlight=False, soft_wrap=True)
         return 2
     n = counts(doc["verdicts"])
     console.print(f"merged {len(doc['shards'])} shards, {len(doc['cells'])} cells: "
                   f"{n['match']} match, {n['mismatch']} mismatch, {n['error']} error\n"
                   f"verdicts: {Path(out) / 'verdicts.json'}\njunit:    {Path(out) / 'junit.xml'}"
-                  f"\nhtml:     {Path(out) / 'html' / 'index.html'}", highlight=False)
+                  f"\nhtml:     {Path(out) / 'html' / 'index.html'}", highlight=False,
+                  soft_wrap=True)
     return 0 if n["mismatch"] == n["error"] == 0 else 1
