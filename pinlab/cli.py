@@ -91,6 +91,10 @@ def _bench(what: str, rest: list[str]) -> int:
         from pinlab.bench.cells import main as cells_main
 
         return cells_main(rest)
+    if what == "shards":
+        from pinlab.bench.shards import main as shards_main
+
+        return shards_main(rest)
     from pinlab.bench.device import main as device_main
 
     return device_main(rest)
@@ -147,12 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     fi.add_argument("--seed", type=int, default=1)
     fi.add_argument("--artifacts", help="directory for console log and other artifacts")
 
-    sub.add_parser("bench", help="benchmarks: pinlab bench device|cells [--json]",
+    sub.add_parser("bench", help="benchmarks: pinlab bench device|cells|shards [--json]",
                    add_help=False)
 
     if argv[:1] == ["bench"]:
-        if argv[1:2] not in (["device"], ["cells"]):
-            p.error("usage: pinlab bench device|cells [--json]")
+        if argv[1:2] not in (["device"], ["cells"], ["shards"]):
+            p.error("usage: pinlab bench device|cells|shards [--json]")
         return _bench(argv[1], argv[2:])
     if argv[:1] == ["device"]:
         if argv[1:2] != ["serve"]:
