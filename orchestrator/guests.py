@@ -80,6 +80,7 @@ class GuestPlan:
     concurrent: int
 
     def per_kernel(self) -> dict[str, int]:
+        """Kernel -> number of warm guests, in plan order."""
         out: dict[str, int] = {}
         for s in self.slots:
             out[s.kernel] = out.get(s.kernel, 0) + 1

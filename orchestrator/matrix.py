@@ -99,6 +99,7 @@ def collect(results: list[Path]) -> list[dict[str, Any]]:
 
 
 def print_table(verdicts: list[dict[str, Any]], seconds: float) -> None:
+    """One row per cell, coloured by verdict."""
     table = Table(title=f"pinlab matrix: {len(verdicts)} cells in {seconds:.0f}s")
     for col in ("kernel", "mode", "backing", "event", "expected", "observed", "verdict"):
         table.add_column(col)

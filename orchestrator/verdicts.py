@@ -38,6 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def cell_of(v: dict[str, Any]) -> Cell:
+    """The cell a verdict entry is about. Raises KeyError if a field is missing."""
     return Cell(str(v["kernel"]), str(v["mode"]), str(v["backing"]), str(v["event"]))
 
 
@@ -79,6 +80,7 @@ def kernel_identity(kernel: str) -> dict[str, Any]:
 
 
 def missing_verdict(cell: Cell, reason: str) -> dict[str, Any]:
+    """The verdict entry of a cell that never reported: ``error``, observed ``MISSING``."""
     return {"kernel": cell.kernel, "mode": cell.mode, "backing": cell.backing,
             "event": cell.event, "expected": "?", "observed": "MISSING", "verdict": "error",
             "source": "", "evidence": {"reason": reason}, "artifacts": None}
@@ -106,6 +108,7 @@ def document(verdicts: list[dict[str, Any]], cells: list[Cell], selection: dict[
 
 
 def counts(verdicts: list[dict[str, Any]]) -> dict[str, int]:
+    """How many verdicts are ``match``, ``mismatch`` and ``error``."""
     return {k: sum(v["verdict"] == k for v in verdicts) for k in ("match", "mismatch", "error")}
 
 
