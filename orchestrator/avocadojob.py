@@ -5,10 +5,12 @@ parallel) with their output in log files and a progress line per job.
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +32,7 @@ class Job:
     tags: list[str] = field(default_factory=list)
     include_untagged: bool = False
     parallel_tasks: int = 1
+    env: dict[str, str] = field(default_factory=dict)   # added to this process's environment
     rc: int | None = None
     log: Path | None = None
 
@@ -41,6 +44,9 @@ class Job:
                 *(["--filter-by-tags-include-empty"] if self.include_untagged else []),
                 *self.references]
 
+    def environ(self) -> dict[str, str]:
+        return {**os.environ, **self.env}
+
     def results(self) -> Path | None:
         found = sorted(self.results_dir.glob("job-*/results.json"))
         return found[-1] if found else None
@@ -50,45 +56,53 @@ def run_one(job: Job) -> Job:
     """Run a job in the foreground, with avocado's own output."""
     job.results_dir.mkdir(parents=True, exist_ok=True)
     console.print("$ " + " ".join(job.cmd()), highlight=False)
-    job.rc = subprocess.run(job.cmd(), cwd=REPO, check=False).returncode
+    job.rc = subprocess.run(job.cmd(), cwd=REPO, env=job.environ(), check=False).returncode
     return job
 
 
-def run_concurrently(jobs: list[Job], poll: float = 1.0) -> list[Job]:
-    """Run the jobs at the same time; avocado's output goes to ``<results_dir>/avocado.log``.
+def run_concurrently(jobs: list[Job], poll: float = 1.0, limit: int | None = None
+                     ) -> list[Job]:
+    """Run the jobs, at most ``limit`` (default: all) at the same time, in list order;
+    avocado's output goes to ``<results_dir>/avocado.log``.
 
     Shows a progress bar per job on a terminal; elsewhere (CI logs) a status line per job
     every minute. Every non-PASS result is printed as soon as it is seen.
     """
     if len(jobs) == 1:
         return [run_one(jobs[0])]
-    procs: list[subprocess.Popen[bytes]] = []
+    limit = len(jobs) if limit is None else max(1, limit)
+    procs: list[subprocess.Popen[bytes] | None] = [None] * len(jobs)
+
+    def start(i: int) -> None:
+        job = jobs[i]
+        job.results_dir.mkdir(parents=True, exist_ok=True)
+        job.log = job.results_dir / "avocado.log"
+        console.print(f"$ {' '.join(job.cmd())}  > {job.log}", highlight=False)
+        with job.log.open("wb") as out:
+            procs[i] = subprocess.Popen(job.cmd(), cwd=REPO, env=job.environ(), stdout=out,
+                                        stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
     try:
-        for job in jobs:
-            job.results_dir.mkdir(parents=True, exist_ok=True)
-            job.log = job.results_dir / "avocado.log"
-            console.print(f"$ {' '.join(job.cmd())}  > {job.log}", highlight=False)
-            with job.log.open("wb") as out:
-                procs.append(subprocess.Popen(job.cmd(), cwd=REPO, stdout=out,
-                                              stderr=subprocess.STDOUT,
-                                              stdin=subprocess.DEVNULL))
-        _watch(jobs, procs, poll)
+        _watch(jobs, procs, poll, start, limit)
     finally:
         for p in procs:   # interrupted: avocado's own SIGTERM handling tears tests down
-            if p.poll() is None:
+            if p is not None and p.poll() is None:
                 p.terminate()
         for p in procs:
+            if p is None:
+                continue
             try:
                 p.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait()
     for job, p in zip(jobs, procs, strict=True):
-        job.rc = p.returncode
+        job.rc = p.returncode if p is not None else None
     return jobs
 
 
-def _watch(jobs: list[Job], procs: list[subprocess.Popen[bytes]], poll: float) -> None:
+def _watch(jobs: list[Job], procs: list[subprocess.Popen[bytes] | None], poll: float,
+           start: Callable[[int], None], limit: int) -> None:
     seen = [0] * len(jobs)     # lines already parsed per job
     done = [0] * len(jobs)
     total = [0] * len(jobs)
@@ -101,9 +115,14 @@ def _watch(jobs: list[Job], procs: list[subprocess.Popen[bytes]], poll: float) -
     with progress:
         tasks = [progress.add_task(j.name, total=None, bad="") for j in jobs]
         while True:
-            running = [p.poll() is None for p in procs]
+            waiting = [i for i, p in enumerate(procs) if p is None]
+            active = sum(p is not None and p.poll() is None for p in procs)
+            for i in waiting[:max(0, limit - active)]:
+                start(i)
+            running = [p is None or p.poll() is None for p in procs]
             for i, job in enumerate(jobs):
-                assert job.log is not None
+                if job.log is None:
+                    continue
                 lines = job.log.read_text(errors="replace").splitlines()
                 # the last line may still be being written: parse it on a later pass
                 complete = lines if not running[i] else lines[:-1]
@@ -128,5 +147,6 @@ def _watch(jobs: list[Job], procs: list[subprocess.Popen[bytes]], poll: float) -
                 break
             time.sleep(poll)
     for i, job in enumerate(jobs):
+        rc = procs[i].returncode if procs[i] is not None else None
         console.print(f"{job.name}: {done[i]}/{total[i]} done, {bad[i]} not passed "
-                      f"(exit {procs[i].returncode}); log {job.log}", highlight=False)
+                      f"(exit {rc}); log {job.log}", highlight=False)

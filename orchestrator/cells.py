@@ -78,6 +78,14 @@ def all_cells(kernel: str, known_only: bool = True) -> list[Cell]:
             + [Cell(kernel, "odp", b, e) for b, e in ODP_ONLY])
 
 
+def cell_tags(cell: Cell, smoke_set: set[Cell]) -> list[str]:
+    """The Avocado tags of a cell's test, in the order the generated test file lists them:
+    ``matrix``, ``kernel:``, ``mode:``, ``backing:``, ``event:`` and ``smoke`` if the cell is
+    in ``smoke_set``."""
+    return (["matrix", f"kernel:{cell.kernel}", f"mode:{cell.mode}", f"backing:{cell.backing}",
+             f"event:{cell.event}"] + (["smoke"] if cell in smoke_set else []))
+
+
 def smoke(cells: list[Cell]) -> set[Cell]:
     """The first cell of each event, preferring the modes in SMOKE_MODE_ORDER."""
     out: dict[str, Cell] = {}
@@ -87,34 +95,40 @@ def smoke(cells: list[Cell]) -> set[Cell]:
     return set(out.values())
 
 
-def cell_tags(c: Cell, smoke_set: set[Cell]) -> list[str]:
-    """The Avocado tags of a cell's test (tests/matrix/test_cells.py)."""
-    return (["matrix", f"kernel:{c.kernel}", f"mode:{c.mode}", f"backing:{c.backing}",
-             f"event:{c.event}"] + (["smoke"] if c in smoke_set else []))
-
-
-def tags_match(tags: list[str], filters: list[str] | None) -> bool:
-    """Avocado's ``--filter-by-tags`` semantics for one test's tags: each filter is a
-    comma-separated AND of tags (``-tag``: must not have it); several filters are ORed;
-    no filter matches everything. Raises ValueError on an empty tag."""
-    if not filters:
-        return True
-    have = set(tags)
-    for f in filters:
-        words = [w.strip() for w in f.split(",")]
-        if any(not w or w == "-" for w in words):
-            raise ValueError(f"empty tag in filter {f!r}")
-        if all((w[1:] not in have) if w.startswith("-") else (w in have) for w in words):
-            return True
-    return False
-
-
 def select(cells: list[Cell], filters: list[str] | None) -> list[Cell]:
-    """The cells whose tags (:func:`cell_tags`) pass ``filters`` (:func:`tags_match`), as
-    ``pinlab matrix --tags`` and ``pinlab validate --tags`` run them. Raises ValueError on
-    an empty tag."""
-    smoke_set = smoke(cells)
-    return [c for c in cells if tags_match(cell_tags(c, smoke_set), filters)]
+    """The cells whose Avocado tags (:func:`cell_tags`) pass ``filters``, with Avocado's own
+    semantics (``avocado.core.tags.filter_tags_on_runnables``): each filter is a
+    comma-separated AND (``-tag`` negates), repeated filters are ORed; ``None`` or ``[]``:
+    every cell. This is how ``pinlab matrix``, ``validate`` and ``up --cell`` choose cells,
+    and what ``avocado run tests/matrix --filter-by-tags`` runs. Raises ValueError on an
+    empty tag."""
+    if not filters:
+        return list(cells)
+    for f in filters:
+        if any(not w.strip() or w.strip() == "-" for w in f.split(",")):
+            raise ValueError(f"empty tag in filter {f!r}")
+    from types import SimpleNamespace
+
+    from avocado.core.resolver import ReferenceResolutionResult  # only when filtering
+    from avocado.core.tags import filter_tags_on_runnables
+
+    # the smoke slice is defined over a kernel's whole matrix, whatever subset is given
+    smoke_set = {s for k in {c.kernel for c in cells}
+                 for s in smoke(all_cells(k, known_only=False))}
+    runnables = []
+    for c in cells:
+        tag_map: dict[str, set[str] | None] = {}
+        for t in cell_tags(c, smoke_set):
+            key, sep, val = t.partition(":")
+            if sep:
+                tag_map[key] = (tag_map.get(key) or set()) | {val}
+            else:
+                tag_map[key] = None
+        runnables.append(SimpleNamespace(tags=tag_map, cell=c))
+    resolution = SimpleNamespace(result=ReferenceResolutionResult.SUCCESS,
+                                 resolutions=runnables)
+    kept = {id(r) for r in filter_tags_on_runnables([resolution], filters)}
+    return [r.cell for r in runnables if id(r) in kept]
 
 
 def parse_cell(text: str) -> Cell:

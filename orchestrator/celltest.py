@@ -61,6 +61,13 @@ class CellTest(Test):
                       f"evidence {json.dumps(v['evidence'], default=str)[:1500]}")
 
 
+def method_name(cell: Cell) -> str:
+    """The generated test's ``Class.method`` for a cell, e.g.
+    ``Kernel6_12.test_pin__anon__dma_write``."""
+    return (f"Kernel{_ident(cell.kernel)}.test_{_ident(cell.mode)}__{_ident(cell.backing)}__"
+            f"{_ident(cell.event)}")
+
+
 def _ident(s: str) -> str:
     return "".join(ch if ch.isalnum() else "_" for ch in s)
 

@@ -1,17 +1,19 @@
-"""``pinlab matrix``: the scenario matrix as an Avocado job, judged and reported.
+"""``pinlab matrix``: the scenario matrix as Avocado jobs, judged and reported.
 
 The cells are Avocado tests (``tests/matrix``, tags ``kernel:`` ``mode:`` ``backing:``
-``event:`` ``smoke``) that run in one warm guest per kernel (``pool.py``). This runs the
-job for the chosen kernels and tags, then writes a verdict JSON (one entry per cell with
-kernel, mode, backing, event, expected, observed, verdict, evidence and its artifacts),
-prints a table, and writes an HTML grid. Avocado's own results.json/results.xml stay in
-the job directory.
+``event:`` ``smoke``) that run in warm guests (``pool.py``). ``shard.select_cells`` picks
+the cells (tag filters, then ``--shard I/N``), ``guests.plan_guests`` spreads them over
+warm guests (one Avocado job per guest), and this writes ``verdicts.json``, ``junit.xml``
+and an HTML grid (``verdicts.py``), and prints a table. Avocado's own
+results.json/results.xml stay in each job's directory.
 """
 
 from __future__ import annotations
 
-import html
 import json
+import os
+import re
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -25,43 +27,58 @@ from pinlab.images.kernel import KERNELS
 from . import poolclient
 from .artifacts import run_dir
 from .avocadojob import Job, run_concurrently, run_one
-from .cells import all_cells, select
+from .celltest import method_name
+from .expectations import Cell
+from .guests import GuestPlan, plan_guests
+from .shard import Selection, Shard, select_cells
+from .verdicts import document, kernel_identity, write_all
+from .verdicts import write_html as write_html  # re-exported: callers used matrix.write_html
 
 REPO = Path(__file__).resolve().parent.parent
+CELL_TESTS = REPO / "tests" / "matrix" / "test_cells.py"
 TASKS_PER_KERNEL = 2
 DEFAULT_KERNELS = list(KERNELS)
 console = Console()
 
 
-def matrix_jobs(kernels: list[str], tags: list[str] | None, out: Path,
-                references: list[str] | None = None) -> list[Job]:
-    """One Avocado job per kernel. ``tags`` are avocado tag filters: each may be a
-    comma-separated AND; repeated ones are ORed, as with ``avocado run --filter-by-tags``.
-    Two tasks per job: while one cell runs in the guest, avocado starts the next cell's
-    test process, which then waits for the pool."""
-    return [Job(f"kernel {k}", out / f"kernel-{k}", references or [str(REPO / "tests/matrix")],
-                tags=[f"matrix,kernel:{k}" + (f",{t}" if t else "") for t in (tags or [""])],
-                parallel_tasks=TASKS_PER_KERNEL) for k in kernels]
+def references(cells: list[Cell] | tuple[Cell, ...]) -> list[str]:
+    """Avocado references that resolve to exactly these cells' tests: one reference to the
+    generated file with an anchored regex over ``Class.method`` (Avocado's python resolver
+    matches it with ``re.search``)."""
+    if not cells:
+        return []
+    names = sorted(re.escape(method_name(c)) for c in cells)
+    return [f"{CELL_TESTS}:^({'|'.join(names)})$"]
 
 
-def run_avocado(kernels: list[str], tags: list[str] | None, out: Path,
-                references: list[str] | None = None,
-                concurrent: bool = True) -> list[Job]:
-    """Run the kernels' jobs (at the same time unless ``concurrent`` is false)."""
-    jobs = matrix_jobs(kernels, tags, out, references)
+def matrix_jobs(plan: GuestPlan, out: Path) -> list[Job]:
+    """One Avocado job per warm guest, its test processes pointed at that guest's pool by
+    ``PINLAB_POOL_SLOT``. Two tasks per job: while one cell runs in the guest, avocado
+    starts the next cell's test process, which then waits for the pool."""
+    return [Job(f"kernel {g.name}", out / f"kernel-{g.name}", references(g.cells),
+                parallel_tasks=TASKS_PER_KERNEL,
+                env={poolclient.SLOT_ENV: str(g.slot)}) for g in plan.slots]
+
+
+def run_avocado(plan: GuestPlan, out: Path) -> list[Job]:
+    """Run the plan's jobs, ``plan.concurrent`` at a time."""
+    jobs = matrix_jobs(plan, out)
+    kernels = list(plan.per_kernel())
     poolclient.stop_all(kernels)  # a pool left by an older run may hold older code
     try:
-        if concurrent:
-            run_concurrently(jobs)
-        else:
+        if plan.concurrent == 1:
             for job in jobs:
                 run_one(job)
+        else:
+            run_concurrently(jobs, limit=plan.concurrent)
     finally:
         poolclient.stop_all(kernels)
     return jobs
 
 
 def collect(results: list[Path]) -> list[dict[str, Any]]:
+    """Each cell test's verdict.json from Avocado's results.json files; a test that wrote
+    none (it crashed, or timed out) becomes an ``error`` verdict with Avocado's status."""
     verdicts = []
     tests = [t for r in results for t in json.loads(r.read_text()).get("tests", [])]
     for t in tests:
@@ -81,93 +98,8 @@ def collect(results: list[Path]) -> list[dict[str, Any]]:
     return verdicts
 
 
-def _order(values: set[str], preferred: list[str]) -> list[str]:
-    rank = {v: i for i, v in enumerate(preferred)}
-    return sorted(values, key=lambda v: (rank.get(v, len(rank)), v))
-
-
-def write_html(verdicts: list[dict[str, Any]], d: Path) -> Path:
-    """The matrix as a grid: rows event x backing, columns mode x kernel with the modes in
-    the order of the story (gup, pin, longterm, odp). Each cell is coloured by the harm of
-    its observed class (harm.toml, with a legend); a mismatch with its expectation gets a
-    thick red frame and the expected class, an infrastructure error a dashed frame, and a
-    cell seen more than once with different classes (repeated or merged runs) is marked
-    flaky. Returns the page's path."""
-    from .cells import MODES, PAIRS
-    from .harm import load as load_harm
-
-    table = load_harm()
-    d.mkdir(parents=True, exist_ok=True)
-    kernels = _order({v["kernel"] for v in verdicts}, DEFAULT_KERNELS)
-    modes = _order({v["mode"] for v in verdicts}, MODES)
-    cols = [(m, k) for m in modes for k in kernels
-            if any(v["mode"] == m and v["kernel"] == k for v in verdicts)]
-    pair_rank = {(e, b): i for i, (b, e) in enumerate(PAIRS)}
-    rows = sorted({(v["event"], v["backing"]) for v in verdicts},
-                  key=lambda r: (pair_rank.get(r, len(pair_rank)), r))
-    by: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
-    for v in verdicts:
-        by.setdefault((v["event"], v["backing"], v["mode"], v["kernel"]), []).append(v)
-    counts = ", ".join(f"{k} {sum(v['verdict'] == k for v in verdicts)}"
-                       for k in ("match", "mismatch", "error"))
-    flaky = sum(len({v["observed"] for v in vs}) > 1 for vs in by.values())
-    out = ["<!doctype html><meta charset=utf-8><title>pinlab matrix</title>",
-           "<style>td,th{border:1px solid #999;padding:4px;font:12px sans-serif}"
-           "table{border-collapse:collapse}td a{color:inherit}"
-           "td.mismatch{outline:3px solid #d50000;outline-offset:-3px}"
-           "td.error{outline:2px dashed #263238;outline-offset:-3px}"
-           "td.flaky{background-image:repeating-linear-gradient(45deg,transparent 0 6px,"
-           "rgba(0,0,0,.18) 6px 8px)}</style>",
-           f"<h1>pinlab matrix</h1><p>{len(verdicts)} cells: {counts}, flaky {flaky}. "
-           "Rows: event × backing; columns: mode × kernel. Colour: the harm of the observed "
-           "class; hover a cell for its name (KERNEL/MODE/BACKING/EVENT, for <code>pinlab up "
-           "--cell</code>) and source; click for artifacts.</p>",
-           "<table><tr><th>colour</th><th>harm (orchestrator/data/harm.toml)</th></tr>"]
-    for lv in (*table.levels, table.infra):
-        rank = str(lv.harm) if lv.harm >= 0 else "-"
-        out.append(f'<tr><td style="background:{lv.colour}"></td><td>{rank} '
-                   f"{html.escape(lv.name)}</td></tr>")
-    out += ['<tr><td class="mismatch"></td><td>mismatch: observed ≠ expected (✗)</td></tr>',
-            '<tr><td class="error"></td><td>error: the experiment did not run</td></tr>',
-            '<tr><td class="flaky"></td><td>flaky: different classes in repeated runs (≈)'
-            "</td></tr></table><p></p>", "<table><tr><th></th>"]
-    out += [f"<th>{html.escape(m)}<br>{html.escape(k)}</th>" for m, k in cols]
-    out.append("</tr>")
-    for ev, b in rows:
-        out.append(f"<tr><th>{html.escape(ev)}<br>{html.escape(b)}</th>")
-        for m, k in cols:
-            vs = by.get((ev, b, m, k))
-            if not vs:
-                out.append("<td></td>")
-                continue
-            v = vs[-1]
-            try:
-                lv = table.level(str(v["observed"]))
-            except ValueError:
-                lv = table.infra
-            marks = [] if v["verdict"] == "match" else [v["verdict"]]
-            observed = list(dict.fromkeys(str(x["observed"]) for x in vs))
-            if len(observed) > 1:
-                marks.append("flaky")
-            text = "<br>≈ ".join(html.escape(o) for o in observed)
-            if v["verdict"] == "mismatch":
-                text += f"<br>✗ expected {html.escape(str(v['expected']))}"
-            fg = "#fff" if lv.harm >= 5 else "#000"
-            name = f"{k}/{m}/{v['backing']}/{v['event']}"
-            title = html.escape(f"{name}\ndebug by hand: pinlab up --cell {name}\n{lv.name}\n"
-                                f"{v.get('source', '')}\n{json.dumps(v.get('evidence'))[:600]}")
-            out.append(f'<td class="{" ".join(marks)}" style="background-color:{lv.colour};'
-                       f'color:{fg}" title="{title}"><a href="file://'
-                       f'{html.escape(str(v["artifacts"]))}">{text}</a></td>')
-        out.append("</tr>")
-    out.append("</table>")
-    page = d / "index.html"
-    page.write_text("\n".join(out) + "\n")
-    return page
-
-
-def report(verdicts: list[dict[str, Any]], out: Path, json_out: str | None,
-           html_dir: str | None, seconds: float) -> None:
+def print_table(verdicts: list[dict[str, Any]], seconds: float) -> None:
+    """One row per cell, coloured by verdict."""
     table = Table(title=f"pinlab matrix: {len(verdicts)} cells in {seconds:.0f}s")
     for col in ("kernel", "mode", "backing", "event", "expected", "observed", "verdict"):
         table.add_column(col)
@@ -176,46 +108,70 @@ def report(verdicts: list[dict[str, Any]], out: Path, json_out: str | None,
         table.add_row(v["kernel"], v["mode"], v["backing"], v["event"], str(v["expected"]),
                       str(v["observed"]), f"[{style}]{v['verdict']}[/]")
     console.print(table)
-    jpath = Path(json_out) if json_out else out / "verdicts.json"
-    jpath.write_text(json.dumps(verdicts, indent=2, default=str) + "\n")
-    page = write_html(verdicts, Path(html_dir) if html_dir else out / "html")
-    console.print(f"verdicts: {jpath}\nhtml:     {page}\nartifacts: {out}")
+
+
+def resolve_shard(text: str | None) -> Shard | None:
+    """``--shard I/N`` if given, else the CI engine's variables (``Shard.from_env``)."""
+    try:
+        return Shard.resolve(text)
+    except ValueError as exc:
+        raise SystemExit(f"pinlab: {exc}") from None
 
 
 def run_matrix(kernels: list[str] | None = None, tags: list[str] | None = None,
                json_out: str | None = None, html_dir: str | None = None,
-               concurrent: bool = True) -> int:
+               concurrent: bool = True, shard: Shard | None = None,
+               jobs: int | None = None, out: Path | None = None) -> int:
+    """Run the selected cells (``shard.select_cells``) and write the verdicts.
+
+    ``jobs``: total warm guests (default from the host, ``guests.plan_guests``);
+    ``concurrent=False`` runs one guest at a time; ``out``: the output directory (default a
+    fresh ``$PINLAB_RESULTS/matrix-*``). Returns 0 when every cell matched (an empty shard
+    included), 1 otherwise."""
     names = list(dict.fromkeys(kernels or DEFAULT_KERNELS))
-    for k in names:
-        if k not in KERNELS:
-            raise SystemExit(f"pinlab: unknown kernel {k!r} (known: {', '.join(KERNELS)})")
-    # Avocado answers a filter that selects nothing with "Test Suite could not be created"
-    selected = {k: len(select(all_cells(k), tags)) for k in names}
-    if not any(selected.values()):
+    try:
+        sel: Selection = select_cells(names, tags, shard)
+        plan = plan_guests(list(sel.cells), jobs)
+    except ValueError as exc:
+        raise SystemExit(f"pinlab: {exc}") from None
+    if not sel.selected:
+        # (Avocado itself would only say "Test Suite could not be created")
         console.print(f"[red]pinlab: no matrix cell matches --tags {' OR '.join(tags or [])} "
                       f"on kernel {', '.join(names)}[/]; tags are kernel:K, mode:M, "
                       "backing:B, event:E and smoke (comma: AND, repeated --tags: OR, "
                       "-tag: NOT)")
         return 2
-    for k in names:
-        if not selected[k]:
-            console.print(f"pinlab: no cell of kernel {k} matches the tags; skipping it")
-    names = [k for k in names if selected[k]]
-    for k in names:
+    used = list(dict.fromkeys(c.kernel for c in sel.cells))   # a shard may need fewer
+    for k in used:
         ensure_images(k)
-    out = run_dir("matrix")
+    if out is None:
+        out = run_dir("matrix")
+    out.mkdir(parents=True, exist_ok=True)
+    if not concurrent:
+        plan = GuestPlan(plan.slots, 1)
+    where = f"shard {sel.shard}: " if sel.shard else ""
+    console.print(f"{where}{len(sel.cells)} of {sel.selected} selected cells; guests "
+                  f"{plan.per_kernel()} ({plan.concurrent} at a time)", highlight=False)
     t0 = time.monotonic()
-    jobs = run_avocado(names, tags, out, concurrent=concurrent)
-    results = [r for r in (j.results() for j in jobs) if r]
-    for j in jobs:
+    ran = run_avocado(plan, out) if plan.slots else []
+    results = [r for r in (j.results() for j in ran) if r]
+    for j in ran:
         if j.results() is None:
             console.print(f"[red]{j.name}: avocado wrote no results (exit {j.rc})[/]")
-    if not results:
-        return 1
-    verdicts = collect(results)
-    report(verdicts, out, json_out, html_dir, time.monotonic() - t0)
+    seconds = time.monotonic() - t0
+    doc = document(collect(results), list(sel.cells),
+                   {**sel.describe(), "seconds": round(seconds, 1),
+                    "guests": plan.per_kernel(), "host": os.uname().nodename},
+                   {k: kernel_identity(k) for k in used}, out / "verdicts.json")
+    verdicts = doc["verdicts"]
+    print_table(verdicts, seconds)
+    jpath, junit, page = write_all(doc, out)
+    if json_out:
+        shutil.copyfile(jpath, json_out)
+    if html_dir:
+        write_html(verdicts, Path(html_dir), base=out)
+    console.print(f"verdicts: {jpath}\njunit:    {junit}\nhtml:     {page}\n"
+                  f"artifacts: {out}")
     bad = [v for v in verdicts if v["verdict"] != "match"]
-    if not verdicts:
-        console.print("[red]no cell matched the filters[/]")
-    failed_jobs = [j for j in jobs if j.rc != 0 or j.results() is None]
-    return 1 if bad or not verdicts or failed_jobs else 0
+    failed_jobs = [j for j in ran if j.rc != 0 or j.results() is None]
+    return 1 if bad or failed_jobs else 0

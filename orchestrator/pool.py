@@ -1,7 +1,8 @@
 """A warm guest per kernel that runs matrix cells on request (the "cell server").
 
-Booting a TCG guest costs seconds; a matrix has hundreds of cells. The pool keeps one guest
-per kernel alive and runs cells in it one at a time, resetting state in between (pinlab.ko
+Booting a TCG guest costs seconds; a matrix has hundreds of cells. A pool keeps one guest
+of its kernel alive and runs cells in it one at a time (a kernel may have several pools,
+one per slot: ``guests.py``), resetting state in between (pinlab.ko
 reloaded, the audit marked, the scenario's own files and cgroups removed by the workload).
 It reboots the guest after a cell that broke the kernel (BUG/Oops/WARN/hung task: a WARN_ON_ONCE
 fires once per boot, so a later cell could not see it) or made the guest unreachable.
@@ -9,10 +10,10 @@ fires once per boot, so a later cell could not see it) or made the guest unreach
 Clients (Avocado cell tests, ``pinlab matrix``, ``pinlab validate``, through
 ``poolclient.py``) send one JSON request per connection on ``<pool dir>/pool.sock``
 (``{"op": "run", "cell": ..., "artifacts": DIR, "fresh": true}`` reboots the guest before
-the cell); the first client starts the server (a lock keeps it to one per kernel), which
-exits by itself after ``idle`` seconds without a request, or on ``{"op": "stop"}``. In the
-guest, cells run through the guest agent (``agent.py``): no SSH command and no Python
-start-up per cell.
+the cell); the first client starts the server (a lock keeps it to one per pool directory),
+which exits by itself after ``idle`` seconds without a request, or on ``{"op": "stop"}``.
+In the guest, cells run through the guest agent (``agent.py``): no SSH command and no
+Python start-up per cell.
 """
 
 from __future__ import annotations

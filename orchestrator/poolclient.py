@@ -29,9 +29,20 @@ REQUEST_TIMEOUT = 900.0
 ANOTHER_POOL = 3   # a pool's exit status when another pool for its kernel was first
 
 
-def pool_dir(kernel: str) -> Path:
-    base = Path(os.environ.get("PINLAB_POOL_DIR") or cache_root() / "pools")
-    d = base / kernel
+SLOT_ENV = "PINLAB_POOL_SLOT"   # which of a kernel's warm guests this process uses
+
+
+def pools_root() -> Path:
+    """``$PINLAB_POOL_DIR``, default ``$PINLAB_CACHE/pools``."""
+    return Path(os.environ.get("PINLAB_POOL_DIR") or cache_root() / "pools")
+
+
+def pool_dir(kernel: str, slot: int | None = None) -> Path:
+    """The directory of a kernel's warm guest number ``slot`` (default: ``$PINLAB_POOL_SLOT``,
+    else 1): ``<root>/<kernel>`` for slot 1, ``<root>/<kernel>+<slot>`` for the others."""
+    if slot is None:
+        slot = int(os.environ.get(SLOT_ENV) or 1)
+    d = pools_root() / (kernel if slot == 1 else f"{kernel}+{slot}")
     d.mkdir(parents=True, exist_ok=True)
     return d
 
@@ -54,9 +65,10 @@ class PoolError(RuntimeError):
 
 
 def request(kernel: str, req: dict[str, Any], timeout: float = REQUEST_TIMEOUT,
-            start: bool = True) -> dict[str, Any]:
-    """Send one request to the kernel's pool, starting the pool if needed."""
-    d = pool_dir(kernel)
+            start: bool = True, slot: int | None = None) -> dict[str, Any]:
+    """Send one request to the kernel's pool (``slot`` as in ``pool_dir``), starting the
+    pool if needed."""
+    d = pool_dir(kernel, slot)
     path = d / "pool.sock"
     deadline = time.monotonic() + BOOT_DEADLINE
     started: subprocess.Popen[bytes] | None = None
@@ -112,14 +124,28 @@ def run_cell(cell: Cell, artifacts: Path, fresh: bool = False) -> dict[str, Any]
                                  "artifacts": str(artifacts), "fresh": fresh})
 
 
+def slots(kernel: str) -> list[int]:
+    """The slots of the kernel's pools that have a directory (1 always)."""
+    root = pools_root()
+    found = {1}
+    if root.is_dir():
+        for d in root.glob(f"{kernel}+*"):
+            tail = d.name[len(kernel) + 1:]
+            if tail.isdigit():
+                found.add(int(tail))
+    return sorted(found)
+
+
 def stop_all(kernels: list[str], wait: float = 60.0) -> None:
-    """Stop the kernels' pools and wait until each has torn its guest down and exited."""
-    for k in kernels:
+    """Stop the kernels' pools (every slot) and wait until each has torn its guest down
+    and exited."""
+    for kernel, slot in [(k, s) for k in kernels for s in slots(k)]:
         try:
-            pid = int(request(k, {"op": "ping"}, timeout=30, start=False)["pid"])
-            request(k, {"op": "stop"}, timeout=60, start=False)
+            pid = int(request(kernel, {"op": "ping"}, timeout=30, start=False,
+                              slot=slot)["pid"])
+            request(kernel, {"op": "stop"}, timeout=60, start=False, slot=slot)
         except (PoolError, OSError, KeyError, ValueError):
-            continue  # no pool for this kernel
+            continue  # no pool in this slot
         deadline = time.monotonic() + wait
         while process_alive(pid) and time.monotonic() < deadline:
             time.sleep(0.2)

@@ -216,10 +216,18 @@ def _device(args: argparse.Namespace, rest: list[str]) -> int:
 
 
 def _matrix(args: argparse.Namespace) -> int:
-    from pinlab.orchestrator.matrix import run_matrix
+    from pinlab.orchestrator.matrix import resolve_shard, run_matrix
 
     return run_matrix(kernels=args.kernel, tags=args.tags, json_out=args.json,
-                      html_dir=args.html, concurrent=not args.serial)
+                      html_dir=args.html, concurrent=not args.serial,
+                      shard=resolve_shard(args.shard), jobs=args.jobs,
+                      out=Path(args.out) if args.out else None)
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from pinlab.orchestrator.merge import main as merge_main
+
+    return merge_main(args.dirs, args.out)
 
 
 def _validate(args: argparse.Namespace) -> int:
@@ -241,12 +249,18 @@ def _bench(what: str, rest: list[str]) -> int:
         from pinlab.bench.cells import main as cells_main
 
         return cells_main(rest)
+    if what == "shards":
+        from pinlab.bench.shards import main as shards_main
+
+        return shards_main(rest)
     from pinlab.bench.device import main as device_main
 
     return device_main(rest)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pinlab.orchestrator.shard import add_shard_argument
+
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="pinlab", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -330,7 +344,17 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--json", help="verdict JSON file")
     m.add_argument("--html", help="directory for the HTML report")
     m.add_argument("--serial", action="store_true",
-                   help="run the kernels one after another (default: at the same time)")
+                   help="run one warm guest at a time (default: as many as --jobs)")
+    add_shard_argument(m)
+    m.add_argument("--jobs", type=int, metavar="N",
+                   help="warm guests in total (default: from cores and memory, at least one "
+                   "per kernel)")
+    m.add_argument("--out", metavar="DIR",
+                   help="output directory (default: a new $PINLAB_RESULTS/matrix-*)")
+
+    mg = sub.add_parser("merge", help="merge the output directories of matrix shards")
+    mg.add_argument("dirs", nargs="+", metavar="DIR", help="one output directory per shard")
+    mg.add_argument("--out", required=True, metavar="DIR", help="where the merged files go")
 
     from pinlab.orchestrator.validate import add_subject_arguments
 
@@ -357,12 +381,12 @@ def main(argv: list[str] | None = None) -> int:
     fi.add_argument("--seed", type=int, default=1)
     fi.add_argument("--artifacts", help="directory for console log and other artifacts")
 
-    sub.add_parser("bench", help="benchmarks: pinlab bench device|cells [--json]",
+    sub.add_parser("bench", help="benchmarks: pinlab bench device|cells|shards [--json]",
                    add_help=False)
 
     if argv[:1] == ["bench"]:
-        if argv[1:2] not in (["device"], ["cells"]):
-            p.error("usage: pinlab bench device|cells [--json]")
+        if argv[1:2] not in (["device"], ["cells"], ["shards"]):
+            p.error("usage: pinlab bench device|cells|shards [--json]")
         return _bench(argv[1], argv[2:])
     if argv[:1] == ["device"]:
         if argv[1:2] != ["serve"]:
@@ -393,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
         return _ps(args)
     if args.cmd == "matrix":
         return _matrix(args)
+    if args.cmd == "merge":
+        return _merge(args)
     if args.cmd == "fuzz":
         return _fuzz(args)
     if args.cmd == "validate":
