@@ -33,7 +33,11 @@ PINNED_MODES = ("gup", "pin", "longterm")
 FOLL_PIN_MODES = ("pin", "longterm")       # counted in nr_foll_pin_* (FOLL_PIN)
 PRIVATE_BACKINGS = ("anon", "private-file")
 # backings whose final file contents the workload reads back (file_after)
-FILE_BACKINGS = ("memfd", "tmpfs", "ext4", "xfs", "hugetlb")
+FILE_BACKINGS = ("memfd", "tmpfs", "ext4", "xfs", "btrfs", "hugetlb")
+# reclaim cells of anonymous memory must show that reclaim reached the mapping: an
+# unregistered control page of the same mapping went to swap (pinlab_cell.SWAP_CONTROL)
+SWAP_CONTROL_BACKINGS = ("anon", "private-file")
+SWAP_CONTROL_EVENTS = ("pageout", "memcg-reclaim")
 F_SEAL_WRITE = 0x0008
 # a fence missed by the device is logged by pinlab_odp.c / pinlab_queue.c
 ESCALATION_LINES = ("INVALIDATE fence missed", "resetting device")
@@ -51,9 +55,12 @@ EVIDENCE: dict[str, tuple[str, ...]] = {
     "DMA_AFTER_REVOKE": ("audit violation records",),
     "DMA_OUTSIDE_REGISTRATION": ("audit writes", "registered PFNs"),
     "COHERENT": ("audit: the later generation written to every registered page",
-                 "the DMA step's errno 0", "every view scanned showing that generation"),
+                 "the DMA step's errno 0", "every view scanned showing that generation",
+                 "anon reclaim: a control page swapped, pswpout, control pages intact"),
     "REVOKED_IN_TIME": ("audit: an invalidate acknowledged after the event's step",
-                        "no violation", "the outcome's views"),
+                        "no violation", "the outcome's views",
+                        "anon reclaim: a control page swapped, pswpout, control pages "
+                        "intact"),
     "WRITES_LOST_SILENTLY": ("audit: the later generation written to the registered pages",
                              "the DMA step's errno 0",
                              "a view showing something else on at least one page"),
@@ -482,11 +489,46 @@ class _Judge:
             if rep.get(k) is not None:
                 self.f[k] = rep[k]
         self.f["pfns_changed"] = _changed(rep.get("pfns_before"), rep.get("pfns_after_touch"))
+        if (self.cell.backing in SWAP_CONTROL_BACKINGS
+                and self.cell.event in SWAP_CONTROL_EVENTS):
+            self.swap_reached()
         if self.g2_errno():
             return self.revoked_failure(step(rep, "dma_write_g2").get("errno_name"))
         return self.outcome(self.views_g(self.file_views("map_g2")))
 
     ev_pageout = ev_memcg_reclaim = ev_drop_caches = ev_dontneed = _reclaim
+
+    def swap_reached(self) -> None:
+        """Reclaim of anonymous memory reached the mapping: at least one of its
+        unregistered control pages is a swap entry in pagemap after the event
+        (Documentation/admin-guide/mm/pagemap.rst, bit 62), /proc/vmstat pswpout grew by at
+        least that many pages, and every control page reads back its own words after
+        swap-in. Without that a COHERENT cell proves nothing (nothing was reclaimed), so
+        :class:`Inconclusive` names what is missing. Records ``swapped`` (registered and
+        control pages that were swap entries) and ``pswpout`` in the facts."""
+        rep = self.rep
+        n = rep.get("control_pages")
+        ctl = rep.get("control_pagemap_after_event")
+        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+            raise Inconclusive("control_pages missing")
+        if not isinstance(ctl, list) or len(ctl) != n:
+            raise Inconclusive("control pagemap missing")
+        reg = summarize_pagemap(rep.get("pagemap_after_event"))
+        if reg is None:
+            raise Inconclusive("pagemap after the event missing")
+        ctl_swapped = sum(1 for p in ctl if p == "swap")
+        ev = rep.get("vmstat_event")
+        pswpout = ev.get("pswpout", 0) if isinstance(ev, dict) else None
+        self.f["swapped"] = {"registered": reg["swap"], "control": ctl_swapped,
+                             "control_pages": n, "pswpout": pswpout}
+        if not ctl_swapped:
+            raise Inconclusive("reclaim did not reach the mapping: no control page swapped")
+        if not isinstance(pswpout, int) or pswpout < ctl_swapped:
+            raise Inconclusive(f"pswpout {pswpout} below the {ctl_swapped} swapped "
+                               "control pages")
+        intact = rep.get("control_intact")
+        if intact != n:
+            raise Inconclusive(f"control pages intact after swap-in: {intact} of {n}")
 
     def ev_writeback(self) -> str:
         self.f["stream_chunks"] = self.rep.get("stream_chunks")

@@ -100,6 +100,46 @@ class ClassifyTest(unittest.TestCase):
         obs = classify_cell(cell, report(map_g2=G2, file_after=G2), audit={"unavailable": "x"})
         self.assertRegex(obs, r"INCONCLUSIVE\(audit unavailable")
 
+    def test_anon_reclaim_needs_a_swapped_control_page(self) -> None:
+        def swap_rep(ctl: Any = ("swap", "swap", 7, 8), pswpout: Any = 2,
+                     intact: Any = 4, **kw: Any) -> dict[str, Any]:
+            rep = report(map_g2=G2, pagemap_after_event=PFNS, control_pages=4,
+                         control_pagemap_after_event=list(ctl) if ctl is not None else None,
+                         vmstat_event={"pswpout": pswpout} if pswpout is not None else {},
+                         control_intact=intact)
+            rep.update(kw)
+            return rep
+        for backing in ("anon", "private-file"):
+            for event in ("pageout", "memcg-reclaim"):
+                cell = Cell("6.12", "pin", backing, event)
+                self.assertEqual(classify_cell(cell, swap_rep()), "COHERENT")
+                # reclaim never reached the mapping: nothing proven
+                self.assertRegex(classify_cell(cell, swap_rep(ctl=(1, 2, 3, 4))),
+                                 r"INCONCLUSIVE\(reclaim did not reach the mapping")
+                self.assertRegex(classify_cell(cell, swap_rep(ctl=None)),
+                                 r"INCONCLUSIVE\(control pagemap missing")
+                self.assertRegex(classify_cell(cell, swap_rep(ctl=("swap",))),
+                                 r"INCONCLUSIVE\(control pagemap missing")
+                self.assertRegex(classify_cell(cell, swap_rep(pswpout=None)),
+                                 r"INCONCLUSIVE\(pswpout")
+                self.assertRegex(classify_cell(cell, swap_rep(pswpout=1)),
+                                 r"INCONCLUSIVE\(pswpout 1 below")
+                self.assertRegex(classify_cell(cell, swap_rep(intact=3)),
+                                 r"INCONCLUSIVE\(control pages intact")
+                self.assertRegex(classify_cell(cell, swap_rep(control_pages=None)),
+                                 r"INCONCLUSIVE\(control_pages missing")
+                self.assertRegex(classify_cell(cell, swap_rep(pagemap_after_event=None)),
+                                 r"INCONCLUSIVE\(pagemap after the event missing")
+        # odp: revoked in time only with the control evidence too
+        cell = Cell("6.12", "odp", "anon", "pageout")
+        self.assertEqual(classify_cell(cell, swap_rep(), audit=written(acks=1)),
+                         "REVOKED_IN_TIME")
+        self.assertRegex(classify_cell(cell, swap_rep(ctl=(1, 2, 3, 4)),
+                                       audit=written(acks=1)), "INCONCLUSIVE")
+        # other backings' reclaim cells are judged as before (no control pages)
+        cell = Cell("6.12", "pin", "memfd", "pageout")
+        self.assertEqual(classify_cell(cell, report(map_g2=G2, file_after=G2)), "COHERENT")
+
     def test_truncated_audit_is_inconclusive(self) -> None:
         cell = Cell("6.12", "pin", "anon", "pageout")
         rep = report(map_g2=G2)
