@@ -69,6 +69,10 @@ EVIDENCE: dict[str, tuple[str, ...]] = {
     "EXT4_WARN_DATA_LOST": ("ext4 WARN or buffer-warning lines",
                             "audit: the later generation written",
                             "file scan after drop_caches without it"),
+    "DIRTY_FOLIO_REJECTED": ("btrfs 'marked dirty without notifying the fs' lines",
+                             "audit: the later generation written",
+                             "file scan after drop_caches without it"),
+    "CSUM_FAILED": ("btrfs 'csum failed' lines",),
     "MIGRATION_FAILS": ("control pages moved", "registered pages not moved",
                         "audit: generation 2 written", "mapping scan"),
     "PARENT_LOSES_WRITES": ("child report", "child status 0", "parent and child scans",
@@ -407,6 +411,30 @@ class _Judge:
         self.wrote(last)
         return "EXT4_WARN_DATA_LOST"
 
+    def btrfs_writeback(self, last: int) -> str | None:
+        """btrfs's own verdict on the device's writes, when it gave one in the kernel log:
+        CSUM_FAILED when a read found a block whose checksum does not match; else
+        DIRTY_FOLIO_REJECTED when writeback rejected a folio dirtied without
+        ->page_mkwrite (the driver's set_page_dirty_lock at unpin, 7ca3e84980ef, -EUCLEAN)
+        and the device's last generation ``last`` is not in the file after drop_caches.
+        None when btrfs logged neither, or rejected folios but the data is there."""
+        csum = self.dm.lines.get("BTRFS_CSUM", [])
+        if csum:
+            self.f["btrfs_csum"] = csum[:4]
+            return "CSUM_FAILED"
+        oob = self.dm.lines.get("BTRFS_OOB_DIRTY", [])
+        if not oob:
+            return None
+        self.f["btrfs_oob_dirty"] = oob[:4]
+        self.f["fsync_errors"] = {st["step"]: st.get("errno_name")
+                                  for st in self.rep.get("steps", []) if isinstance(st, dict)
+                                  and str(st.get("step", "")).startswith("fsync")
+                                  and st.get("errno")}
+        if self.views_g(["file_after"], last):
+            return None   # rejected, yet the data is there: judged by the event below
+        self.wrote(last)
+        return "DIRTY_FOLIO_REJECTED"
+
     # -- the classification --
     def run(self) -> str:
         rep, cell = self.rep, self.cell
@@ -425,6 +453,10 @@ class _Judge:
         shared = self.shared()
         if shared:
             return shared
+        if cell.backing == "btrfs":
+            judged = self.btrfs_writeback(1 if cell.event == "dma-write" else 2)
+            if judged:
+                return judged
         if cell.event != "2018":
             lost = self.ext4_lost(1 if cell.event == "dma-write" else 2)
             if lost:

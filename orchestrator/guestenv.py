@@ -38,10 +38,10 @@ def guest_config(irq: str = "msi") -> GuestConfig:
 
 def setup_command(*, swap: bool = False, hugepages: int = 0, cell: str | None = None) -> str:
     """The guest command that sets an ``up`` guest up like a matrix guest: the scratch
-    filesystems (ext4, xfs, btrfs), tmpfs and hugetlbfs mounted, optionally swap and huge pages, and the
-    environment of one cell (``MODE/BACKING/EVENT``)."""
-    argv = ["python3", f"{GUEST_DIR}/pinlab_env.py", "setup", "--fs", "ext4,xfs,btrfs", "--tmpfs",
-            "--hugetlbfs"]
+    filesystems (ext4, xfs, btrfs), tmpfs and hugetlbfs mounted, optionally swap and huge
+    pages, and the environment of one cell (``MODE/BACKING/EVENT``)."""
+    argv = ["python3", f"{GUEST_DIR}/pinlab_env.py", "setup", "--fs", "ext4,xfs,btrfs",
+            "--tmpfs", "--hugetlbfs"]
     if swap:
         argv.append("--swap")
     if hugepages:

@@ -398,7 +398,15 @@ class Cell:
         self.rep["vmstat_released"] = vmstat()
 
     def file_scan(self, key, direct=False):
-        data = self.m.read_file(direct=direct)
+        """Scan the file into rep[key]. A read that fails (btrfs: an O_DIRECT read first
+        writes the range back, and writeback of a folio dirtied without ->page_mkwrite
+        fails with EUCLEAN where 7ca3e84980ef is in) is recorded in rep[key + "_error"]
+        and leaves rep[key] unset: the classifier then lacks that view."""
+        try:
+            data = self.m.read_file(direct=direct)
+        except OSError as exc:
+            self.rep[key + "_error"] = {"errno": exc.errno, "errno_name": errname(exc.errno or 0)}
+            return
         self.rep[key] = scan(data, self.rid, len(data) // PAGE)
         self.rep[key + "_bytes"] = len(data)
 

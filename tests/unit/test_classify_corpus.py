@@ -233,6 +233,19 @@ def mutations(e: Entry, cls: str) -> Iterator[Mutation]:
         yield "child failed", _rep("child_status", 256)
         if rep.get("child", {}).get("mapped"):
             yield "child scan missing", lambda x: x["rep"]["child"].pop("map", None)
+    if cell.event in ("pageout", "memcg-reclaim") and cell.backing in ("anon", "private-file"):
+        # the SWAP-REACHED evidence: an unregistered control page of the mapping swapped
+        yield "remove control_pages", _rep("control_pages")
+        yield "remove control pagemap", _rep("control_pagemap_after_event")
+        yield "no control page swapped", lambda x: x["rep"].__setitem__(
+            "control_pagemap_after_event",
+            [0 if p == "swap" else p for p in x["rep"]["control_pagemap_after_event"]])
+        yield "remove pswpout", lambda x: x["rep"].__setitem__(
+            "vmstat_event", {k: v for k, v in (x["rep"].get("vmstat_event") or {}).items()
+                             if k != "pswpout"})
+        yield "control pages not intact", lambda x: x["rep"].__setitem__(
+            "control_intact", 0)
+        yield "remove pagemap after the event", _rep("pagemap_after_event")
     if cell.event == "mem-offline":
         yield "remove offline", _rep("offline")
         yield "no offline results", _rep("offline", [])
