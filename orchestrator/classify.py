@@ -69,9 +69,10 @@ EVIDENCE: dict[str, tuple[str, ...]] = {
     "EXT4_WARN_DATA_LOST": ("ext4 WARN or buffer-warning lines",
                             "audit: the later generation written",
                             "file scan after drop_caches without it"),
-    "DIRTY_FOLIO_REJECTED": ("btrfs 'marked dirty without notifying the fs' lines",
-                             "audit: the later generation written",
-                             "file scan after drop_caches without it"),
+    "DIRTY_FOLIO_REJECTED": ("btrfs 'marked dirty without notifying the fs' lines or an "
+                             "fsync EUCLEAN/EIO",
+                             "an fsync, sync or file read step's error",
+                             "audit: the later generation written"),
     "CSUM_FAILED": ("btrfs 'csum failed' lines",),
     "MIGRATION_FAILS": ("control pages moved", "registered pages not moved",
                         "audit: generation 2 written", "mapping scan"),
@@ -415,23 +416,34 @@ class _Judge:
         """btrfs's own verdict on the device's writes, when it gave one in the kernel log:
         CSUM_FAILED when a read found a block whose checksum does not match; else
         DIRTY_FOLIO_REJECTED when writeback rejected a folio dirtied without
-        ->page_mkwrite (the driver's set_page_dirty_lock at unpin, 7ca3e84980ef, -EUCLEAN)
-        and the device's last generation ``last`` is not in the file after drop_caches.
-        None when btrfs logged neither, or rejected folios but the data is there."""
+        ->page_mkwrite (the driver's set_page_dirty_lock at unpin; 7ca3e84980ef, -EUCLEAN)
+        and a later fsync or sync of the file reported the error, after the device wrote
+        generation ``last``. Whether the page cache still holds that generation after
+        drop_caches (the rejected folio may stay cached, dirty) is recorded, not judged:
+        the disk does not have it either way. None when btrfs logged neither."""
         csum = self.dm.lines.get("BTRFS_CSUM", [])
         if csum:
             self.f["btrfs_csum"] = csum[:4]
             return "CSUM_FAILED"
         oob = self.dm.lines.get("BTRFS_OOB_DIRTY", [])
-        if not oob:
+        errs = {st["step"]: st.get("errno_name") or st.get("errno")
+                for st in self.rep.get("steps", []) if isinstance(st, dict)
+                and str(st.get("step", "")).startswith(("fsync", "sync")) and st.get("errno")}
+        errs.update({k: v.get("errno_name") for k, v in self.rep.items()
+                     if k.endswith("_error") and isinstance(v, dict)})
+        # the writeback error reaches fsync as -EUCLEAN (errseq) or -EIO (AS_EIO,
+        # mapping_set_error); the log lines are rate-limited, so a cell seconds after
+        # another rejecting cell may have the error without them
+        wb = {k: v for k, v in errs.items() if v in ("EUCLEAN", "EIO")}
+        if not oob and not wb:
             return None
         self.f["btrfs_oob_dirty"] = oob[:4]
-        self.f["fsync_errors"] = {st["step"]: st.get("errno_name")
-                                  for st in self.rep.get("steps", []) if isinstance(st, dict)
-                                  and str(st.get("step", "")).startswith("fsync")
-                                  and st.get("errno")}
-        if self.views_g(["file_after"], last):
-            return None   # rejected, yet the data is there: judged by the event below
+        self.f["writeback_errors"] = errs
+        if not errs:
+            raise Inconclusive("btrfs rejected folios but no fsync or read reported an error")
+        with_gen = self.rep.get("file_after")
+        if isinstance(with_gen, list) and with_gen:
+            self.f["file_after"] = with_gen
         self.wrote(last)
         return "DIRTY_FOLIO_REJECTED"
 

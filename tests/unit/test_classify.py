@@ -140,6 +140,35 @@ class ClassifyTest(unittest.TestCase):
         cell = Cell("6.12", "pin", "memfd", "pageout")
         self.assertEqual(classify_cell(cell, report(map_g2=G2, file_after=G2)), "COHERENT")
 
+    def test_btrfs_rejected_dirty_folio(self) -> None:
+        line = ("[ 90.4] BTRFS error (device vdc): root 5 ino 257 folio 0 is marked dirty "
+                "without notifying the fs")
+        steps = [{"step": "dma_write_g1", "errno": 0}, {"step": "dma_write_g2", "errno": 0},
+                 {"step": "fsync_final", "errno": 117, "errno_name": "EUCLEAN"}]
+        cell = Cell("6.12", "gup", "btrfs", "2018")
+        g1 = [["g1", 0, 16]]
+        self.assertEqual(classify_cell(cell, report(steps=steps, file_after=g1), line),
+                         "DIRTY_FOLIO_REJECTED")
+        # the log lines are rate-limited: the fsync error alone is btrfs's verdict too
+        self.assertEqual(classify_cell(cell, report(steps=steps, file_after=g1)),
+                         "DIRTY_FOLIO_REJECTED")
+        # rejected but no error reached the process: contradictory
+        quiet = [dict(st, errno=0, errno_name=None) for st in steps]
+        self.assertRegex(classify_cell(cell, report(steps=quiet, file_after=g1), line),
+                         r"INCONCLUSIVE\(btrfs rejected folios")
+        # neither lines nor error: the event decides (here the data is lost, silently)
+        self.assertEqual(classify_cell(cell, report(steps=quiet, file_after=g1)),
+                         "WRITES_LOST_SILENTLY")
+        # the device never wrote gen 2: no class that needs it
+        self.assertRegex(classify_cell(cell, report(steps=steps, file_after=g1), line,
+                                       audit=written(gen2=False)), "INCONCLUSIVE")
+        csum = "[ 91.0] BTRFS warning (device vdc): csum failed root 5 ino 257 off 0"
+        self.assertEqual(classify_cell(cell, report(steps=quiet, file_after=g1), csum),
+                         "CSUM_FAILED")
+        # an ext4 cell is not judged by btrfs's lines
+        self.assertNotEqual(classify_cell(Cell("6.12", "gup", "ext4", "writeback"),
+                                          report(steps=steps), line), "DIRTY_FOLIO_REJECTED")
+
     def test_truncated_audit_is_inconclusive(self) -> None:
         cell = Cell("6.12", "pin", "anon", "pageout")
         rep = report(map_g2=G2)

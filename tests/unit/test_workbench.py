@@ -119,7 +119,7 @@ class CellNamesTest(unittest.TestCase):
         self.assertTrue(tags_match(tags, ["mode:odp", "event:2018"]))     # ORed
         self.assertFalse(tags_match(tags, ["event:2018,-mode:pin"]))      # negation
         self.assertTrue(tags_match(tags, ["-smoke"]))
-        self.assertEqual(len(select("6.12", ["event:2018"])), 4)
+        self.assertEqual(len(select("6.12", ["event:2018"])), 8)   # ext4 and btrfs
         self.assertEqual(select("6.12", ["event:nosuch"]), [])
         self.assertEqual(len(select("6.12", ["smoke"])),
                          len({c.event for c in all_cells("6.12")}))
@@ -174,7 +174,8 @@ class CommandLineTest(unittest.TestCase):
     def test_matrix_guest_config_is_shared(self) -> None:
         cfg = guest_config()
         self.assertEqual(cfg.device_args, ["--irq", "msi"])
-        self.assertEqual(set(cfg.scratch_disks), {"pinlab-ext4", "pinlab-xfs"})
+        self.assertEqual(set(cfg.scratch_disks),
+                         {"pinlab-ext4", "pinlab-xfs", "pinlab-btrfs", "pinlab-swap"})
         self.assertEqual(guest_config("msix").device_args, ["--irq", "msix"])
         with self.assertRaises(ValueError):
             guest_config("intx")
