@@ -218,7 +218,7 @@ class Kernel6_12(CellTest):
 
     def test_pin__ext4__truncate(self) -> None:
         """:avocado: tags=matrix,kernel:6.12,mode:pin
-        :avocado: tags=backing:ext4,event:truncate"""
+        :avocado: tags=backing:ext4,event:truncate,smoke"""
         self.cell('6.12', 'pin', 'ext4', 'truncate')
 
     def test_longterm__ext4__truncate(self) -> None:
@@ -258,7 +258,7 @@ class Kernel6_12(CellTest):
 
     def test_pin__btrfs__truncate(self) -> None:
         """:avocado: tags=matrix,kernel:6.12,mode:pin
-        :avocado: tags=backing:btrfs,event:truncate,smoke"""
+        :avocado: tags=backing:btrfs,event:truncate"""
         self.cell('6.12', 'pin', 'btrfs', 'truncate')
 
     def test_longterm__btrfs__truncate(self) -> None:
@@ -338,7 +338,7 @@ class Kernel6_12(CellTest):
 
     def test_pin__ext4__punch_hole(self) -> None:
         """:avocado: tags=matrix,kernel:6.12,mode:pin
-        :avocado: tags=backing:ext4,event:punch-hole"""
+        :avocado: tags=backing:ext4,event:punch-hole,smoke"""
         self.cell('6.12', 'pin', 'ext4', 'punch-hole')
 
     def test_longterm__ext4__punch_hole(self) -> None:
@@ -378,7 +378,7 @@ class Kernel6_12(CellTest):
 
     def test_pin__btrfs__punch_hole(self) -> None:
         """:avocado: tags=matrix,kernel:6.12,mode:pin
-        :avocado: tags=backing:btrfs,event:punch-hole,smoke"""
+        :avocado: tags=backing:btrfs,event:punch-hole"""
         self.cell('6.12', 'pin', 'btrfs', 'punch-hole')
 
     def test_longterm__btrfs__punch_hole(self) -> None:
@@ -798,7 +798,7 @@ class Kernel6_12(CellTest):
 
     def test_pin__ext4__drop_caches(self) -> None:
         """:avocado: tags=matrix,kernel:6.12,mode:pin
-        :avocado: tags=backing:ext4,event:drop-caches"""
+        :avocado: tags=backing:ext4,event:drop-caches,smoke"""
         self.cell('6.12', 'pin', 'ext4', 'drop-caches')
 
     def test_longterm__ext4__drop_caches(self) -> None:
@@ -838,7 +838,7 @@ class Kernel6_12(CellTest):
 
     def test_pin__btrfs__drop_caches(self) -> None:
         """:avocado: tags=matrix,kernel:6.12,mode:pin
-        :avocado: tags=backing:btrfs,event:drop-caches,smoke"""
+        :avocado: tags=backing:btrfs,event:drop-caches"""
         self.cell('6.12', 'pin', 'btrfs', 'drop-caches')
 
     def test_longterm__btrfs__drop_caches(self) -> None:
@@ -858,7 +858,7 @@ class Kernel6_12(CellTest):
 
     def test_pin__ext4__writeback(self) -> None:
         """:avocado: tags=matrix,kernel:6.12,mode:pin
-        :avocado: tags=backing:ext4,event:writeback"""
+        :avocado: tags=backing:ext4,event:writeback,smoke"""
         self.cell('6.12', 'pin', 'ext4', 'writeback')
 
     def test_longterm__ext4__writeback(self) -> None:
@@ -898,7 +898,7 @@ class Kernel6_12(CellTest):
 
     def test_pin__btrfs__writeback(self) -> None:
         """:avocado: tags=matrix,kernel:6.12,mode:pin
-        :avocado: tags=backing:btrfs,event:writeback,smoke"""
+        :avocado: tags=backing:btrfs,event:writeback"""
         self.cell('6.12', 'pin', 'btrfs', 'writeback')
 
     def test_longterm__btrfs__writeback(self) -> None:
@@ -918,7 +918,7 @@ class Kernel6_12(CellTest):
 
     def test_pin__ext4__2018(self) -> None:
         """:avocado: tags=matrix,kernel:6.12,mode:pin
-        :avocado: tags=backing:ext4,event:2018"""
+        :avocado: tags=backing:ext4,event:2018,smoke"""
         self.cell('6.12', 'pin', 'ext4', '2018')
 
     def test_longterm__ext4__2018(self) -> None:
@@ -938,7 +938,7 @@ class Kernel6_12(CellTest):
 
     def test_pin__btrfs__2018(self) -> None:
         """:avocado: tags=matrix,kernel:6.12,mode:pin
-        :avocado: tags=backing:btrfs,event:2018,smoke"""
+        :avocado: tags=backing:btrfs,event:2018"""
         self.cell('6.12', 'pin', 'btrfs', '2018')
 
     def test_longterm__btrfs__2018(self) -> None:
@@ -1298,7 +1298,7 @@ class Kernel6_12(CellTest):
 
     def test_pin__ext4__odirect_write(self) -> None:
         """:avocado: tags=matrix,kernel:6.12,mode:pin
-        :avocado: tags=backing:ext4,event:odirect-write"""
+        :avocado: tags=backing:ext4,event:odirect-write,smoke"""
         self.cell('6.12', 'pin', 'ext4', 'odirect-write')
 
     def test_longterm__ext4__odirect_write(self) -> None:
@@ -1338,7 +1338,7 @@ class Kernel6_12(CellTest):
 
     def test_pin__btrfs__odirect_write(self) -> None:
         """:avocado: tags=matrix,kernel:6.12,mode:pin
-        :avocado: tags=backing:btrfs,event:odirect-write,smoke"""
+        :avocado: tags=backing:btrfs,event:odirect-write"""
         self.cell('6.12', 'pin', 'btrfs', 'odirect-write')
 
     def test_longterm__btrfs__odirect_write(self) -> None:
@@ -1655,7 +1655,7 @@ class Kernel6_1(CellTest):
 
     def test_pin__ext4__truncate(self) -> None:
         """:avocado: tags=matrix,kernel:6.1,mode:pin
-        :avocado: tags=backing:ext4,event:truncate"""
+        :avocado: tags=backing:ext4,event:truncate,smoke"""
         self.cell('6.1', 'pin', 'ext4', 'truncate')
 
     def test_longterm__ext4__truncate(self) -> None:
@@ -1695,7 +1695,7 @@ class Kernel6_1(CellTest):
 
     def test_pin__btrfs__truncate(self) -> None:
         """:avocado: tags=matrix,kernel:6.1,mode:pin
-        :avocado: tags=backing:btrfs,event:truncate,smoke"""
+        :avocado: tags=backing:btrfs,event:truncate"""
         self.cell('6.1', 'pin', 'btrfs', 'truncate')
 
     def test_longterm__btrfs__truncate(self) -> None:
@@ -1775,7 +1775,7 @@ class Kernel6_1(CellTest):
 
     def test_pin__ext4__punch_hole(self) -> None:
         """:avocado: tags=matrix,kernel:6.1,mode:pin
-        :avocado: tags=backing:ext4,event:punch-hole"""
+        :avocado: tags=backing:ext4,event:punch-hole,smoke"""
         self.cell('6.1', 'pin', 'ext4', 'punch-hole')
 
     def test_longterm__ext4__punch_hole(self) -> None:
@@ -1815,7 +1815,7 @@ class Kernel6_1(CellTest):
 
     def test_pin__btrfs__punch_hole(self) -> None:
         """:avocado: tags=matrix,kernel:6.1,mode:pin
-        :avocado: tags=backing:btrfs,event:punch-hole,smoke"""
+        :avocado: tags=backing:btrfs,event:punch-hole"""
         self.cell('6.1', 'pin', 'btrfs', 'punch-hole')
 
     def test_longterm__btrfs__punch_hole(self) -> None:
@@ -2235,7 +2235,7 @@ class Kernel6_1(CellTest):
 
     def test_pin__ext4__drop_caches(self) -> None:
         """:avocado: tags=matrix,kernel:6.1,mode:pin
-        :avocado: tags=backing:ext4,event:drop-caches"""
+        :avocado: tags=backing:ext4,event:drop-caches,smoke"""
         self.cell('6.1', 'pin', 'ext4', 'drop-caches')
 
     def test_longterm__ext4__drop_caches(self) -> None:
@@ -2275,7 +2275,7 @@ class Kernel6_1(CellTest):
 
     def test_pin__btrfs__drop_caches(self) -> None:
         """:avocado: tags=matrix,kernel:6.1,mode:pin
-        :avocado: tags=backing:btrfs,event:drop-caches,smoke"""
+        :avocado: tags=backing:btrfs,event:drop-caches"""
         self.cell('6.1', 'pin', 'btrfs', 'drop-caches')
 
     def test_longterm__btrfs__drop_caches(self) -> None:
@@ -2295,7 +2295,7 @@ class Kernel6_1(CellTest):
 
     def test_pin__ext4__writeback(self) -> None:
         """:avocado: tags=matrix,kernel:6.1,mode:pin
-        :avocado: tags=backing:ext4,event:writeback"""
+        :avocado: tags=backing:ext4,event:writeback,smoke"""
         self.cell('6.1', 'pin', 'ext4', 'writeback')
 
     def test_longterm__ext4__writeback(self) -> None:
@@ -2335,7 +2335,7 @@ class Kernel6_1(CellTest):
 
     def test_pin__btrfs__writeback(self) -> None:
         """:avocado: tags=matrix,kernel:6.1,mode:pin
-        :avocado: tags=backing:btrfs,event:writeback,smoke"""
+        :avocado: tags=backing:btrfs,event:writeback"""
         self.cell('6.1', 'pin', 'btrfs', 'writeback')
 
     def test_longterm__btrfs__writeback(self) -> None:
@@ -2355,7 +2355,7 @@ class Kernel6_1(CellTest):
 
     def test_pin__ext4__2018(self) -> None:
         """:avocado: tags=matrix,kernel:6.1,mode:pin
-        :avocado: tags=backing:ext4,event:2018"""
+        :avocado: tags=backing:ext4,event:2018,smoke"""
         self.cell('6.1', 'pin', 'ext4', '2018')
 
     def test_longterm__ext4__2018(self) -> None:
@@ -2375,7 +2375,7 @@ class Kernel6_1(CellTest):
 
     def test_pin__btrfs__2018(self) -> None:
         """:avocado: tags=matrix,kernel:6.1,mode:pin
-        :avocado: tags=backing:btrfs,event:2018,smoke"""
+        :avocado: tags=backing:btrfs,event:2018"""
         self.cell('6.1', 'pin', 'btrfs', '2018')
 
     def test_longterm__btrfs__2018(self) -> None:
@@ -2735,7 +2735,7 @@ class Kernel6_1(CellTest):
 
     def test_pin__ext4__odirect_write(self) -> None:
         """:avocado: tags=matrix,kernel:6.1,mode:pin
-        :avocado: tags=backing:ext4,event:odirect-write"""
+        :avocado: tags=backing:ext4,event:odirect-write,smoke"""
         self.cell('6.1', 'pin', 'ext4', 'odirect-write')
 
     def test_longterm__ext4__odirect_write(self) -> None:
@@ -2775,7 +2775,7 @@ class Kernel6_1(CellTest):
 
     def test_pin__btrfs__odirect_write(self) -> None:
         """:avocado: tags=matrix,kernel:6.1,mode:pin
-        :avocado: tags=backing:btrfs,event:odirect-write,smoke"""
+        :avocado: tags=backing:btrfs,event:odirect-write"""
         self.cell('6.1', 'pin', 'btrfs', 'odirect-write')
 
     def test_longterm__btrfs__odirect_write(self) -> None:
@@ -3092,7 +3092,7 @@ class Kernel7(CellTest):
 
     def test_pin__ext4__truncate(self) -> None:
         """:avocado: tags=matrix,kernel:7,mode:pin
-        :avocado: tags=backing:ext4,event:truncate"""
+        :avocado: tags=backing:ext4,event:truncate,smoke"""
         self.cell('7', 'pin', 'ext4', 'truncate')
 
     def test_longterm__ext4__truncate(self) -> None:
@@ -3132,7 +3132,7 @@ class Kernel7(CellTest):
 
     def test_pin__btrfs__truncate(self) -> None:
         """:avocado: tags=matrix,kernel:7,mode:pin
-        :avocado: tags=backing:btrfs,event:truncate,smoke"""
+        :avocado: tags=backing:btrfs,event:truncate"""
         self.cell('7', 'pin', 'btrfs', 'truncate')
 
     def test_longterm__btrfs__truncate(self) -> None:
@@ -3212,7 +3212,7 @@ class Kernel7(CellTest):
 
     def test_pin__ext4__punch_hole(self) -> None:
         """:avocado: tags=matrix,kernel:7,mode:pin
-        :avocado: tags=backing:ext4,event:punch-hole"""
+        :avocado: tags=backing:ext4,event:punch-hole,smoke"""
         self.cell('7', 'pin', 'ext4', 'punch-hole')
 
     def test_longterm__ext4__punch_hole(self) -> None:
@@ -3252,7 +3252,7 @@ class Kernel7(CellTest):
 
     def test_pin__btrfs__punch_hole(self) -> None:
         """:avocado: tags=matrix,kernel:7,mode:pin
-        :avocado: tags=backing:btrfs,event:punch-hole,smoke"""
+        :avocado: tags=backing:btrfs,event:punch-hole"""
         self.cell('7', 'pin', 'btrfs', 'punch-hole')
 
     def test_longterm__btrfs__punch_hole(self) -> None:
@@ -3672,7 +3672,7 @@ class Kernel7(CellTest):
 
     def test_pin__ext4__drop_caches(self) -> None:
         """:avocado: tags=matrix,kernel:7,mode:pin
-        :avocado: tags=backing:ext4,event:drop-caches"""
+        :avocado: tags=backing:ext4,event:drop-caches,smoke"""
         self.cell('7', 'pin', 'ext4', 'drop-caches')
 
     def test_longterm__ext4__drop_caches(self) -> None:
@@ -3712,7 +3712,7 @@ class Kernel7(CellTest):
 
     def test_pin__btrfs__drop_caches(self) -> None:
         """:avocado: tags=matrix,kernel:7,mode:pin
-        :avocado: tags=backing:btrfs,event:drop-caches,smoke"""
+        :avocado: tags=backing:btrfs,event:drop-caches"""
         self.cell('7', 'pin', 'btrfs', 'drop-caches')
 
     def test_longterm__btrfs__drop_caches(self) -> None:
@@ -3732,7 +3732,7 @@ class Kernel7(CellTest):
 
     def test_pin__ext4__writeback(self) -> None:
         """:avocado: tags=matrix,kernel:7,mode:pin
-        :avocado: tags=backing:ext4,event:writeback"""
+        :avocado: tags=backing:ext4,event:writeback,smoke"""
         self.cell('7', 'pin', 'ext4', 'writeback')
 
     def test_longterm__ext4__writeback(self) -> None:
@@ -3772,7 +3772,7 @@ class Kernel7(CellTest):
 
     def test_pin__btrfs__writeback(self) -> None:
         """:avocado: tags=matrix,kernel:7,mode:pin
-        :avocado: tags=backing:btrfs,event:writeback,smoke"""
+        :avocado: tags=backing:btrfs,event:writeback"""
         self.cell('7', 'pin', 'btrfs', 'writeback')
 
     def test_longterm__btrfs__writeback(self) -> None:
@@ -3792,7 +3792,7 @@ class Kernel7(CellTest):
 
     def test_pin__ext4__2018(self) -> None:
         """:avocado: tags=matrix,kernel:7,mode:pin
-        :avocado: tags=backing:ext4,event:2018"""
+        :avocado: tags=backing:ext4,event:2018,smoke"""
         self.cell('7', 'pin', 'ext4', '2018')
 
     def test_longterm__ext4__2018(self) -> None:
@@ -3812,7 +3812,7 @@ class Kernel7(CellTest):
 
     def test_pin__btrfs__2018(self) -> None:
         """:avocado: tags=matrix,kernel:7,mode:pin
-        :avocado: tags=backing:btrfs,event:2018,smoke"""
+        :avocado: tags=backing:btrfs,event:2018"""
         self.cell('7', 'pin', 'btrfs', '2018')
 
     def test_longterm__btrfs__2018(self) -> None:
@@ -4172,7 +4172,7 @@ class Kernel7(CellTest):
 
     def test_pin__ext4__odirect_write(self) -> None:
         """:avocado: tags=matrix,kernel:7,mode:pin
-        :avocado: tags=backing:ext4,event:odirect-write"""
+        :avocado: tags=backing:ext4,event:odirect-write,smoke"""
         self.cell('7', 'pin', 'ext4', 'odirect-write')
 
     def test_longterm__ext4__odirect_write(self) -> None:
@@ -4212,7 +4212,7 @@ class Kernel7(CellTest):
 
     def test_pin__btrfs__odirect_write(self) -> None:
         """:avocado: tags=matrix,kernel:7,mode:pin
-        :avocado: tags=backing:btrfs,event:odirect-write,smoke"""
+        :avocado: tags=backing:btrfs,event:odirect-write"""
         self.cell('7', 'pin', 'btrfs', 'odirect-write')
 
     def test_longterm__btrfs__odirect_write(self) -> None:
