@@ -21,8 +21,8 @@ from .steps import run
 RECIPE = "rootfs-v1"
 SUITE = Suite("trixie", epoch=1735689600)
 PACKAGES = [
-    "openssh-server", "python3", "e2fsprogs", "xfsprogs", "util-linux", "kmod", "procps",
-    "iproute2", "pciutils", "busybox-static",
+    "openssh-server", "python3", "e2fsprogs", "xfsprogs", "btrfs-progs", "util-linux", "kmod",
+    "procps", "iproute2", "pciutils", "busybox-static",
 ]
 SSHD_CONF = """\
 # pinlab: key-only root login, fast start, ed25519 host key made at image build time

@@ -33,7 +33,11 @@ PINNED_MODES = ("gup", "pin", "longterm")
 FOLL_PIN_MODES = ("pin", "longterm")       # counted in nr_foll_pin_* (FOLL_PIN)
 PRIVATE_BACKINGS = ("anon", "private-file")
 # backings whose final file contents the workload reads back (file_after)
-FILE_BACKINGS = ("memfd", "tmpfs", "ext4", "xfs", "hugetlb")
+FILE_BACKINGS = ("memfd", "tmpfs", "ext4", "xfs", "btrfs", "hugetlb")
+# reclaim cells of anonymous memory must show that reclaim reached the mapping: an
+# unregistered control page of the same mapping went to swap (pinlab_cell.SWAP_CONTROL)
+SWAP_CONTROL_BACKINGS = ("anon", "private-file")
+SWAP_CONTROL_EVENTS = ("pageout", "memcg-reclaim")
 F_SEAL_WRITE = 0x0008
 # a fence missed by the device is logged by pinlab_odp.c / pinlab_queue.c
 ESCALATION_LINES = ("INVALIDATE fence missed", "resetting device")
@@ -51,9 +55,12 @@ EVIDENCE: dict[str, tuple[str, ...]] = {
     "DMA_AFTER_REVOKE": ("audit violation records",),
     "DMA_OUTSIDE_REGISTRATION": ("audit writes", "registered PFNs"),
     "COHERENT": ("audit: the later generation written to every registered page",
-                 "the DMA step's errno 0", "every view scanned showing that generation"),
+                 "the DMA step's errno 0", "every view scanned showing that generation",
+                 "anon reclaim: a control page swapped, pswpout, control pages intact"),
     "REVOKED_IN_TIME": ("audit: an invalidate acknowledged after the event's step",
-                        "no violation", "the outcome's views"),
+                        "no violation", "the outcome's views",
+                        "anon reclaim: a control page swapped, pswpout, control pages "
+                        "intact"),
     "WRITES_LOST_SILENTLY": ("audit: the later generation written to the registered pages",
                              "the DMA step's errno 0",
                              "a view showing something else on at least one page"),
@@ -62,6 +69,11 @@ EVIDENCE: dict[str, tuple[str, ...]] = {
     "EXT4_WARN_DATA_LOST": ("ext4 WARN or buffer-warning lines",
                             "audit: the later generation written",
                             "file scan after drop_caches without it"),
+    "DIRTY_FOLIO_REJECTED": ("btrfs 'marked dirty without notifying the fs' lines or an "
+                             "fsync EUCLEAN/EIO",
+                             "an fsync, sync or file read step's error",
+                             "audit: the later generation written"),
+    "CSUM_FAILED": ("btrfs 'csum failed' lines",),
     "MIGRATION_FAILS": ("control pages moved", "registered pages not moved",
                         "audit: generation 2 written", "mapping scan"),
     "PARENT_LOSES_WRITES": ("child report", "child status 0", "parent and child scans",
@@ -400,6 +412,41 @@ class _Judge:
         self.wrote(last)
         return "EXT4_WARN_DATA_LOST"
 
+    def btrfs_writeback(self, last: int) -> str | None:
+        """btrfs's own verdict on the device's writes, when it gave one in the kernel log:
+        CSUM_FAILED when a read found a block whose checksum does not match; else
+        DIRTY_FOLIO_REJECTED when writeback rejected a folio dirtied without
+        ->page_mkwrite (the driver's set_page_dirty_lock at unpin; 7ca3e84980ef, -EUCLEAN)
+        and a later fsync or sync of the file reported the error, after the device wrote
+        generation ``last``. Whether the page cache still holds that generation after
+        drop_caches (the rejected folio may stay cached, dirty) is recorded, not judged:
+        the disk does not have it either way. None when btrfs logged neither."""
+        csum = self.dm.lines.get("BTRFS_CSUM", [])
+        if csum:
+            self.f["btrfs_csum"] = csum[:4]
+            return "CSUM_FAILED"
+        oob = self.dm.lines.get("BTRFS_OOB_DIRTY", [])
+        errs = {st["step"]: st.get("errno_name") or st.get("errno")
+                for st in self.rep.get("steps", []) if isinstance(st, dict)
+                and str(st.get("step", "")).startswith(("fsync", "sync")) and st.get("errno")}
+        errs.update({k: v.get("errno_name") for k, v in self.rep.items()
+                     if k.endswith("_error") and isinstance(v, dict)})
+        # the writeback error reaches fsync as -EUCLEAN (errseq) or -EIO (AS_EIO,
+        # mapping_set_error); the log lines are rate-limited, so a cell seconds after
+        # another rejecting cell may have the error without them
+        wb = {k: v for k, v in errs.items() if v in ("EUCLEAN", "EIO")}
+        if not oob and not wb:
+            return None
+        self.f["btrfs_oob_dirty"] = oob[:4]
+        self.f["writeback_errors"] = errs
+        if not errs:
+            raise Inconclusive("btrfs rejected folios but no fsync or read reported an error")
+        with_gen = self.rep.get("file_after")
+        if isinstance(with_gen, list) and with_gen:
+            self.f["file_after"] = with_gen
+        self.wrote(last)
+        return "DIRTY_FOLIO_REJECTED"
+
     # -- the classification --
     def run(self) -> str:
         rep, cell = self.rep, self.cell
@@ -418,6 +465,10 @@ class _Judge:
         shared = self.shared()
         if shared:
             return shared
+        if cell.backing == "btrfs":
+            judged = self.btrfs_writeback(1 if cell.event == "dma-write" else 2)
+            if judged:
+                return judged
         if cell.event != "2018":
             lost = self.ext4_lost(1 if cell.event == "dma-write" else 2)
             if lost:
@@ -482,11 +533,46 @@ class _Judge:
             if rep.get(k) is not None:
                 self.f[k] = rep[k]
         self.f["pfns_changed"] = _changed(rep.get("pfns_before"), rep.get("pfns_after_touch"))
+        if (self.cell.backing in SWAP_CONTROL_BACKINGS
+                and self.cell.event in SWAP_CONTROL_EVENTS):
+            self.swap_reached()
         if self.g2_errno():
             return self.revoked_failure(step(rep, "dma_write_g2").get("errno_name"))
         return self.outcome(self.views_g(self.file_views("map_g2")))
 
     ev_pageout = ev_memcg_reclaim = ev_drop_caches = ev_dontneed = _reclaim
+
+    def swap_reached(self) -> None:
+        """Reclaim of anonymous memory reached the mapping: at least one of its
+        unregistered control pages is a swap entry in pagemap after the event
+        (Documentation/admin-guide/mm/pagemap.rst, bit 62), /proc/vmstat pswpout grew by at
+        least that many pages, and every control page reads back its own words after
+        swap-in. Without that a COHERENT cell proves nothing (nothing was reclaimed), so
+        :class:`Inconclusive` names what is missing. Records ``swapped`` (registered and
+        control pages that were swap entries) and ``pswpout`` in the facts."""
+        rep = self.rep
+        n = rep.get("control_pages")
+        ctl = rep.get("control_pagemap_after_event")
+        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
+            raise Inconclusive("control_pages missing")
+        if not isinstance(ctl, list) or len(ctl) != n:
+            raise Inconclusive("control pagemap missing")
+        reg = summarize_pagemap(rep.get("pagemap_after_event"))
+        if reg is None:
+            raise Inconclusive("pagemap after the event missing")
+        ctl_swapped = sum(1 for p in ctl if p == "swap")
+        ev = rep.get("vmstat_event")
+        pswpout = ev.get("pswpout", 0) if isinstance(ev, dict) else None
+        self.f["swapped"] = {"registered": reg["swap"], "control": ctl_swapped,
+                             "control_pages": n, "pswpout": pswpout}
+        if not ctl_swapped:
+            raise Inconclusive("reclaim did not reach the mapping: no control page swapped")
+        if not isinstance(pswpout, int) or pswpout < ctl_swapped:
+            raise Inconclusive(f"pswpout {pswpout} below the {ctl_swapped} swapped "
+                               "control pages")
+        intact = rep.get("control_intact")
+        if intact != n:
+            raise Inconclusive(f"control pages intact after swap-in: {intact} of {n}")
 
     def ev_writeback(self) -> str:
         self.f["stream_chunks"] = self.rep.get("stream_chunks")

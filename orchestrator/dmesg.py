@@ -20,6 +20,11 @@ PATTERNS: list[tuple[str, re.Pattern[str]]] = [
     ("BAD_PAGE", re.compile(r"BUG: Bad page (state|map)")),
     ("RCU_STALL", re.compile(r"rcu: INFO: rcu_\w+ (self-)?detected stall")),
     ("SOFT_LOCKUP", re.compile(r"soft lockup - CPU#")),
+    # btrfs writeback of a folio dirtied without ->page_mkwrite, rejected with -EUCLEAN
+    # (7ca3e84980ef "btrfs: reject out-of-band dirty folios during writeback")
+    ("BTRFS_OOB_DIRTY", re.compile(r"BTRFS error .* is marked dirty without notifying the fs")),
+    # btrfs read of a block whose checksum does not match the data on disk
+    ("BTRFS_CSUM", re.compile(r"BTRFS (warning|error) .*csum failed")),
     # memory offline that cannot migrate a page (mm/memory_hotplug.c do_migrate_range)
     ("MIGRATION_FAILURE", re.compile(r"migrating pfn \w+ failed|"
                                      r"page dumped because: migration failure")),

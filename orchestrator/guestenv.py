@@ -17,13 +17,16 @@ from .session import GUEST_DIR, GuestSession
 from .vm import GuestConfig
 
 IRQ_MODES = ("msi", "msix")
-SCRATCH_DISKS = {"pinlab-ext4": 512, "pinlab-xfs": 512}   # serial -> MiB (pinlab_env.DISKS)
+# serial -> MiB (pinlab_env.DISKS, pinlab_env.SWAP_DISK); swap: a disk of its own, see
+# pinlab_env's docstring for why not zram or a swap file
+SCRATCH_DISKS = {"pinlab-ext4": 512, "pinlab-xfs": 512, "pinlab-btrfs": 512,
+                 "pinlab-swap": 128}
 CMDLINE = "page_poison=1"
 HOTPLUG_MB = 512
 
 
 def guest_config(irq: str = "msi") -> GuestConfig:
-    """A matrix guest: scratch disks for the filesystems, page poisoning, room for a
+    """A matrix guest: scratch disks for the filesystems and swap, page poisoning, room for a
     hot-added DIMM (mem-offline cells), and the device with MSI instead of MSI-X:
     QEMU 11.1's vfio-user-pci aborts on device_del of an MSI-X device, and the hot-unplug
     cells need device_del to work. Raises ValueError for an unknown ``irq``."""
@@ -34,11 +37,11 @@ def guest_config(irq: str = "msi") -> GuestConfig:
 
 
 def setup_command(*, swap: bool = False, hugepages: int = 0, cell: str | None = None) -> str:
-    """The guest command that sets an ``up`` guest up like a matrix guest: both scratch
-    filesystems, tmpfs and hugetlbfs mounted, optionally swap and huge pages, and the
-    environment of one cell (``MODE/BACKING/EVENT``)."""
-    argv = ["python3", f"{GUEST_DIR}/pinlab_env.py", "setup", "--fs", "ext4,xfs", "--tmpfs",
-            "--hugetlbfs"]
+    """The guest command that sets an ``up`` guest up like a matrix guest: the scratch
+    filesystems (ext4, xfs, btrfs), tmpfs and hugetlbfs mounted, optionally swap and huge
+    pages, and the environment of one cell (``MODE/BACKING/EVENT``)."""
+    argv = ["python3", f"{GUEST_DIR}/pinlab_env.py", "setup", "--fs", "ext4,xfs,btrfs",
+            "--tmpfs", "--hugetlbfs"]
     if swap:
         argv.append("--swap")
     if hugepages:

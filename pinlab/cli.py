@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
                     "delay-revoke-ms=MS, write-after-revoke, drop-irq, delay-irq-ms=MS")
     up.add_argument("--append", action="append", metavar="ARGS",
                     help="extra kernel command-line arguments (repeatable)")
-    up.add_argument("--swap", action="store_true", help="a 64 MiB swapfile on the ext4 disk")
+    up.add_argument("--swap", action="store_true", help="swap on the 128 MiB pinlab-swap disk")
     up.add_argument("--hugepages", type=int, default=0, metavar="N",
                     help="raise vm.nr_hugepages by N (2 MiB pages)")
     up.add_argument("--memory", type=int, metavar="MIB", help="guest RAM (default 1024)")

@@ -55,6 +55,11 @@ from pinlab_mm import (
 )
 
 NPAGES = 16                 # 64 KiB: enough for truncate halves, holes, partial pages
+CONTROL_PAGES = 4           # unregistered pages after the region (swap reclaim cells)
+# cells whose reclaim must be shown to reach the mapping: an unregistered control page of
+# the same mapping has to go to swap, or the cell proves nothing (classify.py)
+SWAP_CONTROL = {("anon", "pageout"), ("anon", "memcg-reclaim"),
+                ("private-file", "pageout"), ("private-file", "memcg-reclaim")}
 SOFT_OFFLINE_PAGES = 4
 READY_FILE = "/tmp/pinlab-cell.ready"
 
@@ -331,6 +336,37 @@ class Mapping:
         return os.pread(self.fd, size, 0)
 
 
+def control_word(i):
+    """The 64-bit word that fills control page ``i`` (never a device pattern, never 0)."""
+    return 0xC0_7701_0000_0000 | i
+
+
+class Control:
+    """CONTROL_PAGES unregistered pages at the end of a mapping, filled with
+    control_word(i) so they are not zero-filled (swap stores those without I/O on 6.12+)
+    and their contents can be checked after swap-in."""
+
+    def __init__(self, m, first):
+        self.m, self.first = m, first
+        mv = memoryview(m.mm).cast("B")
+        for i in range(CONTROL_PAGES):
+            off = (first + i) * PAGE
+            mv[off:off + PAGE] = struct.pack("<Q", control_word(i)) * (PAGE // 8)
+        mv.release()
+
+    def pagemap(self):
+        return pagemap(self.m.addr + self.first * PAGE, CONTROL_PAGES)
+
+    def intact(self):
+        """How many control pages still hold their words (reading faults them in)."""
+        mv = memoryview(self.m.mm).cast("B")
+        n = sum(1 for i in range(CONTROL_PAGES)
+                if bytes(mv[(self.first + i) * PAGE:(self.first + i + 1) * PAGE])
+                == struct.pack("<Q", control_word(i)) * (PAGE // 8))
+        mv.release()
+        return n
+
+
 # ------------------------------------------------------------------ the cell
 class Cell:
     def __init__(self, args, stack):
@@ -362,7 +398,15 @@ class Cell:
         self.rep["vmstat_released"] = vmstat()
 
     def file_scan(self, key, direct=False):
-        data = self.m.read_file(direct=direct)
+        """Scan the file into rep[key]. A read that fails (btrfs: an O_DIRECT read first
+        writes the range back, and writeback of a folio dirtied without ->page_mkwrite
+        fails with EUCLEAN where 7ca3e84980ef is in) is recorded in rep[key + "_error"]
+        and leaves rep[key] unset: the classifier then lacks that view."""
+        try:
+            data = self.m.read_file(direct=direct)
+        except OSError as exc:
+            self.rep[key + "_error"] = {"errno": exc.errno, "errno_name": errname(exc.errno or 0)}
+            return
         self.rep[key] = scan(data, self.rid, len(data) // PAGE)
         self.rep[key + "_bytes"] = len(data)
 
@@ -381,8 +425,15 @@ class Cell:
         cell_environment(a.backing, a.event, self.stack, rep)
         if a.event == "mem-offline":
             rep["movable_pages"] = wait_movable_memory(30)
+        npages = 64 if a.event == "migrate" else NPAGES
+        ctl = (a.backing, a.event) in SWAP_CONTROL
         self.m = Mapping(self.stack, a.backing, rep,
-                         npages=64 if a.event == "migrate" else NPAGES)
+                         npages=npages + (CONTROL_PAGES if ctl else 0))
+        self.control = None
+        if ctl:   # the region is the first npages; the rest of the mapping is the control
+            self.control = Control(self.m, npages)
+            self.m.npages, self.m.size = npages, npages * PAGE
+            rep["control_pages"] = CONTROL_PAGES
         rep["npages"] = self.m.npages
         rep["pfns_before"] = self.m.pfns()
         rep["memcg_before"] = memcg_current() if a.event == "memcg-reclaim" else None
@@ -431,7 +482,7 @@ class Cell:
         """After release: what the file holds (disk files: unmap, sync, drop_caches)."""
         if self.m.kind in ("anon", "private-file") or self.m.fd is None:
             return
-        if self.m.kind in ("ext4", "xfs"):
+        if self.m.kind in ("ext4", "xfs", "btrfs"):
             self.m.unmap()
             timed(self.rep, "fsync_final", os.fsync, self.m.fd)
             drop_caches()
@@ -477,9 +528,13 @@ class Cell:
     def _after_reclaim(self):
         rep = self.rep
         rep["pagemap_after_event"] = self.m.pfns()
+        if self.control is not None:
+            rep["control_pagemap_after_event"] = self.control.pagemap()
         self.dma(2)
         rep["map_g2"] = self.scan_map()
         rep["pfns_after_touch"] = self.m.pfns()
+        if self.control is not None:
+            rep["control_intact"] = self.control.intact()
 
     def ev_pageout(self):
         v0 = vmstat()
@@ -816,7 +871,7 @@ EVENTS = ["dma-write", "truncate", "punch-hole", "punch-hole-partial", "pageout"
           "memcg-reclaim", "drop-caches", "writeback", "2018", "migrate", "fork",
           "fork-dontfork", "munmap", "dontneed", "seal-write", "hot-unplug", "pci-remove",
           "no-ack", "odirect-write", "exit", "oom", "mem-offline"]
-BACKINGS = ["anon", "memfd", "tmpfs", "ext4", "xfs", "private-file", "hugetlb"]
+BACKINGS = ["anon", "memfd", "tmpfs", "ext4", "xfs", "btrfs", "private-file", "hugetlb"]
 
 
 if __name__ == "__main__":

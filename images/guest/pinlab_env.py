@@ -9,10 +9,18 @@ matrix cell cleans up after itself); without, it stays (an ``up`` guest keeps it
 resource that already exists is reused and not undone by a later stack.
 
     mnt = pinlab_env.mount_scratch("ext4")     # "/mnt/pinlab-ext4", mkfs on first use
-    pinlab_env.enable_swap()                   # 64 MiB swapfile on the ext4 disk
+    pinlab_env.enable_swap()                   # the whole pinlab-swap disk as swap
 
 The scratch disks are virtio-blk disks the host attaches with serial numbers
-``pinlab-ext4`` and ``pinlab-xfs`` (orchestrator/vm.py, GuestConfig.scratch_disks).
+``pinlab-ext4``, ``pinlab-xfs``, ``pinlab-btrfs`` and ``pinlab-swap`` (orchestrator/vm.py,
+GuestConfig.scratch_disks). Swap is a block device of its own, not a swap file on a
+scratch filesystem (which would keep that filesystem busy, so it could not be unmounted
+after its cells, and route every swap write through the filesystem's swap-file mapping)
+and not zram (which compresses into the guest RAM that the reclaim is meant to free and
+needs the zram module in the guest). Every matrix cell runs with it on (cell_environment):
+"pageout" and "memcg-reclaim" of anonymous memory reclaim for real, and a swapped page
+shows as a swap entry in /proc/PID/pagemap and as pswpout in /proc/vmstat
+(Documentation/admin-guide/mm/pagemap.rst).
 Errors: RuntimeError when a disk or controller is missing, subprocess.CalledProcessError
 when mkfs, mount, mkswap or swapon fail, OSError from /proc and /sys writes.
 
@@ -32,9 +40,12 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from pinlab_mm import read_file, write_file  # noqa: E402
 
-DISKS = {"ext4": "pinlab-ext4", "xfs": "pinlab-xfs"}   # filesystem -> disk serial
+DISKS = {"ext4": "pinlab-ext4", "xfs": "pinlab-xfs",   # filesystem -> disk serial
+         "btrfs": "pinlab-btrfs"}
+MKFS = {"ext4": ["mkfs.ext4", "-F", "-q"], "xfs": ["mkfs.xfs", "-f", "-q"],
+        "btrfs": ["mkfs.btrfs", "-f", "-q"]}
 MNT = "/mnt/pinlab-{}"                                  # mount point per filesystem
-SWAP_MIB = 64
+SWAP_DISK = "pinlab-swap"                               # serial of the swap disk
 CGROOT = "/sys/fs/cgroup"
 CGCELL = f"{CGROOT}/pinlab-cell"     # memcg-reclaim cells run in here
 CGOOM = f"{CGROOT}/pinlab-oom"       # the victim of an "oom" cell runs in here
@@ -58,7 +69,7 @@ def find_disk(serial):
 
 
 def mount_scratch(fs, stack=None, rep=None):
-    """Mount the scratch disk of ``fs`` ("ext4" or "xfs") at /mnt/pinlab-<fs> (mkfs on
+    """Mount the scratch disk of ``fs`` ("ext4", "xfs" or "btrfs") at /mnt/pinlab-<fs> (mkfs on
     first use; rep["notes"] records it). Returns the mount point."""
     mnt = MNT.format(fs)
     os.makedirs(mnt, exist_ok=True)
@@ -66,8 +77,7 @@ def mount_scratch(fs, stack=None, rep=None):
         return mnt
     dev = find_disk(DISKS[fs])
     if subprocess.run(["mount", "-t", fs, dev, mnt], capture_output=True).returncode:
-        mk = ["mkfs.ext4", "-F", "-q", dev] if fs == "ext4" else ["mkfs.xfs", "-f", "-q", dev]
-        subprocess.run(mk, check=True, capture_output=True)
+        subprocess.run([*MKFS[fs], dev], check=True, capture_output=True)
         subprocess.run(["mount", "-t", fs, dev, mnt], check=True, capture_output=True)
         if rep is not None:
             rep.setdefault("notes", []).append(f"mkfs {fs} {dev}")
@@ -114,29 +124,19 @@ def swap_active():
     return read_file("/proc/swaps").count("\n") - 1
 
 
-def enable_swap(stack=None, rep=None, mib=SWAP_MIB):
-    """A ``mib`` MiB swapfile on the ext4 scratch disk, swapped on (anon and shmem reclaim
-    need swap). Nothing when swap is already on. Returns the swap file's path or None."""
+def enable_swap(stack=None, rep=None):
+    """Swap on the whole ``pinlab-swap`` disk (mkswap, swapon). Nothing when swap is
+    already on. Returns the swap device or None; rep["swap"] records it. The disk is
+    made blank for each boot, so mkswap is always safe here."""
     if swap_active() > 0:
         return None
-    mnt = mount_scratch("ext4", stack, rep)
-    path = f"{mnt}/swapfile"
-    fd = os.open(path, os.O_CREAT | os.O_RDWR | os.O_TRUNC, 0o600)
-    try:
-        os.posix_fallocate(fd, 0, mib << 20)
-    finally:
-        os.close(fd)
-    subprocess.run(["mkswap", path], check=True, capture_output=True)
-    subprocess.run(["swapon", path], check=True, capture_output=True)
-
-    def off():
-        subprocess.run(["swapoff", path], capture_output=True)
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-    _later(stack, off)
+    dev = find_disk(SWAP_DISK)
+    subprocess.run(["mkswap", "-f", dev], check=True, capture_output=True)
+    subprocess.run(["swapon", dev], check=True, capture_output=True)
+    _later(stack, subprocess.run, ["swapoff", dev], capture_output=True)
     if rep is not None:
-        rep["swap"] = path
-    return path
+        rep["swap"] = dev
+    return dev
 
 
 def memory_cgroup(path):
@@ -187,18 +187,18 @@ def oom_cgroup(stack=None, rep=None):
 
 def cell_environment(backing, event, stack=None, rep=None, enter=True):
     """Everything a matrix cell of (backing, event) sets up before it maps its memory:
-    the memcg-reclaim cgroup (entered when ``enter``), swap for anon/shmem reclaim, the
-    backing's filesystem, and huge pages for hugetlb. Returns a dict of what was done."""
+    swap (on for every cell and left on: a matrix guest has swap), the memcg-reclaim
+    cgroup (entered when ``enter``), the backing's filesystem, and huge pages for
+    hugetlb. Returns a dict of what was done."""
     done = {} if rep is None else rep
+    enable_swap(None, done)
     if event == "memcg-reclaim":
         if enter:
             enter_cgroup(CGCELL, stack, done)
         else:
             memory_cgroup(CGCELL)
             done["cgroup"] = CGCELL
-    if event in ("pageout", "memcg-reclaim") and backing in ("anon", "memfd", "tmpfs"):
-        enable_swap(stack, done)
-    if backing in ("ext4", "xfs", "private-file"):
+    if backing in ("ext4", "xfs", "btrfs", "private-file"):
         done["mount"] = mount_scratch("ext4" if backing == "private-file" else backing,
                                       stack, done)
     elif backing == "tmpfs":
@@ -224,11 +224,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="pinlab_env.py")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("setup", help="set up a guest like a matrix guest (stays set up)")
-    s.add_argument("--fs", default="", help="comma-separated: ext4,xfs")
+    s.add_argument("--fs", default="", help="comma-separated: ext4,xfs,btrfs")
     s.add_argument("--tmpfs", action="store_true")
     s.add_argument("--hugetlbfs", action="store_true")
     s.add_argument("--hugepages", type=int, default=0, help="raise nr_hugepages by N")
-    s.add_argument("--swap", action="store_true", help=f"a {SWAP_MIB} MiB swapfile on ext4")
+    s.add_argument("--swap", action="store_true", help="swap on the pinlab-swap disk")
     s.add_argument("--cell", help="MODE/BACKING/EVENT: that cell's environment too")
     sub.add_parser("state", help="print what is set up")
     a = p.parse_args(argv)

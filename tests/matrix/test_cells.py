@@ -111,6 +111,26 @@ class Kernel6_12(CellTest):
         :avocado: tags=backing:xfs,event:dma-write"""
         self.cell('6.12', 'odp', 'xfs', 'dma-write')
 
+    def test_gup__btrfs__dma_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:btrfs,event:dma-write"""
+        self.cell('6.12', 'gup', 'btrfs', 'dma-write')
+
+    def test_pin__btrfs__dma_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:btrfs,event:dma-write"""
+        self.cell('6.12', 'pin', 'btrfs', 'dma-write')
+
+    def test_longterm__btrfs__dma_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:btrfs,event:dma-write"""
+        self.cell('6.12', 'longterm', 'btrfs', 'dma-write')
+
+    def test_odp__btrfs__dma_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:btrfs,event:dma-write"""
+        self.cell('6.12', 'odp', 'btrfs', 'dma-write')
+
     def test_gup__hugetlb__dma_write(self) -> None:
         """:avocado: tags=matrix,kernel:6.12,mode:gup
         :avocado: tags=backing:hugetlb,event:dma-write"""
@@ -231,6 +251,26 @@ class Kernel6_12(CellTest):
         :avocado: tags=backing:xfs,event:truncate"""
         self.cell('6.12', 'odp', 'xfs', 'truncate')
 
+    def test_gup__btrfs__truncate(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:btrfs,event:truncate"""
+        self.cell('6.12', 'gup', 'btrfs', 'truncate')
+
+    def test_pin__btrfs__truncate(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:btrfs,event:truncate"""
+        self.cell('6.12', 'pin', 'btrfs', 'truncate')
+
+    def test_longterm__btrfs__truncate(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:btrfs,event:truncate"""
+        self.cell('6.12', 'longterm', 'btrfs', 'truncate')
+
+    def test_odp__btrfs__truncate(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:btrfs,event:truncate"""
+        self.cell('6.12', 'odp', 'btrfs', 'truncate')
+
     def test_gup__hugetlb__truncate(self) -> None:
         """:avocado: tags=matrix,kernel:6.12,mode:gup
         :avocado: tags=backing:hugetlb,event:truncate"""
@@ -330,6 +370,26 @@ class Kernel6_12(CellTest):
         """:avocado: tags=matrix,kernel:6.12,mode:odp
         :avocado: tags=backing:xfs,event:punch-hole"""
         self.cell('6.12', 'odp', 'xfs', 'punch-hole')
+
+    def test_gup__btrfs__punch_hole(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:btrfs,event:punch-hole"""
+        self.cell('6.12', 'gup', 'btrfs', 'punch-hole')
+
+    def test_pin__btrfs__punch_hole(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:btrfs,event:punch-hole"""
+        self.cell('6.12', 'pin', 'btrfs', 'punch-hole')
+
+    def test_longterm__btrfs__punch_hole(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:btrfs,event:punch-hole"""
+        self.cell('6.12', 'longterm', 'btrfs', 'punch-hole')
+
+    def test_odp__btrfs__punch_hole(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:btrfs,event:punch-hole"""
+        self.cell('6.12', 'odp', 'btrfs', 'punch-hole')
 
     def test_gup__hugetlb__punch_hole(self) -> None:
         """:avocado: tags=matrix,kernel:6.12,mode:gup
@@ -531,6 +591,46 @@ class Kernel6_12(CellTest):
         :avocado: tags=backing:xfs,event:pageout"""
         self.cell('6.12', 'odp', 'xfs', 'pageout')
 
+    def test_gup__btrfs__pageout(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:btrfs,event:pageout"""
+        self.cell('6.12', 'gup', 'btrfs', 'pageout')
+
+    def test_pin__btrfs__pageout(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:btrfs,event:pageout"""
+        self.cell('6.12', 'pin', 'btrfs', 'pageout')
+
+    def test_longterm__btrfs__pageout(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:btrfs,event:pageout"""
+        self.cell('6.12', 'longterm', 'btrfs', 'pageout')
+
+    def test_odp__btrfs__pageout(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:btrfs,event:pageout"""
+        self.cell('6.12', 'odp', 'btrfs', 'pageout')
+
+    def test_gup__private_file__pageout(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:private-file,event:pageout"""
+        self.cell('6.12', 'gup', 'private-file', 'pageout')
+
+    def test_pin__private_file__pageout(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:private-file,event:pageout"""
+        self.cell('6.12', 'pin', 'private-file', 'pageout')
+
+    def test_longterm__private_file__pageout(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:private-file,event:pageout"""
+        self.cell('6.12', 'longterm', 'private-file', 'pageout')
+
+    def test_odp__private_file__pageout(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:private-file,event:pageout"""
+        self.cell('6.12', 'odp', 'private-file', 'pageout')
+
     def test_gup__anon__memcg_reclaim(self) -> None:
         """:avocado: tags=matrix,kernel:6.12,mode:gup
         :avocado: tags=backing:anon,event:memcg-reclaim"""
@@ -610,6 +710,46 @@ class Kernel6_12(CellTest):
         """:avocado: tags=matrix,kernel:6.12,mode:odp
         :avocado: tags=backing:xfs,event:memcg-reclaim"""
         self.cell('6.12', 'odp', 'xfs', 'memcg-reclaim')
+
+    def test_gup__btrfs__memcg_reclaim(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:btrfs,event:memcg-reclaim"""
+        self.cell('6.12', 'gup', 'btrfs', 'memcg-reclaim')
+
+    def test_pin__btrfs__memcg_reclaim(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:btrfs,event:memcg-reclaim"""
+        self.cell('6.12', 'pin', 'btrfs', 'memcg-reclaim')
+
+    def test_longterm__btrfs__memcg_reclaim(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:btrfs,event:memcg-reclaim"""
+        self.cell('6.12', 'longterm', 'btrfs', 'memcg-reclaim')
+
+    def test_odp__btrfs__memcg_reclaim(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:btrfs,event:memcg-reclaim"""
+        self.cell('6.12', 'odp', 'btrfs', 'memcg-reclaim')
+
+    def test_gup__private_file__memcg_reclaim(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:private-file,event:memcg-reclaim"""
+        self.cell('6.12', 'gup', 'private-file', 'memcg-reclaim')
+
+    def test_pin__private_file__memcg_reclaim(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:private-file,event:memcg-reclaim"""
+        self.cell('6.12', 'pin', 'private-file', 'memcg-reclaim')
+
+    def test_longterm__private_file__memcg_reclaim(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:private-file,event:memcg-reclaim"""
+        self.cell('6.12', 'longterm', 'private-file', 'memcg-reclaim')
+
+    def test_odp__private_file__memcg_reclaim(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:private-file,event:memcg-reclaim"""
+        self.cell('6.12', 'odp', 'private-file', 'memcg-reclaim')
 
     def test_gup__memfd__drop_caches(self) -> None:
         """:avocado: tags=matrix,kernel:6.12,mode:gup
@@ -691,6 +831,26 @@ class Kernel6_12(CellTest):
         :avocado: tags=backing:xfs,event:drop-caches"""
         self.cell('6.12', 'odp', 'xfs', 'drop-caches')
 
+    def test_gup__btrfs__drop_caches(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:btrfs,event:drop-caches"""
+        self.cell('6.12', 'gup', 'btrfs', 'drop-caches')
+
+    def test_pin__btrfs__drop_caches(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:btrfs,event:drop-caches"""
+        self.cell('6.12', 'pin', 'btrfs', 'drop-caches')
+
+    def test_longterm__btrfs__drop_caches(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:btrfs,event:drop-caches"""
+        self.cell('6.12', 'longterm', 'btrfs', 'drop-caches')
+
+    def test_odp__btrfs__drop_caches(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:btrfs,event:drop-caches"""
+        self.cell('6.12', 'odp', 'btrfs', 'drop-caches')
+
     def test_gup__ext4__writeback(self) -> None:
         """:avocado: tags=matrix,kernel:6.12,mode:gup
         :avocado: tags=backing:ext4,event:writeback"""
@@ -731,6 +891,26 @@ class Kernel6_12(CellTest):
         :avocado: tags=backing:xfs,event:writeback"""
         self.cell('6.12', 'odp', 'xfs', 'writeback')
 
+    def test_gup__btrfs__writeback(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:btrfs,event:writeback"""
+        self.cell('6.12', 'gup', 'btrfs', 'writeback')
+
+    def test_pin__btrfs__writeback(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:btrfs,event:writeback"""
+        self.cell('6.12', 'pin', 'btrfs', 'writeback')
+
+    def test_longterm__btrfs__writeback(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:btrfs,event:writeback"""
+        self.cell('6.12', 'longterm', 'btrfs', 'writeback')
+
+    def test_odp__btrfs__writeback(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:btrfs,event:writeback"""
+        self.cell('6.12', 'odp', 'btrfs', 'writeback')
+
     def test_gup__ext4__2018(self) -> None:
         """:avocado: tags=matrix,kernel:6.12,mode:gup
         :avocado: tags=backing:ext4,event:2018"""
@@ -750,6 +930,26 @@ class Kernel6_12(CellTest):
         """:avocado: tags=matrix,kernel:6.12,mode:odp
         :avocado: tags=backing:ext4,event:2018"""
         self.cell('6.12', 'odp', 'ext4', '2018')
+
+    def test_gup__btrfs__2018(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:btrfs,event:2018"""
+        self.cell('6.12', 'gup', 'btrfs', '2018')
+
+    def test_pin__btrfs__2018(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:btrfs,event:2018"""
+        self.cell('6.12', 'pin', 'btrfs', '2018')
+
+    def test_longterm__btrfs__2018(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:btrfs,event:2018"""
+        self.cell('6.12', 'longterm', 'btrfs', '2018')
+
+    def test_odp__btrfs__2018(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:btrfs,event:2018"""
+        self.cell('6.12', 'odp', 'btrfs', '2018')
 
     def test_gup__anon__migrate(self) -> None:
         """:avocado: tags=matrix,kernel:6.12,mode:gup
@@ -1131,6 +1331,26 @@ class Kernel6_12(CellTest):
         :avocado: tags=backing:xfs,event:odirect-write"""
         self.cell('6.12', 'odp', 'xfs', 'odirect-write')
 
+    def test_gup__btrfs__odirect_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:btrfs,event:odirect-write"""
+        self.cell('6.12', 'gup', 'btrfs', 'odirect-write')
+
+    def test_pin__btrfs__odirect_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:btrfs,event:odirect-write"""
+        self.cell('6.12', 'pin', 'btrfs', 'odirect-write')
+
+    def test_longterm__btrfs__odirect_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:btrfs,event:odirect-write"""
+        self.cell('6.12', 'longterm', 'btrfs', 'odirect-write')
+
+    def test_odp__btrfs__odirect_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:btrfs,event:odirect-write"""
+        self.cell('6.12', 'odp', 'btrfs', 'odirect-write')
+
     def test_gup__anon__exit(self) -> None:
         """:avocado: tags=matrix,kernel:6.12,mode:gup
         :avocado: tags=backing:anon,event:exit"""
@@ -1328,6 +1548,26 @@ class Kernel6_1(CellTest):
         :avocado: tags=backing:xfs,event:dma-write"""
         self.cell('6.1', 'odp', 'xfs', 'dma-write')
 
+    def test_gup__btrfs__dma_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:btrfs,event:dma-write"""
+        self.cell('6.1', 'gup', 'btrfs', 'dma-write')
+
+    def test_pin__btrfs__dma_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:btrfs,event:dma-write"""
+        self.cell('6.1', 'pin', 'btrfs', 'dma-write')
+
+    def test_longterm__btrfs__dma_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:btrfs,event:dma-write"""
+        self.cell('6.1', 'longterm', 'btrfs', 'dma-write')
+
+    def test_odp__btrfs__dma_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:btrfs,event:dma-write"""
+        self.cell('6.1', 'odp', 'btrfs', 'dma-write')
+
     def test_gup__hugetlb__dma_write(self) -> None:
         """:avocado: tags=matrix,kernel:6.1,mode:gup
         :avocado: tags=backing:hugetlb,event:dma-write"""
@@ -1448,6 +1688,26 @@ class Kernel6_1(CellTest):
         :avocado: tags=backing:xfs,event:truncate"""
         self.cell('6.1', 'odp', 'xfs', 'truncate')
 
+    def test_gup__btrfs__truncate(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:btrfs,event:truncate"""
+        self.cell('6.1', 'gup', 'btrfs', 'truncate')
+
+    def test_pin__btrfs__truncate(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:btrfs,event:truncate"""
+        self.cell('6.1', 'pin', 'btrfs', 'truncate')
+
+    def test_longterm__btrfs__truncate(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:btrfs,event:truncate"""
+        self.cell('6.1', 'longterm', 'btrfs', 'truncate')
+
+    def test_odp__btrfs__truncate(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:btrfs,event:truncate"""
+        self.cell('6.1', 'odp', 'btrfs', 'truncate')
+
     def test_gup__hugetlb__truncate(self) -> None:
         """:avocado: tags=matrix,kernel:6.1,mode:gup
         :avocado: tags=backing:hugetlb,event:truncate"""
@@ -1547,6 +1807,26 @@ class Kernel6_1(CellTest):
         """:avocado: tags=matrix,kernel:6.1,mode:odp
         :avocado: tags=backing:xfs,event:punch-hole"""
         self.cell('6.1', 'odp', 'xfs', 'punch-hole')
+
+    def test_gup__btrfs__punch_hole(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:btrfs,event:punch-hole"""
+        self.cell('6.1', 'gup', 'btrfs', 'punch-hole')
+
+    def test_pin__btrfs__punch_hole(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:btrfs,event:punch-hole"""
+        self.cell('6.1', 'pin', 'btrfs', 'punch-hole')
+
+    def test_longterm__btrfs__punch_hole(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:btrfs,event:punch-hole"""
+        self.cell('6.1', 'longterm', 'btrfs', 'punch-hole')
+
+    def test_odp__btrfs__punch_hole(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:btrfs,event:punch-hole"""
+        self.cell('6.1', 'odp', 'btrfs', 'punch-hole')
 
     def test_gup__hugetlb__punch_hole(self) -> None:
         """:avocado: tags=matrix,kernel:6.1,mode:gup
@@ -1748,6 +2028,46 @@ class Kernel6_1(CellTest):
         :avocado: tags=backing:xfs,event:pageout"""
         self.cell('6.1', 'odp', 'xfs', 'pageout')
 
+    def test_gup__btrfs__pageout(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:btrfs,event:pageout"""
+        self.cell('6.1', 'gup', 'btrfs', 'pageout')
+
+    def test_pin__btrfs__pageout(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:btrfs,event:pageout"""
+        self.cell('6.1', 'pin', 'btrfs', 'pageout')
+
+    def test_longterm__btrfs__pageout(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:btrfs,event:pageout"""
+        self.cell('6.1', 'longterm', 'btrfs', 'pageout')
+
+    def test_odp__btrfs__pageout(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:btrfs,event:pageout"""
+        self.cell('6.1', 'odp', 'btrfs', 'pageout')
+
+    def test_gup__private_file__pageout(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:private-file,event:pageout"""
+        self.cell('6.1', 'gup', 'private-file', 'pageout')
+
+    def test_pin__private_file__pageout(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:private-file,event:pageout"""
+        self.cell('6.1', 'pin', 'private-file', 'pageout')
+
+    def test_longterm__private_file__pageout(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:private-file,event:pageout"""
+        self.cell('6.1', 'longterm', 'private-file', 'pageout')
+
+    def test_odp__private_file__pageout(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:private-file,event:pageout"""
+        self.cell('6.1', 'odp', 'private-file', 'pageout')
+
     def test_gup__anon__memcg_reclaim(self) -> None:
         """:avocado: tags=matrix,kernel:6.1,mode:gup
         :avocado: tags=backing:anon,event:memcg-reclaim"""
@@ -1827,6 +2147,46 @@ class Kernel6_1(CellTest):
         """:avocado: tags=matrix,kernel:6.1,mode:odp
         :avocado: tags=backing:xfs,event:memcg-reclaim"""
         self.cell('6.1', 'odp', 'xfs', 'memcg-reclaim')
+
+    def test_gup__btrfs__memcg_reclaim(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:btrfs,event:memcg-reclaim"""
+        self.cell('6.1', 'gup', 'btrfs', 'memcg-reclaim')
+
+    def test_pin__btrfs__memcg_reclaim(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:btrfs,event:memcg-reclaim"""
+        self.cell('6.1', 'pin', 'btrfs', 'memcg-reclaim')
+
+    def test_longterm__btrfs__memcg_reclaim(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:btrfs,event:memcg-reclaim"""
+        self.cell('6.1', 'longterm', 'btrfs', 'memcg-reclaim')
+
+    def test_odp__btrfs__memcg_reclaim(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:btrfs,event:memcg-reclaim"""
+        self.cell('6.1', 'odp', 'btrfs', 'memcg-reclaim')
+
+    def test_gup__private_file__memcg_reclaim(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:private-file,event:memcg-reclaim"""
+        self.cell('6.1', 'gup', 'private-file', 'memcg-reclaim')
+
+    def test_pin__private_file__memcg_reclaim(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:private-file,event:memcg-reclaim"""
+        self.cell('6.1', 'pin', 'private-file', 'memcg-reclaim')
+
+    def test_longterm__private_file__memcg_reclaim(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:private-file,event:memcg-reclaim"""
+        self.cell('6.1', 'longterm', 'private-file', 'memcg-reclaim')
+
+    def test_odp__private_file__memcg_reclaim(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:private-file,event:memcg-reclaim"""
+        self.cell('6.1', 'odp', 'private-file', 'memcg-reclaim')
 
     def test_gup__memfd__drop_caches(self) -> None:
         """:avocado: tags=matrix,kernel:6.1,mode:gup
@@ -1908,6 +2268,26 @@ class Kernel6_1(CellTest):
         :avocado: tags=backing:xfs,event:drop-caches"""
         self.cell('6.1', 'odp', 'xfs', 'drop-caches')
 
+    def test_gup__btrfs__drop_caches(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:btrfs,event:drop-caches"""
+        self.cell('6.1', 'gup', 'btrfs', 'drop-caches')
+
+    def test_pin__btrfs__drop_caches(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:btrfs,event:drop-caches"""
+        self.cell('6.1', 'pin', 'btrfs', 'drop-caches')
+
+    def test_longterm__btrfs__drop_caches(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:btrfs,event:drop-caches"""
+        self.cell('6.1', 'longterm', 'btrfs', 'drop-caches')
+
+    def test_odp__btrfs__drop_caches(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:btrfs,event:drop-caches"""
+        self.cell('6.1', 'odp', 'btrfs', 'drop-caches')
+
     def test_gup__ext4__writeback(self) -> None:
         """:avocado: tags=matrix,kernel:6.1,mode:gup
         :avocado: tags=backing:ext4,event:writeback"""
@@ -1948,6 +2328,26 @@ class Kernel6_1(CellTest):
         :avocado: tags=backing:xfs,event:writeback"""
         self.cell('6.1', 'odp', 'xfs', 'writeback')
 
+    def test_gup__btrfs__writeback(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:btrfs,event:writeback"""
+        self.cell('6.1', 'gup', 'btrfs', 'writeback')
+
+    def test_pin__btrfs__writeback(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:btrfs,event:writeback"""
+        self.cell('6.1', 'pin', 'btrfs', 'writeback')
+
+    def test_longterm__btrfs__writeback(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:btrfs,event:writeback"""
+        self.cell('6.1', 'longterm', 'btrfs', 'writeback')
+
+    def test_odp__btrfs__writeback(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:btrfs,event:writeback"""
+        self.cell('6.1', 'odp', 'btrfs', 'writeback')
+
     def test_gup__ext4__2018(self) -> None:
         """:avocado: tags=matrix,kernel:6.1,mode:gup
         :avocado: tags=backing:ext4,event:2018"""
@@ -1967,6 +2367,26 @@ class Kernel6_1(CellTest):
         """:avocado: tags=matrix,kernel:6.1,mode:odp
         :avocado: tags=backing:ext4,event:2018"""
         self.cell('6.1', 'odp', 'ext4', '2018')
+
+    def test_gup__btrfs__2018(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:btrfs,event:2018"""
+        self.cell('6.1', 'gup', 'btrfs', '2018')
+
+    def test_pin__btrfs__2018(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:btrfs,event:2018"""
+        self.cell('6.1', 'pin', 'btrfs', '2018')
+
+    def test_longterm__btrfs__2018(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:btrfs,event:2018"""
+        self.cell('6.1', 'longterm', 'btrfs', '2018')
+
+    def test_odp__btrfs__2018(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:btrfs,event:2018"""
+        self.cell('6.1', 'odp', 'btrfs', '2018')
 
     def test_gup__anon__migrate(self) -> None:
         """:avocado: tags=matrix,kernel:6.1,mode:gup
@@ -2348,6 +2768,26 @@ class Kernel6_1(CellTest):
         :avocado: tags=backing:xfs,event:odirect-write"""
         self.cell('6.1', 'odp', 'xfs', 'odirect-write')
 
+    def test_gup__btrfs__odirect_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:btrfs,event:odirect-write"""
+        self.cell('6.1', 'gup', 'btrfs', 'odirect-write')
+
+    def test_pin__btrfs__odirect_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:btrfs,event:odirect-write"""
+        self.cell('6.1', 'pin', 'btrfs', 'odirect-write')
+
+    def test_longterm__btrfs__odirect_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:btrfs,event:odirect-write"""
+        self.cell('6.1', 'longterm', 'btrfs', 'odirect-write')
+
+    def test_odp__btrfs__odirect_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:btrfs,event:odirect-write"""
+        self.cell('6.1', 'odp', 'btrfs', 'odirect-write')
+
     def test_gup__anon__exit(self) -> None:
         """:avocado: tags=matrix,kernel:6.1,mode:gup
         :avocado: tags=backing:anon,event:exit"""
@@ -2545,6 +2985,26 @@ class Kernel7(CellTest):
         :avocado: tags=backing:xfs,event:dma-write"""
         self.cell('7', 'odp', 'xfs', 'dma-write')
 
+    def test_gup__btrfs__dma_write(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:btrfs,event:dma-write"""
+        self.cell('7', 'gup', 'btrfs', 'dma-write')
+
+    def test_pin__btrfs__dma_write(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:btrfs,event:dma-write"""
+        self.cell('7', 'pin', 'btrfs', 'dma-write')
+
+    def test_longterm__btrfs__dma_write(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:btrfs,event:dma-write"""
+        self.cell('7', 'longterm', 'btrfs', 'dma-write')
+
+    def test_odp__btrfs__dma_write(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:btrfs,event:dma-write"""
+        self.cell('7', 'odp', 'btrfs', 'dma-write')
+
     def test_gup__hugetlb__dma_write(self) -> None:
         """:avocado: tags=matrix,kernel:7,mode:gup
         :avocado: tags=backing:hugetlb,event:dma-write"""
@@ -2665,6 +3125,26 @@ class Kernel7(CellTest):
         :avocado: tags=backing:xfs,event:truncate"""
         self.cell('7', 'odp', 'xfs', 'truncate')
 
+    def test_gup__btrfs__truncate(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:btrfs,event:truncate"""
+        self.cell('7', 'gup', 'btrfs', 'truncate')
+
+    def test_pin__btrfs__truncate(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:btrfs,event:truncate"""
+        self.cell('7', 'pin', 'btrfs', 'truncate')
+
+    def test_longterm__btrfs__truncate(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:btrfs,event:truncate"""
+        self.cell('7', 'longterm', 'btrfs', 'truncate')
+
+    def test_odp__btrfs__truncate(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:btrfs,event:truncate"""
+        self.cell('7', 'odp', 'btrfs', 'truncate')
+
     def test_gup__hugetlb__truncate(self) -> None:
         """:avocado: tags=matrix,kernel:7,mode:gup
         :avocado: tags=backing:hugetlb,event:truncate"""
@@ -2764,6 +3244,26 @@ class Kernel7(CellTest):
         """:avocado: tags=matrix,kernel:7,mode:odp
         :avocado: tags=backing:xfs,event:punch-hole"""
         self.cell('7', 'odp', 'xfs', 'punch-hole')
+
+    def test_gup__btrfs__punch_hole(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:btrfs,event:punch-hole"""
+        self.cell('7', 'gup', 'btrfs', 'punch-hole')
+
+    def test_pin__btrfs__punch_hole(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:btrfs,event:punch-hole"""
+        self.cell('7', 'pin', 'btrfs', 'punch-hole')
+
+    def test_longterm__btrfs__punch_hole(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:btrfs,event:punch-hole"""
+        self.cell('7', 'longterm', 'btrfs', 'punch-hole')
+
+    def test_odp__btrfs__punch_hole(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:btrfs,event:punch-hole"""
+        self.cell('7', 'odp', 'btrfs', 'punch-hole')
 
     def test_gup__hugetlb__punch_hole(self) -> None:
         """:avocado: tags=matrix,kernel:7,mode:gup
@@ -2965,6 +3465,46 @@ class Kernel7(CellTest):
         :avocado: tags=backing:xfs,event:pageout"""
         self.cell('7', 'odp', 'xfs', 'pageout')
 
+    def test_gup__btrfs__pageout(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:btrfs,event:pageout"""
+        self.cell('7', 'gup', 'btrfs', 'pageout')
+
+    def test_pin__btrfs__pageout(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:btrfs,event:pageout"""
+        self.cell('7', 'pin', 'btrfs', 'pageout')
+
+    def test_longterm__btrfs__pageout(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:btrfs,event:pageout"""
+        self.cell('7', 'longterm', 'btrfs', 'pageout')
+
+    def test_odp__btrfs__pageout(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:btrfs,event:pageout"""
+        self.cell('7', 'odp', 'btrfs', 'pageout')
+
+    def test_gup__private_file__pageout(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:private-file,event:pageout"""
+        self.cell('7', 'gup', 'private-file', 'pageout')
+
+    def test_pin__private_file__pageout(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:private-file,event:pageout"""
+        self.cell('7', 'pin', 'private-file', 'pageout')
+
+    def test_longterm__private_file__pageout(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:private-file,event:pageout"""
+        self.cell('7', 'longterm', 'private-file', 'pageout')
+
+    def test_odp__private_file__pageout(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:private-file,event:pageout"""
+        self.cell('7', 'odp', 'private-file', 'pageout')
+
     def test_gup__anon__memcg_reclaim(self) -> None:
         """:avocado: tags=matrix,kernel:7,mode:gup
         :avocado: tags=backing:anon,event:memcg-reclaim"""
@@ -3044,6 +3584,46 @@ class Kernel7(CellTest):
         """:avocado: tags=matrix,kernel:7,mode:odp
         :avocado: tags=backing:xfs,event:memcg-reclaim"""
         self.cell('7', 'odp', 'xfs', 'memcg-reclaim')
+
+    def test_gup__btrfs__memcg_reclaim(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:btrfs,event:memcg-reclaim"""
+        self.cell('7', 'gup', 'btrfs', 'memcg-reclaim')
+
+    def test_pin__btrfs__memcg_reclaim(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:btrfs,event:memcg-reclaim"""
+        self.cell('7', 'pin', 'btrfs', 'memcg-reclaim')
+
+    def test_longterm__btrfs__memcg_reclaim(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:btrfs,event:memcg-reclaim"""
+        self.cell('7', 'longterm', 'btrfs', 'memcg-reclaim')
+
+    def test_odp__btrfs__memcg_reclaim(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:btrfs,event:memcg-reclaim"""
+        self.cell('7', 'odp', 'btrfs', 'memcg-reclaim')
+
+    def test_gup__private_file__memcg_reclaim(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:private-file,event:memcg-reclaim"""
+        self.cell('7', 'gup', 'private-file', 'memcg-reclaim')
+
+    def test_pin__private_file__memcg_reclaim(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:private-file,event:memcg-reclaim"""
+        self.cell('7', 'pin', 'private-file', 'memcg-reclaim')
+
+    def test_longterm__private_file__memcg_reclaim(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:private-file,event:memcg-reclaim"""
+        self.cell('7', 'longterm', 'private-file', 'memcg-reclaim')
+
+    def test_odp__private_file__memcg_reclaim(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:private-file,event:memcg-reclaim"""
+        self.cell('7', 'odp', 'private-file', 'memcg-reclaim')
 
     def test_gup__memfd__drop_caches(self) -> None:
         """:avocado: tags=matrix,kernel:7,mode:gup
@@ -3125,6 +3705,26 @@ class Kernel7(CellTest):
         :avocado: tags=backing:xfs,event:drop-caches"""
         self.cell('7', 'odp', 'xfs', 'drop-caches')
 
+    def test_gup__btrfs__drop_caches(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:btrfs,event:drop-caches"""
+        self.cell('7', 'gup', 'btrfs', 'drop-caches')
+
+    def test_pin__btrfs__drop_caches(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:btrfs,event:drop-caches"""
+        self.cell('7', 'pin', 'btrfs', 'drop-caches')
+
+    def test_longterm__btrfs__drop_caches(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:btrfs,event:drop-caches"""
+        self.cell('7', 'longterm', 'btrfs', 'drop-caches')
+
+    def test_odp__btrfs__drop_caches(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:btrfs,event:drop-caches"""
+        self.cell('7', 'odp', 'btrfs', 'drop-caches')
+
     def test_gup__ext4__writeback(self) -> None:
         """:avocado: tags=matrix,kernel:7,mode:gup
         :avocado: tags=backing:ext4,event:writeback"""
@@ -3165,6 +3765,26 @@ class Kernel7(CellTest):
         :avocado: tags=backing:xfs,event:writeback"""
         self.cell('7', 'odp', 'xfs', 'writeback')
 
+    def test_gup__btrfs__writeback(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:btrfs,event:writeback"""
+        self.cell('7', 'gup', 'btrfs', 'writeback')
+
+    def test_pin__btrfs__writeback(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:btrfs,event:writeback"""
+        self.cell('7', 'pin', 'btrfs', 'writeback')
+
+    def test_longterm__btrfs__writeback(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:btrfs,event:writeback"""
+        self.cell('7', 'longterm', 'btrfs', 'writeback')
+
+    def test_odp__btrfs__writeback(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:btrfs,event:writeback"""
+        self.cell('7', 'odp', 'btrfs', 'writeback')
+
     def test_gup__ext4__2018(self) -> None:
         """:avocado: tags=matrix,kernel:7,mode:gup
         :avocado: tags=backing:ext4,event:2018"""
@@ -3184,6 +3804,26 @@ class Kernel7(CellTest):
         """:avocado: tags=matrix,kernel:7,mode:odp
         :avocado: tags=backing:ext4,event:2018"""
         self.cell('7', 'odp', 'ext4', '2018')
+
+    def test_gup__btrfs__2018(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:btrfs,event:2018"""
+        self.cell('7', 'gup', 'btrfs', '2018')
+
+    def test_pin__btrfs__2018(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:btrfs,event:2018"""
+        self.cell('7', 'pin', 'btrfs', '2018')
+
+    def test_longterm__btrfs__2018(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:btrfs,event:2018"""
+        self.cell('7', 'longterm', 'btrfs', '2018')
+
+    def test_odp__btrfs__2018(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:btrfs,event:2018"""
+        self.cell('7', 'odp', 'btrfs', '2018')
 
     def test_gup__anon__migrate(self) -> None:
         """:avocado: tags=matrix,kernel:7,mode:gup
@@ -3564,6 +4204,26 @@ class Kernel7(CellTest):
         """:avocado: tags=matrix,kernel:7,mode:odp
         :avocado: tags=backing:xfs,event:odirect-write"""
         self.cell('7', 'odp', 'xfs', 'odirect-write')
+
+    def test_gup__btrfs__odirect_write(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:btrfs,event:odirect-write"""
+        self.cell('7', 'gup', 'btrfs', 'odirect-write')
+
+    def test_pin__btrfs__odirect_write(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:btrfs,event:odirect-write"""
+        self.cell('7', 'pin', 'btrfs', 'odirect-write')
+
+    def test_longterm__btrfs__odirect_write(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:btrfs,event:odirect-write"""
+        self.cell('7', 'longterm', 'btrfs', 'odirect-write')
+
+    def test_odp__btrfs__odirect_write(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:btrfs,event:odirect-write"""
+        self.cell('7', 'odp', 'btrfs', 'odirect-write')
 
     def test_gup__anon__exit(self) -> None:
         """:avocado: tags=matrix,kernel:7,mode:gup

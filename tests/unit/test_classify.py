@@ -100,6 +100,75 @@ class ClassifyTest(unittest.TestCase):
         obs = classify_cell(cell, report(map_g2=G2, file_after=G2), audit={"unavailable": "x"})
         self.assertRegex(obs, r"INCONCLUSIVE\(audit unavailable")
 
+    def test_anon_reclaim_needs_a_swapped_control_page(self) -> None:
+        def swap_rep(ctl: Any = ("swap", "swap", 7, 8), pswpout: Any = 2,
+                     intact: Any = 4, **kw: Any) -> dict[str, Any]:
+            rep = report(map_g2=G2, pagemap_after_event=PFNS, control_pages=4,
+                         control_pagemap_after_event=list(ctl) if ctl is not None else None,
+                         vmstat_event={"pswpout": pswpout} if pswpout is not None else {},
+                         control_intact=intact)
+            rep.update(kw)
+            return rep
+        for backing in ("anon", "private-file"):
+            for event in ("pageout", "memcg-reclaim"):
+                cell = Cell("6.12", "pin", backing, event)
+                self.assertEqual(classify_cell(cell, swap_rep()), "COHERENT")
+                # reclaim never reached the mapping: nothing proven
+                self.assertRegex(classify_cell(cell, swap_rep(ctl=(1, 2, 3, 4))),
+                                 r"INCONCLUSIVE\(reclaim did not reach the mapping")
+                self.assertRegex(classify_cell(cell, swap_rep(ctl=None)),
+                                 r"INCONCLUSIVE\(control pagemap missing")
+                self.assertRegex(classify_cell(cell, swap_rep(ctl=("swap",))),
+                                 r"INCONCLUSIVE\(control pagemap missing")
+                self.assertRegex(classify_cell(cell, swap_rep(pswpout=None)),
+                                 r"INCONCLUSIVE\(pswpout")
+                self.assertRegex(classify_cell(cell, swap_rep(pswpout=1)),
+                                 r"INCONCLUSIVE\(pswpout 1 below")
+                self.assertRegex(classify_cell(cell, swap_rep(intact=3)),
+                                 r"INCONCLUSIVE\(control pages intact")
+                self.assertRegex(classify_cell(cell, swap_rep(control_pages=None)),
+                                 r"INCONCLUSIVE\(control_pages missing")
+                self.assertRegex(classify_cell(cell, swap_rep(pagemap_after_event=None)),
+                                 r"INCONCLUSIVE\(pagemap after the event missing")
+        # odp: revoked in time only with the control evidence too
+        cell = Cell("6.12", "odp", "anon", "pageout")
+        self.assertEqual(classify_cell(cell, swap_rep(), audit=written(acks=1)),
+                         "REVOKED_IN_TIME")
+        self.assertRegex(classify_cell(cell, swap_rep(ctl=(1, 2, 3, 4)),
+                                       audit=written(acks=1)), "INCONCLUSIVE")
+        # other backings' reclaim cells are judged as before (no control pages)
+        cell = Cell("6.12", "pin", "memfd", "pageout")
+        self.assertEqual(classify_cell(cell, report(map_g2=G2, file_after=G2)), "COHERENT")
+
+    def test_btrfs_rejected_dirty_folio(self) -> None:
+        line = ("[ 90.4] BTRFS error (device vdc): root 5 ino 257 folio 0 is marked dirty "
+                "without notifying the fs")
+        steps = [{"step": "dma_write_g1", "errno": 0}, {"step": "dma_write_g2", "errno": 0},
+                 {"step": "fsync_final", "errno": 117, "errno_name": "EUCLEAN"}]
+        cell = Cell("6.12", "gup", "btrfs", "2018")
+        g1 = [["g1", 0, 16]]
+        self.assertEqual(classify_cell(cell, report(steps=steps, file_after=g1), line),
+                         "DIRTY_FOLIO_REJECTED")
+        # the log lines are rate-limited: the fsync error alone is btrfs's verdict too
+        self.assertEqual(classify_cell(cell, report(steps=steps, file_after=g1)),
+                         "DIRTY_FOLIO_REJECTED")
+        # rejected but no error reached the process: contradictory
+        quiet = [dict(st, errno=0, errno_name=None) for st in steps]
+        self.assertRegex(classify_cell(cell, report(steps=quiet, file_after=g1), line),
+                         r"INCONCLUSIVE\(btrfs rejected folios")
+        # neither lines nor error: the event decides (here the data is lost, silently)
+        self.assertEqual(classify_cell(cell, report(steps=quiet, file_after=g1)),
+                         "WRITES_LOST_SILENTLY")
+        # the device never wrote gen 2: no class that needs it
+        self.assertRegex(classify_cell(cell, report(steps=steps, file_after=g1), line,
+                                       audit=written(gen2=False)), "INCONCLUSIVE")
+        csum = "[ 91.0] BTRFS warning (device vdc): csum failed root 5 ino 257 off 0"
+        self.assertEqual(classify_cell(cell, report(steps=quiet, file_after=g1), csum),
+                         "CSUM_FAILED")
+        # an ext4 cell is not judged by btrfs's lines
+        self.assertNotEqual(classify_cell(Cell("6.12", "gup", "ext4", "writeback"),
+                                          report(steps=steps), line), "DIRTY_FOLIO_REJECTED")
+
     def test_truncated_audit_is_inconclusive(self) -> None:
         cell = Cell("6.12", "pin", "anon", "pageout")
         rep = report(map_g2=G2)

@@ -31,7 +31,7 @@ Mutation = tuple[str, Callable[[Entry], None]]
 # classes that need the device's write of a generation (the "gen N written" evidence)
 WROTE = {"COHERENT", "WRITES_LOST_SILENTLY", "REVOKED_IN_TIME", "WRITEBACK_STALE",
          "EXT4_WARN_DATA_LOST", "MIGRATION_FAILS", "PARENT_LOSES_WRITES",
-         "CHILD_SEES_WRITES", "OFFLINE_BLOCKED", "OFFLINE_SUCCEEDS"}
+         "CHILD_SEES_WRITES", "OFFLINE_BLOCKED", "OFFLINE_SUCCEEDS", "DIRTY_FOLIO_REJECTED"}
 NO_AUDIT = {"PIN_REFUSED", "KERNEL_ERROR", "ERROR", "DEVICE_NOT_REMOVED", "SEAL_REFUSED"}
 # the page scans each event's outcome is judged on (file backings add the file read-back)
 VIEWS = {"dma-write": ["map_g1"], "punch-hole": ["map_g2"], "punch-hole-partial": ["map_g2"],
@@ -206,6 +206,18 @@ def mutations(e: Entry, cls: str) -> Iterator[Mutation]:
     if cls == "REVOKED_IN_TIME":
         yield "no event acks", _audit("event_acks", 0)
         yield "event acks missing", _audit("event_acks")
+    if cls == "CSUM_FAILED":
+        yield "no kernel log", lambda x: x.__setitem__("dmesg", "")
+        return
+    if cls == "DIRTY_FOLIO_REJECTED":
+        def no_errors(x: Entry) -> None:
+            for st in x["rep"]["steps"]:
+                if str(st.get("step", "")).startswith(("fsync", "sync")):
+                    st["errno"], st["errno_name"] = 0, None
+            for k in [k for k in x["rep"] if k.endswith("_error")]:
+                del x["rep"][k]
+        yield "no fsync, sync or read error", no_errors
+        return
     if cls == "EXT4_WARN_DATA_LOST":
         yield "no kernel log", lambda x: x.__setitem__("dmesg", "")
         yield from scan_mutations("file_after")
@@ -233,6 +245,19 @@ def mutations(e: Entry, cls: str) -> Iterator[Mutation]:
         yield "child failed", _rep("child_status", 256)
         if rep.get("child", {}).get("mapped"):
             yield "child scan missing", lambda x: x["rep"]["child"].pop("map", None)
+    if cell.event in ("pageout", "memcg-reclaim") and cell.backing in ("anon", "private-file"):
+        # the SWAP-REACHED evidence: an unregistered control page of the mapping swapped
+        yield "remove control_pages", _rep("control_pages")
+        yield "remove control pagemap", _rep("control_pagemap_after_event")
+        yield "no control page swapped", lambda x: x["rep"].__setitem__(
+            "control_pagemap_after_event",
+            [0 if p == "swap" else p for p in x["rep"]["control_pagemap_after_event"]])
+        yield "remove pswpout", lambda x: x["rep"].__setitem__(
+            "vmstat_event", {k: v for k, v in (x["rep"].get("vmstat_event") or {}).items()
+                             if k != "pswpout"})
+        yield "control pages not intact", lambda x: x["rep"].__setitem__(
+            "control_intact", 0)
+        yield "remove pagemap after the event", _rep("pagemap_after_event")
     if cell.event == "mem-offline":
         yield "remove offline", _rep("offline")
         yield "no offline results", _rep("offline", [])

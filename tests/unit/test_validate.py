@@ -372,7 +372,8 @@ class TagSelection(unittest.TestCase):
     def test_avocado_semantics(self) -> None:
         cells = all_cells("6.1")
         lt = select(cells, ["mode:longterm"])
-        self.assertEqual(len(lt), 60)
+        self.assertEqual(len(lt), len([c for c in cells if c.mode == "longterm"]))
+        self.assertGreaterEqual(len(lt), 60)
         both = select(cells, ["mode:longterm,backing:ext4,event:truncate",
                               "mode:pin,backing:xfs,event:dma-write"])
         self.assertEqual([c.name for c in both],

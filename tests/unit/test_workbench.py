@@ -122,7 +122,7 @@ class CellNamesTest(unittest.TestCase):
         self.assertEqual(select(cell, ["event:2018,-smoke"]), [])
         with self.assertRaises(ValueError):
             select(cell, ["mode:pin,"])
-        self.assertEqual(len(select(all_cells("6.12"), ["event:2018"])), 4)
+        self.assertEqual(len(select(all_cells("6.12"), ["event:2018"])), 8)   # ext4, btrfs
         self.assertEqual(select(all_cells("6.12"), ["event:nosuch"]), [])
         self.assertEqual(len(select(all_cells("6.12"), ["smoke"])),
                          len({c.event for c in all_cells("6.12")}))
@@ -177,7 +177,8 @@ class CommandLineTest(unittest.TestCase):
     def test_matrix_guest_config_is_shared(self) -> None:
         cfg = guest_config()
         self.assertEqual(cfg.device_args, ["--irq", "msi"])
-        self.assertEqual(set(cfg.scratch_disks), {"pinlab-ext4", "pinlab-xfs"})
+        self.assertEqual(set(cfg.scratch_disks),
+                         {"pinlab-ext4", "pinlab-xfs", "pinlab-btrfs", "pinlab-swap"})
         self.assertEqual(guest_config("msix").device_args, ["--irq", "msix"])
         with self.assertRaises(ValueError):
             guest_config("intx")
