@@ -362,7 +362,7 @@ class _Judge:
 
     # -- shared checks --
     def shared(self) -> str | None:
-        rep, dm, cell = self.rep, self.dm, self.cell
+        dm = self.dm
         sev = dm.severe()
         if any(k in sev for k in SEVERE_CLASSES):
             self.f["severe"] = {k: v[:5] for k, v in sev.items()}
@@ -376,13 +376,8 @@ class _Judge:
             self.f["warn"] = other[:5]
             return "KERNEL_ERROR"
         self.need_audit()
-        if cell.mode in FOLL_PIN_MODES:
-            b, e = _outstanding(rep.get("vmstat_before")), _outstanding(rep.get("vmstat_end"))
-            if b is None or e is None:
-                raise Inconclusive("vmstat pin counters missing")
-            self.f["pins"] = {"before": b, "after": e}
-            if e != b:
-                return "PINS_LEAKED"
+        if self.pins_leaked():
+            return "PINS_LEAKED"
         if self.audit["violations"]:
             self.f["violations"] = self.audit.get("violation_samples")
             return "DMA_AFTER_REVOKE"
@@ -394,6 +389,19 @@ class _Judge:
         if not self.audit.get("registered_known"):
             raise Inconclusive("registered PFNs missing")
         return None
+
+    def pins_leaked(self) -> bool:
+        """pin/longterm: outstanding FOLL_PINs (vmstat) differ at the end of the cell from
+        before it. Raises Inconclusive when the counters are missing; False for gup and odp
+        (FOLL_GET and notifiers are not counted there)."""
+        if self.cell.mode not in FOLL_PIN_MODES:
+            return False
+        b = _outstanding(self.rep.get("vmstat_before"))
+        e = _outstanding(self.rep.get("vmstat_end"))
+        if b is None or e is None:
+            raise Inconclusive("vmstat pin counters missing")
+        self.f["pins"] = {"before": b, "after": e}
+        return e != b
 
     def ext4_path_warn(self, line: str) -> bool:
         """A WARN of the ext4 dirty path, in a cell whose mapping is an ext4 file."""
@@ -747,13 +755,8 @@ class _Judge:
             return "DMA_AFTER_REVOKE"
         if not a.get("resets") and not a.get("kinds", {}).get("destroy"):
             raise Inconclusive("audit shows neither a reset nor the region's destroy")
-        if self.cell.mode in FOLL_PIN_MODES:
-            b, e = _outstanding(rep.get("vmstat_before")), _outstanding(rep.get("vmstat_end"))
-            if b is None or e is None:
-                raise Inconclusive("vmstat pin counters missing")
-            self.f["pins"] = {"before": b, "after": e}
-            if e != b:
-                return "PINS_LEAKED"
+        if self.pins_leaked():
+            return "PINS_LEAKED"
         return "DEVICE_GONE_CLEAN"
 
     def ev_exit(self) -> str:
