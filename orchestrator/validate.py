@@ -37,6 +37,7 @@ from .dmesg import classify
 from .expectations import Cell, expect, load
 from .harm import HarmTable
 from .harm import load as load_harm
+from .shard import Shard, split
 
 console = Console(soft_wrap=True)
 ROLES = ("base", "candidate")
@@ -299,9 +300,23 @@ def run_validate(args: argparse.Namespace) -> int:
             raise InputError(f"no cell matches the tags {args.tags}")
         if args.reruns < 1:
             raise InputError("--reruns must be at least 1")
+        try:
+            shard = Shard.resolve(getattr(args, "shard", None))
+        except ValueError as exc:
+            raise InputError(str(exc)) from exc
     except InputError as exc:
         console.print(f"[red]pinlab validate: {exc}[/]")
         return 2
+    selected = len(cells)
+    if shard is not None:
+        # the same deterministic split as `pinlab matrix --shard` (shard.py), over the
+        # base kernel's cells: every machine of a CI job matrix gets its own piece
+        cells = split(cells, shard.total)[shard.index - 1]
+        console.print(f"shard {shard}: {len(cells)} of {selected} selected cells",
+                      highlight=False)
+        if not cells:
+            console.print("this shard has no cell: nothing to validate (exit 0)")
+            return 0
     out = Path(args.out) if args.out else run_dir("validate")
     out.mkdir(parents=True, exist_ok=True)
     for s in (base, cand):
@@ -319,7 +334,9 @@ def run_validate(args: argparse.Namespace) -> int:
     seconds = time.monotonic() - t0
     code = compare.exit_code(r["result"] for r in results)
     doc = {"schema": "pinlab-validate/1", "base": asdict(base), "candidate": asdict(cand),
-           "tags": args.tags, "reruns": plan.reruns, "infra_retries": plan.infra_retries,
+           "tags": args.tags, "selected": selected,
+           "shard": {"index": shard.index, "total": shard.total} if shard else None,
+           "reruns": plan.reruns, "infra_retries": plan.infra_retries,
            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
            "seconds": round(seconds, 1), "exit_code": code, "results": results}
     for role in ROLES:

@@ -368,6 +368,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="re-runs on freshly booted guests, on both kernels, of a cell that "
                     "differs (default 3)")
     va.add_argument("--out", help="report directory (default: a new $PINLAB_RESULTS/validate-*)")
+    add_shard_argument(va)
     va.add_argument("--serial", action="store_true",
                     help="run the kernels one after another (default: at the same time)")
 

@@ -3,7 +3,9 @@ from real runs (tests/data/validate/README.md says how each file was recorded)."
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import json
 import tempfile
 import unittest
@@ -363,9 +365,29 @@ class CommandLine(unittest.TestCase):
                       "--tags", "mode:none"],
                      ["--base-kernel", "6.1", "--candidate-kernel", "6.12",
                       "--tags", "mode:gup,,event:fork"],
-                     ["--base-kernel", "6.1", "--candidate-kernel", "6.12", "--reruns", "0"]):
+                     ["--base-kernel", "6.1", "--candidate-kernel", "6.12", "--reruns", "0"],
+                     ["--base-kernel", "6.1", "--candidate-kernel", "6.12", "--shard", "4/3"],
+                     ["--base-kernel", "6.1", "--candidate-kernel", "6.12", "--shard", "x"]):
             with self.subTest(argv=argv):
                 self.assertEqual(main(["validate", *argv]), 2)
+
+    def test_shard_of_the_selection(self) -> None:
+        """--shard splits the selected cells as `pinlab matrix --shard` does; a shard left
+        with no cell has nothing to validate and says so without booting (exit 0)."""
+        from pinlab.cli import main
+        from pinlab.orchestrator.cells import all_cells, select
+        from pinlab.orchestrator.shard import split
+
+        one = select(all_cells("6.1"), ["mode:longterm,backing:ext4,event:truncate"])
+        self.assertEqual(len(one), 1)
+        self.assertEqual([len(p) for p in split(one, 2)], [1, 0])
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            code = main(["validate", "--base-kernel", "6.1", "--candidate-kernel", "6.12",
+                         "--tags", "mode:longterm,backing:ext4,event:truncate",
+                         "--shard", "2/2"])
+        self.assertEqual(code, 0)
+        self.assertIn("shard 2/2: 0 of 1 selected cells", out.getvalue())
 
 
 class TagSelection(unittest.TestCase):
