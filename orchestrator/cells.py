@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pinlab.images.kbuild import is_kernel_id
 from pinlab.images.kernel import KERNELS
 
 from .expectations import Cell
@@ -67,7 +68,7 @@ SMOKE_MODE_ORDER = ["pin", "odp", "longterm", "gup"]
 
 
 def all_cells(kernel: str) -> list[Cell]:
-    if kernel not in KERNELS:
+    if kernel not in KERNELS and not is_kernel_id(kernel):
         raise ValueError(f"unknown kernel {kernel!r}")
     return ([Cell(kernel, m, b, e) for b, e in PAIRS for m in MODES]
             + [Cell(kernel, "odp", b, e) for b, e in ODP_ONLY])

@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pinlab.images.build import ensure_images
+from pinlab.images.kbuild import is_kernel_id
 from pinlab.images.kernel import KERNELS
 
 from . import poolclient
@@ -137,7 +138,7 @@ def run_matrix(kernels: list[str] | None = None, tags: list[str] | None = None,
                concurrent: bool = True) -> int:
     names = list(dict.fromkeys(kernels or DEFAULT_KERNELS))
     for k in names:
-        if k not in KERNELS:
+        if k not in KERNELS and not is_kernel_id(k):
             raise SystemExit(f"pinlab: unknown kernel {k!r} (known: {', '.join(KERNELS)})")
         ensure_images(k)
     out = run_dir("matrix")
