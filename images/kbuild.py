@@ -441,7 +441,7 @@ def _build(cache: Cache, spec: BuildSpec, name: str, seed: str | None, tree: Pat
     meta = {
         "id": name, "release": release, "source": spec.source.describe(),
         "source_ident": spec.source.ident,
-        "patches": [{"file": str(p), "sha": h} for p, (_, h) in
+        "patches": [{"file": str(p), "sha": h} for p, h in
                     zip(spec.patches, patch_identity(spec.patches), strict=True)],
         "config": {"base": spec.config.base, "fragments": [str(f) for f in
                                                            spec.config.fragments],

@@ -11,6 +11,7 @@ releases the guest kernels come from, see :mod:`pinlab.images.kernel`: 6.1 = boo
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -94,8 +95,6 @@ def parse_source(text: str, tree: str | Path | None = None) -> SourceSpec:
 
 def _git(tree: Path, *args: str, check: bool = True, env: dict[str, str] | None = None
          ) -> subprocess.CompletedProcess[str]:
-    import os
-
     full = {**os.environ, **(env or {})}
     r = subprocess.run(["git", "-C", str(tree), *args], capture_output=True, text=True,
                        env=full, check=False)
@@ -258,37 +257,47 @@ def git_checkout(spec: SourceSpec, dst: Path, seeded: bool) -> None:
 
 
 _FAILED = re.compile(r"patch failed: (\S+?):(\d+)")
-_HUNK = re.compile(r"^@@ -(\d+)(?:,\d+)? \+\d+(?:,\d+)? @@")
+_HUNK = re.compile(r"^@@ -(\d+)(?:,(\d+))? \+\d+(?:,(\d+))? @@")
 
 
 def failing_hunk(patch_text: str, path: str, line: int) -> str:
     """The hunk of ``patch_text`` for ``path`` whose old range starts at ``line`` (git's
-    "patch failed: PATH:LINE"), with its file header; "" if not found."""
-    out: list[str] = []
-    in_file = False
-    capture = False
-    header = ""
-    for ln in patch_text.splitlines():
-        if ln.startswith("diff --git ") or ln.startswith("--- "):
-            if capture:
-                break
-            if ln.startswith("diff --git "):
-                in_file = ln.endswith(f" b/{path}")
-                header = ln
-            continue
+    "patch failed: PATH:LINE"), after its file's ``+++`` header; "" if there is none.
+    Hunk lengths come from the ``@@`` line's counts, so removed lines that look like
+    headers (``--- ...``) are kept."""
+    lines = patch_text.splitlines()
+    current = ""
+    i = 0
+    while i < len(lines):
+        ln = lines[i]
+        if ln.startswith("+++ "):
+            name = ln[4:].split("\t")[0]
+            current = name[2:] if name.startswith("b/") else name
         m = _HUNK.match(ln)
-        if m:
-            if capture:
-                break
-            capture = in_file and int(m.group(1)) == line
-            if capture:
-                out = [header, ln]
+        if not m:
+            i += 1
             continue
-        if capture:
-            if ln[:1] not in (" ", "+", "-", "\\") and ln != "":
-                break
-            out.append(ln)
-    return "\n".join(out)
+        old = int(m.group(2)) if m.group(2) is not None else 1
+        new = int(m.group(3)) if m.group(3) is not None else 1
+        body: list[str] = []
+        j = i + 1
+        while j < len(lines) and (old > 0 or new > 0):
+            b = lines[j]
+            if b.startswith("-"):
+                old -= 1
+            elif b.startswith("+"):
+                new -= 1
+            elif b.startswith("\\"):
+                pass
+            else:  # context (a blank context line may have lost its space)
+                old -= 1
+                new -= 1
+            body.append(b)
+            j += 1
+        if current == path and int(m.group(1)) == line:
+            return "\n".join([f"+++ b/{path}", ln, *body])
+        i = j
+    return ""
 
 
 def _patch_error(patch: Path, output: str) -> PatchApplyError:
@@ -314,15 +323,24 @@ def apply_patches(tree: Path, patches: list[Path], *, git_am: bool) -> None:
                 _git(tree, "am", "--abort", check=False)
                 raise _patch_error(p, out)
         else:
+            # outside a repository git apply is a patch tool; the ceiling keeps it from
+            # finding a repository above the tree (it would apply relative to that)
             r = subprocess.run(["git", "apply", "--verbose", "-p1", str(p.resolve())],
-                               cwd=tree, capture_output=True, text=True, check=False)
+                               cwd=tree, capture_output=True, text=True, check=False,
+                               env={**os.environ, "GIT_CEILING_DIRECTORIES":
+                                    str(tree.resolve().parent)})
             if r.returncode != 0:
                 raise _patch_error(p, r.stdout + r.stderr)
 
 
-def patch_identity(patches: list[Path]) -> list[tuple[str, str]]:
-    """(file name, content hash) per patch, in order: what a cache key needs."""
-    return [(p.name, digest(p)) for p in patches]
+def patch_identity(patches: list[Path]) -> list[str]:
+    """The patches' content hashes, in order: what a cache key needs (renaming or moving a
+    patch file does not change the kernel). Raises :class:`KernelSourceError` if one is
+    missing."""
+    for p in patches:
+        if not p.is_file():
+            raise KernelSourceError(f"no such patch: {p}")
+    return [digest(p) for p in patches]
 
 
 def read_tarball_release(tarball: Path) -> str:
