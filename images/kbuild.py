@@ -51,7 +51,13 @@ from pathlib import Path
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .cache import Cache, digest
-from .kconfig import ConfigFragmentError, build_fragment, check, pinlab_fragment
+from .kconfig import (
+    ConfigFragmentError,
+    build_fragment,
+    check,
+    named_fragment,
+    pinlab_fragment,
+)
 from .kernel import Kernel, initramfs_image, modules_disk
 from .kerrors import KernelBuildError
 from .kmod import _sources, kmod_source
@@ -103,17 +109,22 @@ class KernelCompileError(KernelBuildError):
 
 @dataclass(frozen=True)
 class ConfigSpec:
-    """``base``: "cloud", "defconfig" or a path to a config file; ``fragments``: extra
-    fragment files merged after pinlab's own and checked the same way."""
+    """``base``: "small" (defconfig + kvm_guest.config - ``images/kconfig/small.config``:
+    no display, sound, USB, wireless, NIC vendors, netfilter, NFS...), "defconfig"
+    (+ kvm_guest.config), "cloud" (Debian's cloud-amd64 config, Debian sources only) or a
+    path to a config file; ``fragments``: extra fragment files merged after pinlab's own
+    and checked the same way; ``debug_info``: DWARF debug info (off: faster builds)."""
 
-    base: str = "cloud"
+    base: str = "small"
     fragments: tuple[Path, ...] = ()
     debug_info: bool = False
 
     def identity(self) -> list[object]:
-        base = self.base
-        if base not in ("cloud", "defconfig"):
-            base = ("file", digest(Path(base)))
+        base: object = self.base
+        if self.base == "small":
+            base = ("small", named_fragment("small"))
+        elif self.base not in ("cloud", "defconfig"):
+            base = ("file", digest(Path(self.base)))
         return [base, [digest(f) for f in self.fragments], self.debug_info,
                 pinlab_fragment()]
 
@@ -304,6 +315,7 @@ def _configure(cache: Cache, spec: BuildSpec, tree: Path, make: _Make, key: str)
     pl = tree / ".pinlab"
     pl.mkdir(exist_ok=True)
     fragments: list[Path] = []
+    checked_extra: list[str] = []
     if cfg.base == "cloud":
         if spec.source.kind != "debian":
             raise KernelSourceError("config base 'cloud' is Debian's cloud-amd64 config: "
@@ -313,13 +325,18 @@ def _configure(cache: Cache, spec: BuildSpec, tree: Path, make: _Make, key: str)
             raise KernelSourceError(f"Debian ships no linux-config for {spec.source.rev}; "
                                     f"use --config defconfig")
         shutil.copy(base, tree / ".config")
-    elif cfg.base == "defconfig":
+    elif cfg.base in ("defconfig", "small"):
         make("defconfig", "defconfig")
         fragments.append(tree / KVM_GUEST)
+        if cfg.base == "small":
+            small = named_fragment("small")
+            (pl / "small.config").write_text(small)
+            fragments.append(pl / "small.config")
+            checked_extra.append(small)
     else:
         shutil.copy(cfg.base, tree / ".config")
-    checked = pinlab_fragment()
-    (pl / "pinlab.config").write_text(checked)
+    checked = "\n".join([*checked_extra, pinlab_fragment()])
+    (pl / "pinlab.config").write_text(pinlab_fragment())
     fragments.append(pl / "pinlab.config")
     for f in cfg.fragments:
         text = Path(f).read_text()
@@ -410,12 +427,19 @@ def _build(cache: Cache, spec: BuildSpec, name: str, seed: str | None, tree: Pat
     seed_tree = None
     if tree is None:
         tree = own_tree
-        seed_tree = _seed(cache, spec, key, seed)
-        console.print(f"[bold]{name}[/]: {spec.source.describe()}"
-                      + (f" + {len(spec.patches)} patch(es)" if spec.patches else "")
-                      + (f", seeded from {seed_tree.name}" if seed_tree else "")
-                      + f"; log: {log}")
-        _prepare_tree(cache, spec, tree, seed_tree)
+        marker = tree / ".pinlab" / "prepared"
+        if marker.exists() and marker.read_text() == key:
+            # an earlier attempt prepared this tree (and maybe compiled most of it): go on
+            console.print(f"[bold]{name}[/]: resuming in {tree}; log: {log}")
+        else:
+            seed_tree = _seed(cache, spec, key, seed)
+            console.print(f"[bold]{name}[/]: {spec.source.describe()}"
+                          + (f" + {len(spec.patches)} patch(es)" if spec.patches else "")
+                          + (f", seeded from {seed_tree.name}" if seed_tree else "")
+                          + f"; log: {log}")
+            _prepare_tree(cache, spec, tree, seed_tree)
+            marker.parent.mkdir(exist_ok=True)
+            marker.write_text(key)
     make = _Make(cache, tree, log, jobs)
     stats0 = _ccache_stats(make.env) if make.cc.startswith("ccache") else {}
     t1 = time.monotonic()
@@ -430,6 +454,8 @@ def _build(cache: Cache, spec: BuildSpec, name: str, seed: str | None, tree: Pat
     modroot = art / "modroot"
     make("modules_install", "modules_install", INSTALL_MOD_PATH=str(modroot),
          INSTALL_MOD_STRIP="1")
+    for link in ("build", "source"):  # point into the cache's tree: meaningless in a guest
+        (modroot / "lib" / "modules" / release / link).unlink(missing_ok=True)
     ko.parent.mkdir(parents=True, exist_ok=True)
     _build_kmod(cache, tree, ko, log, make.env)
     t4 = time.monotonic()

@@ -82,9 +82,15 @@ def check(fragment_text: str, final_text: str, config: Path | None = None) -> No
         raise ConfigFragmentError(dropped, config or Path(".config"))
 
 
+def named_fragment(name: str) -> str:
+    """The text of one of pinlab's fragments, ``images/kconfig/<name>.config``."""
+    return resources.files("pinlab.images").joinpath("kconfig", f"{name}.config").read_text()
+
+
 def pinlab_fragment() -> str:
-    """The text of pinlab's own fragment (``images/kconfig/pinlab.config``)."""
-    return resources.files("pinlab.images").joinpath("kconfig", "pinlab.config").read_text()
+    """The text of pinlab's own fragment (``images/kconfig/pinlab.config``): what the
+    guest, pinlab.ko and every matrix cell need."""
+    return named_fragment("pinlab")
 
 
 def build_fragment(localversion: str, *, debug_info: bool, signing_keys: bool) -> str:

@@ -100,7 +100,7 @@ def step(state_path: Path) -> int:
 
 
 def bisect(tree: Path, good: str, bad: str, cell: tuple[str, str, str], *,
-           config: str = "defconfig", jobs: int | None = None,
+           config: str = "small", jobs: int | None = None,
            artifacts: Path | None = None) -> int:
     """Bisect ``good..bad`` in a clone of ``tree`` on ``cell``'s outcome. Returns 0 when
     a first bad commit was found, 2 when the input does not allow a bisection (unknown

@@ -106,7 +106,7 @@ def _kernel(args: argparse.Namespace) -> int:
             patches = [Path(p) for p in (args.patch or [])]
             if args.series:
                 patches.append(Path(args.series))
-            base = args.config or "defconfig"
+            base = args.config or "small"
             spec = BuildSpec(parse_source(args.base, args.tree), patches,
                              ConfigSpec(base, tuple(Path(f) for f in args.fragment or []),
                                         args.debug_info))
@@ -187,8 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     kb.add_argument("--tree", help="a git checkout of Linux (cloned, never modified)")
     kb.add_argument("--patch", action="append", help="a patch to apply (repeatable, in order)")
     kb.add_argument("--series", help="an mbox of patches (git am)")
-    kb.add_argument("--config", help="cloud (Debian's cloud-amd64 config; Debian sources), "
-                    "defconfig (+ kvm_guest.config; the default) or a config file")
+    kb.add_argument("--config", help="small (defconfig + kvm_guest.config minus display, "
+                    "sound, USB, wireless...; the default), defconfig (+ kvm_guest.config), "
+                    "cloud (Debian's cloud-amd64 config; Debian sources) or a config file")
     kb.add_argument("--fragment", action="append", help="another config fragment (checked "
                     "like pinlab's own)")
     kb.add_argument("--debug-info", action="store_true", help="build with DWARF debug info")
@@ -205,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     bs.add_argument("--cell", required=True, help="MODE/BACKING/EVENT, e.g. "
                     "longterm/ext4/truncate")
     bs.add_argument("--tree", default=".", help="the git tree (default: .)")
-    bs.add_argument("--config", default="defconfig", help="defconfig or a config file")
+    bs.add_argument("--config", default="small", help="small, defconfig or a config file")
     bs.add_argument("--jobs", type=int)
     bs.add_argument("--artifacts", help="where each step's cell artifacts go")
 
