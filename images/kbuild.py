@@ -231,10 +231,14 @@ class _Make:
     """Runs make in a tree with the fixed build environment and ccache; logs everything
     to one file and shows a progress bar of Kbuild's step lines (CC, LD, AR, ...)."""
 
-    def __init__(self, cache: Cache, tree: Path, log: Path, jobs: int) -> None:
+    def __init__(self, cache: Cache, tree: Path, log: Path, jobs: int,
+                 localversion: str = "") -> None:
         self.tree, self.log, self.jobs = tree, log, jobs
         kb = cache.path("kbuild")
-        self.env = {**os.environ, **BUILD_ENV, "CCACHE_DIR": str(kb / "ccache"),
+        # LOCALVERSION (make's, not CONFIG_LOCALVERSION): the release suffix, here in the
+        # environment so every make in this tree (modules_install, M=kmod) agrees on it
+        self.env = {**os.environ, **BUILD_ENV, "LOCALVERSION": localversion,
+                    "CCACHE_DIR": str(kb / "ccache"),
                     "CCACHE_BASEDIR": str(kb), "CCACHE_NOHASHDIR": "1",
                     "CCACHE_MAXSIZE": os.environ.get("PINLAB_CCACHE_SIZE", "20G")}
         self.cc = "ccache gcc" if shutil.which("ccache") else "gcc"
@@ -344,7 +348,7 @@ def _configure(cache: Cache, spec: BuildSpec, tree: Path, make: _Make, key: str)
         dst = pl / f"extra-{len(fragments)}.config"
         dst.write_text(text)
         fragments.append(dst)
-    own = build_fragment(f"-pinlab-{key[:8]}", debug_info=cfg.debug_info,
+    own = build_fragment(debug_info=cfg.debug_info,
                          signing_keys=cfg.base == "cloud")
     (pl / "build.config").write_text(own)
     fragments.append(pl / "build.config")
@@ -440,7 +444,7 @@ def _build(cache: Cache, spec: BuildSpec, name: str, seed: str | None, tree: Pat
             _prepare_tree(cache, spec, tree, seed_tree)
             marker.parent.mkdir(exist_ok=True)
             marker.write_text(key)
-    make = _Make(cache, tree, log, jobs)
+    make = _Make(cache, tree, log, jobs, localversion=f"-pinlab-{key[:8]}")
     stats0 = _ccache_stats(make.env) if make.cc.startswith("ccache") else {}
     t1 = time.monotonic()
     checked = _configure(cache, spec, tree, make, key)
@@ -480,6 +484,7 @@ def _build(cache: Cache, spec: BuildSpec, name: str, seed: str | None, tree: Pat
                         "total": round(time.monotonic() - t0, 1)},
         "reproducer": f"cd {tree} && make olddefconfig && "
                       + " ".join(f"{k}='{v}'" for k, v in BUILD_ENV.items())
+                      + f" LOCALVERSION='{make.env['LOCALVERSION']}'"
                       + f" make -j{jobs} CC='{make.cc}' bzImage modules",
         "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

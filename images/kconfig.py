@@ -93,10 +93,12 @@ def pinlab_fragment() -> str:
     return named_fragment("pinlab")
 
 
-def build_fragment(localversion: str, *, debug_info: bool, signing_keys: bool) -> str:
-    """The per-build fragment: the release suffix, debug info on or off, and (for
-    Debian's configs, which name Debian's certificate files) no trusted-key files."""
-    lines = [f'CONFIG_LOCALVERSION="{localversion}"', "# CONFIG_LOCALVERSION_AUTO is not set"]
+def build_fragment(*, debug_info: bool, signing_keys: bool) -> str:
+    """The per-build fragment: no release suffix in the config (the build passes make's
+    ``LOCALVERSION`` instead: a suffix in ``.config`` would change ``autoconf.h``, which
+    every object includes, and no object of one build could come from ccache for
+    another), debug info on or off, and (for Debian's configs) no trusted-key files."""
+    lines = ['CONFIG_LOCALVERSION=""', "# CONFIG_LOCALVERSION_AUTO is not set"]
     if debug_info:
         lines += ["CONFIG_DEBUG_INFO_DWARF_TOOLCHAIN_DEFAULT=y"]
     else:

@@ -113,12 +113,12 @@ class FragmentCheck(unittest.TestCase):
         self.assertEqual(opts["CONFIG_B"].value, '"x y"')
 
     def test_build_fragment(self) -> None:
-        text = kconfig.build_fragment("-pinlab-0123abcd", debug_info=False, signing_keys=True)
+        text = kconfig.build_fragment(debug_info=False, signing_keys=True)
         opts = kconfig.parse(text)
-        self.assertEqual(opts["CONFIG_LOCALVERSION"].value, '"-pinlab-0123abcd"')
+        self.assertEqual(opts["CONFIG_LOCALVERSION"].value, '""')
         self.assertEqual(opts["CONFIG_DEBUG_INFO_NONE"].value, "y")
         self.assertEqual(opts["CONFIG_SYSTEM_TRUSTED_KEYS"].value, '""')
-        dbg = kconfig.parse(kconfig.build_fragment("-x", debug_info=True, signing_keys=False))
+        dbg = kconfig.parse(kconfig.build_fragment(debug_info=True, signing_keys=False))
         self.assertNotIn("CONFIG_DEBUG_INFO_NONE", dbg)
         self.assertNotIn("CONFIG_SYSTEM_TRUSTED_KEYS", dbg)
 
