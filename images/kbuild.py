@@ -11,6 +11,17 @@ API (for ``pinlab validate`` and ``pinlab bisect``)::
     kbuild.kernel_id(cache, cand)                         # the id without building
     kbuild.is_built(cache, cand_id)                       # already in the image cache?
     kbuild.register_prebuilt(cache, bzimage, modules, build_dir)   # -> "build:<key>"
+    kbuild.kernel_meta(cache, cand_id)   # kernel.json: release, source, patches, durations
+
+    # a git tree: --tree PATH --base REV (--candidate REV | patches)
+    b = kbuild.BuildSpec(ksource.parse_source("v6.12", tree="/src/linux"))
+    c = kbuild.BuildSpec(ksource.parse_source("HEAD", tree="/src/linux"))
+    base_id = kbuild.build_kernel(cache, b)
+    cand_id = kbuild.build_kernel(cache, c, seed=base_id)   # copy base's tree, checkout
+
+    # one cell on a built kernel (warm-guest pool, stopped afterwards):
+    from pinlab.orchestrator.bisect import observe
+    outcome, answer = observe(cand_id, ("longterm", "ext4", "truncate"), artifacts_dir)
 
 A kernel id is accepted wherever a kernel name is (``ensure_images``, ``GuestSession.boot``,
 pools, ``Cell.kernel``, ``pinlab up --kernel``). Sources: ``parse_source("debian:6.12")``
@@ -94,7 +105,8 @@ _STEP = re.compile(r"^\s{2}([A-Z][A-Z0-9_]*)\s+(\S+)")
 
 __all__ = ["BuildSpec", "ConfigFragmentError", "ConfigSpec", "KernelBuildError",
            "KernelCompileError", "KernelSourceError", "PatchApplyError", "build_kernel",
-           "ensure_built_kernel", "is_built", "is_kernel_id", "kernel_id", "register_prebuilt"]
+           "ensure_built_kernel", "is_built", "is_kernel_id", "kernel_id", "kernel_meta",
+           "register_prebuilt"]
 
 
 class KernelCompileError(KernelBuildError):
@@ -180,6 +192,13 @@ def _meta(cache: Cache, name: str) -> dict[str, object]:
     except (FileNotFoundError, json.JSONDecodeError) as exc:
         raise KernelSourceError(f"kernel {name} is not built (no {path}); build it with "
                                 f"`pinlab kernel build`") from exc
+
+
+def kernel_meta(cache: Cache, name: str) -> dict[str, object]:
+    """A built kernel's ``kernel.json``: id, release, source, source_ident, patches
+    (file, sha), config (base, checked_fragment), durations_s, ccache, reproducer.
+    Raises :class:`KernelSourceError` if it is not built."""
+    return _meta(cache, name)
 
 
 def is_built(cache: Cache, name: str) -> bool:
