@@ -77,6 +77,7 @@ from .ksource import (
     PatchApplyError,
     SourceSpec,
     apply_patches,
+    check_patches,
     copy_tree,
     debian_source,
     git_checkout,
@@ -432,6 +433,10 @@ def build_kernel(cache: Cache, spec: BuildSpec, *, seed: str | None = None,
     name = kernel_id(cache, spec)
     if is_built(cache, name):
         return name
+    if spec.source.kind == "debian" and tree is None:
+        # a series that does not apply fails now, not after waiting for the build lock
+        # and copying 1.5 GB (the pristine source is only read)
+        check_patches(debian_source(cache, spec.source) / "src", spec.patches)
     ensure_toolchain(cache)
     with _build_lock(cache):
         if is_built(cache, name):

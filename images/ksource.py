@@ -333,6 +333,31 @@ def apply_patches(tree: Path, patches: list[Path], *, git_am: bool) -> None:
                 raise _patch_error(p, r.stdout + r.stderr)
 
 
+def check_patches(tree: Path, patches: list[Path]) -> None:
+    """Check, without changing anything, that ``patches`` apply in order on ``tree`` (an
+    unpacked source): a series that cannot apply fails before a tree is copied. Raises
+    :class:`PatchApplyError` naming the patch that holds the failing hunk."""
+    if not patches:
+        return
+    for p in patches:
+        if not p.is_file():
+            raise KernelSourceError(f"no such patch: {p}")
+    r = subprocess.run(["git", "apply", "--check", "--verbose", "-p1",
+                        *[str(p.resolve()) for p in patches]], cwd=tree, capture_output=True,
+                       text=True, check=False,
+                       env={**os.environ, "GIT_CEILING_DIRECTORIES": str(tree.resolve().parent)})
+    if r.returncode == 0:
+        return
+    out = r.stdout + r.stderr
+    m = _FAILED.search(out)
+    if m:
+        for p in patches:
+            hunk = failing_hunk(p.read_text(errors="replace"), m.group(1), int(m.group(2)))
+            if hunk:
+                raise PatchApplyError(p, out, hunk)
+    raise PatchApplyError(patches[-1] if len(patches) == 1 else patches[0], out, "")
+
+
 def patch_identity(patches: list[Path]) -> list[str]:
     """The patches' content hashes, in order: what a cache key needs (renaming or moving a
     patch file does not change the kernel). Raises :class:`KernelSourceError` if one is

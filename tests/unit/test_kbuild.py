@@ -150,6 +150,15 @@ class Patches(unittest.TestCase):
         self.assertIsInstance(err, KernelBuildError)
         self.assertEqual((self.tree / "mm/gup.c").read_text(), GUP_BEFORE)  # untouched
 
+    def test_series_check_names_the_failing_patch(self) -> None:
+        series = [self.tmp / "good.patch", self.tmp / "bad.patch"]
+        with self.assertRaises(ksource.PatchApplyError) as cm:
+            ksource.check_patches(self.tree, series)
+        self.assertEqual(cm.exception.patch, self.tmp / "bad.patch")
+        self.assertIn("@@ -3,6 +3,5 @@", cm.exception.hunk)
+        ksource.check_patches(self.tree, series[:1])          # the good one alone applies
+        self.assertEqual((self.tree / "mm/gup.c").read_text(), GUP_BEFORE)  # only checked
+
     def test_git_am_series_and_failure(self) -> None:
         git(self.tree, "init", "-q")
         git(self.tree, "add", ".")
