@@ -104,5 +104,7 @@ def build_fragment(*, debug_info: bool, signing_keys: bool) -> str:
     else:
         lines += ["CONFIG_DEBUG_INFO_NONE=y"]
     if signing_keys:
-        lines += ['CONFIG_SYSTEM_TRUSTED_KEYS=""', 'CONFIG_SYSTEM_REVOCATION_KEYS=""']
+        # (not SYSTEM_REVOCATION_KEYS: it exists only with SYSTEM_REVOCATION_LIST, which
+        # Debian's cloud config leaves off; the fragment check caught that line dropped)
+        lines += ['CONFIG_SYSTEM_TRUSTED_KEYS=""']
     return "\n".join(lines) + "\n"
