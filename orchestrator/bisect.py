@@ -55,6 +55,15 @@ def observe(kernel: str, cell: tuple[str, str, str], artifacts: Path) -> tuple[s
     return str(resp["observed"]), resp
 
 
+def step_status(observed: str, good_outcome: str) -> int:
+    """``git bisect run``'s status for a step whose cell showed ``observed``: 0 (good)
+    when it is the good end's outcome, 125 (skip) for an infrastructure outcome, 1 (bad)
+    for any other outcome."""
+    if observed in INFRA_OUTCOMES:
+        return SKIP
+    return GOOD if observed == good_outcome else BAD
+
+
 @dataclass
 class State:
     """What each ``git bisect run`` step needs, kept as JSON beside the clone."""
@@ -92,8 +101,7 @@ def step(state_path: Path) -> int:
     except (PoolError, OSError) as exc:
         print(f"pinlab bisect: run failed, skipping: {exc}", file=sys.stderr)
         return SKIP
-    verdict = SKIP if observed in INFRA_OUTCOMES else GOOD if observed == st.good_outcome \
-        else BAD
+    verdict = step_status(observed, st.good_outcome)
     print(f"pinlab bisect: {kernel} shows {observed} -> "
           f"{ {GOOD: 'good', BAD: 'bad', SKIP: 'skip'}[verdict]}", flush=True)
     return verdict
