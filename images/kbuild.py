@@ -222,7 +222,11 @@ def _build_lock(cache: Cache) -> Iterator[None]:
     p = cache.path("kbuild", ".lock")
     p.parent.mkdir(parents=True, exist_ok=True)
     with open(p, "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            console.print(f"waiting for another kernel build to finish (lock {p})")
+            fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
         finally:
