@@ -135,6 +135,10 @@ def _bench(what: str, rest: list[str]) -> int:
         from pinlab.bench.cells import main as cells_main
 
         return cells_main(rest)
+    if what == "kbuild":
+        from pinlab.bench.kbuild import main as kbuild_main
+
+        return kbuild_main(rest)
     from pinlab.bench.device import main as device_main
 
     return device_main(rest)
@@ -210,12 +214,12 @@ def main(argv: list[str] | None = None) -> int:
     bs.add_argument("--jobs", type=int)
     bs.add_argument("--artifacts", help="where each step's cell artifacts go")
 
-    sub.add_parser("bench", help="benchmarks: pinlab bench device|cells [--json]",
+    sub.add_parser("bench", help="benchmarks: pinlab bench device|cells|kbuild [--json]",
                    add_help=False)
 
     if argv[:1] == ["bench"]:
-        if argv[1:2] not in (["device"], ["cells"]):
-            p.error("usage: pinlab bench device|cells [--json]")
+        if argv[1:2] not in (["device"], ["cells"], ["kbuild"]):
+            p.error("usage: pinlab bench device|cells|kbuild [--json]")
         return _bench(argv[1], argv[2:])
     if argv[:1] == ["device"]:
         if argv[1:2] != ["serve"]:
