@@ -239,6 +239,18 @@ class CacheKeys(unittest.TestCase):
         with self.assertRaises(KernelBuildError):
             kbuild.ensure_built_kernel(self.cache, base, None)  # type: ignore[arg-type]
 
+    def test_prebuilt_bad_input(self) -> None:
+        img = self.tmp / "bzImage"
+        img.write_bytes(b"not really")
+        mods = self.tmp / "lib" / "modules" / "6.12.0-test"
+        mods.mkdir(parents=True)
+        build = self.tmp / "build"
+        build.mkdir()
+        with self.assertRaisesRegex(ksource.KernelSourceError, "no such file"):
+            kbuild.register_prebuilt(self.cache, self.tmp / "nope", mods, build)
+        with self.assertRaisesRegex(ksource.KernelSourceError, "not a built kernel tree"):
+            kbuild.register_prebuilt(self.cache, img, mods, build)
+
     def test_ids(self) -> None:
         self.assertFalse(kbuild.is_kernel_id("6.12"))
         self.assertFalse(kbuild.is_kernel_id("build:xyz"))
