@@ -26,9 +26,10 @@ API (for ``pinlab validate`` and ``pinlab bisect``)::
 A kernel id is accepted wherever a kernel name is (``ensure_images``, ``GuestSession.boot``,
 pools, ``Cell.kernel``, ``pinlab up --kernel``). Sources: ``parse_source("debian:6.12")``
 or ``parse_source(REV, tree=PATH)`` (a git tree, cloned, never modified). ``ConfigSpec``:
-``base`` "cloud" (Debian's cloud-amd64 config; Debian sources only), "defconfig"
-(``make defconfig`` + ``kvm_guest.config``) or a config file; plus pinlab's fragment
-(``images/kconfig/pinlab.config``) and ``debug_info`` (off by default).
+``base`` "small" (the default: defconfig + ``kvm_guest.config`` minus what a guest never
+uses, ``images/kconfig/small.config``), "defconfig" (+ ``kvm_guest.config``), "cloud"
+(Debian's cloud-amd64 config; Debian sources only) or a config file; plus pinlab's
+fragment (``images/kconfig/pinlab.config``) and ``debug_info`` (off by default).
 
 Errors, all :class:`KernelBuildError` (``pinlab validate`` maps them to exit 2):
 :class:`~pinlab.images.ksource.PatchApplyError` (with the failing hunk),
