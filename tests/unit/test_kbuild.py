@@ -197,6 +197,61 @@ class Patches(unittest.TestCase):
             self.assertEqual(r.returncode, 0, f"{p.name}: {r.stderr}")
 
 
+class GitTrees(unittest.TestCase):
+    """A git source is cloned (the user's repository is left as it was) and a candidate
+    tree seeded from a built one keeps the times of what did not change, so make
+    recompiles only what the checkout or a patch touched."""
+
+    def setUp(self) -> None:
+        self.tmp = Path(tempfile.mkdtemp(prefix="pinlab-kbuild-"))
+        self.cache = Cache(self.tmp / "cache")
+        self.repo = self.tmp / "linux"
+        (self.repo / "mm").mkdir(parents=True)
+        git(self.repo, "init", "-q")
+        (self.repo / "mm" / "gup.c").write_text(GUP_BEFORE)
+        (self.repo / "mm" / "other.c").write_text("int x;\n")
+        git(self.repo, "add", ".")
+        git(self.repo, "commit", "-qm", "base")
+        self.c1 = git(self.repo, "rev-parse", "HEAD").strip()
+        (self.repo / "mm" / "other.c").write_text("int y;\n")
+        git(self.repo, "commit", "-qam", "candidate")
+        self.c2 = git(self.repo, "rev-parse", "HEAD").strip()
+        (self.tmp / "good.patch").write_text(GOOD_PATCH)
+
+    def tearDown(self) -> None:
+        shutil.rmtree(self.tmp)
+
+    def spec(self, rev: str, patches: list[Path] | None = None) -> kbuild.BuildSpec:
+        src = ksource.resolve(self.cache, ksource.parse_source(rev, self.repo))
+        return kbuild.BuildSpec(src, patches or [], kbuild.ConfigSpec("defconfig"))
+
+    def test_clone_seed_and_patch(self) -> None:
+        before = git(self.repo, "status", "--porcelain", "--branch")
+        t1 = self.tmp / "trees" / "one"
+        kbuild._prepare_tree(self.cache, self.spec(self.c1), t1, None)
+        self.assertEqual(git(t1, "rev-parse", "HEAD").strip(), self.c1)
+        self.assertEqual((t1 / "mm/other.c").read_text(), "int x;\n")
+        (t1 / "mm" / "other.o").write_text("object")
+        old = 1_000_000_000
+        for p in t1.rglob("*"):
+            if ".git" not in p.parts:
+                os.utime(p, (old, old))
+        t2 = self.tmp / "trees" / "two"
+        kbuild._prepare_tree(self.cache, self.spec(self.c2, [self.tmp / "good.patch"]), t2,
+                             t1)
+        self.assertEqual((t2 / "mm/other.c").read_text(), "int y;\n")
+        self.assertEqual((t2 / "mm/other.o").read_text(), "object")   # the build came along
+        self.assertEqual(int((t2 / "mm/other.o").stat().st_mtime), old)
+        self.assertGreater((t2 / "mm/other.c").stat().st_mtime, old)   # checkout touched it
+        self.assertGreater((t2 / "mm/gup.c").stat().st_mtime, old)     # the patch did
+        self.assertNotIn("vma_needs_dirty_tracking", (t2 / "mm/gup.c").read_text())
+        self.assertEqual(git(t2, "log", "-1", "--format=%s").strip(), "mm/gup: allow them all")
+        # the user's repository: same HEAD, same status, no worktree added
+        self.assertEqual(git(self.repo, "rev-parse", "HEAD").strip(), self.c2)
+        self.assertEqual(git(self.repo, "status", "--porcelain", "--branch"), before)
+        self.assertEqual(len(git(self.repo, "worktree", "list").splitlines()), 1)
+
+
 class BuildSteps(unittest.TestCase):
     def test_failing_make_raises_with_log_tail(self) -> None:
         tmp = Path(tempfile.mkdtemp(prefix="pinlab-kbuild-"))
