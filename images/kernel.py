@@ -9,6 +9,7 @@ From there we take the kernel image, a modules disk (ext4, mounted by the guest 
 from __future__ import annotations
 
 import lzma
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,7 +120,10 @@ def _module_order(moddir: Path, wanted: list[str]) -> list[str]:
     return order
 
 
-def _initramfs(path: Path, moddir: Path, busybox: Path) -> None:
+def initramfs_image(path: Path, moddir: Path, busybox: Path) -> None:
+    """A busybox initramfs at ``path`` that loads ``INITRAMFS_MODULES`` (those built as
+    modules in ``moddir``, a ``lib/modules/<release>`` with ``modules.dep``) and switches
+    to the disk with serial pinlab-root."""
     cpio = Newc()
     for d in ("bin", "dev", "proc", "sys", "newroot", "modules"):
         cpio.dir(d)
@@ -158,14 +162,32 @@ def ensure_kernel(cache: Cache, name: str, rootfs: Rootfs) -> Kernel:
             break
     else:
         raise FileNotFoundError(f"no kernel image for {release} in {kroot}")
-    _initramfs(kernel.initramfs, moddir, rootfs.busybox)
-    tmp = kernel.modules_img.with_suffix(".tmp")
-    tmp.unlink(missing_ok=True)
-    size_mb = tree_size(moddir) * 12 // 10 // (1 << 20) + 64
-    run(["mke2fs", "-q", "-t", "ext4", "-L", "pinlab-mods", "-E", "root_owner=0:0",
-         "-d", kroot / "lib/modules", tmp, f"{size_mb}M"],
-        log=cache.logs() / f"kernel-{name}.log", title=f"modules disk for {release}",
-        env={"E2FSPROGS_FAKE_TIME": "1735689600"})
-    tmp.replace(kernel.modules_img)
+    initramfs_image(kernel.initramfs, moddir, rootfs.busybox)
+    modules_disk(cache, kroot / "lib/modules", kernel.modules_img, release,
+                 log=cache.logs() / f"kernel-{name}.log")
     cache.record(f"kernel-{name}", key, release=release)
     return kernel
+
+
+def modules_disk(cache: Cache, lib_modules: Path, image: Path, release: str, *,
+                 log: Path) -> None:
+    """An ext4 image of ``lib_modules`` (holding ``<release>/``), which the guest mounts at
+    /usr/lib/modules (label pinlab-mods); 20 % + 64 MiB larger than the tree."""
+    tmp = image.with_suffix(".tmp")
+    tmp.unlink(missing_ok=True)
+    size_mb = tree_size(lib_modules / release) * 12 // 10 // (1 << 20) + 64
+    run(["mke2fs", "-q", "-t", "ext4", "-L", "pinlab-mods", "-E", "root_owner=0:0",
+         "-d", lib_modules, tmp, f"{size_mb}M"],
+        log=log, title=f"modules disk for {release}",
+        env={"E2FSPROGS_FAKE_TIME": "1735689600"})
+    tmp.replace(image)
+
+
+BUILT_PREFIX = "build:"   # kernels pinlab built or registered (images/kbuild.py)
+
+
+def is_kernel_id(name: str) -> bool:
+    """Whether ``name`` names a built kernel (``build:<16 hex digits>``, images/kbuild.py);
+    kept here, beside KERNELS, so that cell code can ask without importing the builder."""
+    return (name.startswith(BUILT_PREFIX)
+            and re.fullmatch(r"[0-9a-f]{16}", name[len(BUILT_PREFIX):]) is not None)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pinlab.images.kernel import KERNELS
+from pinlab.images.kernel import KERNELS, is_kernel_id
 
 from .expectations import Cell
 
@@ -78,10 +78,10 @@ SMOKE_BACKINGS_LAST = ("btrfs",)
 
 
 def all_cells(kernel: str, known_only: bool = True) -> list[Cell]:
-    """Every cell of the matrix on ``kernel``. Raises ValueError for a kernel that is not
-    one of the Debian KERNELS unless ``known_only`` is false (``pinlab validate`` runs the
-    same cells on kernels built from source, ``build:<key>``)."""
-    if known_only and kernel not in KERNELS:
+    """Every cell of the matrix on ``kernel``: a Debian kernel (KERNELS) or a built one
+    (``build:<key>``, images/kbuild.py). Raises ValueError for anything else unless
+    ``known_only`` is false."""
+    if known_only and kernel not in KERNELS and not is_kernel_id(kernel):
         raise ValueError(f"unknown kernel {kernel!r}")
     return ([Cell(kernel, m, b, e) for b, e in PAIRS for m in MODES]
             + [Cell(kernel, "odp", b, e) for b, e in ODP_ONLY])

@@ -244,6 +244,58 @@ def _fuzz(args: argparse.Namespace) -> int:
     return run_fuzz(args.kernel, args.iterations, out, threads=args.threads, seed=args.seed)
 
 
+def _kernel(args: argparse.Namespace) -> int:
+    from pinlab.images.cache import Cache
+    from pinlab.images.kbuild import BuildSpec, ConfigSpec, build_kernel, register_prebuilt
+    from pinlab.images.kerrors import KernelBuildError
+    from pinlab.images.ksource import parse_source
+
+    cache = Cache.default()
+    if args.kernel_cmd == "list":
+        for name, e in sorted(cache._load().items()):
+            if name.startswith("kbuild-") and not name.startswith(("kbuild-steps-",
+                                                                   "kbuild-image-")):
+                print(f"build:{e['key']}  {e.get('release')}  {e.get('source')}  {e['built']}")
+        return 0
+    try:
+        if args.image:
+            if not (args.modules and args.build_dir):
+                print("pinlab: --image needs --modules and --build-dir", file=sys.stderr)
+                return 2
+            kid = register_prebuilt(cache, Path(args.image), Path(args.modules),
+                                    Path(args.build_dir))
+        else:
+            if not args.base:
+                print("pinlab: kernel build needs --base (debian:6.12 or a revision with "
+                      "--tree) or --image", file=sys.stderr)
+                return 2
+            patches = [Path(p) for p in (args.patch or [])]
+            if args.series:
+                patches.append(Path(args.series))
+            base = args.config or "small"
+            spec = BuildSpec(parse_source(args.base, args.tree), patches,
+                             ConfigSpec(base, tuple(Path(f) for f in args.fragment or []),
+                                        args.debug_info))
+            kid = build_kernel(cache, spec, jobs=args.jobs)
+    except KernelBuildError as exc:
+        print(f"pinlab: {exc}", file=sys.stderr)
+        return 2
+    print(kid)
+    return 0
+
+
+def _bisect(args: argparse.Namespace) -> int:
+    from pinlab.orchestrator.bisect import bisect, parse_cell
+
+    try:
+        cell = parse_cell(args.cell)
+    except ValueError as exc:
+        print(f"pinlab: {exc}", file=sys.stderr)
+        return 2
+    return bisect(Path(args.tree), args.good, args.bad, cell, config=args.config,
+                  jobs=args.jobs, artifacts=Path(args.artifacts) if args.artifacts else None)
+
+
 def _bench(what: str, rest: list[str]) -> int:
     if what == "cells":
         from pinlab.bench.cells import main as cells_main
@@ -253,6 +305,10 @@ def _bench(what: str, rest: list[str]) -> int:
         from pinlab.bench.shards import main as shards_main
 
         return shards_main(rest)
+    if what == "kbuild":
+        from pinlab.bench.kbuild import main as kbuild_main
+
+        return kbuild_main(rest)
     from pinlab.bench.device import main as device_main
 
     return device_main(rest)
@@ -382,12 +438,43 @@ def main(argv: list[str] | None = None) -> int:
     fi.add_argument("--seed", type=int, default=1)
     fi.add_argument("--artifacts", help="directory for console log and other artifacts")
 
-    sub.add_parser("bench", help="benchmarks: pinlab bench device|cells|shards [--json]",
+    kp = sub.add_parser("kernel", help="build test kernels (and pinlab.ko) to run cells on")
+    kps = kp.add_subparsers(dest="kernel_cmd", required=True)
+    kb = kps.add_parser("build", help="build a kernel from Debian's or a git tree's source "
+                        "with patches, or register a prebuilt one; prints its id build:<key>")
+    kb.add_argument("--base", help="debian:6.1|6.12|7, or a revision of --tree")
+    kb.add_argument("--tree", help="a git checkout of Linux (cloned, never modified)")
+    kb.add_argument("--patch", action="append", help="a patch to apply (repeatable, in order)")
+    kb.add_argument("--series", help="an mbox of patches (git am)")
+    kb.add_argument("--config", help="small (defconfig + kvm_guest.config minus display, "
+                    "sound, USB, wireless...; the default), defconfig (+ kvm_guest.config), "
+                    "cloud (Debian's cloud-amd64 config; Debian sources) or a config file")
+    kb.add_argument("--fragment", action="append", help="another config fragment (checked "
+                    "like pinlab's own)")
+    kb.add_argument("--debug-info", action="store_true", help="build with DWARF debug info")
+    kb.add_argument("--jobs", type=int, help="make -j (default: all cores)")
+    kb.add_argument("--image", help="prebuilt: a bzImage")
+    kb.add_argument("--modules", help="prebuilt: lib/modules/<release> dir or a tarball")
+    kb.add_argument("--build-dir", help="prebuilt: its build tree (to compile pinlab.ko)")
+    kps.add_parser("list", help="the built kernels in the cache")
+
+    bs = sub.add_parser("bisect", help="git bisect a change of one cell's outcome")
+    bs.add_argument("--good", required=True, help="a revision where the cell shows the old "
+                    "outcome")
+    bs.add_argument("--bad", required=True, help="a revision where it shows the new one")
+    bs.add_argument("--cell", required=True, help="MODE/BACKING/EVENT, e.g. "
+                    "longterm/ext4/truncate")
+    bs.add_argument("--tree", default=".", help="the git tree (default: .)")
+    bs.add_argument("--config", default="small", help="small, defconfig or a config file")
+    bs.add_argument("--jobs", type=int)
+    bs.add_argument("--artifacts", help="where each step's cell artifacts go")
+
+    sub.add_parser("bench", help="benchmarks: pinlab bench device|cells|shards|kbuild [--json]",
                    add_help=False)
 
     if argv[:1] == ["bench"]:
-        if argv[1:2] not in (["device"], ["cells"], ["shards"]):
-            p.error("usage: pinlab bench device|cells|shards [--json]")
+        if argv[1:2] not in (["device"], ["cells"], ["shards"], ["kbuild"]):
+            p.error("usage: pinlab bench device|cells|shards|kbuild [--json]")
         return _bench(argv[1], argv[2:])
     if argv[:1] == ["device"]:
         if argv[1:2] != ["serve"]:
@@ -424,6 +511,10 @@ def main(argv: list[str] | None = None) -> int:
         return _fuzz(args)
     if args.cmd == "validate":
         return _validate(args)
+    if args.cmd == "kernel":
+        return _kernel(args)
+    if args.cmd == "bisect":
+        return _bisect(args)
     p.error(f"unknown command {args.cmd}")
     return 2
 
