@@ -72,6 +72,25 @@ def add_subject_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--base-kernel", metavar="K", help=f"base kernel: {', '.join(KERNELS)}")
     g.add_argument("--candidate-kernel", metavar="K",
                    help=f"candidate kernel: {', '.join(KERNELS)}")
+    b = p.add_argument_group("kernels built from source (images/kbuild.py)")
+    b.add_argument("--base", metavar="SRC", help="debian:6.1|6.12|7 (Debian's patched "
+                   "source package), or a revision of --tree")
+    b.add_argument("--tree", help="a git checkout of Linux (cloned, never modified)")
+    b.add_argument("--candidate", metavar="REV", help="the candidate revision of --tree")
+    b.add_argument("--patch", action="append", metavar="FILE",
+                   help="a patch applied on the base for the candidate (repeatable, in order)")
+    b.add_argument("--series", metavar="MBOX", help="an mbox of patches (git am) for the "
+                   "candidate")
+    b.add_argument("--config", default="small", help="small (the default), defconfig, "
+                   "cloud (Debian's cloud-amd64) or a config file; pinlab's fragment is "
+                   "merged and checked on top")
+    i = p.add_argument_group("kernels you built (bzImage + modules + build tree)")
+    for role in ("base", "candidate"):
+        i.add_argument(f"--{role}-image", metavar="BZIMAGE", help=f"the {role}'s bzImage")
+        i.add_argument(f"--{role}-modules", metavar="DIR|TAR",
+                       help=f"the {role}'s lib/modules/<release> (directory or tarball)")
+        i.add_argument(f"--{role}-build-dir", metavar="DIR",
+                       help=f"the {role}'s build tree, to compile pinlab.ko against")
 
 
 def prebuilt(role: str, name: str) -> Subject:
@@ -109,14 +128,79 @@ def resolve_subjects(args: argparse.Namespace) -> tuple[Subject, Subject]:
     boots) and returns ``built("base", ...), built("candidate", ...)``."""
     base_k = getattr(args, "base_kernel", None)
     cand_k = getattr(args, "candidate_kernel", None)
-    if not base_k or not cand_k:
+    if getattr(args, "base", None):
+        base, cand = _build_subjects(args)
+    elif getattr(args, "base_image", None) or getattr(args, "candidate_image", None):
+        base, cand = _registered("base", args), _registered("candidate", args)
+    elif base_k and cand_k:
+        base, cand = prebuilt("base", base_k), prebuilt("candidate", cand_k)
+    else:
         raise InputError("say what to compare: --base-kernel K --candidate-kernel K "
-                         f"(K one of {', '.join(KERNELS)})")
-    base, cand = prebuilt("base", base_k), prebuilt("candidate", cand_k)
+                         f"(K one of {', '.join(KERNELS)}), --base SRC with --candidate REV "
+                         "or --patch/--series, or --base-image/--candidate-image")
     if base.kernel == cand.kernel:
         raise InputError(f"base and candidate are the same kernel ({base.kernel}); "
                          "a kernel's pool runs one guest, so they must differ")
     return base, cand
+
+
+def _build_subjects(args: argparse.Namespace) -> tuple[Subject, Subject]:
+    """--base SRC [--tree PATH] with --candidate REV or --patch/--series: both kernels
+    built (or found in the image cache), the candidate seeded from the base's tree so that
+    only what the change touches recompiles. Build errors become InputError (exit 2,
+    nothing booted)."""
+    from pinlab.images.cache import Cache
+    from pinlab.images.kbuild import BuildSpec, ConfigSpec, build_kernel
+    from pinlab.images.kerrors import KernelBuildError
+    from pinlab.images.ksource import parse_source
+
+    patches = [Path(p) for p in (args.patch or [])]
+    if args.series:
+        patches.append(Path(args.series))
+    if bool(args.candidate) == bool(patches):
+        raise InputError("with --base, give the candidate as --candidate REV (a --tree "
+                         "revision) or as --patch FILE... / --series MBOX, not both")
+    if args.base.startswith("debian:") and args.candidate:
+        raise InputError("--candidate REV needs --tree; a Debian source takes --patch")
+    cache = Cache.default()
+    config = ConfigSpec(args.config)
+    expectations = args.base.split(":", 1)[1] if args.base.startswith("debian:") else None
+    try:
+        base_src = parse_source(args.base, args.tree)
+        base_spec = BuildSpec(base_src, [], config)
+        cand_spec = (BuildSpec(parse_source(args.candidate, args.tree), [], config)
+                     if args.candidate else BuildSpec(base_src, patches, config))
+        base_id = build_kernel(cache, base_spec)
+        cand_id = build_kernel(cache, cand_spec, seed=base_id)
+    except KernelBuildError as exc:
+        raise InputError(f"{type(exc).__name__}: {exc}") from exc
+    what = {"tree": args.tree, "config": args.config}
+    return (built("base", base_id, f"{args.base} ({base_id})",
+                  {**what, "revision": args.base}, expectations),
+            built("candidate", cand_id,
+                  f"{args.candidate or args.base + ' + ' + ', '.join(p.name for p in patches)}"
+                  f" ({cand_id})",
+                  {**what, "revision": args.candidate or args.base,
+                   "patches": [str(p) for p in patches]}, expectations))
+
+
+def _registered(role: str, args: argparse.Namespace) -> Subject:
+    """--ROLE-image with --ROLE-modules and --ROLE-build-dir: a kernel built elsewhere,
+    registered in the image cache (pinlab.ko is compiled against its build tree)."""
+    from pinlab.images.cache import Cache
+    from pinlab.images.kbuild import register_prebuilt
+    from pinlab.images.kerrors import KernelBuildError
+
+    parts = [getattr(args, f"{role}_{k}", None) for k in ("image", "modules", "build_dir")]
+    if not all(parts):
+        raise InputError(f"a prebuilt {role} needs --{role}-image, --{role}-modules and "
+                         f"--{role}-build-dir")
+    try:
+        kid = register_prebuilt(Cache.default(), *(Path(x) for x in parts))
+    except KernelBuildError as exc:
+        raise InputError(f"{role}: {type(exc).__name__}: {exc}") from exc
+    return built(role, kid, f"{Path(parts[0]).name} ({kid})",
+                 {"image": parts[0], "modules": parts[1], "build_dir": parts[2]})
 
 
 # ------------------------------------------------------------------------ one attempt

@@ -367,7 +367,11 @@ class CommandLine(unittest.TestCase):
                       "--tags", "mode:gup,,event:fork"],
                      ["--base-kernel", "6.1", "--candidate-kernel", "6.12", "--reruns", "0"],
                      ["--base-kernel", "6.1", "--candidate-kernel", "6.12", "--shard", "4/3"],
-                     ["--base-kernel", "6.1", "--candidate-kernel", "6.12", "--shard", "x"]):
+                     ["--base-kernel", "6.1", "--candidate-kernel", "6.12", "--shard", "x"],
+                     ["--base", "debian:6.12"],                        # no candidate
+                     ["--base", "debian:6.12", "--candidate", "HEAD"],  # a REV needs --tree
+                     ["--base", "debian:6.12", "--candidate", "HEAD", "--patch", "x.patch"],
+                     ["--base-image", "/nonexistent/bzImage"]):
             with self.subTest(argv=argv):
                 self.assertEqual(main(["validate", *argv]), 2)
 
