@@ -89,8 +89,9 @@ class FragmentCheck(unittest.TestCase):
         kconfig.check(kconfig.pinlab_fragment(), final)   # raises if a line was dropped
         opts = kconfig.parse(final)
         self.assertEqual(opts["CONFIG_HMM_MIRROR"].value, "y")
+        self.assertEqual(opts["CONFIG_BTRFS_FS"].value, "y")   # the btrfs backing
         self.assertEqual(opts["CONFIG_DEBUG_INFO_NONE"].value, "y")
-        self.assertEqual(opts["CONFIG_LOCALVERSION"].value, '"-pinlab"')
+        self.assertEqual(opts["CONFIG_LOCALVERSION"].value, '""')   # make LOCALVERSION=
         self.assertIsNone(opts["CONFIG_LOCALVERSION_AUTO"].value)
 
     def test_hmm_mirror_without_its_selector_is_dropped(self) -> None:
