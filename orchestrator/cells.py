@@ -22,6 +22,10 @@ BACKINGS = ["anon", *FILE_SHARED, "private-file"]
 #   on VM_HUGETLB); tmpfs behaves as memfd (both shmem). anon and private-file (its pinned
 #   pages are anon COW copies, in a file-backed VMA) reclaim to swap and must show that
 #   an unregistered control page of the mapping was swapped (classify.py, swap_reached).
+#   btrfs memcg-reclaim is left out until it is deterministic: 6.12 gup gave
+#   DIRTY_FOLIO_REJECTED in one run and COHERENT in the next (2026-11-30, the CI-equivalent
+#   run: the folio was not cleaned before the driver dirtied it), depending on what
+#   memory.reclaim wrote back first; it needs a writeback step of its own first.
 # * drop-caches: only the page cache is dropped: anon and private-file COW pages are not
 #   page cache; hugetlb is not on the LRU.
 # * writeback: only filesystems with writeback (ext4, xfs, btrfs) write anything back.
@@ -50,8 +54,7 @@ PAIRS: list[tuple[str, str]] = [
     *[(b, "punch-hole") for b in FILE_SHARED],
     *[(b, "punch-hole-partial") for b in ["memfd", "tmpfs", "ext4", "xfs", "hugetlb"]],
     *[(b, "pageout") for b in ["anon", "memfd", "ext4", "xfs", "btrfs", "private-file"]],
-    *[(b, "memcg-reclaim") for b in ["anon", "memfd", "ext4", "xfs", "btrfs",
-                                     "private-file"]],
+    *[(b, "memcg-reclaim") for b in ["anon", "memfd", "ext4", "xfs", "private-file"]],
     *[(b, "drop-caches") for b in ["memfd", "tmpfs", "ext4", "xfs", "btrfs"]],
     ("ext4", "writeback"), ("xfs", "writeback"), ("btrfs", "writeback"),
     ("ext4", "2018"), ("btrfs", "2018"),

@@ -711,26 +711,6 @@ class Kernel6_12(CellTest):
         :avocado: tags=backing:xfs,event:memcg-reclaim"""
         self.cell('6.12', 'odp', 'xfs', 'memcg-reclaim')
 
-    def test_gup__btrfs__memcg_reclaim(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:gup
-        :avocado: tags=backing:btrfs,event:memcg-reclaim"""
-        self.cell('6.12', 'gup', 'btrfs', 'memcg-reclaim')
-
-    def test_pin__btrfs__memcg_reclaim(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:pin
-        :avocado: tags=backing:btrfs,event:memcg-reclaim"""
-        self.cell('6.12', 'pin', 'btrfs', 'memcg-reclaim')
-
-    def test_longterm__btrfs__memcg_reclaim(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:longterm
-        :avocado: tags=backing:btrfs,event:memcg-reclaim"""
-        self.cell('6.12', 'longterm', 'btrfs', 'memcg-reclaim')
-
-    def test_odp__btrfs__memcg_reclaim(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:odp
-        :avocado: tags=backing:btrfs,event:memcg-reclaim"""
-        self.cell('6.12', 'odp', 'btrfs', 'memcg-reclaim')
-
     def test_gup__private_file__memcg_reclaim(self) -> None:
         """:avocado: tags=matrix,kernel:6.12,mode:gup
         :avocado: tags=backing:private-file,event:memcg-reclaim"""
@@ -2148,26 +2128,6 @@ class Kernel6_1(CellTest):
         :avocado: tags=backing:xfs,event:memcg-reclaim"""
         self.cell('6.1', 'odp', 'xfs', 'memcg-reclaim')
 
-    def test_gup__btrfs__memcg_reclaim(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:gup
-        :avocado: tags=backing:btrfs,event:memcg-reclaim"""
-        self.cell('6.1', 'gup', 'btrfs', 'memcg-reclaim')
-
-    def test_pin__btrfs__memcg_reclaim(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:pin
-        :avocado: tags=backing:btrfs,event:memcg-reclaim"""
-        self.cell('6.1', 'pin', 'btrfs', 'memcg-reclaim')
-
-    def test_longterm__btrfs__memcg_reclaim(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:longterm
-        :avocado: tags=backing:btrfs,event:memcg-reclaim"""
-        self.cell('6.1', 'longterm', 'btrfs', 'memcg-reclaim')
-
-    def test_odp__btrfs__memcg_reclaim(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:odp
-        :avocado: tags=backing:btrfs,event:memcg-reclaim"""
-        self.cell('6.1', 'odp', 'btrfs', 'memcg-reclaim')
-
     def test_gup__private_file__memcg_reclaim(self) -> None:
         """:avocado: tags=matrix,kernel:6.1,mode:gup
         :avocado: tags=backing:private-file,event:memcg-reclaim"""
@@ -3584,26 +3544,6 @@ class Kernel7(CellTest):
         """:avocado: tags=matrix,kernel:7,mode:odp
         :avocado: tags=backing:xfs,event:memcg-reclaim"""
         self.cell('7', 'odp', 'xfs', 'memcg-reclaim')
-
-    def test_gup__btrfs__memcg_reclaim(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:gup
-        :avocado: tags=backing:btrfs,event:memcg-reclaim"""
-        self.cell('7', 'gup', 'btrfs', 'memcg-reclaim')
-
-    def test_pin__btrfs__memcg_reclaim(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:pin
-        :avocado: tags=backing:btrfs,event:memcg-reclaim"""
-        self.cell('7', 'pin', 'btrfs', 'memcg-reclaim')
-
-    def test_longterm__btrfs__memcg_reclaim(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:longterm
-        :avocado: tags=backing:btrfs,event:memcg-reclaim"""
-        self.cell('7', 'longterm', 'btrfs', 'memcg-reclaim')
-
-    def test_odp__btrfs__memcg_reclaim(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:odp
-        :avocado: tags=backing:btrfs,event:memcg-reclaim"""
-        self.cell('7', 'odp', 'btrfs', 'memcg-reclaim')
 
     def test_gup__private_file__memcg_reclaim(self) -> None:
         """:avocado: tags=matrix,kernel:7,mode:gup
