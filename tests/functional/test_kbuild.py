@@ -84,3 +84,31 @@ class KbuildBootTest(GuestTest):
         self.assertEqual(kbuild.register_prebuilt(cache, tree / "arch/x86/boot/bzImage",
                                                   mods, tree), pre)   # cached
         self.check_guest(pre, str(meta["release"]))
+
+
+class DemoPatchesTest(GuestTest):
+    """:avocado: enable"""
+
+    def test_demo_patches_apply_to_debian_6_12(self) -> None:
+        """
+        The demonstration patches (tests/data/patches) apply to Debian's 6.12 source,
+        which this downloads and unpacks into the cache if it is not there (about 140 MB).
+
+        :avocado: tags=kbuild
+        """
+        import os
+        import subprocess
+
+        from pinlab.images import ksource
+
+        cache = Cache.default()
+        src = ksource.debian_source(cache, ksource.resolve(cache, ksource.parse_source(
+            "debian:6.12"))) / "src"
+        patches = Path(__file__).resolve().parents[1] / "data" / "patches"
+        found = sorted(patches.glob("6.12-*.patch"))
+        self.assertTrue(found)
+        for p in found:
+            r = subprocess.run(["git", "apply", "--check", "-p1", str(p)], cwd=src,
+                               capture_output=True, text=True, check=False,
+                               env={**os.environ, "GIT_CEILING_DIRECTORIES": str(src.parent)})
+            self.assertEqual(r.returncode, 0, f"{p.name}: {r.stderr}")

@@ -185,18 +185,6 @@ class Patches(unittest.TestCase):
         with self.assertRaises(ksource.KernelSourceError):
             ksource.apply_patches(self.tree, [self.tmp / "nope.patch"], git_am=False)
 
-    def test_demo_patches_apply_to_debian_6_12(self) -> None:
-        src = sorted(Cache.default().path("kbuild", "sources").glob("debian-6.12_*/src"))
-        if not src:
-            self.skipTest("Debian's 6.12 source is not unpacked in the cache "
-                          "(pinlab kernel build --base debian:6.12 does it)")
-        for p in sorted(PATCHES.glob("6.12-*.patch")):
-            r = subprocess.run(["git", "apply", "--check", "-p1", str(p)], cwd=src[-1],
-                               capture_output=True, text=True, check=False,
-                               env={**os.environ, "GIT_CEILING_DIRECTORIES":
-                                    str(src[-1].parent)})
-            self.assertEqual(r.returncode, 0, f"{p.name}: {r.stderr}")
-
 
 class GitTrees(unittest.TestCase):
     """A git source is cloned (the user's repository is left as it was) and a candidate
