@@ -26,6 +26,8 @@ import mmap
 import os
 import struct
 
+from pinlab_ioctl import buffer_address
+
 PAGE = mmap.PAGESIZE          # bytes
 HPAGE = 2 << 20               # bytes: a PMD-sized transparent or hugetlb huge page on x86-64
 
@@ -81,15 +83,9 @@ def write_file(path, text):
         f.write(text)
 
 
-def address(buf):
-    """Start address (int, bytes) of a writable buffer: an mmap.mmap, bytearray or ctypes
-    array. Same as pinlab_ioctl.buffer_address."""
-    if isinstance(buf, ctypes.Array):
-        return ctypes.addressof(buf)
-    c = (ctypes.c_char * len(buf)).from_buffer(buf)
-    addr = ctypes.addressof(c)
-    del c   # release the export so an mmap can still be closed
-    return addr
+# address(buf): start address (int, bytes) of a writable buffer (mmap.mmap, bytearray,
+# ctypes array); the one the driver registers (the guest API ships both modules together)
+address = buffer_address
 
 
 # ------------------------------------------------------------------ syscalls on ranges
