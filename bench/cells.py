@@ -17,16 +17,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from pinlab.common.vocab import guest_python
 from pinlab.orchestrator.artifacts import run_dir
 from pinlab.orchestrator.guestenv import guest_config
-from pinlab.orchestrator.session import GUEST_DIR, GuestSession
+from pinlab.orchestrator.session import GuestSession
 from pinlab.orchestrator.vm import GUEST_MODULE
 
 # representative cells: no WARN (the guest stays fresh), every kind of backing and step
@@ -47,8 +47,7 @@ def via_ssh(s: GuestSession, cell: tuple[str, str, str]) -> float:
     ssh.run(f"rmmod pinlab && insmod {GUEST_MODULE} && for i in $(seq 100); do "
             "[ -c /dev/pinlab0 ] && exit 0; sleep 0.1; done; exit 1", check=True, timeout=60)
     mark = int(ssh.run("dmesg | wc -l", check=True).out.strip() or 0)
-    res = ssh.run(f"python3 {GUEST_DIR}/workload.py "
-                  + " ".join(shlex.quote(a) for a in _argv(*cell)), timeout=300)
+    res = ssh.run(guest_python("workload", *_argv(*cell)), timeout=300)
     report = json.loads(res.out.strip().splitlines()[-1])
     if "error" in report:
         raise RuntimeError(f"ssh path: {cell}: {report['error']}")

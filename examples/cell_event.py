@@ -17,8 +17,7 @@ import json
 import os
 import time
 
-import pinlab_cell
-import pinlab_kmsg
+from pinlab.guest import pinlab_cell, pinlab_kmsg
 
 
 def main():

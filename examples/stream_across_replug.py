@@ -23,9 +23,7 @@ import mmap
 import os
 import time
 
-import pinlab_ioctl
-import pinlab_kmsg
-import pinlab_mm
+from pinlab.guest import pinlab_ioctl, pinlab_kmsg, pinlab_mm
 
 PAGE = pinlab_mm.PAGE
 

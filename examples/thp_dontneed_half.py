@@ -21,9 +21,7 @@ import json
 import mmap
 import os
 
-import pinlab_ioctl
-import pinlab_kmsg
-import pinlab_mm
+from pinlab.guest import pinlab_ioctl, pinlab_kmsg, pinlab_mm
 
 PAGE, HPAGE = pinlab_mm.PAGE, pinlab_mm.HPAGE
 N = HPAGE // PAGE

@@ -52,7 +52,9 @@ class Rootfs:
 
 
 def guest_file(name: str) -> bytes:
-    return resources.files("pinlab.images").joinpath("guest", name).read_bytes()
+    """The bytes of one init script baked into an image (images/init/: ``pinlab-init``,
+    the rootfs's PID 1; ``initramfs-init``)."""
+    return resources.files("pinlab.images").joinpath("init", name).read_bytes()
 
 
 def _customise(tree: Path, out: Rootfs) -> None:

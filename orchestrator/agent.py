@@ -1,4 +1,4 @@
-"""Host side of the guest agent (images/guest/pinlab_agent.py): JSON lines over one SSH
+"""Host side of the guest agent (guest/pinlab_agent.py): JSON lines over one SSH
 exec channel.
 
 A TCG guest needs about 0.65 s to start Python and import the workload; a matrix cell's
@@ -18,9 +18,11 @@ from typing import Any
 
 import paramiko
 
+from pinlab.common.vocab import guest_python
+
 from .ssh import GuestSSH, SSHError
 
-AGENT = "pinlab_agent.py"
+AGENT = "pinlab_agent"      # the guest module (pinlab.guest.pinlab_agent)
 
 
 class AgentError(RuntimeError):
@@ -28,8 +30,8 @@ class AgentError(RuntimeError):
 
 
 class GuestAgent:
-    def __init__(self, ssh: GuestSSH, guest_dir: str, log: Path | None = None) -> None:
-        self.ssh, self.guest_dir, self.log = ssh, guest_dir, log
+    def __init__(self, ssh: GuestSSH, log: Path | None = None) -> None:
+        self.ssh, self.log = ssh, log
         self.chan: paramiko.Channel | None = None
         self.buf = b""
         self.next_id = 0
@@ -37,7 +39,7 @@ class GuestAgent:
 
     def start(self, timeout: float = 60) -> dict[str, Any]:
         try:
-            self.chan = self.ssh.open_channel(f"exec python3 {self.guest_dir}/{AGENT}")
+            self.chan = self.ssh.open_channel("exec " + guest_python(AGENT))
         except SSHError as exc:
             raise AgentError(f"cannot start the guest agent: {exc}") from exc
         self.info = self._read(timeout, "start")

@@ -2,7 +2,7 @@
 
 Inputs, all gathered by ``scenario.py`` after the cell ran:
 
-* the guest workload's report (``images/guest/pinlab_cell.py``): step errnos, page scans
+* the guest workload's report (``guest/pinlab_cell.py``): step errnos, page scans
   of the mapping, the file and the disk (which device generation each page holds), PFNs,
   vmstat pin counters;
 * the kernel log lines the cell added, classified (``dmesg.py``);

@@ -1,4 +1,4 @@
-"""ioctl fuzzer for pinlab.ko: boot a guest, run images/guest/ioctl_fuzz.py, judge the kernel.
+"""ioctl fuzzer for pinlab.ko: boot a guest, run guest/ioctl_fuzz.py, judge the kernel.
 
 While it runs, ``pinlab fuzz ioctl`` prints the guest's progress; at the end one summary
 (iterations done, errors by errno, WARN/BUG/Oops found, pins outstanding before/after).
@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pinlab.common.vocab import guest_python
 from pinlab.orchestrator.dmesg import classify
 from pinlab.orchestrator.session import GuestSession
 
@@ -109,7 +110,6 @@ def _run_streaming(ssh: Any, cmd: str, timeout: float) -> tuple[int | None, str,
     return (rc, b"".join(out).decode(errors="replace"),
             b"".join(err).decode(errors="replace"))
 
-GUEST_FUZZ = Path(__file__).resolve().parent.parent / "images" / "guest" / "ioctl_fuzz.py"
 VMSTAT = ("echo 1 > /proc/sys/vm/stat_refresh; "
           "grep -E '^nr_foll_pin_(acquired|released) ' /proc/vmstat")
 
@@ -148,10 +148,10 @@ def run_fuzz(kernel: str, iterations: int, artifacts: Path, *, threads: int = 4,
           f"{budget:.0f} s; artifacts in {artifacts}", flush=True)
     with GuestSession.boot(kernel, artifacts) as s:
         g = s.guest
-        g.ssh.put(GUEST_FUZZ, "/root/pinlab/ioctl_fuzz.py")
         base = _outstanding(g.ssh.run(VMSTAT, timeout=60, check=True).out)
-        cmd = (f"python3 /root/pinlab/ioctl_fuzz.py --iterations {int(iterations)} "
-               f"--threads {int(threads)} --seed {int(seed)} --deadline {budget:.0f}")
+        cmd = guest_python("ioctl_fuzz", "--iterations", str(int(iterations)), "--threads",
+                           str(int(threads)), "--seed", str(int(seed)), "--deadline",
+                           f"{budget:.0f}")
         rc, out, err = _run_streaming(g.ssh, cmd, budget + 120)
         (artifacts / "fuzz-stdout.txt").write_text(out + "\n--- stderr\n" + err)
         if rc is None:

@@ -3,17 +3,18 @@
 cell ran in.
 
 The host side is a GuestConfig (scratch disks, kernel command line, device IRQ mode, room
-for a hot-added DIMM); the guest side is ``pinlab_env.py`` (images/guest/), which the
+for a hot-added DIMM); the guest side is ``pinlab_env.py`` (guest/), which the
 matrix's cell code calls per cell and ``up`` calls once after boot (``setup_guest``).
 """
 
 from __future__ import annotations
 
 import json
-import shlex
 from typing import Any
 
-from .session import GUEST_DIR, GuestSession
+from pinlab.common.vocab import guest_python
+
+from .session import GuestSession
 from .vm import GuestConfig
 
 IRQ_MODES = ("msi", "msix")
@@ -40,15 +41,14 @@ def setup_command(*, swap: bool = False, hugepages: int = 0, cell: str | None = 
     """The guest command that sets an ``up`` guest up like a matrix guest: the scratch
     filesystems (ext4, xfs, btrfs), tmpfs and hugetlbfs mounted, optionally swap and huge
     pages, and the environment of one cell (``MODE/BACKING/EVENT``)."""
-    argv = ["python3", f"{GUEST_DIR}/pinlab_env.py", "setup", "--fs", "ext4,xfs,btrfs",
-            "--tmpfs", "--hugetlbfs"]
+    argv = ["setup", "--fs", "ext4,xfs,btrfs", "--tmpfs", "--hugetlbfs"]
     if swap:
         argv.append("--swap")
     if hugepages:
         argv += ["--hugepages", str(hugepages)]
     if cell:
         argv += ["--cell", cell]
-    return " ".join(shlex.quote(a) for a in argv)
+    return guest_python("pinlab_env", *argv)
 
 
 def setup_guest(s: GuestSession, **kw: Any) -> dict[str, Any]:

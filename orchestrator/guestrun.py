@@ -1,23 +1,23 @@
 """``pinlab ssh`` and ``pinlab run``: a shell or a Python script in a running ``up`` guest.
 
-``run`` copies the guest API (images/guest: pinlab_ioctl, pinlab_mm, pinlab_kmsg,
-pinlab_env, pinlab_cell) and the script into GUEST_DIR, then runs the script there with
-GUEST_DIR on PYTHONPATH, its output streamed as it comes, and returns its exit status.
+``run`` copies the guest packages (pinlab.guest: pinlab_ioctl, pinlab_mm, pinlab_kmsg,
+pinlab_env, pinlab_cell, ...; pinlab.common) into GUEST_HOME and the script into
+GUEST_RUN_DIR, then runs the script with GUEST_HOME on PYTHONPATH (``from pinlab.guest
+import pinlab_ioctl``), its output streamed as it comes, and returns its exit status.
 """
 
 from __future__ import annotations
 
 import os
-import shlex
 import shutil
 import sys
 from pathlib import Path
 
-from .registry import GuestEntry
-from .session import GUEST_DIR, GUEST_TOOLS, guest_tool
-from .ssh import GuestSSH, SSHError
+from pinlab.common.vocab import GUEST_HOME, GUEST_RUN_DIR, guest_script
 
-RUN_DIR = f"{GUEST_DIR}/run"
+from .registry import GuestEntry
+from .session import push_guest_files
+from .ssh import GuestSSH, SSHError
 
 
 def ssh_argv(e: GuestEntry, command: list[str], tty: bool | None = None) -> list[str]:
@@ -53,13 +53,11 @@ def run_script(e: GuestEntry, script: Path, args: list[str], timeout: float = 36
         raise FileNotFoundError(f"no script {script}")
     ssh = connect(e)
     try:
-        ssh.run(f"mkdir -p {RUN_DIR}", check=True)
-        for name in GUEST_TOOLS:
-            ssh.put(guest_tool(name), f"{GUEST_DIR}/{name}")
-        remote = f"{RUN_DIR}/{script.name}"
+        push_guest_files(ssh)
+        ssh.run(f"mkdir -p {GUEST_RUN_DIR}", check=True)
+        remote = f"{GUEST_RUN_DIR}/{script.name}"
         ssh.put(script.read_bytes(), remote, mode=0o755)
-        cmd = (f"cd {GUEST_DIR} && PYTHONPATH={GUEST_DIR} exec python3 -u "
-               + " ".join(shlex.quote(a) for a in [remote, *args]))
+        cmd = f"cd {GUEST_HOME} && exec " + guest_script(remote, *args, unbuffered=True)
         return ssh.stream(cmd, sys.stdout.buffer, sys.stderr.buffer, timeout=timeout)
     finally:
         ssh.close()

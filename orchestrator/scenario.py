@@ -4,7 +4,7 @@ A scenario returns an ``Observation``: the outcome class it saw and the evidence
 (workload report, dmesg classes, audit-log facts). It never decides pass/fail; the verdict
 layer compares the class with the expectations table.
 
-Every event runs the guest's ``workload.py cell`` (images/guest/pinlab_cell.py), which
+Every event runs the guest's ``workload.py cell`` (guest/pinlab_cell.py), which
 reports raw observations; ``classify_cell`` turns them, the dmesg lines the cell added and
 the device's audit facts into one outcome class (the classes are documented in the header
 of ``data/expectations.toml``). ``hot-unplug`` and ``no-ack`` also act on the host side
@@ -21,10 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pinlab.common.vocab import guest_python
+
 from .classify import audit_facts, classify_cell
 from .dmesg import DmesgReport, classify
 from .expectations import Cell
-from .session import GUEST_DIR, GuestSession
+from .session import GuestSession
 from .vm import Guest
 
 AUDIT_LIMIT = 100_000   # records of one cell's audit extract at most
@@ -130,9 +132,8 @@ def hot_unplug(s: GuestSession, cell: Cell, art: Path) -> Observation:
     mark = s.dmesg_mark()
     ssh = s.guest.ssh
     bdf = _pinlab_bdf(s)
-    cmd = (f"rm -f {READY_FILE} {OUT_FILE}; nohup python3 {GUEST_DIR}/workload.py "
-           + " ".join(shlex.quote(a) for a in _cell_args(cell))
-           + f" > {OUT_FILE} 2>&1 < /dev/null &")
+    cmd = (f"rm -f {READY_FILE} {OUT_FILE}; nohup {guest_python('workload', *_cell_args(cell))}"
+           f" > {OUT_FILE} 2>&1 < /dev/null &")
     ssh.run(cmd, timeout=30, check=True)
     t0 = time.monotonic()
     while time.monotonic() - t0 < 60:

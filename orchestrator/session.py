@@ -9,23 +9,38 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from pinlab.common.vocab import GUEST_HOME, GUEST_SUBPACKAGES
 from pinlab.images.build import ensure_images
 from pinlab.images.kernel import DEFAULT_KERNEL
 
 from .accel import choose_accel
 from .agent import AgentError, GuestAgent
 from .qmp import QMP
+from .ssh import GuestSSH
 from .vm import GUEST_MODULE, Guest, GuestConfig
 
-# the guest API (pinlab_ioctl, pinlab_mm, pinlab_kmsg, pinlab_env) and the matrix's cell code
-GUEST_TOOLS = ("pinlab_ioctl.py", "pinlab_mm.py", "pinlab_kmsg.py", "pinlab_env.py",
-               "pinlab_cell.py", "workload.py", "pinlab_agent.py")
-GUEST_DIR = "/root/pinlab"
+# the guest's own minimal package root: the host's pinlab/__init__.py is not pushed
+GUEST_PACKAGE_INIT = b'"""pinlab in a guest: pinlab.common and pinlab.guest only."""\n'
 
 
-def guest_tool(name: str) -> bytes:
-    """The bytes of one file of images/guest/ (a GUEST_TOOLS name)."""
-    return resources.files("pinlab.images").joinpath("guest", name).read_bytes()
+def guest_files() -> dict[str, bytes]:
+    """Every file the guest receives, by path below GUEST_HOME: ``pinlab/__init__.py``
+    (GUEST_PACKAGE_INIT), ``pinlab/common/*.py`` and ``pinlab/guest/*.py``."""
+    out = {"pinlab/__init__.py": GUEST_PACKAGE_INIT}
+    for sub in GUEST_SUBPACKAGES:
+        for f in sorted(resources.files(f"pinlab.{sub}").iterdir(), key=lambda f: f.name):
+            if f.name.endswith(".py"):
+                out[f"pinlab/{sub}/{f.name}"] = f.read_bytes()
+    return out
+
+
+def push_guest_files(ssh: GuestSSH) -> None:
+    """Copy guest_files() into GUEST_HOME (replacing what an earlier push left there).
+    Raises SSHError."""
+    dirs = " ".join(f"{GUEST_HOME}/pinlab/{sub}" for sub in GUEST_SUBPACKAGES)
+    ssh.run(f"rm -rf {GUEST_HOME}/pinlab && mkdir -p {dirs}", check=True)
+    for rel, data in guest_files().items():
+        ssh.put(data, f"{GUEST_HOME}/{rel}")
 
 
 class WorkloadError(RuntimeError):
@@ -80,9 +95,7 @@ class GuestSession:
                     s.control.close()
 
     def push_tools(self) -> None:
-        self.guest.ssh.run(f"mkdir -p {GUEST_DIR}", check=True)
-        for name in GUEST_TOOLS:
-            self.guest.ssh.put(guest_tool(name), f"{GUEST_DIR}/{name}")
+        push_guest_files(self.guest.ssh)
 
     @property
     def agent(self) -> GuestAgent:
@@ -90,14 +103,13 @@ class GuestSession:
         if self._agent is None or not self._agent.alive:
             if self._agent is not None:
                 self._agent.close()
-            self._agent = GuestAgent(self.guest.ssh, GUEST_DIR,
-                                     self.guest.artifacts / "agent.log")
+            self._agent = GuestAgent(self.guest.ssh, self.guest.artifacts / "agent.log")
             self._agent.start()
         return self._agent
 
     def workload(self, *args: str, timeout: float = 300) -> dict[str, Any]:
         """Run one guest workload command in a fresh process forked by the agent."""
-        cmd = "workload.py " + " ".join(shlex.quote(a) for a in args)
+        cmd = "pinlab.guest.workload " + " ".join(shlex.quote(a) for a in args)
         try:
             resp = self.agent.request("run", wait=timeout + 30, argv=list(args),
                                       timeout=timeout)

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pinlab.common.vocab import GUEST_HOME, guest_python
 from pinlab.images.cache import cache_root
 from pinlab.images.kernel import DEFAULT_KERNEL, KERNELS
 
@@ -254,7 +255,8 @@ class Workbench:
             f"pinlab guest {n!r} is up ({e.release}, {g.cfg.accel}, booted in "
             f"{g.boot_seconds:.1f}s)",
             f"  ssh:            pinlab ssh {n}    ({g.ssh_command()})",
-            f"  run a script:   pinlab run {n} SCRIPT [ARGS]   (guest API in /root/pinlab)",
+            f"  run a script:   pinlab run {n} SCRIPT [ARGS]   "
+            f"(guest API: pinlab.guest, in {GUEST_HOME})",
             f"  QMP (humans):   pinlab qmp {n}    (qmp-shell {g.human_qmp_sock})",
             f"  device:         {'irq ' + e.irq + ', ' + e.device_socket if e.irq else '-'}",
             f"  device control: {'qmp-shell ' + e.device_control if e.irq else '-'}",
@@ -270,8 +272,8 @@ class Workbench:
             m, b, ev = e.cell.split("/")
             lines.append(f"  cell {self.kernel}/{e.cell} is set up; its mapping, registered "
                          f"and written once, before the event:\n"
-                         f"    pinlab ssh {n} python3 -i /root/pinlab/pinlab_cell.py ready "
-                         f"{m} {b} {ev}")
+                         f"    pinlab ssh {n} "
+                         + guest_python("pinlab_cell", "ready", m, b, ev, interactive=True))
             if ev in ("hot-unplug",):
                 lines.append(f"    its event waits for the device to go: in another terminal "
                              f"`pinlab replug {n} --ready-file {READY_FILE}`")

@@ -1,8 +1,8 @@
 """pinlab.ko at runtime: every mode, odp revoke and its escalation, device death,
 device removal and a short ioctl fuzz, many checks per booted guest.
 
-The guest side is images/guest/kcheck.py (one JSON line per check) and
-images/guest/ioctl_fuzz.py.
+The guest side is guest/kcheck.py (one JSON line per check) and
+guest/ioctl_fuzz.py.
 """
 
 from __future__ import annotations
@@ -10,18 +10,17 @@ from __future__ import annotations
 import errno
 import json
 import time
-from pathlib import Path
 
+from pinlab.common.vocab import guest_python
 from pinlab.orchestrator.dmesg import classify
 from pinlab.orchestrator.guesttest import GuestTest
-from pinlab.orchestrator.session import GuestSession
+from pinlab.orchestrator.session import GuestSession, push_guest_files
 from pinlab.orchestrator.vm import GuestConfig
 
-GUEST = Path(__file__).resolve().parents[2] / "images" / "guest"
-MARK_RETURNED = 0x5A5A0001   # images/guest/kcheck.py: the invalidation has returned
+MARK_RETURNED = 0x5A5A0001   # guest/kcheck.py: the invalidation has returned
 VMSTAT = ("echo 1 > /proc/sys/vm/stat_refresh; "
           "grep -E '^nr_foll_pin_(acquired|released) ' /proc/vmstat")
-HOLD = ("for m in pin odp; do setsid nohup python3 /root/pinlab/kcheck.py hold $m "
+HOLD = (f"for m in pin odp; do setsid nohup {guest_python('kcheck', 'hold')} $m "
         "> /tmp/hold-$m.out 2>&1 < /dev/null & done; sleep 3; cat /tmp/hold-*.out")
 
 
@@ -34,7 +33,7 @@ class KmodTest(GuestTest):
     """:avocado: enable"""
 
     def kcheck(self, s: GuestSession, args: str, timeout: float = 180) -> list[dict]:
-        res = s.guest.ssh.run(f"python3 /root/pinlab/kcheck.py {args}", timeout=timeout)
+        res = s.guest.ssh.run(f"{guest_python('kcheck')} {args}", timeout=timeout)
         self.log.info("kcheck %s rc=%d\n%s\n%s", args, res.rc, res.out, res.err)
         lines = [json.loads(ln) for ln in res.out.splitlines() if ln.startswith("{")]
         results = [r for r in lines if not r.get("summary")]
@@ -48,8 +47,8 @@ class KmodTest(GuestTest):
         return results
 
     def push(self, s: GuestSession) -> None:
-        for name in ("kcheck.py", "ioctl_fuzz.py"):
-            s.guest.ssh.put(GUEST / name, f"/root/pinlab/{name}")
+        """The whole guest package (kcheck, ioctl_fuzz), as every session pushes it."""
+        push_guest_files(s.guest.ssh)
 
     def assert_clean_dmesg(self, s: GuestSession) -> None:
         dm = classify(s.guest.dmesg())
@@ -102,7 +101,7 @@ class KmodTest(GuestTest):
             self.assertEqual(int(st["odp_mapped"]), 0)
 
             # 4. short fuzz
-            fz = g.ssh.run("python3 /root/pinlab/ioctl_fuzz.py --iterations 600", timeout=300)
+            fz = g.ssh.run(guest_python("ioctl_fuzz", "--iterations", "600"), timeout=300)
             self.log.info("fuzz: %s %s", fz.out, fz.err[-2000:])
             self.assertEqual(fz.rc, 0, fz.err[-2000:])
             self.assertEqual(_outstanding(g.ssh.run(VMSTAT, timeout=60, check=True).out),
@@ -146,8 +145,9 @@ class KmodTest(GuestTest):
                       "echo 1500 > /sys/module/pinlab/parameters/fence_timeout_ms",
                       check=True, timeout=30)
             s.mark()
-            g.ssh.run("rm -f /tmp/go-full; setsid nohup python3 /root/pinlab/kcheck.py "
-                      "full-queue > /tmp/fq.out 2>&1 < /dev/null &", check=True, timeout=30)
+            g.ssh.run("rm -f /tmp/go-full; setsid nohup "
+                      f"{guest_python('kcheck', 'full-queue')} > /tmp/fq.out 2>&1 < /dev/null &",
+                      check=True, timeout=30)
             self.wait_output(g, "/tmp/fq.out", '"ready"', 60)
             s.device("set-fault", **{"drop-irq": True})
             try:

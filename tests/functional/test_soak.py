@@ -9,14 +9,13 @@ the audit file must stay within it, with zero violations and zero data mismatche
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
+from pinlab.common.vocab import guest_python
 from pinlab.orchestrator.dmesg import classify
 from pinlab.orchestrator.guesttest import GuestTest
 from pinlab.orchestrator.session import GuestSession
 from pinlab.orchestrator.vm import GuestConfig
 
-GUEST = Path(__file__).resolve().parents[2] / "images" / "guest"
 AUDIT_MAX = 1 << 20  # a 60 s soak on TCG writes ~3 MB of audit records: the bound is hit
 
 
@@ -34,10 +33,8 @@ class SoakTest(GuestTest):
         with GuestSession.boot(self.kernel, self.artifacts, config=cfg) as s:
             self.remember(s)
             g = s.guest
-            for name in ("odp_soak.py", "pinlab_ioctl.py"):
-                g.ssh.put(GUEST / name, f"/root/pinlab/{name}")
             booted = len(g.dmesg("dmesg-before-soak.txt").splitlines())  # judge the soak only
-            res = g.ssh.run(f"python3 /root/pinlab/odp_soak.py --seconds {seconds:.0f}",
+            res = g.ssh.run(guest_python("odp_soak", "--seconds", f"{seconds:.0f}"),
                             timeout=seconds + 300)
             self.log.info("soak rc=%d\n%s\n%s", res.rc, res.out, res.err[-3000:])
             self.assertEqual(res.rc, 0, res.err[-2000:])

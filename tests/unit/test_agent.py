@@ -1,4 +1,4 @@
-"""The guest agent (images/guest/pinlab_agent.py), run here on the host: it is standard
+"""The guest agent (guest/pinlab_agent.py), run here on the host: it is standard
 library Python, and its protocol is JSON lines on stdin/stdout."""
 
 from __future__ import annotations
@@ -9,16 +9,14 @@ import subprocess
 import sys
 import unittest
 import uuid
-from importlib import resources
 from typing import Any
-
-AGENT = str(resources.files("pinlab.images").joinpath("guest", "pinlab_agent.py"))
 
 
 class AgentTest(unittest.TestCase):
     def setUp(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, AGENT], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen([sys.executable, "-m", "pinlab.guest.pinlab_agent"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE)
         self.ready = self._line()
 
     def tearDown(self) -> None:

@@ -11,6 +11,7 @@ import tempfile
 import unittest
 from pathlib import Path
 
+from pinlab.common.vocab import GUEST_HOME
 from pinlab.orchestrator.expectations import Cell, expect, load
 
 REPO = Path(__file__).resolve().parents[2]
@@ -22,7 +23,7 @@ COMMIT = re.compile(r"\b[0-9a-f]{12}\b")
 KERNEL_DOC = re.compile(r"\bDocumentation/[\w./-]+\.rst\b")
 REPO_FILE = re.compile(r"\b(?:[\w.-]+/)+[\w.-]+\.(?:md|py|c|h|toml|rst)\b")
 # absolute paths of a development machine, and the unpublished background material. /root/
-# is also the guest's home: the guest's install directory (/root/pinlab...) and the bench's
+# is also the guest's home: the guest's install directory (vocab.GUEST_HOME) and the bench's
 # guest helper are paths inside the guest image, not on a development machine.
 OUTSIDE = re.compile(r"(?<![\w.~-])(?:/work/|/home/|/Users/|/root/(?!pinlab\b|mmio_bench\.py))"
                      r"|shared/reference")
@@ -161,7 +162,7 @@ class SourcesTest(unittest.TestCase):
         self.assertTrue(OUTSIDE.search(" * shared/reference/kernel-pinning-semantics.md"))
         self.assertTrue(OUTSIDE.search("cache in /root/.cache/pinlab"))
         self.assertTrue(OUTSIDE.search("see /home/dev/notes.md"))
-        self.assertIsNone(OUTSIDE.search("python3 /root/pinlab/pinlab_cell.py"))
+        self.assertIsNone(OUTSIDE.search(f"python3 {GUEST_HOME}/pinlab/guest/pinlab_cell.py"))
         self.assertIsNone(OUTSIDE.search('"$1/opt/pinlab-kernel/root/lib"'))
         self.assertTrue(REF_SHORTHAND.search("ref §3 row 2 [TR]"))
         self.assertTrue(REF_SHORTHAND.search("(ref row 5b)"))

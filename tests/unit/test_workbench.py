@@ -1,5 +1,5 @@
 """The workbench's host side without a guest: the registry of up guests, cell names and
-tag filters, the command line's error messages; and the guest API (images/guest:
+tag filters, the command line's error messages; and the guest API (pinlab.guest:
 pinlab_mm, pinlab_kmsg, pinlab_ioctl's checksum), which is standard-library Python that
 runs on this host as it does in a guest."""
 
@@ -14,23 +14,17 @@ import sys
 import tempfile
 import unittest
 import zlib
-from importlib import resources
 from pathlib import Path
 from unittest import mock
 
 from pinlab.device.memory import GuestMemory
 from pinlab.device.testclient import GuestRam
+from pinlab.guest import pinlab_ioctl, pinlab_kmsg, pinlab_mm
 from pinlab.orchestrator import registry
 from pinlab.orchestrator.cells import all_cells, parse_cell, select
 from pinlab.orchestrator.expectations import Cell
 from pinlab.orchestrator.guestenv import guest_config, setup_command
 from pinlab.orchestrator.registry import GuestEntry, RegistryError
-
-GUEST = str(resources.files("pinlab.images").joinpath("guest"))
-sys.path.insert(0, GUEST)
-import pinlab_ioctl  # noqa: E402
-import pinlab_kmsg  # noqa: E402
-import pinlab_mm  # noqa: E402
 
 
 def entry(d: Path, name: str, pid: int) -> GuestEntry:

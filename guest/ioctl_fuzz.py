@@ -1,6 +1,6 @@
 """Random ioctls on /dev/pinlab0 from several threads (stdlib only).
 
-    python3 ioctl_fuzz.py --iterations N [--threads T] [--seed S] [--deadline SECONDS]
+    python3 -m pinlab.guest.ioctl_fuzz --iterations N [--threads T] [--seed S] [--deadline SECONDS]
 
 Random ioctl numbers, sizes and arguments, random registrations in every mode,
 deregister racing DMA and streams, and closing a file while another thread streams
@@ -22,8 +22,7 @@ import sys
 import threading
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import pinlab_ioctl as P  # noqa: E402
+from pinlab.guest import pinlab_ioctl as P
 
 PAGE = 4096
 IOCS = [P.PINLAB_IOC_REGISTER, P.PINLAB_IOC_DEREGISTER, P.PINLAB_IOC_DMA_WRITE,

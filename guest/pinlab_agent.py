@@ -31,9 +31,7 @@ import signal
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import pinlab_kmsg  # noqa: E402
-import workload  # noqa: E402
+from pinlab.guest import pinlab_kmsg, workload
 
 SYS_DELETE_MODULE = 176       # x86_64
 SYS_FINIT_MODULE = 313

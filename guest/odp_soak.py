@@ -1,6 +1,6 @@
 """A long odp stream under truncates and reclaims, checking the data (stdlib only).
 
-    python3 odp_soak.py [--seconds 60] [--pages 256] [--seed 1]
+    python3 -m pinlab.guest.odp_soak [--seconds 60] [--pages 256] [--seed 1]
 
 One memfd, mapped MAP_SHARED and registered in odp mode; the device streams the pattern
 over it without pause while this loop, at random, shrinks and regrows the memfd
@@ -19,11 +19,9 @@ import mmap
 import os
 import random
 import struct
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import pinlab_ioctl as P  # noqa: E402
+from pinlab.guest import pinlab_ioctl as P
 
 PAGE = 4096
 MADV_DONTNEED, MADV_PAGEOUT = 4, 21

@@ -28,9 +28,9 @@ import struct
 import subprocess
 import time
 
-import pinlab_ioctl
-from pinlab_env import CGCELL, cell_environment, mount_scratch, mount_tmpfs, oom_cgroup
-from pinlab_mm import (
+from pinlab.guest import pinlab_ioctl
+from pinlab.guest.pinlab_env import CGCELL, cell_environment, mount_scratch, mount_tmpfs, oom_cgroup
+from pinlab.guest.pinlab_mm import (
     F_ADD_SEALS,
     F_GET_SEALS,
     F_SEAL_WRITE,
@@ -832,7 +832,7 @@ def ready_cell(mode, backing, event, device=None):
     set up, its mapping made (``c.m.mm``, ``c.m.addr``, ``c.m.path``), registered
     (``c.dev``, ``c.rid``) and written once by the device. ``c.event()`` runs the event,
     ``c.finish()`` returns the report, ``c.close()`` undoes everything. ``python3 -i
-    pinlab_cell.py ready MODE BACKING EVENT`` opens a Python prompt with ``c`` set.
+    -m pinlab.guest.pinlab_cell ready MODE BACKING EVENT`` opens a Python prompt with ``c`` set.
     When the driver refuses the registration (what some cells observe, e.g. EFAULT for
     longterm on ext4), ``c.registered`` is False and ``c.rep`` has errno/errno_name; the
     mapping is still there. Raises what the environment setup raises (pinlab_env)."""
@@ -878,7 +878,7 @@ if __name__ == "__main__":
     import sys
 
     if sys.argv[1:2] != ["ready"] or len(sys.argv) != 5:
-        sys.exit("usage: python3 -i pinlab_cell.py ready MODE BACKING EVENT")
+        sys.exit("usage: python3 -i -m pinlab.guest.pinlab_cell ready MODE BACKING EVENT")
     c = ready_cell(*sys.argv[2:5])
     where = (f"region {c.rid}, generation 1 written" if c.registered else
              f"registration refused: {c.rep['errno_name']} (as in the cell)")

@@ -24,7 +24,7 @@ shows as a swap entry in /proc/PID/pagemap and as pswpout in /proc/vmstat
 Errors: RuntimeError when a disk or controller is missing, subprocess.CalledProcessError
 when mkfs, mount, mkswap or swapon fail, OSError from /proc and /sys writes.
 
-    python3 pinlab_env.py setup [--fs ext4,xfs] [--tmpfs] [--hugetlbfs] [--hugepages N]
+    python3 -m pinlab.guest.pinlab_env setup [--fs ext4,xfs] [--tmpfs] [--hugetlbfs] [--hugepages N]
                                 [--swap] [--cell MODE/BACKING/EVENT]
 
 prints one JSON object: what is mounted where, nr_hugepages, the swap file, the cgroup.
@@ -37,8 +37,7 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pinlab_mm import read_file, write_file  # noqa: E402
+from pinlab.guest.pinlab_mm import read_file, write_file
 
 DISKS = {"ext4": "pinlab-ext4", "xfs": "pinlab-xfs",   # filesystem -> disk serial
          "btrfs": "pinlab-btrfs"}

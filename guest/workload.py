@@ -17,10 +17,7 @@ import mmap
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import pinlab_cell  # noqa: E402
-import pinlab_ioctl  # noqa: E402
-import pinlab_mm  # noqa: E402
+from pinlab.guest import pinlab_cell, pinlab_ioctl, pinlab_mm
 
 PAGE = pinlab_mm.PAGE
 

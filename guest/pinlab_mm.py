@@ -26,7 +26,7 @@ import mmap
 import os
 import struct
 
-from pinlab_ioctl import buffer_address
+from pinlab.guest.pinlab_ioctl import buffer_address
 
 PAGE = mmap.PAGESIZE          # bytes
 HPAGE = 2 << 20               # bytes: a PMD-sized transparent or hugetlb huge page on x86-64

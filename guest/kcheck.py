@@ -1,6 +1,7 @@
 """Guest-side runtime checks of pinlab.ko (stdlib only): every mode, bad input, odp revoke.
 
-    python3 kcheck.py modes|ext4|odp|escalate-prep ...   -> one JSON line per check, then a summary
+    python3 -m pinlab.guest.kcheck modes|ext4|odp|escalate-prep ...
+        -> one JSON line per check, then a summary
 """
 
 import ctypes
@@ -12,8 +13,7 @@ import subprocess
 import sys
 import zlib
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from pinlab_ioctl import PinlabDevice, PinlabError, buffer_address, check_pattern  # noqa: E402
+from pinlab.guest.pinlab_ioctl import PinlabDevice, PinlabError, buffer_address, check_pattern
 
 PAGE = 4096
 libc = ctypes.CDLL(None, use_errno=True)
@@ -127,11 +127,14 @@ def check_mode(dev, mode, npages=64):
 
     # process exit while registered (and streaming)
     base = outstanding()
-    code = ("import sys,os;sys.path.insert(0,'/root/pinlab');import mmap;"
-            "from pinlab_ioctl import *;d=PinlabDevice();m=mmap.mmap(-1,1<<18);"
+    # a child interpreter that imports the guest API the way this process did
+    code = ("import os,mmap;"
+            "from pinlab.guest.pinlab_ioctl import *;d=PinlabDevice();m=mmap.mmap(-1,1<<18);"
             f"r=d.register(buffer_address(m),1<<18,'{mode}');d.dma_write(r,0,1<<18,1);"
             "d.stream_start(r,0,1<<18,interval_us=100);os._exit(0)")
-    rc = subprocess.run([sys.executable, "-c", code]).returncode
+    home = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    rc = subprocess.run([sys.executable, "-c", code],
+                        env={**os.environ, "PYTHONPATH": home}).returncode
     leak = outstanding() - base
     record(f"{mode}:exit-registered", rc == 0 and leak == 0, rc=rc, leak=leak)
 
