@@ -44,3 +44,186 @@ def guest_script(path: str, *args: str, unbuffered: bool = False) -> str:
     flags = "-u " if unbuffered else ""
     return (f"env PYTHONPATH={GUEST_HOME} python3 {flags}{shlex.quote(path)}"
             + "".join(" " + shlex.quote(a) for a in args))
+
+
+# ------------------------------------------------------------------ the matrix's words
+#: Pin modes of pinlab.ko (kmod/pinlab_uapi.h PINLAB_MODE_*), in the matrix's order.
+MODES = ("gup", "pin", "longterm", "odp")
+#: Modes that hold page references for the registration's life (odp holds none).
+PINNED_MODES = ("gup", "pin", "longterm")
+#: Modes counted in nr_foll_pin_* (FOLL_PIN; Documentation/core-api/pin_user_pages.rst).
+FOLL_PIN_MODES = ("pin", "longterm")
+
+#: MAP_SHARED file backings, in the matrix's order.
+FILE_SHARED = ("memfd", "tmpfs", "ext4", "xfs", "btrfs", "hugetlb")
+#: Every backing, in the matrix's order (cells and test names follow it).
+BACKINGS = ("anon", *FILE_SHARED, "private-file")
+#: Backings whose registered pages are private (anon, or COW copies of a MAP_PRIVATE file).
+PRIVATE_BACKINGS = ("anon", "private-file")
+#: Backings on a filesystem with its own scratch disk (writeback, O_DIRECT, drop_caches).
+DISK_BACKINGS = ("ext4", "xfs", "btrfs")
+
+#: Every event, in the guest's order (the registry, orchestrator/events/, defines each).
+EVENTS = ("dma-write", "truncate", "punch-hole", "punch-hole-partial", "pageout",
+          "memcg-reclaim", "drop-caches", "writeback", "2018", "migrate", "fork",
+          "fork-dontfork", "munmap", "dontneed", "seal-write", "hot-unplug", "pci-remove",
+          "no-ack", "odirect-write", "exit", "oom", "mem-offline")
+
+class Outcome:
+    """Outcome classes (documented in the header of orchestrator/data/expectations.toml;
+    orchestrator/classify.py and the event classifiers decide them). A class may carry a
+    detail in parentheses: ``PIN_REFUSED(EFAULT)``, ``INCONCLUSIVE(<what was missing>)``."""
+
+    INCONCLUSIVE = "INCONCLUSIVE"
+    ERROR = "ERROR"
+    PIN_REFUSED = "PIN_REFUSED"
+    KERNEL_ERROR = "KERNEL_ERROR"
+    PINS_LEAKED = "PINS_LEAKED"
+    DMA_AFTER_REVOKE = "DMA_AFTER_REVOKE"
+    DMA_OUTSIDE_REGISTRATION = "DMA_OUTSIDE_REGISTRATION"
+    COHERENT = "COHERENT"
+    REVOKED_IN_TIME = "REVOKED_IN_TIME"
+    WRITES_LOST_SILENTLY = "WRITES_LOST_SILENTLY"
+    WRITEBACK_STALE = "WRITEBACK_STALE"
+    EXT4_WARN_DATA_LOST = "EXT4_WARN_DATA_LOST"
+    DIRTY_FOLIO_REJECTED = "DIRTY_FOLIO_REJECTED"
+    CSUM_FAILED = "CSUM_FAILED"
+    MIGRATION_FAILS = "MIGRATION_FAILS"
+    PARENT_LOSES_WRITES = "PARENT_LOSES_WRITES"
+    CHILD_SEES_WRITES = "CHILD_SEES_WRITES"
+    SEAL_REFUSED = "SEAL_REFUSED"
+    SEAL_APPLIED = "SEAL_APPLIED"
+    ESCALATED_RESET = "ESCALATED_RESET"
+    DEVICE_GONE_CLEAN = "DEVICE_GONE_CLEAN"
+    DEVICE_NOT_REMOVED = "DEVICE_NOT_REMOVED"
+    DMA_FAILED = "DMA_FAILED"
+    RELEASED_AT_EXIT = "RELEASED_AT_EXIT"
+    REGION_NOT_RELEASED = "REGION_NOT_RELEASED"
+    OFFLINE_BLOCKED = "OFFLINE_BLOCKED"
+    OFFLINE_SUCCEEDS = "OFFLINE_SUCCEEDS"
+    QEMU_CRASHED = "QEMU_CRASHED"
+
+
+#: Every outcome class, in the order of the expectations header.
+OUTCOME_CLASSES = tuple(v for k, v in vars(Outcome).items() if k.isupper())
+
+
+class Key:
+    """Keys of the cell report (guest/pinlab_cell.py writes it, orchestrator/classify.py
+    and the event classifiers read it), including the keys of its nested records: a step
+    (``steps``), the fork child's report (``child``), the victim's (``victim``), the
+    removal wait (``gone``) and an offline result (``offline``). A page scan key's read
+    error is ``key + ERROR_SUFFIX``, its byte count ``key + BYTES_SUFFIX``."""
+
+    AGENT_MS = "agent_ms"
+    BACKING = "backing"
+    BLOCK = "block"
+    BLOCKS = "blocks"
+    BYTES = "bytes"
+    CELL_MS = "cell_ms"
+    CHILD = "child"
+    CHILD_PID = "child_pid"
+    CHILD_STATUS = "child_status"
+    CONTROL_INTACT = "control_intact"
+    CONTROL_MOVED = "control_moved"
+    CONTROL_PAGEMAP_AFTER_EVENT = "control_pagemap_after_event"
+    CONTROL_PAGES = "control_pages"
+    CONTROL_PFNS_AFTER = "control_pfns_after"
+    CONTROL_PFNS_BEFORE = "control_pfns_before"
+    DEV_NODE_EXISTS = "dev_node_exists"
+    DIRTY_PAGES = "dirty_pages"
+    DISK_REGISTERED = "disk_registered"
+    DISK_RELEASED = "disk_released"
+    ERRNO = "errno"
+    ERRNO_NAME = "errno_name"
+    ERROR = "error"
+    EVENT = "event"
+    EXIT = "exit"
+    FILE_AFTER = "file_after"
+    FILE_G2 = "file_g2"
+    GONE = "gone"
+    GONE_AFTER_MS = "gone_after_ms"
+    HOLE_BYTES = "hole_bytes"
+    HOLE_PAGES = "hole_pages"
+    HOW = "how"
+    KEPT_PAGES = "kept_pages"
+    KERNEL = "kernel"
+    LEFTOVER_MOUNTS = "leftover_mounts"
+    MAP = "map"
+    MAP_AFTER = "map_after"
+    MAP_AFTER_EXTEND = "map_after_extend"
+    MAP_AFTER_ODIRECT = "map_after_odirect"
+    MAP_AFTER_PUNCH = "map_after_punch"
+    MAP_G1 = "map_g1"
+    MAP_G2 = "map_g2"
+    MAP_KEPT_G2 = "map_kept_g2"
+    MAP_PARENT_G2 = "map_parent_g2"
+    MAPPED = "mapped"
+    MEMCG_AFTER_RECLAIM = "memcg_after_reclaim"
+    MEMCG_BEFORE = "memcg_before"
+    MEMCG_REGISTERED = "memcg_registered"
+    MODE = "mode"
+    MOVABLE_PAGES = "movable_pages"
+    MS = "ms"
+    MSG = "msg"
+    NONBLOCK_REFUSED_AFTER = "nonblock_refused_after"
+    NONBLOCK_REFUSED_BEFORE = "nonblock_refused_before"
+    NPAGES = "npages"
+    ODIRECT_PAGES = "odirect_pages"
+    OFFLINE = "offline"
+    OOM_EVENTS = "oom_events"
+    PAGEMAP = "pagemap"
+    PAGEMAP_AFTER_EVENT = "pagemap_after_event"
+    PFNS = "pfns"
+    PFNS_AFTER = "pfns_after"
+    PFNS_AFTER_EVENT = "pfns_after_event"
+    PFNS_AFTER_TOUCH = "pfns_after_touch"
+    PFNS_BEFORE = "pfns_before"
+    PFNS_PARENT_AFTER_WRITE = "pfns_parent_after_write"
+    PFNS_REGISTERED = "pfns_registered"
+    PINNED_MOVED = "pinned_moved"
+    QUERY = "query"
+    QUERY_AFTER_EVENT = "query_after_event"
+    QUERY_FINAL = "query_final"
+    QUERY_REGISTERED = "query_registered"
+    REGION = "region"
+    REGISTER_MS = "register_ms"
+    REMAP_G2 = "remap_g2"
+    RESULT = "result"
+    SEALS = "seals"
+    STATE = "state"
+    STATUS = "status"
+    STDERR = "stderr"
+    STEP = "step"
+    STEPS = "steps"
+    STREAM_CHUNKS = "stream_chunks"
+    SWAPS = "swaps"
+    VALUE = "value"
+    VICTIM = "victim"
+    VICTIM_EXIT_MS = "victim_exit_ms"
+    VICTIM_PID = "victim_pid"
+    VICTIM_SIGNAL = "victim_signal"
+    VICTIM_STATUS = "victim_status"
+    VMSTAT_BEFORE = "vmstat_before"
+    VMSTAT_BEFORE_VICTIM = "vmstat_before_victim"
+    VMSTAT_END = "vmstat_end"
+    VMSTAT_EVENT = "vmstat_event"
+    VMSTAT_REGISTERED = "vmstat_registered"
+    VMSTAT_RELEASED = "vmstat_released"
+    VMSTAT_VICTIM_GONE = "vmstat_victim_gone"
+    VMSTAT_VICTIM_REGISTERED = "vmstat_victim_registered"
+    ERROR_SUFFIX = "_error"
+    BYTES_SUFFIX = "_bytes"
+
+
+# ------------------------------------------------------------------ guest files
+#: A hot-unplug cell's workload creates it when it streams and waits for the device to go.
+READY_FILE = "/tmp/pinlab-cell.ready"
+#: Where a hot-unplug cell's workload (started without the agent) writes its report.
+CELL_OUT_FILE = "/tmp/pinlab-cell.out"
+#: The agent's child writes its output here.
+AGENT_CELL_OUTPUT = "/tmp/pinlab-agent-cell.out"
+#: Where the host copies pinlab.ko in every guest.
+GUEST_MODULE = "/tmp/pinlab.ko"
+#: Mount point of a scratch filesystem (``.format(fs)``); tmpfs and hugetlbfs too.
+SCRATCH_MOUNT = "/mnt/pinlab-{}"

@@ -31,12 +31,13 @@ import signal
 import sys
 import time
 
+from pinlab.common.vocab import AGENT_CELL_OUTPUT
 from pinlab.guest import pinlab_kmsg, workload
 
 SYS_DELETE_MODULE = 176       # x86_64
 SYS_FINIT_MODULE = 313
 O_NONBLOCK = os.O_NONBLOCK
-CELL_OUTPUT = "/tmp/pinlab-agent-cell.out"
+CELL_OUTPUT = AGENT_CELL_OUTPUT
 
 _libc = ctypes.CDLL(None, use_errno=True)
 

@@ -28,6 +28,7 @@ import struct
 import subprocess
 import time
 
+from pinlab.common.vocab import READY_FILE, SCRATCH_MOUNT, Key
 from pinlab.guest import pinlab_ioctl
 from pinlab.guest.pinlab_env import CGCELL, cell_environment, mount_scratch, mount_tmpfs, oom_cgroup
 from pinlab.guest.pinlab_mm import (
@@ -61,7 +62,6 @@ CONTROL_PAGES = 4           # unregistered pages after the region (swap reclaim 
 SWAP_CONTROL = {("anon", "pageout"), ("anon", "memcg-reclaim"),
                 ("private-file", "pageout"), ("private-file", "memcg-reclaim")}
 SOFT_OFFLINE_PAGES = 4
-READY_FILE = "/tmp/pinlab-cell.ready"
 
 
 # ------------------------------------------------------------------ small helpers
@@ -108,29 +108,29 @@ def scan(buf, region, npages, first_page=0):
 def timed(rep, name, fn, *a):
     """Run one step; record its errno and duration. Returns fn's value or None."""
     t0 = now_ms()
-    st = {"step": name}
+    st = {Key.STEP: name}
     try:
         val = fn(*a)
-        st["errno"] = 0
+        st[Key.ERRNO] = 0
         if isinstance(val, (int, str)) and not isinstance(val, bool):
-            st["value"] = val
+            st[Key.VALUE] = val
     except OSError as exc:
         val = None
-        st["errno"] = exc.errno
-        st["errno_name"] = errname(exc.errno or 0)
-        st["msg"] = str(exc)
-        st["status"] = getattr(exc, "status", None)
+        st[Key.ERRNO] = exc.errno
+        st[Key.ERRNO_NAME] = errname(exc.errno or 0)
+        st[Key.MSG] = str(exc)
+        st[Key.STATUS] = getattr(exc, "status", None)
         res = getattr(exc, "result", None)
         if res is not None and hasattr(res, "bytes"):
-            st["bytes"] = res.bytes
-    st["ms"] = round(now_ms() - t0, 1)
-    rep["steps"].append(st)
+            st[Key.BYTES] = res.bytes
+    st[Key.MS] = round(now_ms() - t0, 1)
+    rep[Key.STEPS].append(st)
     return val
 
 
 def last_step(rep, name):
-    for st in reversed(rep["steps"]):
-        if st["step"] == name:
+    for st in reversed(rep[Key.STEPS]):
+        if st[Key.STEP] == name:
             return st
     return None
 
@@ -186,14 +186,14 @@ def _victim_child(args, kind, cg, info_w, go_r):
         if cg:
             write_file(f"{cg}/cgroup.procs", "0")
         with contextlib.ExitStack() as st:
-            vrep = {"steps": []}
+            vrep = {Key.STEPS: []}
             m = Mapping(st, kind, vrep, tag="victim")
             dev = pinlab_ioctl.PinlabDevice(args.device)
             rid = dev.register(m.addr, m.size, args.mode)
             dev.dma_write(rid, 0, m.size, 1)
             dev.stream_start(rid, 0, m.size, 1, PAGE, 500)
-            os.write(info_w, json.dumps({"region": rid, "npages": m.npages,
-                                         "pfns": m.pfns()}).encode() + b"\n")
+            os.write(info_w, json.dumps({Key.REGION: rid, Key.NPAGES: m.npages,
+                                         Key.PFNS: m.pfns()}).encode() + b"\n")
             os.read(go_r, 1)
             if cg:
                 hog = []
@@ -202,7 +202,7 @@ def _victim_child(args, kind, cg, info_w, go_r):
             os.kill(os.getpid(), signal.SIGKILL)
     except BaseException as exc:  # noqa: BLE001 - the child must never return
         with contextlib.suppress(Exception):
-            os.write(info_w, json.dumps({"error": repr(exc)}).encode() + b"\n")
+            os.write(info_w, json.dumps({Key.ERROR: repr(exc)}).encode() + b"\n")
         code = 1
     finally:
         os._exit(code)
@@ -250,8 +250,8 @@ def offline_block(block, timeout):
         result = "ok" if r.returncode == 0 else (r.stderr.strip()[-200:] or f"exit {r.returncode}")
     except subprocess.TimeoutExpired:
         result = "timeout"
-    return {"block": block, "result": result, "ms": round(now_ms() - t0, 1),
-            "state": read_file(f"{MEMDIR}/memory{block}/state").strip()}
+    return {Key.BLOCK: block, Key.RESULT: result, Key.MS: round(now_ms() - t0, 1),
+            Key.STATE: read_file(f"{MEMDIR}/memory{block}/state").strip()}
 
 
 def memcg_current():
@@ -372,8 +372,8 @@ class Cell:
     def __init__(self, args, stack):
         self.a = args
         self.stack = stack
-        self.rep = {"mode": args.mode, "backing": args.backing, "event": args.event,
-                    "kernel": os.uname().release, "steps": [], "errno": 0}
+        self.rep = {Key.MODE: args.mode, Key.BACKING: args.backing, Key.EVENT: args.event,
+                    Key.KERNEL: os.uname().release, Key.STEPS: [], Key.ERRNO: 0}
         self.dev = None
         self.rid = None
         self.registered = False
@@ -392,10 +392,10 @@ class Cell:
 
     def deregister(self):
         if self.registered:
-            self.rep["query_final"] = timed(self.rep, "query", self.dev.query, self.rid)
+            self.rep[Key.QUERY_FINAL] = timed(self.rep, "query", self.dev.query, self.rid)
             timed(self.rep, "deregister", self.dev.deregister, self.rid)
             self.registered = False
-        self.rep["vmstat_released"] = vmstat()
+        self.rep[Key.VMSTAT_RELEASED] = vmstat()
 
     def file_scan(self, key, direct=False):
         """Scan the file into rep[key]. A read that fails (btrfs: an O_DIRECT read first
@@ -405,10 +405,11 @@ class Cell:
         try:
             data = self.m.read_file(direct=direct)
         except OSError as exc:
-            self.rep[key + "_error"] = {"errno": exc.errno, "errno_name": errname(exc.errno or 0)}
+            self.rep[key + Key.ERROR_SUFFIX] = {Key.ERRNO: exc.errno,
+                                               Key.ERRNO_NAME: errname(exc.errno or 0)}
             return
         self.rep[key] = scan(data, self.rid, len(data) // PAGE)
-        self.rep[key + "_bytes"] = len(data)
+        self.rep[key + Key.BYTES_SUFFIX] = len(data)
 
     # -- main flow
     def run(self):
@@ -424,7 +425,7 @@ class Cell:
         a, rep = self.a, self.rep
         cell_environment(a.backing, a.event, self.stack, rep)
         if a.event == "mem-offline":
-            rep["movable_pages"] = wait_movable_memory(30)
+            rep[Key.MOVABLE_PAGES] = wait_movable_memory(30)
         npages = 64 if a.event == "migrate" else NPAGES
         ctl = (a.backing, a.event) in SWAP_CONTROL
         self.m = Mapping(self.stack, a.backing, rep,
@@ -433,30 +434,30 @@ class Cell:
         if ctl:   # the region is the first npages; the rest of the mapping is the control
             self.control = Control(self.m, npages)
             self.m.npages, self.m.size = npages, npages * PAGE
-            rep["control_pages"] = CONTROL_PAGES
-        rep["npages"] = self.m.npages
-        rep["pfns_before"] = self.m.pfns()
-        rep["memcg_before"] = memcg_current() if a.event == "memcg-reclaim" else None
+            rep[Key.CONTROL_PAGES] = CONTROL_PAGES
+        rep[Key.NPAGES] = self.m.npages
+        rep[Key.PFNS_BEFORE] = self.m.pfns()
+        rep[Key.MEMCG_BEFORE] = memcg_current() if a.event == "memcg-reclaim" else None
         self.dev = pinlab_ioctl.PinlabDevice(a.device)
         a.device = self.dev.path      # None: the node find_device() chose
         self.stack.callback(self.dev.close)
         self.stack.callback(self._safe_deregister)
-        rep["vmstat_before"] = vmstat()
+        rep[Key.VMSTAT_BEFORE] = vmstat()
         t0 = now_ms()
         try:
             self.rid = self.dev.register(self.m.addr, self.m.size, a.mode)
         except OSError as exc:
-            rep.update(errno=exc.errno, errno_name=errname(exc.errno), step="register",
-                       register_ms=round(now_ms() - t0, 1))
+            rep.update({Key.ERRNO: exc.errno, Key.ERRNO_NAME: errname(exc.errno),
+                        Key.STEP: "register", Key.REGISTER_MS: round(now_ms() - t0, 1)})
             return False
         self.registered = True
-        rep["register_ms"] = round(now_ms() - t0, 1)
-        rep["region"] = self.rid
-        rep["pfns_registered"] = self.m.pfns()
-        rep["vmstat_registered"] = vmstat()
-        rep["query_registered"] = self.dev.query(self.rid)
+        rep[Key.REGISTER_MS] = round(now_ms() - t0, 1)
+        rep[Key.REGION] = self.rid
+        rep[Key.PFNS_REGISTERED] = self.m.pfns()
+        rep[Key.VMSTAT_REGISTERED] = vmstat()
+        rep[Key.QUERY_REGISTERED] = self.dev.query(self.rid)
         self.dma(1)
-        rep["map_g1"] = self.scan_map()
+        rep[Key.MAP_G1] = self.scan_map()
         return True
 
     def event(self):
@@ -468,7 +469,7 @@ class Cell:
         if not self.registered and self.rid is None:
             return self.rep
         self.deregister()
-        self.rep["pfns_after"] = self.m.pfns() if not self.m.mm.closed else None
+        self.rep[Key.PFNS_AFTER] = self.m.pfns() if not self.m.mm.closed else None
         self.final_file_check()
         return self.rep
 
@@ -486,7 +487,7 @@ class Cell:
             self.m.unmap()
             timed(self.rep, "fsync_final", os.fsync, self.m.fd)
             drop_caches()
-        self.file_scan("file_after")
+        self.file_scan(Key.FILE_AFTER)
 
     # -- events
     def ev_dma_write(self):
@@ -495,13 +496,13 @@ class Cell:
     def ev_truncate(self):
         m, rep = self.m, self.rep
         half = m.size // 2
-        rep["kept_pages"] = half // PAGE
+        rep[Key.KEPT_PAGES] = half // PAGE
         timed(rep, "ftruncate_shrink", os.ftruncate, m.fd, half)
         self.dma(2)
-        rep["map_kept_g2"] = self.scan_map(0, half // PAGE)
-        rep["pfns_after_event"] = m.pfns()[: half // PAGE]
+        rep[Key.MAP_KEPT_G2] = self.scan_map(0, half // PAGE)
+        rep[Key.PFNS_AFTER_EVENT] = m.pfns()[: half // PAGE]
         timed(rep, "ftruncate_extend", os.ftruncate, m.fd, m.size)
-        rep["map_after_extend"] = self.scan_map()
+        rep[Key.MAP_AFTER_EXTEND] = self.scan_map()
 
     def _punch(self, off, length):
         timed(self.rep, "punch_hole", punch_hole, self.m.fd, off, length)
@@ -510,45 +511,45 @@ class Cell:
         m, rep = self.m, self.rep
         unit = HPAGE if m.kind == "hugetlb" else 4 * PAGE
         first, count = unit // PAGE, unit // PAGE
-        rep["hole_pages"] = [first, count]
+        rep[Key.HOLE_PAGES] = [first, count]
         self._punch(unit, unit)
-        rep["map_after_punch"] = self.scan_map()
+        rep[Key.MAP_AFTER_PUNCH] = self.scan_map()
         self.dma(2)
-        rep["map_g2"] = self.scan_map()
+        rep[Key.MAP_G2] = self.scan_map()
 
     def ev_punch_hole_partial(self):
         rep = self.rep
         page = 9
-        rep["hole_bytes"] = [page * PAGE + 1024, 2048]
+        rep[Key.HOLE_BYTES] = [page * PAGE + 1024, 2048]
         self._punch(page * PAGE + 1024, 2048)
-        rep["map_after_punch"] = self.scan_map()
+        rep[Key.MAP_AFTER_PUNCH] = self.scan_map()
         self.dma(2)
-        rep["map_g2"] = self.scan_map()
+        rep[Key.MAP_G2] = self.scan_map()
 
     def _after_reclaim(self):
         rep = self.rep
-        rep["pagemap_after_event"] = self.m.pfns()
+        rep[Key.PAGEMAP_AFTER_EVENT] = self.m.pfns()
         if self.control is not None:
-            rep["control_pagemap_after_event"] = self.control.pagemap()
+            rep[Key.CONTROL_PAGEMAP_AFTER_EVENT] = self.control.pagemap()
         self.dma(2)
-        rep["map_g2"] = self.scan_map()
-        rep["pfns_after_touch"] = self.m.pfns()
+        rep[Key.MAP_G2] = self.scan_map()
+        rep[Key.PFNS_AFTER_TOUCH] = self.m.pfns()
         if self.control is not None:
-            rep["control_intact"] = self.control.intact()
+            rep[Key.CONTROL_INTACT] = self.control.intact()
 
     def ev_pageout(self):
         v0 = vmstat()
         timed(self.rep, "madv_pageout", self.m.mm.madvise, MADV_PAGEOUT)
-        self.rep["vmstat_event"] = delta(v0, vmstat())
+        self.rep[Key.VMSTAT_EVENT] = delta(v0, vmstat())
         self._after_reclaim()
 
     def ev_memcg_reclaim(self):
         rep = self.rep
-        rep["memcg_registered"] = memcg_current()
+        rep[Key.MEMCG_REGISTERED] = memcg_current()
         v0 = vmstat()
         timed(rep, "memory_reclaim", write_file, f"{CGCELL}/memory.reclaim", "64M")
-        rep["vmstat_event"] = delta(v0, vmstat())
-        rep["memcg_after_reclaim"] = memcg_current()
+        rep[Key.VMSTAT_EVENT] = delta(v0, vmstat())
+        rep[Key.MEMCG_AFTER_RECLAIM] = memcg_current()
         self._after_reclaim()
 
     def ev_drop_caches(self):
@@ -563,29 +564,29 @@ class Cell:
         for i in range(3):
             time.sleep(0.2)
             timed(rep, f"fsync_stream_{i}", os.fsync, m.fd)
-        rep["stream_chunks"] = timed(rep, "stream_stop", dev.stream_stop, self.rid)
+        rep[Key.STREAM_CHUNKS] = timed(rep, "stream_stop", dev.stream_stop, self.rid)
         self.dma(2)
-        rep["map_g2"] = self.scan_map()
+        rep[Key.MAP_G2] = self.scan_map()
         timed(rep, "fsync_registered", os.fsync, m.fd)
-        self.file_scan("disk_registered", direct=True)
+        self.file_scan(Key.DISK_REGISTERED, direct=True)
         self.deregister()
         timed(rep, "fsync_released", os.fsync, m.fd)
-        self.file_scan("disk_released", direct=True)
+        self.file_scan(Key.DISK_RELEASED, direct=True)
 
     def ev_2018(self):
         m, rep = self.m, self.rep
         timed(rep, "fsync", os.fsync, m.fd)
         timed(rep, "madv_pageout", m.mm.madvise, MADV_PAGEOUT)
-        rep["pagemap_after_event"] = m.pfns()
+        rep[Key.PAGEMAP_AFTER_EVENT] = m.pfns()
         self.dma(2)
-        rep["dirty_pages"] = timed(rep, "dirty", self.dev.dirty, self.rid)
+        rep[Key.DIRTY_PAGES] = timed(rep, "dirty", self.dev.dirty, self.rid)
         self.deregister()
         timed(rep, "sync", os.sync)
 
     def ev_migrate(self):
         rep = self.rep
         ctl = Mapping(self.stack, self.m.kind, rep, tag="control", npages=self.m.npages)
-        rep["control_pfns_before"] = ctl.pfns()
+        rep[Key.CONTROL_PFNS_BEFORE] = ctl.pfns()
         pb = self.m.pfns()
         v0 = vmstat()
         timed(rep, "compact_memory", write_file, "/proc/sys/vm/compact_memory", "1")
@@ -596,16 +597,16 @@ class Cell:
             for i in range(SOFT_OFFLINE_PAGES):
                 timed(rep, f"soft_offline_{tag}_{i}", madvise, mp.addr + i * PAGE, PAGE,
                       MADV_SOFT_OFFLINE)
-        rep["vmstat_event"] = delta(v0, vmstat())
+        rep[Key.VMSTAT_EVENT] = delta(v0, vmstat())
         pa = self.m.pfns()
         ca = ctl.pfns()
-        rep["pfns_after_event"] = pa
-        rep["control_pfns_after"] = ca
-        rep["pinned_moved"] = sum(1 for x, y in zip(pb, pa, strict=True) if x != y)
-        rep["control_moved"] = sum(1 for x, y in zip(rep["control_pfns_before"], ca,
+        rep[Key.PFNS_AFTER_EVENT] = pa
+        rep[Key.CONTROL_PFNS_AFTER] = ca
+        rep[Key.PINNED_MOVED] = sum(1 for x, y in zip(pb, pa, strict=True) if x != y)
+        rep[Key.CONTROL_MOVED] = sum(1 for x, y in zip(rep[Key.CONTROL_PFNS_BEFORE], ca,
                                                      strict=True) if x != y)
         self.dma(2)
-        rep["map_g2"] = self.scan_map()
+        rep[Key.MAP_G2] = self.scan_map()
 
     def _fork(self, dontfork):
         m, rep = self.m, self.rep
@@ -621,29 +622,29 @@ class Cell:
                 os.close(res_r)
                 os.read(go_r, 1)
                 if dontfork:
-                    out = {"mapped": False, "pagemap": pagemap(m.addr, m.npages)}
+                    out = {Key.MAPPED: False, Key.PAGEMAP: pagemap(m.addr, m.npages)}
                 else:
-                    out = {"mapped": True, "map": self.scan_map(),
-                           "pfns": pagemap(m.addr, m.npages)}
+                    out = {Key.MAPPED: True, Key.MAP: self.scan_map(),
+                           Key.PFNS: pagemap(m.addr, m.npages)}
                 os.write(res_w, json.dumps(out).encode())
             except BaseException as exc:  # noqa: BLE001 - the child must never return
                 with contextlib.suppress(Exception):
-                    os.write(res_w, json.dumps({"error": repr(exc)}).encode())
+                    os.write(res_w, json.dumps({Key.ERROR: repr(exc)}).encode())
                 code = 1
             finally:
                 os._exit(code)
         os.close(go_r)
         os.close(res_w)
-        rep["child_pid"] = pid
+        rep[Key.CHILD_PID] = pid
         # the parent writes to its mapping (the same words: the pattern stays valid);
         # this is the write that COW-breaks a page shared with the child
         mv = memoryview(m.mm).cast("B")
         for i in range(m.npages):
             mv[i * PAGE:i * PAGE + 8] = bytes(mv[i * PAGE:i * PAGE + 8])
         mv.release()
-        rep["pfns_parent_after_write"] = m.pfns()
+        rep[Key.PFNS_PARENT_AFTER_WRITE] = m.pfns()
         self.dma(2)
-        rep["map_parent_g2"] = self.scan_map()
+        rep[Key.MAP_PARENT_G2] = self.scan_map()
         os.write(go_w, b"x")
         os.close(go_w)
         chunks = []
@@ -654,11 +655,11 @@ class Cell:
             chunks.append(b)
         os.close(res_r)
         _, status = os.waitpid(pid, 0)
-        rep["child_status"] = status
+        rep[Key.CHILD_STATUS] = status
         try:
-            rep["child"] = json.loads(b"".join(chunks) or b"{}")
+            rep[Key.CHILD] = json.loads(b"".join(chunks) or b"{}")
         except ValueError:
-            rep["child"] = {"error": "bad child report"}
+            rep[Key.CHILD] = {Key.ERROR: "bad child report"}
 
     def ev_fork(self):
         self._fork(False)
@@ -680,16 +681,16 @@ class Cell:
         self.dma(2)
         if m.fd is not None:
             mm = self._remap()
-            rep["remap_g2"] = scan(mm, self.rid, m.npages)
+            rep[Key.REMAP_G2] = scan(mm, self.rid, m.npages)
             mm.close()
 
     def ev_dontneed(self):
         rep = self.rep
         timed(rep, "madv_dontneed", self.m.mm.madvise, MADV_DONTNEED)
-        rep["pagemap_after_event"] = self.m.pfns()
+        rep[Key.PAGEMAP_AFTER_EVENT] = self.m.pfns()
         self.dma(2)
-        rep["map_g2"] = self.scan_map()
-        rep["pfns_after_touch"] = self.m.pfns()
+        rep[Key.MAP_G2] = self.scan_map()
+        rep[Key.PFNS_AFTER_TOUCH] = self.m.pfns()
 
     def ev_seal_write(self):
         m, rep = self.m, self.rep
@@ -697,9 +698,9 @@ class Cell:
         # unmap first so only the driver's page references can make it fail
         timed(rep, "munmap", m.unmap)
         timed(rep, "seal_write", fcntl.fcntl, m.fd, F_ADD_SEALS, F_SEAL_WRITE)
-        rep["seals"] = fcntl.fcntl(m.fd, F_GET_SEALS)
+        rep[Key.SEALS] = fcntl.fcntl(m.fd, F_GET_SEALS)
         self.dma(2)
-        self.file_scan("file_g2")
+        self.file_scan(Key.FILE_G2)
 
     def ev_odirect_write(self):
         """An O_DIRECT write over part of the registered, cached, mapped range: the kernel
@@ -708,7 +709,7 @@ class Cell:
         everything."""
         m, rep = self.m, self.rep
         first, count = 4, 4
-        rep["odirect_pages"] = [first, count]
+        rep[Key.ODIRECT_PAGES] = [first, count]
         buf = mmap.mmap(-1, count * PAGE)          # page aligned, zero filled
         fd = os.open(m.path, os.O_WRONLY | os.O_DIRECT)
         try:
@@ -716,11 +717,11 @@ class Cell:
         finally:
             os.close(fd)
             buf.close()
-        rep["pagemap_after_event"] = m.pfns()
-        rep["map_after_odirect"] = self.scan_map()
+        rep[Key.PAGEMAP_AFTER_EVENT] = m.pfns()
+        rep[Key.MAP_AFTER_ODIRECT] = self.scan_map()
         self.dma(2)
-        rep["map_g2"] = self.scan_map()
-        rep["pfns_after_touch"] = m.pfns()
+        rep[Key.MAP_G2] = self.scan_map()
+        rep[Key.PFNS_AFTER_TOUCH] = m.pfns()
 
     def ev_mem_offline(self):
         """Offline the ZONE_MOVABLE memory blocks (of a DIMM the host hot-added) that held
@@ -728,15 +729,15 @@ class Cell:
         (docs/pinning-semantics.md rows 26-28)."""
         m, rep = self.m, self.rep
         bs = int(read_file(f"{MEMDIR}/block_size_bytes").strip(), 16)
-        blocks = sorted({p * PAGE // bs for p in rep["pfns_before"] if isinstance(p, int)})
+        blocks = sorted({p * PAGE // bs for p in rep[Key.PFNS_BEFORE] if isinstance(p, int)})
         zones = {b: read_file(f"{MEMDIR}/memory{b}/valid_zones").strip() for b in blocks}
-        rep["blocks"] = zones
+        rep[Key.BLOCKS] = zones
         movable = [b for b in blocks if zones[b].startswith("Movable")]
-        rep["offline"] = [offline_block(b, 3) for b in movable]
-        rep["pfns_after_event"] = m.pfns()
+        rep[Key.OFFLINE] = [offline_block(b, 3) for b in movable]
+        rep[Key.PFNS_AFTER_EVENT] = m.pfns()
         self.dma(2)
-        rep["map_g2"] = self.scan_map()
-        rep["pfns_after_touch"] = m.pfns()
+        rep[Key.MAP_G2] = self.scan_map()
+        rep[Key.PFNS_AFTER_TOUCH] = m.pfns()
 
     def ev_exit(self):
         self._victim(oom=False)
@@ -756,7 +757,7 @@ class Cell:
         cg = None
         if oom:
             cg = oom_cgroup(self.stack, rep)
-        rep["vmstat_before_victim"] = vmstat()
+        rep[Key.VMSTAT_BEFORE_VICTIM] = vmstat()
         pid = os.fork()
         if pid == 0:
             os.close(info_r)
@@ -764,39 +765,39 @@ class Cell:
             _victim_child(self.a, self.m.kind, cg, info_w, go_r)   # never returns
         os.close(info_w)
         os.close(go_r)
-        rep["victim_pid"] = pid
+        rep[Key.VICTIM_PID] = pid
         try:
             info = _read_line(info_r, 30)
-            rep["victim"] = info
-            rep["vmstat_victim_registered"] = vmstat()
-            rep["nonblock_refused_before"] = driver_stat("invalidations_nonblock_refused")
+            rep[Key.VICTIM] = info
+            rep[Key.VMSTAT_VICTIM_REGISTERED] = vmstat()
+            rep[Key.NONBLOCK_REFUSED_BEFORE] = driver_stat("invalidations_nonblock_refused")
             t0 = now_ms()
             os.write(go_w, b"x")
             status = _wait_child(pid, 60)
-            rep["victim_exit_ms"] = round(now_ms() - t0, 1)
+            rep[Key.VICTIM_EXIT_MS] = round(now_ms() - t0, 1)
         finally:
             os.close(go_w)
             os.close(info_r)
         if status is None:
-            rep["victim_status"] = "did not die within 60 s"
+            rep[Key.VICTIM_STATUS] = "did not die within 60 s"
             return
-        rep["victim_status"] = status
-        rep["victim_signal"] = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+        rep[Key.VICTIM_STATUS] = status
+        rep[Key.VICTIM_SIGNAL] = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
         time.sleep(0.2)        # the file's release() and the device's destroy are done
-        rep["vmstat_victim_gone"] = vmstat()
-        rep["nonblock_refused_after"] = driver_stat("invalidations_nonblock_refused")
+        rep[Key.VMSTAT_VICTIM_GONE] = vmstat()
+        rep[Key.NONBLOCK_REFUSED_AFTER] = driver_stat("invalidations_nonblock_refused")
         if cg:
-            rep["oom_events"] = memcg_events(cg)
+            rep[Key.OOM_EVENTS] = memcg_events(cg)
         self.dma(2)
-        rep["map_g2"] = self.scan_map()
+        rep[Key.MAP_G2] = self.scan_map()
 
     def ev_no_ack(self):
         """odp: the host made the device never acknowledge INVALIDATE; revoke by DONTNEED."""
         rep = self.rep
         timed(rep, "madv_dontneed", self.m.mm.madvise, MADV_DONTNEED)
-        rep["query_after_event"] = timed(rep, "query_event", self.dev.query, self.rid)
+        rep[Key.QUERY_AFTER_EVENT] = timed(rep, "query_event", self.dev.query, self.rid)
         self.dma(2)
-        rep["map_g2"] = self.scan_map()
+        rep[Key.MAP_G2] = self.scan_map()
 
     def ev_pci_remove(self):
         self.ev_hot_unplug()
@@ -812,19 +813,19 @@ class Cell:
         while now_ms() - t0 < 60000:
             try:
                 q = dev.query(self.rid)
-                if q["state"] != pinlab_ioctl.STATE_ACTIVE:
-                    gone = {"how": "state", "query": q}
+                if q[Key.STATE] != pinlab_ioctl.STATE_ACTIVE:
+                    gone = {Key.HOW: "state", Key.QUERY: q}
                     break
             except OSError as exc:
-                gone = {"how": "errno", "errno": exc.errno, "errno_name": errname(exc.errno)}
+                gone = {Key.HOW: "errno", Key.ERRNO: exc.errno, Key.ERRNO_NAME: errname(exc.errno)}
                 break
             time.sleep(0.05)
-        rep["gone"] = gone
-        rep["gone_after_ms"] = round(now_ms() - t0, 1)
-        rep["dev_node_exists"] = os.path.exists(self.a.device)
+        rep[Key.GONE] = gone
+        rep[Key.GONE_AFTER_MS] = round(now_ms() - t0, 1)
+        rep[Key.DEV_NODE_EXISTS] = os.path.exists(self.a.device)
         self.dma(2)
         timed(rep, "stream_stop", dev.stream_stop, self.rid)
-        rep["map_after"] = self.scan_map()
+        rep[Key.MAP_AFTER] = self.scan_map()
 
 
 def ready_cell(mode, backing, event, device=None):
@@ -857,21 +858,16 @@ def cmd_cell(args):
         try:
             rep = c.run()
         except Exception as exc:  # noqa: BLE001 - report, the host reads the JSON
-            c.rep["error"] = f"{type(exc).__name__}: {exc}"
+            c.rep[Key.ERROR] = f"{type(exc).__name__}: {exc}"
             rep = c.rep
-        rep["cell_ms"] = round(now_ms() - t0, 1)
-    rep["vmstat_end"] = vmstat()
-    rep["swaps"] = read_file("/proc/swaps").count("\n") - 1
-    rep["leftover_mounts"] = [ln.split()[1] for ln in read_file("/proc/mounts").splitlines()
-                              if "/mnt/pinlab-" in ln.split()[1]]
+        rep[Key.CELL_MS] = round(now_ms() - t0, 1)
+    rep[Key.VMSTAT_END] = vmstat()
+    rep[Key.SWAPS] = read_file("/proc/swaps").count("\n") - 1
+    rep[Key.LEFTOVER_MOUNTS] = [ln.split()[1] for ln in read_file("/proc/mounts").splitlines()
+                              if ln.split()[1].startswith(SCRATCH_MOUNT.format(""))]
     return rep
 
 
-EVENTS = ["dma-write", "truncate", "punch-hole", "punch-hole-partial", "pageout",
-          "memcg-reclaim", "drop-caches", "writeback", "2018", "migrate", "fork",
-          "fork-dontfork", "munmap", "dontneed", "seal-write", "hot-unplug", "pci-remove",
-          "no-ack", "odirect-write", "exit", "oom", "mem-offline"]
-BACKINGS = ["anon", "memfd", "tmpfs", "ext4", "xfs", "btrfs", "private-file", "hugetlb"]
 
 
 if __name__ == "__main__":

@@ -37,13 +37,14 @@ import subprocess
 import sys
 import time
 
+from pinlab.common.vocab import SCRATCH_MOUNT
 from pinlab.guest.pinlab_mm import read_file, write_file
 
 DISKS = {"ext4": "pinlab-ext4", "xfs": "pinlab-xfs",   # filesystem -> disk serial
          "btrfs": "pinlab-btrfs"}
 MKFS = {"ext4": ["mkfs.ext4", "-F", "-q"], "xfs": ["mkfs.xfs", "-f", "-q"],
         "btrfs": ["mkfs.btrfs", "-f", "-q"]}
-MNT = "/mnt/pinlab-{}"                                  # mount point per filesystem
+MNT = SCRATCH_MOUNT                                     # mount point per filesystem
 SWAP_DISK = "pinlab-swap"                               # serial of the swap disk
 CGROOT = "/sys/fs/cgroup"
 CGCELL = f"{CGROOT}/pinlab-cell"     # memcg-reclaim cells run in here
@@ -212,7 +213,7 @@ def state():
     mounts = {}
     for ln in read_file("/proc/mounts").splitlines():
         dev, mnt, fstype = ln.split()[:3]
-        if mnt.startswith("/mnt/pinlab-"):
+        if mnt.startswith(SCRATCH_MOUNT.format("")):
             mounts[mnt] = {"fstype": fstype, "source": dev}
     return {"mounts": mounts, "nr_hugepages": int(read_file(NR_HUGEPAGES)),
             "swaps": [ln.split()[0] for ln in read_file("/proc/swaps").splitlines()[1:]],

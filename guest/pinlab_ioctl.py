@@ -21,6 +21,8 @@ import os
 import struct
 import zlib
 
+from pinlab.common import vocab
+
 # ---------------------------------------------------------------- ioctl encoding
 _IOC_NRBITS, _IOC_TYPEBITS, _IOC_SIZEBITS = 8, 8, 14
 _IOC_NRSHIFT = 0
@@ -43,7 +45,7 @@ PINLAB_IOC_MAGIC = "P"
 
 # ---------------------------------------------------------------- constants
 MODE_GUP, MODE_PIN, MODE_LONGTERM, MODE_ODP = 0, 1, 2, 3
-MODES = {"gup": MODE_GUP, "pin": MODE_PIN, "longterm": MODE_LONGTERM, "odp": MODE_ODP}
+MODES = dict(zip(vocab.MODES, (MODE_GUP, MODE_PIN, MODE_LONGTERM, MODE_ODP), strict=True))
 MODE_NAMES = {v: k for k, v in MODES.items()}
 
 REG_READONLY = 0x1

@@ -17,6 +17,7 @@ import mmap
 import os
 import sys
 
+from pinlab.common.vocab import BACKINGS, EVENTS, MODES
 from pinlab.guest import pinlab_cell, pinlab_ioctl, pinlab_mm
 
 PAGE = pinlab_mm.PAGE
@@ -92,14 +93,14 @@ def parser():
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("info")
     w = sub.add_parser("dma-write")
-    w.add_argument("--mode", default="longterm", choices=["gup", "pin", "longterm", "odp"])
+    w.add_argument("--mode", default="longterm", choices=MODES)
     w.add_argument("--backing", default="anon")
     w.add_argument("--pages", type=int, default=16)
     w.add_argument("--generation", type=int, default=1)
     c = sub.add_parser("cell", help="one matrix cell, step by step (pinlab_cell.py)")
-    c.add_argument("--mode", required=True, choices=["gup", "pin", "longterm", "odp"])
-    c.add_argument("--backing", required=True, choices=pinlab_cell.BACKINGS)
-    c.add_argument("--event", required=True, choices=pinlab_cell.EVENTS)
+    c.add_argument("--mode", required=True, choices=MODES)
+    c.add_argument("--backing", required=True, choices=BACKINGS)
+    c.add_argument("--event", required=True, choices=EVENTS)
     return p
 
 

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+from pinlab.common import vocab
 from pinlab.images.kernel import KERNELS, is_kernel_id
 
 from .expectations import Cell
 
-MODES = ["gup", "pin", "longterm", "odp"]
-
-FILE_SHARED = ["memfd", "tmpfs", "ext4", "xfs", "btrfs", "hugetlb"]  # MAP_SHARED files
-BACKINGS = ["anon", *FILE_SHARED, "private-file"]
+MODES = list(vocab.MODES)
+FILE_SHARED = list(vocab.FILE_SHARED)   # MAP_SHARED files
+BACKINGS = list(vocab.BACKINGS)
 
 # (backing, event) pairs that make sense; every mode in MODES runs each of them.
 # Why the others are left out:

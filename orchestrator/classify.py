@@ -25,18 +25,23 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
+from pinlab.common.vocab import (
+    FILE_SHARED,
+    FOLL_PIN_MODES,
+    PRIVATE_BACKINGS,
+    Key,
+    Outcome,
+)
+
 from .dmesg import DmesgReport
 from .expectations import Cell
 
 PAGE = 4096
-PINNED_MODES = ("gup", "pin", "longterm")
-FOLL_PIN_MODES = ("pin", "longterm")       # counted in nr_foll_pin_* (FOLL_PIN)
-PRIVATE_BACKINGS = ("anon", "private-file")
 # backings whose final file contents the workload reads back (file_after)
-FILE_BACKINGS = ("memfd", "tmpfs", "ext4", "xfs", "btrfs", "hugetlb")
+FILE_BACKINGS = FILE_SHARED
 # reclaim cells of anonymous memory must show that reclaim reached the mapping: an
 # unregistered control page of the same mapping went to swap (pinlab_cell.SWAP_CONTROL)
-SWAP_CONTROL_BACKINGS = ("anon", "private-file")
+SWAP_CONTROL_BACKINGS = PRIVATE_BACKINGS
 SWAP_CONTROL_EVENTS = ("pageout", "memcg-reclaim")
 F_SEAL_WRITE = 0x0008
 # a fence missed by the device is logged by pinlab_odp.c / pinlab_queue.c
@@ -49,50 +54,50 @@ SEVERE_CLASSES = ("BUG", "OOPS", "PANIC", "BAD_PAGE", "HUNG_TASK", "SOFT_LOCKUP"
 #: What each class needs, in the words of the expectations header (kept in sync by a unit
 #: test). The classifier enforces each item; the property test removes or corrupts each.
 EVIDENCE: dict[str, tuple[str, ...]] = {
-    "PIN_REFUSED": ("register step errno",),
-    "KERNEL_ERROR": ("dmesg lines of the error",),
-    "PINS_LEAKED": ("vmstat pin counters before and at the end", "audit"),
-    "DMA_AFTER_REVOKE": ("audit violation records",),
-    "DMA_OUTSIDE_REGISTRATION": ("audit writes", "registered PFNs"),
-    "COHERENT": ("audit: the later generation written to every registered page",
+    Outcome.PIN_REFUSED: ("register step errno",),
+    Outcome.KERNEL_ERROR: ("dmesg lines of the error",),
+    Outcome.PINS_LEAKED: ("vmstat pin counters before and at the end", "audit"),
+    Outcome.DMA_AFTER_REVOKE: ("audit violation records",),
+    Outcome.DMA_OUTSIDE_REGISTRATION: ("audit writes", "registered PFNs"),
+    Outcome.COHERENT: ("audit: the later generation written to every registered page",
                  "the DMA step's errno 0", "every view scanned showing that generation",
                  "anon reclaim: a control page swapped, pswpout, control pages intact"),
-    "REVOKED_IN_TIME": ("audit: an invalidate acknowledged after the event's step",
+    Outcome.REVOKED_IN_TIME: ("audit: an invalidate acknowledged after the event's step",
                         "no violation", "the outcome's views",
                         "anon reclaim: a control page swapped, pswpout, control pages "
                         "intact"),
-    "WRITES_LOST_SILENTLY": ("audit: the later generation written to the registered pages",
+    Outcome.WRITES_LOST_SILENTLY: ("audit: the later generation written to the registered pages",
                              "the DMA step's errno 0",
                              "a view showing something else on at least one page"),
-    "WRITEBACK_STALE": ("audit: generation 2 written", "disk scan while registered (stale)",
+    Outcome.WRITEBACK_STALE: ("audit: generation 2 written", "disk scan while registered (stale)",
                         "disk scan after release (generation 2)"),
-    "EXT4_WARN_DATA_LOST": ("ext4 WARN or buffer-warning lines",
+    Outcome.EXT4_WARN_DATA_LOST: ("ext4 WARN or buffer-warning lines",
                             "audit: the later generation written",
                             "file scan after drop_caches without it"),
-    "DIRTY_FOLIO_REJECTED": ("btrfs 'marked dirty without notifying the fs' lines or an "
+    Outcome.DIRTY_FOLIO_REJECTED: ("btrfs 'marked dirty without notifying the fs' lines or an "
                              "fsync EUCLEAN/EIO",
                              "an fsync, sync or file read step's error",
                              "audit: the later generation written"),
-    "CSUM_FAILED": ("btrfs 'csum failed' lines",),
-    "MIGRATION_FAILS": ("control pages moved", "registered pages not moved",
+    Outcome.CSUM_FAILED: ("btrfs 'csum failed' lines",),
+    Outcome.MIGRATION_FAILS: ("control pages moved", "registered pages not moved",
                         "audit: generation 2 written", "mapping scan"),
-    "PARENT_LOSES_WRITES": ("child report", "child status 0", "parent and child scans",
+    Outcome.PARENT_LOSES_WRITES: ("child report", "child status 0", "parent and child scans",
                             "audit: generation 2 written"),
-    "CHILD_SEES_WRITES": ("child report", "child status 0", "parent and child scans",
+    Outcome.CHILD_SEES_WRITES: ("child report", "child status 0", "parent and child scans",
                           "audit: generation 2 written"),
-    "SEAL_REFUSED": ("seal step errno",),
-    "SEAL_APPLIED": ("seal step errno 0", "F_GET_SEALS showing F_SEAL_WRITE"),
-    "ESCALATED_RESET": ("escalation lines in dmesg", "audit reset record",
+    Outcome.SEAL_REFUSED: ("seal step errno",),
+    Outcome.SEAL_APPLIED: ("seal step errno 0", "F_GET_SEALS showing F_SEAL_WRITE"),
+    Outcome.ESCALATED_RESET: ("escalation lines in dmesg", "audit reset record",
                         "region failed or DMA refused"),
-    "DEVICE_GONE_CLEAN": ("the workload saw the device go", "audit: reset or destroy",
+    Outcome.DEVICE_GONE_CLEAN: ("the workload saw the device go", "audit: reset or destroy",
                           "no violation", "pins back (pin, longterm)"),
-    "DEVICE_NOT_REMOVED": ("the workload's removal wait",),
-    "DMA_FAILED": ("the DMA step's errno",),
-    "RELEASED_AT_EXIT": ("victim status", "audit: the victim region destroyed",
+    Outcome.DEVICE_NOT_REMOVED: ("the workload's removal wait",),
+    Outcome.DMA_FAILED: ("the DMA step's errno",),
+    Outcome.RELEASED_AT_EXIT: ("victim status", "audit: the victim region destroyed",
                          "pins back (pin, longterm)"),
-    "REGION_NOT_RELEASED": ("victim status", "victim audit without destroy"),
-    "OFFLINE_BLOCKED": ("offline results", "audit: generation 2 written", "mapping scan"),
-    "OFFLINE_SUCCEEDS": ("offline results", "audit: generation 2 written", "mapping scan"),
+    Outcome.REGION_NOT_RELEASED: ("victim status", "victim audit without destroy"),
+    Outcome.OFFLINE_BLOCKED: ("offline results", "audit: generation 2 written", "mapping scan"),
+    Outcome.OFFLINE_SUCCEEDS: ("offline results", "audit: generation 2 written", "mapping scan"),
 }
 
 
@@ -146,9 +151,9 @@ def view(rep: dict[str, Any], key: str) -> list[Any]:
 
 def step(rep: dict[str, Any], name: str) -> dict[str, Any]:
     """The last record of workload step ``name`` ({} when it never ran)."""
-    steps = rep.get("steps")
+    steps = rep.get(Key.STEPS)
     for st in reversed(steps if isinstance(steps, list) else []):
-        if isinstance(st, dict) and st.get("step") == name:
+        if isinstance(st, dict) and st.get(Key.STEP) == name:
             return dict(st)
     return {}
 
@@ -159,7 +164,7 @@ def step_errno(rep: dict[str, Any], name: str) -> int:
     st = step(rep, name)
     if not st:
         raise Inconclusive(f"step {name} missing")
-    e = st.get("errno")
+    e = st.get(Key.ERRNO)
     if not isinstance(e, int) or isinstance(e, bool):
         raise Inconclusive(f"step {name} has no errno")
     return e
@@ -208,7 +213,7 @@ def audit_facts(rep: dict[str, Any], records: Sequence[dict[str, Any]],
 
     ``records``: every audit record with seq > ``since`` (the query asked for at most
     ``limit``); ``violations``: the device's violation records since the mark;
-    ``region``: the region id (default ``rep["region"]``). The extract is ``complete``
+    ``region``: the region id (default the report's ``Key.REGION``). The extract is ``complete``
     only when its seqs run without a gap from ``since + 1`` and the limit was not reached
     (the device keeps a bounded ring, and a truncated extract cannot prove an absence).
 
@@ -219,7 +224,7 @@ def audit_facts(rep: dict[str, Any], records: Sequence[dict[str, Any]],
     and before its first generation-2 write, i.e. caused by the event between them),
     ``ack_before_destroy``, ``violations`` and ``resets``.
     """
-    rid = rep.get("region") if region is None else region
+    rid = rep.get(Key.REGION) if region is None else region
     seqs = [r.get("seq") for r in records]
     complete = (len(records) < limit
                 and all(isinstance(s, int) for s in seqs)
@@ -264,11 +269,11 @@ def audit_facts(rep: dict[str, Any], records: Sequence[dict[str, Any]],
                      and (end is None or a < end))
     # the pages the driver registered: FOLL_LONGTERM may have migrated them first (out of
     # ZONE_MOVABLE), so the PFNs after registration are the truth where the workload has them
-    registered = _pfn_set(rep.get("pfns_registered") or rep.get("pfns_before"))
-    if rep.get("mode") == "odp":   # odp re-faults: any page the process mapped is legal
-        registered |= _pfn_set(rep.get("pfns_after"), rep.get("pfns_after_touch"),
-                               rep.get("pfns_after_event"), rep.get("pagemap_after_event"),
-                               rep.get("pfns_parent_after_write"))
+    registered = _pfn_set(rep.get(Key.PFNS_REGISTERED) or rep.get(Key.PFNS_BEFORE))
+    if rep.get(Key.MODE) == "odp":   # odp re-faults: any page the process mapped is legal
+        registered |= _pfn_set(rep.get(Key.PFNS_AFTER), rep.get(Key.PFNS_AFTER_TOUCH),
+                               rep.get(Key.PFNS_AFTER_EVENT), rep.get(Key.PAGEMAP_AFTER_EVENT),
+                               rep.get(Key.PFNS_PARENT_AFTER_WRITE))
     written = set().union(*pages_by_gen.values()) if pages_by_gen else set()
     outside = sorted(written - registered)
     viol = [v for v in violations if inst is None or v.get("inst") == inst]
@@ -308,7 +313,7 @@ class _Judge:
         return a
 
     def npages(self) -> int:
-        n = self.rep.get("npages")
+        n = self.rep.get(Key.NPAGES)
         if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
             raise Inconclusive("npages missing")
         return n
@@ -333,17 +338,17 @@ class _Judge:
         ``good`` is whether every view shows generation ``gen``."""
         self.wrote(gen, pages)
         if not good:
-            return "WRITES_LOST_SILENTLY"
+            return Outcome.WRITES_LOST_SILENTLY
         if self.cell.mode == "odp" and self.acked():
-            return "REVOKED_IN_TIME"
-        return "COHERENT"
+            return Outcome.REVOKED_IN_TIME
+        return Outcome.COHERENT
 
     def revoked_failure(self, errname: Any) -> str:
         """The DMA step failed: for odp that is the revoke working (the device found no
         page where the process has none) when the event's invalidate was acknowledged;
         otherwise the failure itself is the outcome."""
         if self.cell.mode == "odp" and self.acked():
-            return "REVOKED_IN_TIME"
+            return Outcome.REVOKED_IN_TIME
         return f"DMA_FAILED({errname or '?'})"
 
     def views_g(self, keys: Sequence[str], gen: int = 2) -> bool:
@@ -366,26 +371,26 @@ class _Judge:
         sev = dm.severe()
         if any(k in sev for k in SEVERE_CLASSES):
             self.f["severe"] = {k: v[:5] for k, v in sev.items()}
-            return "KERNEL_ERROR"
+            return Outcome.KERNEL_ERROR
         if dm.lines.get("PAGE_POISON"):
             self.f["page_poison"] = dm.lines["PAGE_POISON"][:5]
-            return "KERNEL_ERROR"
+            return Outcome.KERNEL_ERROR
         warns = sev.get("WARN", [])
         other = [w for w in warns if not self.ext4_path_warn(w)]
         if other:
             self.f["warn"] = other[:5]
-            return "KERNEL_ERROR"
+            return Outcome.KERNEL_ERROR
         self.need_audit()
         if self.pins_leaked():
-            return "PINS_LEAKED"
+            return Outcome.PINS_LEAKED
         if self.audit["violations"]:
             self.f["violations"] = self.audit.get("violation_samples")
-            return "DMA_AFTER_REVOKE"
+            return Outcome.DMA_AFTER_REVOKE
         if self.audit["outside_registration"]:
             if not self.audit.get("registered_known"):
                 raise Inconclusive("registered PFNs missing")
             self.f["outside_pfns"] = self.audit.get("outside_pfns")
-            return "DMA_OUTSIDE_REGISTRATION"
+            return Outcome.DMA_OUTSIDE_REGISTRATION
         if not self.audit.get("registered_known"):
             raise Inconclusive("registered PFNs missing")
         return None
@@ -396,8 +401,8 @@ class _Judge:
         (FOLL_GET and notifiers are not counted there)."""
         if self.cell.mode not in FOLL_PIN_MODES:
             return False
-        b = _outstanding(self.rep.get("vmstat_before"))
-        e = _outstanding(self.rep.get("vmstat_end"))
+        b = _outstanding(self.rep.get(Key.VMSTAT_BEFORE))
+        e = _outstanding(self.rep.get(Key.VMSTAT_END))
         if b is None or e is None:
             raise Inconclusive("vmstat pin counters missing")
         self.f["pins"] = {"before": b, "after": e}
@@ -415,10 +420,10 @@ class _Judge:
         if not lines and not warns:
             return None
         self.f.update(ext4_no_buffers=lines[:4], warn=warns[:2])
-        if self.views_g(["file_after"], last):
+        if self.views_g([Key.FILE_AFTER], last):
             return None   # warned, data intact: judged by the event below
         self.wrote(last)
-        return "EXT4_WARN_DATA_LOST"
+        return Outcome.EXT4_WARN_DATA_LOST
 
     def btrfs_writeback(self, last: int) -> str | None:
         """btrfs's own verdict on the device's writes, when it gave one in the kernel log:
@@ -432,11 +437,11 @@ class _Judge:
         csum = self.dm.lines.get("BTRFS_CSUM", [])
         if csum:
             self.f["btrfs_csum"] = csum[:4]
-            return "CSUM_FAILED"
+            return Outcome.CSUM_FAILED
         oob = self.dm.lines.get("BTRFS_OOB_DIRTY", [])
-        errs = {st["step"]: st.get("errno_name") or st.get("errno")
-                for st in self.rep.get("steps", []) if isinstance(st, dict)
-                and str(st.get("step", "")).startswith(("fsync", "sync")) and st.get("errno")}
+        errs = {st[Key.STEP]: st.get(Key.ERRNO_NAME) or st.get(Key.ERRNO)
+                for st in self.rep.get(Key.STEPS, []) if isinstance(st, dict)
+                and str(st.get(Key.STEP, "")).startswith(("fsync", "sync")) and st.get(Key.ERRNO)}
         errs.update({k: v.get("errno_name") for k, v in self.rep.items()
                      if k.endswith("_error") and isinstance(v, dict)})
         # the writeback error reaches fsync as -EUCLEAN (errseq) or -EIO (AS_EIO,
@@ -449,20 +454,20 @@ class _Judge:
         self.f["writeback_errors"] = errs
         if not errs:
             raise Inconclusive("btrfs rejected folios but no fsync or read reported an error")
-        with_gen = self.rep.get("file_after")
+        with_gen = self.rep.get(Key.FILE_AFTER)
         if isinstance(with_gen, list) and with_gen:
             self.f["file_after"] = with_gen
         self.wrote(last)
-        return "DIRTY_FOLIO_REJECTED"
+        return Outcome.DIRTY_FOLIO_REJECTED
 
     # -- the classification --
     def run(self) -> str:
         rep, cell = self.rep, self.cell
         if "error" in rep:
-            self.f["workload_error"] = rep["error"]
-            return "ERROR"
-        if rep.get("step") == "register":
-            e = rep.get("errno")
+            self.f["workload_error"] = rep[Key.ERROR]
+            return Outcome.ERROR
+        if rep.get(Key.STEP) == "register":
+            e = rep.get(Key.ERRNO)
             if not isinstance(e, int) or isinstance(e, bool) or e == 0:
                 raise Inconclusive("register step without an errno")
             return f"PIN_REFUSED({rep.get('errno_name') or e})"
@@ -484,7 +489,7 @@ class _Judge:
         method = getattr(self, "ev_" + cell.event.replace("-", "_"), None)
         if method is None:
             self.f["unknown_event"] = cell.event
-            return "ERROR"
+            return Outcome.ERROR
         return str(method())
 
     # -- per event --
@@ -494,14 +499,14 @@ class _Judge:
         return step_errno(self.rep, "dma_write_g2")
 
     def ev_dma_write(self) -> str:
-        return self.outcome(self.views_g(self.file_views("map_g1"), 1), gen=1)
+        return self.outcome(self.views_g(self.file_views(Key.MAP_G1), 1), gen=1)
 
     def ev_truncate(self) -> str:
-        kept = self.rep.get("kept_pages")
+        kept = self.rep.get(Key.KEPT_PAGES)
         if not isinstance(kept, int) or kept <= 0:
             raise Inconclusive("kept_pages missing")
         e = self.g2_errno()
-        kept_g2 = self.views_g(["map_kept_g2"])
+        kept_g2 = self.views_g([Key.MAP_KEPT_G2])
         if e:
             if self.cell.mode == "odp":
                 # the device re-faulted and wrote the kept half, then found no page
@@ -512,7 +517,7 @@ class _Judge:
             return self.revoked_failure(step(self.rep, "dma_write_g2").get("errno_name"))
         if not kept_g2:
             return self.outcome(False)
-        after = states(view(self.rep, "map_after_extend"))[kept:]
+        after = states(view(self.rep, Key.MAP_AFTER_EXTEND))[kept:]
         self.f["truncated_after_extend"] = after
         if not after:
             raise Inconclusive("map_after_extend: page scan empty")
@@ -526,27 +531,27 @@ class _Judge:
             raise Inconclusive(f"audit shows gen{gen} in {got} pages, DMA covered {pages}")
 
     def ev_punch_hole(self) -> str:
-        self.f["map_after_punch"] = self.rep.get("map_after_punch")
+        self.f["map_after_punch"] = self.rep.get(Key.MAP_AFTER_PUNCH)
         if self.g2_errno():
             return self.revoked_failure(step(self.rep, "dma_write_g2").get("errno_name"))
-        return self.outcome(self.views_g(self.file_views("map_g2")))
+        return self.outcome(self.views_g(self.file_views(Key.MAP_G2)))
 
     ev_punch_hole_partial = ev_punch_hole
 
     def _reclaim(self) -> str:
         rep = self.rep
-        self.f["pagemap_after_event"] = summarize_pagemap(rep.get("pagemap_after_event"))
-        self.f["vmstat_event"] = rep.get("vmstat_event")
+        self.f["pagemap_after_event"] = summarize_pagemap(rep.get(Key.PAGEMAP_AFTER_EVENT))
+        self.f["vmstat_event"] = rep.get(Key.VMSTAT_EVENT)
         for k in ("memcg_before", "memcg_registered", "memcg_after_reclaim"):
             if rep.get(k) is not None:
                 self.f[k] = rep[k]
-        self.f["pfns_changed"] = _changed(rep.get("pfns_before"), rep.get("pfns_after_touch"))
+        self.f["pfns_changed"] = _changed(rep.get(Key.PFNS_BEFORE), rep.get(Key.PFNS_AFTER_TOUCH))
         if (self.cell.backing in SWAP_CONTROL_BACKINGS
                 and self.cell.event in SWAP_CONTROL_EVENTS):
             self.swap_reached()
         if self.g2_errno():
             return self.revoked_failure(step(rep, "dma_write_g2").get("errno_name"))
-        return self.outcome(self.views_g(self.file_views("map_g2")))
+        return self.outcome(self.views_g(self.file_views(Key.MAP_G2)))
 
     ev_pageout = ev_memcg_reclaim = ev_drop_caches = ev_dontneed = _reclaim
 
@@ -559,17 +564,17 @@ class _Judge:
         :class:`Inconclusive` names what is missing. Records ``swapped`` (registered and
         control pages that were swap entries) and ``pswpout`` in the facts."""
         rep = self.rep
-        n = rep.get("control_pages")
-        ctl = rep.get("control_pagemap_after_event")
+        n = rep.get(Key.CONTROL_PAGES)
+        ctl = rep.get(Key.CONTROL_PAGEMAP_AFTER_EVENT)
         if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
             raise Inconclusive("control_pages missing")
         if not isinstance(ctl, list) or len(ctl) != n:
             raise Inconclusive("control pagemap missing")
-        reg = summarize_pagemap(rep.get("pagemap_after_event"))
+        reg = summarize_pagemap(rep.get(Key.PAGEMAP_AFTER_EVENT))
         if reg is None:
             raise Inconclusive("pagemap after the event missing")
         ctl_swapped = sum(1 for p in ctl if p == "swap")
-        ev = rep.get("vmstat_event")
+        ev = rep.get(Key.VMSTAT_EVENT)
         pswpout = ev.get("pswpout", 0) if isinstance(ev, dict) else None
         self.f["swapped"] = {"registered": reg["swap"], "control": ctl_swapped,
                              "control_pages": n, "pswpout": pswpout}
@@ -578,81 +583,81 @@ class _Judge:
         if not isinstance(pswpout, int) or pswpout < ctl_swapped:
             raise Inconclusive(f"pswpout {pswpout} below the {ctl_swapped} swapped "
                                "control pages")
-        intact = rep.get("control_intact")
+        intact = rep.get(Key.CONTROL_INTACT)
         if intact != n:
             raise Inconclusive(f"control pages intact after swap-in: {intact} of {n}")
 
     def ev_writeback(self) -> str:
-        self.f["stream_chunks"] = self.rep.get("stream_chunks")
+        self.f["stream_chunks"] = self.rep.get(Key.STREAM_CHUNKS)
         if self.g2_errno():
             return self.revoked_failure(step(self.rep, "dma_write_g2").get("errno_name"))
         self.wrote(2)
-        reg = self.views_g(["disk_registered"])
-        rel = self.views_g(["disk_released"])
+        reg = self.views_g([Key.DISK_REGISTERED])
+        rel = self.views_g([Key.DISK_RELEASED])
         if not rel:
-            return "WRITES_LOST_SILENTLY"
-        return self.outcome(True) if reg else "WRITEBACK_STALE"
+            return Outcome.WRITES_LOST_SILENTLY
+        return self.outcome(True) if reg else Outcome.WRITEBACK_STALE
 
     def ev_2018(self) -> str:
         self.f["dirty"] = step(self.rep, "dirty")
-        self.f["pagemap_after_pageout"] = summarize_pagemap(self.rep.get("pagemap_after_event"))
+        self.f["pagemap_after_pageout"] = summarize_pagemap(self.rep.get(Key.PAGEMAP_AFTER_EVENT))
         lines = self.dm.lines.get("EXT4_NO_BUFFERS", [])
         warns = [w for w in self.dm.severe().get("WARN", []) if self.ext4_path_warn(w)]
         self.f.update(ext4_no_buffers=lines[:4], warn=warns[:2])
-        data_ok = self.views_g(["file_after"])
+        data_ok = self.views_g([Key.FILE_AFTER])
         if lines or warns:
             if data_ok:
-                return "KERNEL_ERROR"   # the kernel complained although the data is there
+                return Outcome.KERNEL_ERROR   # the kernel complained although the data is there
             self.wrote(2)
-            return "EXT4_WARN_DATA_LOST"
+            return Outcome.EXT4_WARN_DATA_LOST
         return self.outcome(data_ok)
 
     def ev_migrate(self) -> str:
         rep = self.rep
         self.f.update({k: rep.get(k) for k in ("pinned_moved", "control_moved",
                                                 "vmstat_event")})
-        self.f["soft_offline"] = {st["step"]: st.get("errno_name") or 0
-                                  for st in rep.get("steps", []) if isinstance(st, dict)
-                                  and str(st.get("step", "")).startswith("soft_offline")}
-        pinned, control = rep.get("pinned_moved"), rep.get("control_moved")
+        self.f["soft_offline"] = {st[Key.STEP]: st.get(Key.ERRNO_NAME) or 0
+                                  for st in rep.get(Key.STEPS, []) if isinstance(st, dict)
+                                  and str(st.get(Key.STEP, "")).startswith("soft_offline")}
+        pinned, control = rep.get(Key.PINNED_MOVED), rep.get(Key.CONTROL_MOVED)
         if not isinstance(pinned, int) or not isinstance(control, int):
             raise Inconclusive("migration counts missing")
         if self.g2_errno():
             return self.revoked_failure(step(rep, "dma_write_g2").get("errno_name"))
-        good = self.views_g(["map_g2"])
+        good = self.views_g([Key.MAP_G2])
         if not good or pinned or self.cell.mode == "odp":
             return self.outcome(good)
         if not control:
             raise Inconclusive("no page migrated, not even the unregistered control")
         self.wrote(2)
-        return "MIGRATION_FAILS"
+        return Outcome.MIGRATION_FAILS
 
     def ev_fork(self) -> str:
         rep, cell = self.rep, self.cell
-        child = rep.get("child")
-        status = rep.get("child_status")
+        child = rep.get(Key.CHILD)
+        status = rep.get(Key.CHILD_STATUS)
         if not isinstance(child, dict) or not child or "error" in child:
             raise Inconclusive("child report missing")
         if status != 0:
             raise Inconclusive(f"child exited with status {status}")
-        if not isinstance(child.get("mapped"), bool):
+        if not isinstance(child.get(Key.MAPPED), bool):
             raise Inconclusive("child report lacks 'mapped'")
-        parent_ok = self.views_g(["map_parent_g2"])
+        parent_ok = self.views_g([Key.MAP_PARENT_G2])
         child_g2 = False
-        if child["mapped"]:
+        if child[Key.MAPPED]:
             self.f["child_map"] = view(child, "map")
-            child_g2 = all_gen(child["map"], 2)
+            child_g2 = all_gen(child[Key.MAP], 2)
         self.f.update(parent_g2=parent_ok, child_g2=child_g2, child_status=status,
-                      parent_pfns_changed=_changed(rep.get("pfns_before"),
-                                                   rep.get("pfns_parent_after_write")))
+                      parent_pfns_changed=_changed(rep.get(Key.PFNS_BEFORE),
+                                                   rep.get(Key.PFNS_PARENT_AFTER_WRITE)))
         if self.g2_errno():
             return self.revoked_failure(step(rep, "dma_write_g2").get("errno_name"))
         if not parent_ok:
             self.wrote(2)
-            return "PARENT_LOSES_WRITES" if child_g2 else "WRITES_LOST_SILENTLY"
+            return Outcome.PARENT_LOSES_WRITES if child_g2 else Outcome.WRITES_LOST_SILENTLY
         if child_g2 and cell.backing in PRIVATE_BACKINGS:
             self.wrote(2)
-            return "CHILD_SEES_WRITES"
+            return Outcome.CHILD_SEES_WRITES
         return self.outcome(True)
 
     ev_fork_dontfork = ev_fork
@@ -665,8 +670,8 @@ class _Judge:
         if self.cell.backing == "anon":
             # anonymous memory nobody maps any more: the device wrote into orphaned pages
             self.wrote(2)
-            return "WRITES_LOST_SILENTLY"
-        return self.outcome(self.views_g(["remap_g2"]))
+            return Outcome.WRITES_LOST_SILENTLY
+        return self.outcome(self.views_g([Key.REMAP_G2]))
 
     def ev_odirect_write(self) -> str:
         rep = self.rep
@@ -674,20 +679,20 @@ class _Judge:
         self.f["odirect"] = step(rep, "odirect_write")
         if step_errno(rep, "odirect_write"):
             raise Inconclusive("O_DIRECT write failed")
-        self.f["pfns_changed"] = _changed(rep.get("pfns_before"), rep.get("pfns_after_touch"))
+        self.f["pfns_changed"] = _changed(rep.get(Key.PFNS_BEFORE), rep.get(Key.PFNS_AFTER_TOUCH))
         if self.g2_errno():
             return self.revoked_failure(step(rep, "dma_write_g2").get("errno_name"))
-        return self.outcome(self.views_g(["map_g2", "file_after"]))
+        return self.outcome(self.views_g([Key.MAP_G2, Key.FILE_AFTER]))
 
     def ev_mem_offline(self) -> str:
         rep = self.rep
-        off = rep.get("offline")
-        self.f.update(blocks=rep.get("blocks"), offline=off,
-                      movable_pages=rep.get("movable_pages"),
-                      moved_at_registration=_changed(rep.get("pfns_before"),
-                                                     rep.get("pfns_registered")),
-                      moved_by_offline=_changed(rep.get("pfns_registered"),
-                                                rep.get("pfns_after_touch")),
+        off = rep.get(Key.OFFLINE)
+        self.f.update(blocks=rep.get(Key.BLOCKS), offline=off,
+                      movable_pages=rep.get(Key.MOVABLE_PAGES),
+                      moved_at_registration=_changed(rep.get(Key.PFNS_BEFORE),
+                                                     rep.get(Key.PFNS_REGISTERED)),
+                      moved_by_offline=_changed(rep.get(Key.PFNS_REGISTERED),
+                                                rep.get(Key.PFNS_AFTER_TOUCH)),
                       migration_failures=self.dm.lines.get("MIGRATION_FAILURE", [])[:3])
         if not isinstance(off, list) or not off:
             raise Inconclusive("no registered page was in a movable block")
@@ -695,15 +700,15 @@ class _Judge:
             raise Inconclusive("offline results malformed")
         if self.g2_errno():
             return self.revoked_failure(step(rep, "dma_write_g2").get("errno_name"))
-        good = self.views_g(["map_g2"])
+        good = self.views_g([Key.MAP_G2])
         if not good:
             return self.outcome(False)
         self.wrote(2)
-        if all(o["result"] == "ok" for o in off):
+        if all(o[Key.RESULT] == "ok" for o in off):
             if self.cell.mode == "odp" and self.acked():
-                return "REVOKED_IN_TIME"
-            return "OFFLINE_SUCCEEDS"
-        return "OFFLINE_BLOCKED"
+                return Outcome.REVOKED_IN_TIME
+            return Outcome.OFFLINE_SUCCEEDS
+        return Outcome.OFFLINE_BLOCKED
 
     def ev_seal_write(self) -> str:
         st = step(self.rep, "seal_write")
@@ -711,18 +716,18 @@ class _Judge:
         e = step_errno(self.rep, "seal_write")
         if e:
             return f"SEAL_REFUSED({st.get('errno_name') or e})"
-        seals = self.rep.get("seals")
+        seals = self.rep.get(Key.SEALS)
         self.f["seals"] = seals
         if not isinstance(seals, int) or not seals & F_SEAL_WRITE:
             raise Inconclusive("F_GET_SEALS does not show F_SEAL_WRITE")
-        return "SEAL_APPLIED"
+        return Outcome.SEAL_APPLIED
 
     def ev_no_ack(self) -> str:
         rep, dm = self.rep, self.dm
         self.f["madv_dontneed_ms"] = step(rep, "madv_dontneed").get("ms")
         self.f["escalation_lines"] = [ln for ln in dm.pinlab_lines
                                       if any(x in ln for x in ESCALATION_LINES)][:4]
-        q = rep.get("query_after_event")
+        q = rep.get(Key.QUERY_AFTER_EVENT)
         self.f["query_after_event"] = q
         self.f["resets"] = self.audit.get("resets")
         failed = isinstance(q, dict) and q.get("state") == 1
@@ -730,10 +735,10 @@ class _Judge:
         if self.f["escalation_lines"] and (failed or refused):
             if not self.audit.get("resets"):
                 raise Inconclusive("escalation logged but no reset in the audit")
-            return "ESCALATED_RESET"
+            return Outcome.ESCALATED_RESET
         if self.g2_errno():
             return self.revoked_failure(step(rep, "dma_write_g2").get("errno_name"))
-        return self.outcome(self.views_g(["map_g2"]))
+        return self.outcome(self.views_g([Key.MAP_G2]))
 
     def removal(self) -> str:
         """hot-unplug / pci-remove: kernel errors first, then the removal itself."""
@@ -741,23 +746,23 @@ class _Judge:
         sev = dm.severe()
         if sev or dm.lines.get("PAGE_POISON"):
             self.f["severe"] = {k: v[:5] for k, v in sev.items()}
-            return "KERNEL_ERROR"
+            return Outcome.KERNEL_ERROR
         self.f.update({k: rep.get(k) for k in ("gone", "gone_after_ms", "dev_node_exists")})
         self.f["deregister"] = step(rep, "deregister")
         self.f["removed_line"] = [ln for ln in dm.pinlab_lines if "removed" in ln][:2]
         if "gone" not in rep:
             raise Inconclusive("the workload did not report the removal wait")
-        if not rep.get("gone"):
-            return "DEVICE_NOT_REMOVED"
+        if not rep.get(Key.GONE):
+            return Outcome.DEVICE_NOT_REMOVED
         a = self.need_audit()
         if a["violations"]:
             self.f["violations"] = a.get("violation_samples")
-            return "DMA_AFTER_REVOKE"
+            return Outcome.DMA_AFTER_REVOKE
         if not a.get("resets") and not a.get("kinds", {}).get("destroy"):
             raise Inconclusive("audit shows neither a reset nor the region's destroy")
         if self.pins_leaked():
-            return "PINS_LEAKED"
-        return "DEVICE_GONE_CLEAN"
+            return Outcome.PINS_LEAKED
+        return Outcome.DEVICE_GONE_CLEAN
 
     def ev_exit(self) -> str:
         return self.victim()
@@ -768,27 +773,28 @@ class _Judge:
         """exit / oom: a second process registered a region and died without
         deregistering; its region (audit ``victim``) is what is judged."""
         rep, cell = self.rep, self.cell
-        victim = rep.get("victim")
+        victim = rep.get(Key.VICTIM)
         va = self.audit.get("victim")
-        self.f.update(victim_status=rep.get("victim_status"),
-                      victim_signal=rep.get("victim_signal"),
-                      victim_exit_ms=rep.get("victim_exit_ms"), oom_events=rep.get("oom_events"),
-                      pins_victim=[_outstanding(rep.get("vmstat_before_victim")),
-                                   _outstanding(rep.get("vmstat_victim_registered")),
-                                   _outstanding(rep.get("vmstat_victim_gone"))])
-        before, after = rep.get("nonblock_refused_before"), rep.get("nonblock_refused_after")
+        self.f.update(victim_status=rep.get(Key.VICTIM_STATUS),
+                      victim_signal=rep.get(Key.VICTIM_SIGNAL),
+                      victim_exit_ms=rep.get(Key.VICTIM_EXIT_MS),
+                      oom_events=rep.get(Key.OOM_EVENTS),
+                      pins_victim=[_outstanding(rep.get(Key.VMSTAT_BEFORE_VICTIM)),
+                                   _outstanding(rep.get(Key.VMSTAT_VICTIM_REGISTERED)),
+                                   _outstanding(rep.get(Key.VMSTAT_VICTIM_GONE))])
+        before, after = rep.get(Key.NONBLOCK_REFUSED_BEFORE), rep.get(Key.NONBLOCK_REFUSED_AFTER)
         if isinstance(before, int) and isinstance(after, int):
             self.f["nonblock_invalidations_refused"] = after - before
         if not isinstance(victim, dict) or "error" in victim or "region" not in victim:
             raise Inconclusive("victim report missing")
-        if not isinstance(rep.get("victim_status"), int):
+        if not isinstance(rep.get(Key.VICTIM_STATUS), int):
             raise Inconclusive(f"victim did not die: {rep.get('victim_status')}")
         va = self.need_audit(va, "victim region")
         self.f.update(victim_audit=va.get("kinds"), victim_violations=va.get("violations"))
         if va["violations"]:
             self.f["violations"] = va.get("violation_samples")
-            return "DMA_AFTER_REVOKE"
-        if cell.event == "oom" and not (rep.get("oom_events") or {}).get("oom_kill"):
+            return Outcome.DMA_AFTER_REVOKE
+        if cell.event == "oom" and not (rep.get(Key.OOM_EVENTS) or {}).get("oom_kill"):
             raise Inconclusive("the memcg OOM killer did not kill the victim")
         b, r, g = self.f["pins_victim"]
         if cell.mode in FOLL_PIN_MODES:
@@ -797,15 +803,15 @@ class _Judge:
             if r <= b:
                 raise Inconclusive("the victim's registration added no pin")
             if g != b:
-                return "PINS_LEAKED"
+                return Outcome.PINS_LEAKED
         kinds = va.get("kinds") or {}
         if not kinds.get("destroy"):
-            return "REGION_NOT_RELEASED"
+            return Outcome.REGION_NOT_RELEASED
         if cell.mode == "odp":
             if kinds.get("invalidate_ack") and va.get("ack_before_destroy"):
-                return "REVOKED_IN_TIME"
+                return Outcome.REVOKED_IN_TIME
             raise Inconclusive("odp victim destroyed without an acknowledged invalidate")
-        return "RELEASED_AT_EXIT"
+        return Outcome.RELEASED_AT_EXIT
 
 
 def classify_cell(cell: Cell, rep: dict[str, Any], dm: DmesgReport,

@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pinlab.common.vocab import guest_python
+from pinlab.common.vocab import CELL_OUT_FILE as OUT_FILE
+from pinlab.common.vocab import READY_FILE, Key, Outcome, guest_python
 
 from .classify import audit_facts, classify_cell
 from .dmesg import DmesgReport, classify
@@ -30,8 +31,6 @@ from .session import GuestSession
 from .vm import Guest
 
 AUDIT_LIMIT = 100_000   # records of one cell's audit extract at most
-READY_FILE = "/tmp/pinlab-cell.ready"
-OUT_FILE = "/tmp/pinlab-cell.out"
 # events whose cell the workload can run in one go (the rest need the host mid-cell)
 EVENTS = ["dma-write", "truncate", "punch-hole", "punch-hole-partial", "pageout",
           "memcg-reclaim", "drop-caches", "writeback", "2018", "migrate", "fork",
@@ -67,11 +66,11 @@ def _finish(s: GuestSession, cell: Cell, art: Path, rep: dict[str, Any], mark: i
             for r in records:
                 fh.write(json.dumps(r, separators=(",", ":")) + "\n")
         audit = audit_facts(rep, records, violations, since, AUDIT_LIMIT)
-        victim = rep.get("victim")
-        if isinstance(victim, dict) and victim.get("region") is not None:
-            audit["victim"] = audit_facts({"mode": cell.mode, "pfns_before": victim.get("pfns")},
+        victim = rep.get(Key.VICTIM)
+        if isinstance(victim, dict) and victim.get(Key.REGION) is not None:
+            audit["victim"] = audit_facts({"mode": cell.mode, "pfns_before": victim.get(Key.PFNS)},
                                           records, violations, since, AUDIT_LIMIT,
-                                          region=victim["region"])
+                                          region=victim[Key.REGION])
     except Exception as exc:  # noqa: BLE001 - the device may be gone (hot-unplug)
         audit = {"unavailable": repr(exc)}
     observed, facts = classify_cell(cell, rep, dm, audit)
@@ -80,7 +79,7 @@ def _finish(s: GuestSession, cell: Cell, art: Path, rep: dict[str, Any], mark: i
         "workload": {k: rep.get(k) for k in ("errno", "errno_name", "step", "region",
                                              "error", "cell_ms", "register_ms", "kernel",
                                              "leftover_mounts", "swaps")},
-        "steps": rep.get("steps"), "query_final": rep.get("query_final"),
+        "steps": rep.get(Key.STEPS), "query_final": rep.get(Key.QUERY_FINAL),
     }
     if dm.pinlab_lines:
         ev["dmesg_pinlab"] = dm.pinlab_lines[:10]
@@ -161,7 +160,7 @@ def hot_unplug(s: GuestSession, cell: Cell, art: Path) -> Observation:
             if qlog.exists():
                 extra["qemu_log_tail"] = qlog.read_text(errors="replace").splitlines()[-2:]
             (art / "qemu-tail.txt").write_text(dead)
-            return Observation("QEMU_CRASHED", extra)
+            return Observation(Outcome.QEMU_CRASHED, extra)
         try:
             out = ssh.run(f"cat {OUT_FILE}", timeout=30).out
         except Exception:  # noqa: BLE001 - re-checked by dead() on the next pass

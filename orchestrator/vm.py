@@ -22,6 +22,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from pinlab.common.vocab import GUEST_MODULE  # where load_module() puts pinlab.ko
 from pinlab.images.build import GuestImages
 
 from .console import Console
@@ -31,7 +32,6 @@ from .ssh import GuestSSH
 
 DEVICE_ID = "pinlab0"
 
-GUEST_MODULE = "/tmp/pinlab.ko"   # where load_module() puts pinlab.ko in the guest
 
 
 class GuestError(RuntimeError):

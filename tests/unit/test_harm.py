@@ -15,7 +15,9 @@ from pinlab.orchestrator.harm import UnknownClass, load, parse
 
 REPO = Path(__file__).resolve().parents[2]
 EXPECTATIONS = REPO / "orchestrator" / "data" / "expectations.toml"
-CLASSIFIER = REPO / "orchestrator" / "classify.py"
+# the shared checks and the per-event classifiers
+CLASSIFIERS = [REPO / "orchestrator" / "classify.py",
+               *sorted((REPO / "orchestrator" / "events").glob("*.py"))]
 
 
 def header_classes() -> list[str]:
@@ -36,9 +38,10 @@ class HarmTableTest(unittest.TestCase):
                 self.assertTrue(lv.name)
 
     def test_every_class_the_classifier_returns_is_ranked(self) -> None:
-        src = CLASSIFIER.read_text()
-        # return "CLASS", ... / return f"CLASS({...})", ... / "CLASS" if ... else "CLASS"
+        src = "\n".join(p.read_text() for p in CLASSIFIERS if p.exists())
+        # Outcome.CLASS (common/vocab.py) / return f"CLASS({...})" / "CLASS" if ... else ...
         found = set(re.findall(r'(?:return f?|else |\(|= )"([A-Z][A-Z_]{3,})[("]', src))
+        found |= set(re.findall(r"\bOutcome\.([A-Z][A-Z0-9_]+)\b", src))
         # kernel-log classes (dmesg.py) and errno names are not outcome classes
         found -= {name for name, _ in dmesg.PATTERNS} | set(errno.errorcode.values()) \
             | {"DEVICE_DELETED"}
