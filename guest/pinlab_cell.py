@@ -18,7 +18,6 @@ Scans are run-length encoded: [[state, first_page, count], ...].
 """
 import contextlib
 import errno
-import fcntl
 import json
 import mmap
 import os
@@ -29,25 +28,17 @@ import subprocess
 import time
 
 from pinlab.common.vocab import READY_FILE, SCRATCH_MOUNT, Key
-from pinlab.guest import pinlab_ioctl
+from pinlab.guest import events, pinlab_ioctl
 from pinlab.guest.pinlab_env import CGCELL, cell_environment, mount_scratch, mount_tmpfs, oom_cgroup
 from pinlab.guest.pinlab_mm import (
-    F_ADD_SEALS,
-    F_GET_SEALS,
-    F_SEAL_WRITE,
     HPAGE,
     MADV_DONTFORK,
-    MADV_DONTNEED,
     MADV_NOHUGEPAGE,
-    MADV_PAGEOUT,
-    MADV_SOFT_OFFLINE,
     MFD_ALLOW_SEALING,
     MFD_CLOEXEC,
     MFD_HUGETLB,
     PAGE,
-    delta,
     drop_caches,
-    madvise,
     pagemap,
     punch_hole,
     read_file,
@@ -57,10 +48,6 @@ from pinlab.guest.pinlab_mm import (
 
 NPAGES = 16                 # 64 KiB: enough for truncate halves, holes, partial pages
 CONTROL_PAGES = 4           # unregistered pages after the region (swap reclaim cells)
-# cells whose reclaim must be shown to reach the mapping: an unregistered control page of
-# the same mapping has to go to swap, or the cell proves nothing (classify.py)
-SWAP_CONTROL = {("anon", "pageout"), ("anon", "memcg-reclaim"),
-                ("private-file", "pageout"), ("private-file", "memcg-reclaim")}
 SOFT_OFFLINE_PAGES = 4
 
 
@@ -423,11 +410,12 @@ class Cell:
         written by the device. Returns False when registration was refused (rep says
         why)."""
         a, rep = self.a, self.rep
+        ev = events.event(a.event)
         cell_environment(a.backing, a.event, self.stack, rep)
-        if a.event == "mem-offline":
-            rep[Key.MOVABLE_PAGES] = wait_movable_memory(30)
-        npages = 64 if a.event == "migrate" else NPAGES
-        ctl = (a.backing, a.event) in SWAP_CONTROL
+        if hasattr(ev, "before_mapping"):
+            ev.before_mapping(self)
+        npages = getattr(ev, "NPAGES", NPAGES)
+        ctl = a.backing in getattr(ev, "SWAP_CONTROL", ())
         self.m = Mapping(self.stack, a.backing, rep,
                          npages=npages + (CONTROL_PAGES if ctl else 0))
         self.control = None
@@ -437,7 +425,7 @@ class Cell:
             rep[Key.CONTROL_PAGES] = CONTROL_PAGES
         rep[Key.NPAGES] = self.m.npages
         rep[Key.PFNS_BEFORE] = self.m.pfns()
-        rep[Key.MEMCG_BEFORE] = memcg_current() if a.event == "memcg-reclaim" else None
+        rep[Key.MEMCG_BEFORE] = memcg_current() if getattr(ev, "MEMCG", False) else None
         self.dev = pinlab_ioctl.PinlabDevice(a.device)
         a.device = self.dev.path      # None: the node find_device() chose
         self.stack.callback(self.dev.close)
@@ -461,8 +449,8 @@ class Cell:
         return True
 
     def event(self):
-        """The cell's event (ev_<event>), on a prepared cell."""
-        getattr(self, "ev_" + self.a.event.replace("-", "_"))()
+        """The cell's event (guest/events/ev_<event>.py ``run``), on a prepared cell."""
+        events.event(self.a.event).run(self)
 
     def finish(self):
         """Release the region, check the file; returns the report."""
@@ -490,43 +478,13 @@ class Cell:
         self.file_scan(Key.FILE_AFTER)
 
     # -- events
-    def ev_dma_write(self):
-        pass
-
-    def ev_truncate(self):
-        m, rep = self.m, self.rep
-        half = m.size // 2
-        rep[Key.KEPT_PAGES] = half // PAGE
-        timed(rep, "ftruncate_shrink", os.ftruncate, m.fd, half)
-        self.dma(2)
-        rep[Key.MAP_KEPT_G2] = self.scan_map(0, half // PAGE)
-        rep[Key.PFNS_AFTER_EVENT] = m.pfns()[: half // PAGE]
-        timed(rep, "ftruncate_extend", os.ftruncate, m.fd, m.size)
-        rep[Key.MAP_AFTER_EXTEND] = self.scan_map()
-
-    def _punch(self, off, length):
+    def punch(self, off, length):
+        """FALLOC_FL_PUNCH_HOLE of [off, off+length) bytes of the file, as a step."""
         timed(self.rep, "punch_hole", punch_hole, self.m.fd, off, length)
 
-    def ev_punch_hole(self):
-        m, rep = self.m, self.rep
-        unit = HPAGE if m.kind == "hugetlb" else 4 * PAGE
-        first, count = unit // PAGE, unit // PAGE
-        rep[Key.HOLE_PAGES] = [first, count]
-        self._punch(unit, unit)
-        rep[Key.MAP_AFTER_PUNCH] = self.scan_map()
-        self.dma(2)
-        rep[Key.MAP_G2] = self.scan_map()
-
-    def ev_punch_hole_partial(self):
-        rep = self.rep
-        page = 9
-        rep[Key.HOLE_BYTES] = [page * PAGE + 1024, 2048]
-        self._punch(page * PAGE + 1024, 2048)
-        rep[Key.MAP_AFTER_PUNCH] = self.scan_map()
-        self.dma(2)
-        rep[Key.MAP_G2] = self.scan_map()
-
-    def _after_reclaim(self):
+    def after_reclaim(self):
+        """After a reclaim-like event: pagemap (and the control pages'), generation 2, the
+        mapping scanned, PFNs after the touch, the control pages read back."""
         rep = self.rep
         rep[Key.PAGEMAP_AFTER_EVENT] = self.m.pfns()
         if self.control is not None:
@@ -537,78 +495,9 @@ class Cell:
         if self.control is not None:
             rep[Key.CONTROL_INTACT] = self.control.intact()
 
-    def ev_pageout(self):
-        v0 = vmstat()
-        timed(self.rep, "madv_pageout", self.m.mm.madvise, MADV_PAGEOUT)
-        self.rep[Key.VMSTAT_EVENT] = delta(v0, vmstat())
-        self._after_reclaim()
-
-    def ev_memcg_reclaim(self):
-        rep = self.rep
-        rep[Key.MEMCG_REGISTERED] = memcg_current()
-        v0 = vmstat()
-        timed(rep, "memory_reclaim", write_file, f"{CGCELL}/memory.reclaim", "64M")
-        rep[Key.VMSTAT_EVENT] = delta(v0, vmstat())
-        rep[Key.MEMCG_AFTER_RECLAIM] = memcg_current()
-        self._after_reclaim()
-
-    def ev_drop_caches(self):
-        # no sync first: writeback would itself be an event (PROTECTION_PAGE for odp)
-        timed(self.rep, "drop_caches", drop_caches, False)
-        self._after_reclaim()
-
-    def ev_writeback(self):
-        m, rep, dev = self.m, self.rep, self.dev
-        timed(rep, "fsync_1", os.fsync, m.fd)
-        timed(rep, "stream_start", dev.stream_start, self.rid, 0, m.size, 100, PAGE, 200)
-        for i in range(3):
-            time.sleep(0.2)
-            timed(rep, f"fsync_stream_{i}", os.fsync, m.fd)
-        rep[Key.STREAM_CHUNKS] = timed(rep, "stream_stop", dev.stream_stop, self.rid)
-        self.dma(2)
-        rep[Key.MAP_G2] = self.scan_map()
-        timed(rep, "fsync_registered", os.fsync, m.fd)
-        self.file_scan(Key.DISK_REGISTERED, direct=True)
-        self.deregister()
-        timed(rep, "fsync_released", os.fsync, m.fd)
-        self.file_scan(Key.DISK_RELEASED, direct=True)
-
-    def ev_2018(self):
-        m, rep = self.m, self.rep
-        timed(rep, "fsync", os.fsync, m.fd)
-        timed(rep, "madv_pageout", m.mm.madvise, MADV_PAGEOUT)
-        rep[Key.PAGEMAP_AFTER_EVENT] = m.pfns()
-        self.dma(2)
-        rep[Key.DIRTY_PAGES] = timed(rep, "dirty", self.dev.dirty, self.rid)
-        self.deregister()
-        timed(rep, "sync", os.sync)
-
-    def ev_migrate(self):
-        rep = self.rep
-        ctl = Mapping(self.stack, self.m.kind, rep, tag="control", npages=self.m.npages)
-        rep[Key.CONTROL_PFNS_BEFORE] = ctl.pfns()
-        pb = self.m.pfns()
-        v0 = vmstat()
-        timed(rep, "compact_memory", write_file, "/proc/sys/vm/compact_memory", "1")
-        # compaction only reaches pages below where its scanners meet; soft offline
-        # (migrate_pages(MR_MEMORY_FAILURE)) migrates exactly the pages it is given, so
-        # the first pages of both mappings get a deterministic migration attempt
-        for tag, mp in (("control", ctl), ("registered", self.m)):
-            for i in range(SOFT_OFFLINE_PAGES):
-                timed(rep, f"soft_offline_{tag}_{i}", madvise, mp.addr + i * PAGE, PAGE,
-                      MADV_SOFT_OFFLINE)
-        rep[Key.VMSTAT_EVENT] = delta(v0, vmstat())
-        pa = self.m.pfns()
-        ca = ctl.pfns()
-        rep[Key.PFNS_AFTER_EVENT] = pa
-        rep[Key.CONTROL_PFNS_AFTER] = ca
-        rep[Key.PINNED_MOVED] = sum(1 for x, y in zip(pb, pa, strict=True) if x != y)
-        rep[Key.CONTROL_MOVED] = sum(1 for x, y in zip(rep[Key.CONTROL_PFNS_BEFORE], ca,
-                                                     strict=True) if x != y)
-        self.dma(2)
-        rep[Key.MAP_G2] = self.scan_map()
-
-    def _fork(self, dontfork):
+    def fork_and_look(self, dontfork):
+        """fork (after MADV_DONTFORK if ``dontfork``): the parent writes its mapping (COW),
+        the device writes generation 2, the child reports its own view."""
         m, rep = self.m, self.rep
         if dontfork:
             timed(rep, "madv_dontfork", m.mm.madvise, MADV_DONTFORK)
@@ -661,13 +550,7 @@ class Cell:
         except ValueError:
             rep[Key.CHILD] = {Key.ERROR: "bad child report"}
 
-    def ev_fork(self):
-        self._fork(False)
-
-    def ev_fork_dontfork(self):
-        self._fork(True)
-
-    def _remap(self):
+    def remap(self):
         """A fresh mapping of the same file (after munmap)."""
         m = self.m
         flags = mmap.MAP_SHARED if m.shared else mmap.MAP_PRIVATE
@@ -675,77 +558,7 @@ class Cell:
         self.stack.callback(mm.close)
         return mm
 
-    def ev_munmap(self):
-        m, rep = self.m, self.rep
-        timed(rep, "munmap", m.unmap)
-        self.dma(2)
-        if m.fd is not None:
-            mm = self._remap()
-            rep[Key.REMAP_G2] = scan(mm, self.rid, m.npages)
-            mm.close()
-
-    def ev_dontneed(self):
-        rep = self.rep
-        timed(rep, "madv_dontneed", self.m.mm.madvise, MADV_DONTNEED)
-        rep[Key.PAGEMAP_AFTER_EVENT] = self.m.pfns()
-        self.dma(2)
-        rep[Key.MAP_G2] = self.scan_map()
-        rep[Key.PFNS_AFTER_TOUCH] = self.m.pfns()
-
-    def ev_seal_write(self):
-        m, rep = self.m, self.rep
-        # a writable shared mapping alone makes F_SEAL_WRITE fail (mapping_deny_writable);
-        # unmap first so only the driver's page references can make it fail
-        timed(rep, "munmap", m.unmap)
-        timed(rep, "seal_write", fcntl.fcntl, m.fd, F_ADD_SEALS, F_SEAL_WRITE)
-        rep[Key.SEALS] = fcntl.fcntl(m.fd, F_GET_SEALS)
-        self.dma(2)
-        self.file_scan(Key.FILE_G2)
-
-    def ev_odirect_write(self):
-        """An O_DIRECT write over part of the registered, cached, mapped range: the kernel
-        writes back and invalidates the page cache there (invalidate_inode_pages2), pin or
-        no pin (docs/pinning-semantics.md row 13). Then the device writes generation 2 over
-        everything."""
-        m, rep = self.m, self.rep
-        first, count = 4, 4
-        rep[Key.ODIRECT_PAGES] = [first, count]
-        buf = mmap.mmap(-1, count * PAGE)          # page aligned, zero filled
-        fd = os.open(m.path, os.O_WRONLY | os.O_DIRECT)
-        try:
-            timed(rep, "odirect_write", os.pwritev, fd, [buf], first * PAGE)
-        finally:
-            os.close(fd)
-            buf.close()
-        rep[Key.PAGEMAP_AFTER_EVENT] = m.pfns()
-        rep[Key.MAP_AFTER_ODIRECT] = self.scan_map()
-        self.dma(2)
-        rep[Key.MAP_G2] = self.scan_map()
-        rep[Key.PFNS_AFTER_TOUCH] = m.pfns()
-
-    def ev_mem_offline(self):
-        """Offline the ZONE_MOVABLE memory blocks (of a DIMM the host hot-added) that held
-        the mapping's pages when they were first touched
-        (docs/pinning-semantics.md rows 26-28)."""
-        m, rep = self.m, self.rep
-        bs = int(read_file(f"{MEMDIR}/block_size_bytes").strip(), 16)
-        blocks = sorted({p * PAGE // bs for p in rep[Key.PFNS_BEFORE] if isinstance(p, int)})
-        zones = {b: read_file(f"{MEMDIR}/memory{b}/valid_zones").strip() for b in blocks}
-        rep[Key.BLOCKS] = zones
-        movable = [b for b in blocks if zones[b].startswith("Movable")]
-        rep[Key.OFFLINE] = [offline_block(b, 3) for b in movable]
-        rep[Key.PFNS_AFTER_EVENT] = m.pfns()
-        self.dma(2)
-        rep[Key.MAP_G2] = self.scan_map()
-        rep[Key.PFNS_AFTER_TOUCH] = m.pfns()
-
-    def ev_exit(self):
-        self._victim(oom=False)
-
-    def ev_oom(self):
-        self._victim(oom=True)
-
-    def _victim(self, oom):
+    def victim(self, oom):
         """A second process registers a region of the same backing, has the device stream
         into it, and dies without deregistering: SIGKILL (exit) or the memcg OOM killer
         (oom, whose reaper invalidates without blocking). The driver's teardown is what is
@@ -791,19 +604,9 @@ class Cell:
         self.dma(2)
         rep[Key.MAP_G2] = self.scan_map()
 
-    def ev_no_ack(self):
-        """odp: the host made the device never acknowledge INVALIDATE; revoke by DONTNEED."""
-        rep = self.rep
-        timed(rep, "madv_dontneed", self.m.mm.madvise, MADV_DONTNEED)
-        rep[Key.QUERY_AFTER_EVENT] = timed(rep, "query_event", self.dev.query, self.rid)
-        self.dma(2)
-        rep[Key.MAP_G2] = self.scan_map()
-
-    def ev_pci_remove(self):
-        self.ev_hot_unplug()
-
-    def ev_hot_unplug(self):
-        """Stream, tell the host (READY_FILE), wait until the device is gone."""
+    def stream_until_removed(self):
+        """Stream, tell the host (READY_FILE), wait until the device is gone (hot-unplug,
+        pci-remove: the host removes it)."""
         rep, dev = self.rep, self.dev
         timed(rep, "stream_start", dev.stream_start, self.rid, 0, self.m.size, 100, PAGE, 1000)
         write_file(READY_FILE, str(os.getpid()))

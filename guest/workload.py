@@ -17,8 +17,8 @@ import mmap
 import os
 import sys
 
-from pinlab.common.vocab import BACKINGS, EVENTS, MODES
-from pinlab.guest import pinlab_cell, pinlab_ioctl, pinlab_mm
+from pinlab.common.vocab import BACKINGS, MODES
+from pinlab.guest import events, pinlab_cell, pinlab_ioctl, pinlab_mm
 
 PAGE = pinlab_mm.PAGE
 
@@ -100,7 +100,7 @@ def parser():
     c = sub.add_parser("cell", help="one matrix cell, step by step (pinlab_cell.py)")
     c.add_argument("--mode", required=True, choices=MODES)
     c.add_argument("--backing", required=True, choices=BACKINGS)
-    c.add_argument("--event", required=True, choices=EVENTS)
+    c.add_argument("--event", required=True, choices=events.names())
     return p
 
 

@@ -1,77 +1,24 @@
-"""Which cells the matrix has: every applicable (mode, backing, event) per kernel."""
+"""Which cells the matrix has: every applicable (mode, backing, event) per kernel, from the
+event registry (``orchestrator/events/``)."""
 
 from __future__ import annotations
 
 from pinlab.common import vocab
 from pinlab.images.kernel import KERNELS, is_kernel_id
 
+from . import events
 from .expectations import Cell
 
 MODES = list(vocab.MODES)
-FILE_SHARED = list(vocab.FILE_SHARED)   # MAP_SHARED files
 BACKINGS = list(vocab.BACKINGS)
 
-# (backing, event) pairs that make sense; every mode in MODES runs each of them.
-# Why the others are left out:
-# * truncate / punch-hole: need a file. anon has none; private-file (MAP_PRIVATE ext4)
-#   would only zap COW copies that no truncate semantics are documented for.
-# * punch-hole-partial: hugetlbfs zeroes the partial part of a huge page in place; btrfs
-#   has the events ext4 and xfs have that involve its COW writeback and checksums (a
-#   page dirtied behind its back: writeback, 2018, reclaim), not every hole variant.
-# * pageout / memcg-reclaim: hugetlb pages are never reclaimed (MADV_PAGEOUT gives EINVAL
-#   on VM_HUGETLB); tmpfs behaves as memfd (both shmem). anon and private-file (its pinned
-#   pages are anon COW copies, in a file-backed VMA) reclaim to swap and must show that
-#   an unregistered control page of the mapping was swapped (classify.py, swap_reached).
-#   btrfs memcg-reclaim is left out until it is deterministic: 6.12 gup gave
-#   DIRTY_FOLIO_REJECTED in one run and COHERENT in the next (2026-11-30, the CI-equivalent
-#   run: the folio was not cleaned before the driver dirtied it), depending on what
-#   memory.reclaim wrote back first; it needs a writeback step of its own first.
-# * drop-caches: only the page cache is dropped: anon and private-file COW pages are not
-#   page cache; hugetlb is not on the LRU.
-# * writeback: only filesystems with writeback (ext4, xfs, btrfs) write anything back.
-# * 2018: the 2018 recipe is ext4's buffer_head path (docs/pinning-semantics.md row 17);
-#   xfs (iomap) has no buffer_heads to strip. btrfs runs it for its own
-#   page-dirtied-without-page_mkwrite path (the COW fixup worker; 7ca3e84980ef rejects such
-#   folios where it is built).
-# * migrate: compaction does not move hugetlb pages; tmpfs = memfd; xfs = ext4 (file pages).
-# * fork: MAP_SHARED backings other than memfd behave alike (docs/pinning-semantics.md
-#   row 31); fork-dontfork is only meaningful where fork COWs (anon).
-# * munmap / dontneed: one shmem (memfd) and one disk file (ext4) stand for their kinds.
-# * seal-write: only memfd has seals.
-# * hot-unplug / pci-remove: the backing does not matter for device removal; anon is the
-#   simplest. pci-remove (guest sysfs remove + rescan) runs the same driver remove() path
-#   without QMP device_del, which crashes QEMU 11.1's vfio-user-pci (see the report).
-# * odirect-write: only disk filesystems have O_DIRECT over a page cache
-#   (docs/pinning-semantics.md row 13).
-# * exit / oom: a second process dies with a region registered; anon and memfd stand for
-#   private and shared memory; oom needs only one (the memcg OOM killer picks the victim).
-# * mem-offline: anonymous pages in a hot-added ZONE_MOVABLE DIMM (file pages behave alike
-#   for offline: migration is refused on the extra reference either way,
-#   docs/pinning-semantics.md row 24).
-PAIRS: list[tuple[str, str]] = [
-    *[(b, "dma-write") for b in BACKINGS],
-    *[(b, "truncate") for b in FILE_SHARED],
-    *[(b, "punch-hole") for b in FILE_SHARED],
-    *[(b, "punch-hole-partial") for b in ["memfd", "tmpfs", "ext4", "xfs", "hugetlb"]],
-    *[(b, "pageout") for b in ["anon", "memfd", "ext4", "xfs", "btrfs", "private-file"]],
-    *[(b, "memcg-reclaim") for b in ["anon", "memfd", "ext4", "xfs", "private-file"]],
-    *[(b, "drop-caches") for b in ["memfd", "tmpfs", "ext4", "xfs", "btrfs"]],
-    ("ext4", "writeback"), ("xfs", "writeback"), ("btrfs", "writeback"),
-    ("ext4", "2018"), ("btrfs", "2018"),
-    *[(b, "migrate") for b in ["anon", "memfd", "ext4"]],
-    *[(b, "fork") for b in ["anon", "memfd", "private-file"]],
-    ("anon", "fork-dontfork"),
-    *[(b, "munmap") for b in ["anon", "memfd", "ext4"]],
-    *[(b, "dontneed") for b in ["anon", "memfd", "ext4", "private-file"]],
-    ("memfd", "seal-write"),
-    ("anon", "hot-unplug"), ("anon", "pci-remove"),
-    ("ext4", "odirect-write"), ("xfs", "odirect-write"), ("btrfs", "odirect-write"),
-    *[(b, "exit") for b in ["anon", "memfd"]],
-    ("anon", "oom"),
-    ("anon", "mem-offline"),
-]
-# Only odp revokes, so only odp has a revoke to leave unacknowledged.
-ODP_ONLY: list[tuple[str, str]] = [("anon", "no-ack"), ("memfd", "no-ack")]
+
+def pairs() -> list[tuple[str, str]]:
+    """Every (backing, event) pair of the matrix, in its order: the events of the registry
+    (``orchestrator/events/``, by order), each with its backings. Why an event has the
+    backings it has is in its module's docstring."""
+    return [(b, e.name) for e in events.events() for b in e.backings]
+
 
 # One cell per event is the smoke slice CI runs on the non-default kernels.
 SMOKE_MODE_ORDER = ["pin", "odp", "longterm", "gup"]
@@ -86,8 +33,8 @@ def all_cells(kernel: str, known_only: bool = True) -> list[Cell]:
     ``known_only`` is false."""
     if known_only and kernel not in KERNELS and not is_kernel_id(kernel):
         raise ValueError(f"unknown kernel {kernel!r}")
-    return ([Cell(kernel, m, b, e) for b, e in PAIRS for m in MODES]
-            + [Cell(kernel, "odp", b, e) for b, e in ODP_ONLY])
+    return [Cell(kernel, m, b, e.name) for e in events.events() for b in e.backings
+            for m in e.modes]
 
 
 def cell_tags(cell: Cell, smoke_set: set[Cell]) -> list[str]:
@@ -170,5 +117,5 @@ def parse_cell(text: str) -> Cell:
     if cell.kernel not in KERNELS:
         raise ValueError(f"unknown kernel {cell.kernel!r} (known: {', '.join(KERNELS)})")
     if cell not in all_cells(cell.kernel):
-        raise ValueError(f"{text} is not a matrix cell (see orchestrator/cells.py: PAIRS)")
+        raise ValueError(f"{text} is not a matrix cell (see orchestrator/events/)")
     return cell

@@ -28,21 +28,17 @@ from typing import Any
 from pinlab.common.vocab import (
     FILE_SHARED,
     FOLL_PIN_MODES,
-    PRIVATE_BACKINGS,
     Key,
     Outcome,
 )
 
+from . import events
 from .dmesg import DmesgReport
 from .expectations import Cell
 
 PAGE = 4096
 # backings whose final file contents the workload reads back (file_after)
 FILE_BACKINGS = FILE_SHARED
-# reclaim cells of anonymous memory must show that reclaim reached the mapping: an
-# unregistered control page of the same mapping went to swap (pinlab_cell.SWAP_CONTROL)
-SWAP_CONTROL_BACKINGS = PRIVATE_BACKINGS
-SWAP_CONTROL_EVENTS = ("pageout", "memcg-reclaim")
 F_SEAL_WRITE = 0x0008
 # a fence missed by the device is logged by pinlab_odp.c / pinlab_queue.c
 ESCALATION_LINES = ("INVALIDATE fence missed", "resetting device")
@@ -179,7 +175,7 @@ def _pfn_set(*lists: Any) -> set[int]:
     return out
 
 
-def _changed(a: Any, b: Any) -> int | None:
+def changed(a: Any, b: Any) -> int | None:
     if not isinstance(a, list) or not isinstance(b, list) or not a or not b:
         return None
     return sum(1 for x, y in zip(a, b, strict=False) if x != y)
@@ -195,7 +191,7 @@ def summarize_pagemap(pm: Any) -> dict[str, int] | None:
     return out
 
 
-def _outstanding(vm: Any) -> int | None:
+def outstanding(vm: Any) -> int | None:
     """Outstanding FOLL_PIN pins in a vmstat dict (None if the counters are missing)."""
     if not isinstance(vm, dict):
         return None
@@ -288,8 +284,14 @@ def audit_facts(rep: dict[str, Any], records: Sequence[dict[str, Any]],
 
 
 # --------------------------------------------------------------------- the classifier
-class _Judge:
-    """One classification: the cell, its inputs, and the facts that decided it."""
+class Judge:
+    """One classification: the cell (``cell``), its inputs (``rep`` the workload report,
+    ``dm`` the kernel log, ``audit`` the audit facts) and the facts that decided it
+    (``f``, recorded in the verdict). The shared checks (:meth:`shared`: kernel errors,
+    pins leaked, audit violations and DMA outside the registration, the audit's
+    completeness; btrfs's and ext4's own data-loss verdicts) run for every event; each
+    event's classifier (``orchestrator/events/ev_<event>.py``) then judges its views with
+    the helpers here."""
 
     def __init__(self, cell: Cell, rep: dict[str, Any], dm: DmesgReport,
                  audit: dict[str, Any]) -> None:
@@ -401,8 +403,8 @@ class _Judge:
         (FOLL_GET and notifiers are not counted there)."""
         if self.cell.mode not in FOLL_PIN_MODES:
             return False
-        b = _outstanding(self.rep.get(Key.VMSTAT_BEFORE))
-        e = _outstanding(self.rep.get(Key.VMSTAT_END))
+        b = outstanding(self.rep.get(Key.VMSTAT_BEFORE))
+        e = outstanding(self.rep.get(Key.VMSTAT_END))
         if b is None or e is None:
             raise Inconclusive("vmstat pin counters missing")
         self.f["pins"] = {"before": b, "after": e}
@@ -473,55 +475,31 @@ class _Judge:
             return f"PIN_REFUSED({rep.get('errno_name') or e})"
         if "region" not in rep:
             raise Inconclusive("no region in the workload report")
-        if cell.event in ("hot-unplug", "pci-remove"):
-            return self.removal()
+        ev = events.event(cell.event)
+        if ev is not None and not ev.shared_checks:
+            return str(ev.classify(self))
         shared = self.shared()
         if shared:
             return shared
+        last = ev.last_gen if ev is not None else 2
         if cell.backing == "btrfs":
-            judged = self.btrfs_writeback(1 if cell.event == "dma-write" else 2)
+            judged = self.btrfs_writeback(last)
             if judged:
                 return judged
-        if cell.event != "2018":
-            lost = self.ext4_lost(1 if cell.event == "dma-write" else 2)
+        if ev is None or ev.ext4_check:
+            lost = self.ext4_lost(last)
             if lost:
                 return lost
-        method = getattr(self, "ev_" + cell.event.replace("-", "_"), None)
-        if method is None:
+        if ev is None:
             self.f["unknown_event"] = cell.event
             return Outcome.ERROR
-        return str(method())
+        return str(ev.classify(self))
 
-    # -- per event --
+    # -- helpers the event classifiers share --
     def g2_errno(self) -> int:
         g2 = step(self.rep, "dma_write_g2")
         self.f["dma_g2"] = {k: g2.get(k) for k in ("errno", "errno_name", "status", "bytes")}
         return step_errno(self.rep, "dma_write_g2")
-
-    def ev_dma_write(self) -> str:
-        return self.outcome(self.views_g(self.file_views(Key.MAP_G1), 1), gen=1)
-
-    def ev_truncate(self) -> str:
-        kept = self.rep.get(Key.KEPT_PAGES)
-        if not isinstance(kept, int) or kept <= 0:
-            raise Inconclusive("kept_pages missing")
-        e = self.g2_errno()
-        kept_g2 = self.views_g([Key.MAP_KEPT_G2])
-        if e:
-            if self.cell.mode == "odp":
-                # the device re-faulted and wrote the kept half, then found no page
-                # beyond EOF
-                if not kept_g2:
-                    raise Inconclusive("odp DMA failed and the kept pages lack gen2")
-                self.wrote_pages(2, kept)
-            return self.revoked_failure(step(self.rep, "dma_write_g2").get("errno_name"))
-        if not kept_g2:
-            return self.outcome(False)
-        after = states(view(self.rep, Key.MAP_AFTER_EXTEND))[kept:]
-        self.f["truncated_after_extend"] = after
-        if not after:
-            raise Inconclusive("map_after_extend: page scan empty")
-        return self.outcome(all(s == "g2" for s in after))
 
     def wrote_pages(self, gen: int, pages: int) -> None:
         """The audit shows generation ``gen`` written into at least ``pages`` pages."""
@@ -529,289 +507,6 @@ class _Judge:
         got = by_gen.get(str(gen), 0) if isinstance(by_gen, dict) else 0
         if not isinstance(got, int) or got < pages:
             raise Inconclusive(f"audit shows gen{gen} in {got} pages, DMA covered {pages}")
-
-    def ev_punch_hole(self) -> str:
-        self.f["map_after_punch"] = self.rep.get(Key.MAP_AFTER_PUNCH)
-        if self.g2_errno():
-            return self.revoked_failure(step(self.rep, "dma_write_g2").get("errno_name"))
-        return self.outcome(self.views_g(self.file_views(Key.MAP_G2)))
-
-    ev_punch_hole_partial = ev_punch_hole
-
-    def _reclaim(self) -> str:
-        rep = self.rep
-        self.f["pagemap_after_event"] = summarize_pagemap(rep.get(Key.PAGEMAP_AFTER_EVENT))
-        self.f["vmstat_event"] = rep.get(Key.VMSTAT_EVENT)
-        for k in ("memcg_before", "memcg_registered", "memcg_after_reclaim"):
-            if rep.get(k) is not None:
-                self.f[k] = rep[k]
-        self.f["pfns_changed"] = _changed(rep.get(Key.PFNS_BEFORE), rep.get(Key.PFNS_AFTER_TOUCH))
-        if (self.cell.backing in SWAP_CONTROL_BACKINGS
-                and self.cell.event in SWAP_CONTROL_EVENTS):
-            self.swap_reached()
-        if self.g2_errno():
-            return self.revoked_failure(step(rep, "dma_write_g2").get("errno_name"))
-        return self.outcome(self.views_g(self.file_views(Key.MAP_G2)))
-
-    ev_pageout = ev_memcg_reclaim = ev_drop_caches = ev_dontneed = _reclaim
-
-    def swap_reached(self) -> None:
-        """Reclaim of anonymous memory reached the mapping: at least one of its
-        unregistered control pages is a swap entry in pagemap after the event
-        (Documentation/admin-guide/mm/pagemap.rst, bit 62), /proc/vmstat pswpout grew by at
-        least that many pages, and every control page reads back its own words after
-        swap-in. Without that a COHERENT cell proves nothing (nothing was reclaimed), so
-        :class:`Inconclusive` names what is missing. Records ``swapped`` (registered and
-        control pages that were swap entries) and ``pswpout`` in the facts."""
-        rep = self.rep
-        n = rep.get(Key.CONTROL_PAGES)
-        ctl = rep.get(Key.CONTROL_PAGEMAP_AFTER_EVENT)
-        if not isinstance(n, int) or isinstance(n, bool) or n <= 0:
-            raise Inconclusive("control_pages missing")
-        if not isinstance(ctl, list) or len(ctl) != n:
-            raise Inconclusive("control pagemap missing")
-        reg = summarize_pagemap(rep.get(Key.PAGEMAP_AFTER_EVENT))
-        if reg is None:
-            raise Inconclusive("pagemap after the event missing")
-        ctl_swapped = sum(1 for p in ctl if p == "swap")
-        ev = rep.get(Key.VMSTAT_EVENT)
-        pswpout = ev.get("pswpout", 0) if isinstance(ev, dict) else None
-        self.f["swapped"] = {"registered": reg["swap"], "control": ctl_swapped,
-                             "control_pages": n, "pswpout": pswpout}
-        if not ctl_swapped:
-            raise Inconclusive("reclaim did not reach the mapping: no control page swapped")
-        if not isinstance(pswpout, int) or pswpout < ctl_swapped:
-            raise Inconclusive(f"pswpout {pswpout} below the {ctl_swapped} swapped "
-                               "control pages")
-        intact = rep.get(Key.CONTROL_INTACT)
-        if intact != n:
-            raise Inconclusive(f"control pages intact after swap-in: {intact} of {n}")
-
-    def ev_writeback(self) -> str:
-        self.f["stream_chunks"] = self.rep.get(Key.STREAM_CHUNKS)
-        if self.g2_errno():
-            return self.revoked_failure(step(self.rep, "dma_write_g2").get("errno_name"))
-        self.wrote(2)
-        reg = self.views_g([Key.DISK_REGISTERED])
-        rel = self.views_g([Key.DISK_RELEASED])
-        if not rel:
-            return Outcome.WRITES_LOST_SILENTLY
-        return self.outcome(True) if reg else Outcome.WRITEBACK_STALE
-
-    def ev_2018(self) -> str:
-        self.f["dirty"] = step(self.rep, "dirty")
-        self.f["pagemap_after_pageout"] = summarize_pagemap(self.rep.get(Key.PAGEMAP_AFTER_EVENT))
-        lines = self.dm.lines.get("EXT4_NO_BUFFERS", [])
-        warns = [w for w in self.dm.severe().get("WARN", []) if self.ext4_path_warn(w)]
-        self.f.update(ext4_no_buffers=lines[:4], warn=warns[:2])
-        data_ok = self.views_g([Key.FILE_AFTER])
-        if lines or warns:
-            if data_ok:
-                return Outcome.KERNEL_ERROR   # the kernel complained although the data is there
-            self.wrote(2)
-            return Outcome.EXT4_WARN_DATA_LOST
-        return self.outcome(data_ok)
-
-    def ev_migrate(self) -> str:
-        rep = self.rep
-        self.f.update({k: rep.get(k) for k in ("pinned_moved", "control_moved",
-                                                "vmstat_event")})
-        self.f["soft_offline"] = {st[Key.STEP]: st.get(Key.ERRNO_NAME) or 0
-                                  for st in rep.get(Key.STEPS, []) if isinstance(st, dict)
-                                  and str(st.get(Key.STEP, "")).startswith("soft_offline")}
-        pinned, control = rep.get(Key.PINNED_MOVED), rep.get(Key.CONTROL_MOVED)
-        if not isinstance(pinned, int) or not isinstance(control, int):
-            raise Inconclusive("migration counts missing")
-        if self.g2_errno():
-            return self.revoked_failure(step(rep, "dma_write_g2").get("errno_name"))
-        good = self.views_g([Key.MAP_G2])
-        if not good or pinned or self.cell.mode == "odp":
-            return self.outcome(good)
-        if not control:
-            raise Inconclusive("no page migrated, not even the unregistered control")
-        self.wrote(2)
-        return Outcome.MIGRATION_FAILS
-
-    def ev_fork(self) -> str:
-        rep, cell = self.rep, self.cell
-        child = rep.get(Key.CHILD)
-        status = rep.get(Key.CHILD_STATUS)
-        if not isinstance(child, dict) or not child or "error" in child:
-            raise Inconclusive("child report missing")
-        if status != 0:
-            raise Inconclusive(f"child exited with status {status}")
-        if not isinstance(child.get(Key.MAPPED), bool):
-            raise Inconclusive("child report lacks 'mapped'")
-        parent_ok = self.views_g([Key.MAP_PARENT_G2])
-        child_g2 = False
-        if child[Key.MAPPED]:
-            self.f["child_map"] = view(child, "map")
-            child_g2 = all_gen(child[Key.MAP], 2)
-        self.f.update(parent_g2=parent_ok, child_g2=child_g2, child_status=status,
-                      parent_pfns_changed=_changed(rep.get(Key.PFNS_BEFORE),
-                                                   rep.get(Key.PFNS_PARENT_AFTER_WRITE)))
-        if self.g2_errno():
-            return self.revoked_failure(step(rep, "dma_write_g2").get("errno_name"))
-        if not parent_ok:
-            self.wrote(2)
-            return Outcome.PARENT_LOSES_WRITES if child_g2 else Outcome.WRITES_LOST_SILENTLY
-        if child_g2 and cell.backing in PRIVATE_BACKINGS:
-            self.wrote(2)
-            return Outcome.CHILD_SEES_WRITES
-        return self.outcome(True)
-
-    ev_fork_dontfork = ev_fork
-
-    def ev_munmap(self) -> str:
-        if step_errno(self.rep, "munmap"):
-            raise Inconclusive("munmap failed")
-        if self.g2_errno():
-            return self.revoked_failure(step(self.rep, "dma_write_g2").get("errno_name"))
-        if self.cell.backing == "anon":
-            # anonymous memory nobody maps any more: the device wrote into orphaned pages
-            self.wrote(2)
-            return Outcome.WRITES_LOST_SILENTLY
-        return self.outcome(self.views_g([Key.REMAP_G2]))
-
-    def ev_odirect_write(self) -> str:
-        rep = self.rep
-        self.f.update({k: rep.get(k) for k in ("odirect_pages", "map_after_odirect")})
-        self.f["odirect"] = step(rep, "odirect_write")
-        if step_errno(rep, "odirect_write"):
-            raise Inconclusive("O_DIRECT write failed")
-        self.f["pfns_changed"] = _changed(rep.get(Key.PFNS_BEFORE), rep.get(Key.PFNS_AFTER_TOUCH))
-        if self.g2_errno():
-            return self.revoked_failure(step(rep, "dma_write_g2").get("errno_name"))
-        return self.outcome(self.views_g([Key.MAP_G2, Key.FILE_AFTER]))
-
-    def ev_mem_offline(self) -> str:
-        rep = self.rep
-        off = rep.get(Key.OFFLINE)
-        self.f.update(blocks=rep.get(Key.BLOCKS), offline=off,
-                      movable_pages=rep.get(Key.MOVABLE_PAGES),
-                      moved_at_registration=_changed(rep.get(Key.PFNS_BEFORE),
-                                                     rep.get(Key.PFNS_REGISTERED)),
-                      moved_by_offline=_changed(rep.get(Key.PFNS_REGISTERED),
-                                                rep.get(Key.PFNS_AFTER_TOUCH)),
-                      migration_failures=self.dm.lines.get("MIGRATION_FAILURE", [])[:3])
-        if not isinstance(off, list) or not off:
-            raise Inconclusive("no registered page was in a movable block")
-        if not all(isinstance(o, dict) and "result" in o for o in off):
-            raise Inconclusive("offline results malformed")
-        if self.g2_errno():
-            return self.revoked_failure(step(rep, "dma_write_g2").get("errno_name"))
-        good = self.views_g([Key.MAP_G2])
-        if not good:
-            return self.outcome(False)
-        self.wrote(2)
-        if all(o[Key.RESULT] == "ok" for o in off):
-            if self.cell.mode == "odp" and self.acked():
-                return Outcome.REVOKED_IN_TIME
-            return Outcome.OFFLINE_SUCCEEDS
-        return Outcome.OFFLINE_BLOCKED
-
-    def ev_seal_write(self) -> str:
-        st = step(self.rep, "seal_write")
-        self.f["seal"] = st
-        e = step_errno(self.rep, "seal_write")
-        if e:
-            return f"SEAL_REFUSED({st.get('errno_name') or e})"
-        seals = self.rep.get(Key.SEALS)
-        self.f["seals"] = seals
-        if not isinstance(seals, int) or not seals & F_SEAL_WRITE:
-            raise Inconclusive("F_GET_SEALS does not show F_SEAL_WRITE")
-        return Outcome.SEAL_APPLIED
-
-    def ev_no_ack(self) -> str:
-        rep, dm = self.rep, self.dm
-        self.f["madv_dontneed_ms"] = step(rep, "madv_dontneed").get("ms")
-        self.f["escalation_lines"] = [ln for ln in dm.pinlab_lines
-                                      if any(x in ln for x in ESCALATION_LINES)][:4]
-        q = rep.get(Key.QUERY_AFTER_EVENT)
-        self.f["query_after_event"] = q
-        self.f["resets"] = self.audit.get("resets")
-        failed = isinstance(q, dict) and q.get("state") == 1
-        refused = bool(step(rep, "dma_write_g2").get("errno"))
-        if self.f["escalation_lines"] and (failed or refused):
-            if not self.audit.get("resets"):
-                raise Inconclusive("escalation logged but no reset in the audit")
-            return Outcome.ESCALATED_RESET
-        if self.g2_errno():
-            return self.revoked_failure(step(rep, "dma_write_g2").get("errno_name"))
-        return self.outcome(self.views_g([Key.MAP_G2]))
-
-    def removal(self) -> str:
-        """hot-unplug / pci-remove: kernel errors first, then the removal itself."""
-        rep, dm = self.rep, self.dm
-        sev = dm.severe()
-        if sev or dm.lines.get("PAGE_POISON"):
-            self.f["severe"] = {k: v[:5] for k, v in sev.items()}
-            return Outcome.KERNEL_ERROR
-        self.f.update({k: rep.get(k) for k in ("gone", "gone_after_ms", "dev_node_exists")})
-        self.f["deregister"] = step(rep, "deregister")
-        self.f["removed_line"] = [ln for ln in dm.pinlab_lines if "removed" in ln][:2]
-        if "gone" not in rep:
-            raise Inconclusive("the workload did not report the removal wait")
-        if not rep.get(Key.GONE):
-            return Outcome.DEVICE_NOT_REMOVED
-        a = self.need_audit()
-        if a["violations"]:
-            self.f["violations"] = a.get("violation_samples")
-            return Outcome.DMA_AFTER_REVOKE
-        if not a.get("resets") and not a.get("kinds", {}).get("destroy"):
-            raise Inconclusive("audit shows neither a reset nor the region's destroy")
-        if self.pins_leaked():
-            return Outcome.PINS_LEAKED
-        return Outcome.DEVICE_GONE_CLEAN
-
-    def ev_exit(self) -> str:
-        return self.victim()
-
-    ev_oom = ev_exit
-
-    def victim(self) -> str:
-        """exit / oom: a second process registered a region and died without
-        deregistering; its region (audit ``victim``) is what is judged."""
-        rep, cell = self.rep, self.cell
-        victim = rep.get(Key.VICTIM)
-        va = self.audit.get("victim")
-        self.f.update(victim_status=rep.get(Key.VICTIM_STATUS),
-                      victim_signal=rep.get(Key.VICTIM_SIGNAL),
-                      victim_exit_ms=rep.get(Key.VICTIM_EXIT_MS),
-                      oom_events=rep.get(Key.OOM_EVENTS),
-                      pins_victim=[_outstanding(rep.get(Key.VMSTAT_BEFORE_VICTIM)),
-                                   _outstanding(rep.get(Key.VMSTAT_VICTIM_REGISTERED)),
-                                   _outstanding(rep.get(Key.VMSTAT_VICTIM_GONE))])
-        before, after = rep.get(Key.NONBLOCK_REFUSED_BEFORE), rep.get(Key.NONBLOCK_REFUSED_AFTER)
-        if isinstance(before, int) and isinstance(after, int):
-            self.f["nonblock_invalidations_refused"] = after - before
-        if not isinstance(victim, dict) or "error" in victim or "region" not in victim:
-            raise Inconclusive("victim report missing")
-        if not isinstance(rep.get(Key.VICTIM_STATUS), int):
-            raise Inconclusive(f"victim did not die: {rep.get('victim_status')}")
-        va = self.need_audit(va, "victim region")
-        self.f.update(victim_audit=va.get("kinds"), victim_violations=va.get("violations"))
-        if va["violations"]:
-            self.f["violations"] = va.get("violation_samples")
-            return Outcome.DMA_AFTER_REVOKE
-        if cell.event == "oom" and not (rep.get(Key.OOM_EVENTS) or {}).get("oom_kill"):
-            raise Inconclusive("the memcg OOM killer did not kill the victim")
-        b, r, g = self.f["pins_victim"]
-        if cell.mode in FOLL_PIN_MODES:
-            if b is None or r is None or g is None:
-                raise Inconclusive("vmstat pin counters missing")
-            if r <= b:
-                raise Inconclusive("the victim's registration added no pin")
-            if g != b:
-                return Outcome.PINS_LEAKED
-        kinds = va.get("kinds") or {}
-        if not kinds.get("destroy"):
-            return Outcome.REGION_NOT_RELEASED
-        if cell.mode == "odp":
-            if kinds.get("invalidate_ack") and va.get("ack_before_destroy"):
-                return Outcome.REVOKED_IN_TIME
-            raise Inconclusive("odp victim destroyed without an acknowledged invalidate")
-        return Outcome.RELEASED_AT_EXIT
 
 
 def classify_cell(cell: Cell, rep: dict[str, Any], dm: DmesgReport,
@@ -823,7 +518,7 @@ def classify_cell(cell: Cell, rep: dict[str, Any], dm: DmesgReport,
     or ``{"unavailable": reason}``. Never raises for bad input: whatever is missing,
     malformed or contradictory yields ``INCONCLUSIVE(<what>)``.
     """
-    j = _Judge(cell, rep if isinstance(rep, dict) else {}, dm,
+    j = Judge(cell, rep if isinstance(rep, dict) else {}, dm,
                audit if isinstance(audit, dict) else {})
     try:
         return j.run(), j.f

@@ -31,11 +31,12 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from . import events
 from .dmesg import SEVERE, classify
 from .expectations import Cell
 from .guestenv import guest_config
 from .poolclient import ANOTHER_POOL, recv_json
-from .scenario import SCENARIOS, Observation
+from .scenario import Observation
 from .session import GuestSession
 
 IDLE_SECONDS = 180.0
@@ -96,7 +97,10 @@ class CellServer:
         s = self.ready_session()
         s.mark()
         try:
-            obs = SCENARIOS[cell.event](s, cell, art)
+            ev = events.event(cell.event)
+            if ev is None:
+                raise ValueError(f"no event {cell.event!r} in orchestrator/events/")
+            obs = ev.run(s, cell, art)
         except Exception as exc:  # noqa: BLE001 - an experiment error is a result
             obs = Observation("ERROR", {"exception": repr(exc),
                                         "trace": traceback.format_exc()})
@@ -135,7 +139,7 @@ class CellServer:
             cell = Cell(**req["cell"])
             if cell.kernel != self.kernel:
                 return {"error": f"this pool runs kernel {self.kernel}, not {cell.kernel}"}
-            if cell.event not in SCENARIOS:
+            if events.event(cell.event) is None:
                 return {"error": f"no scenario for event {cell.event!r}"}
             if req.get("fresh") and self.session is not None:
                 # `pinlab validate` re-runs a differing cell on a freshly booted guest

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import shlex
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,10 +30,6 @@ from .session import GuestSession
 from .vm import Guest
 
 AUDIT_LIMIT = 100_000   # records of one cell's audit extract at most
-# events whose cell the workload can run in one go (the rest need the host mid-cell)
-EVENTS = ["dma-write", "truncate", "punch-hole", "punch-hole-partial", "pageout",
-          "memcg-reclaim", "drop-caches", "writeback", "2018", "migrate", "fork",
-          "fork-dontfork", "munmap", "dontneed", "seal-write", "odirect-write", "exit", "oom"]
 
 
 @dataclass
@@ -257,12 +252,3 @@ def mem_offline(s: GuestSession, cell: Cell, art: Path) -> Observation:
         extra["needs_reboot"] = True
         extra["dimm_remove_error"] = repr(exc)
     return _finish(s, cell, art, rep, mark, extra)
-
-
-SCENARIOS: dict[str, Callable[[GuestSession, Cell, Path], Observation]] = {
-    **dict.fromkeys(EVENTS, run_cell),
-    "hot-unplug": hot_unplug,
-    "pci-remove": hot_unplug,
-    "no-ack": no_ack,
-    "mem-offline": mem_offline,
-}

@@ -25,21 +25,29 @@ GUEST_PACKAGE_INIT = b'"""pinlab in a guest: pinlab.common and pinlab.guest only
 
 def guest_files() -> dict[str, bytes]:
     """Every file the guest receives, by path below GUEST_HOME: ``pinlab/__init__.py``
-    (GUEST_PACKAGE_INIT), ``pinlab/common/*.py`` and ``pinlab/guest/*.py``."""
+    (GUEST_PACKAGE_INIT), ``pinlab/common/*.py`` and ``pinlab/guest/**/*.py`` (with its
+    ``events/`` subpackage)."""
     out = {"pinlab/__init__.py": GUEST_PACKAGE_INIT}
+
+    def walk(d: Any, rel: str) -> None:
+        for f in sorted(d.iterdir(), key=lambda f: f.name):
+            if f.is_dir() and f.name != "__pycache__":
+                walk(f, f"{rel}/{f.name}")
+            elif f.name.endswith(".py"):
+                out[f"{rel}/{f.name}"] = f.read_bytes()
+
     for sub in GUEST_SUBPACKAGES:
-        for f in sorted(resources.files(f"pinlab.{sub}").iterdir(), key=lambda f: f.name):
-            if f.name.endswith(".py"):
-                out[f"pinlab/{sub}/{f.name}"] = f.read_bytes()
+        walk(resources.files(f"pinlab.{sub}"), f"pinlab/{sub}")
     return out
 
 
 def push_guest_files(ssh: GuestSSH) -> None:
     """Copy guest_files() into GUEST_HOME (replacing what an earlier push left there).
     Raises SSHError."""
-    dirs = " ".join(f"{GUEST_HOME}/pinlab/{sub}" for sub in GUEST_SUBPACKAGES)
+    files = guest_files()
+    dirs = " ".join(sorted({f"{GUEST_HOME}/{rel.rsplit('/', 1)[0]}" for rel in files}))
     ssh.run(f"rm -rf {GUEST_HOME}/pinlab && mkdir -p {dirs}", check=True)
-    for rel, data in guest_files().items():
+    for rel, data in files.items():
         ssh.put(data, f"{GUEST_HOME}/{rel}")
 
 

@@ -160,7 +160,7 @@ def write_html(verdicts: list[dict[str, Any]], d: Path, base: Path | None = None
     ``d``'s parent). Returns the page's path."""
     from pinlab.images.kernel import KERNELS
 
-    from .cells import MODES, PAIRS
+    from .cells import MODES, pairs
     from .harm import load as load_harm
 
     base = d.parent if base is None else base
@@ -170,7 +170,7 @@ def write_html(verdicts: list[dict[str, Any]], d: Path, base: Path | None = None
     modes = _order({v["mode"] for v in verdicts}, MODES)
     cols = [(m, k) for m in modes for k in kernels
             if any(v["mode"] == m and v["kernel"] == k for v in verdicts)]
-    pair_rank = {(e, b): i for i, (b, e) in enumerate(PAIRS)}
+    pair_rank = {(e, b): i for i, (b, e) in enumerate(pairs())}
     rows = sorted({(v["event"], v["backing"]) for v in verdicts},
                   key=lambda r: (pair_rank.get(r, len(pair_rank)), r))
     by: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}

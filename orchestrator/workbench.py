@@ -34,7 +34,7 @@ from pinlab.common.vocab import GUEST_HOME, guest_python
 from pinlab.images.cache import cache_root
 from pinlab.images.kernel import DEFAULT_KERNEL, KERNELS
 
-from . import registry
+from . import events, registry
 from .expectations import Cell
 from .guestenv import guest_config, setup_guest
 from .poolclient import recv_json
@@ -46,9 +46,6 @@ from .vm import DEVICE_ID, GuestConfig
 
 REQUEST_TIMEOUT = 1800.0
 # events whose cell needs a device fault from the start (scenario.py sets it per cell)
-CELL_FAULTS: dict[str, dict[str, Any]] = {"no-ack": {"never-ack-revoke": True}}
-
-
 class WorkbenchError(RuntimeError):
     """A request the guest cannot serve (no device, MSI-X replug, bad input)."""
 
@@ -197,7 +194,8 @@ class Workbench:
         return cfg
 
     def faults(self) -> dict[str, Any]:
-        f = dict(CELL_FAULTS.get(self.o.cell.event, {})) if self.o.cell else {}
+        ev = events.event(self.o.cell.event) if self.o.cell else None
+        f = dict(ev.faults) if ev else {}
         f.update(self.o.faults)
         return f
 

@@ -1,0 +1,44 @@
+"""The guest's steps of each matrix event, one module each: ``guest/events/ev_<event>.py``.
+
+A module has ``NAME`` (the event's name, as on the host) and ``run(c)``: the event's steps
+on a prepared :class:`pinlab.guest.pinlab_cell.Cell` (mapping made, registered, generation
+1 written), recording raw observations in ``c.rep`` under :class:`pinlab.common.vocab.Key`
+names, never a verdict. Optional: ``NPAGES`` (pages of the registered mapping, default
+pinlab_cell.NPAGES), ``SWAP_CONTROL`` (backings whose mapping gets unregistered control
+pages that reclaim must reach), ``MEMCG`` (record the cell cgroup's charge before
+registration) and ``before_mapping(c)`` (a step before the mapping is made). The host side
+of the same event is ``orchestrator/events/ev_<event>.py``.
+"""
+
+import importlib
+import pkgutil
+
+_LOADED = {}
+
+
+def module_name(event):
+    """``ev_`` + the event's name with ``-`` as ``_``."""
+    return "ev_" + event.replace("-", "_")
+
+
+def names():
+    """Every event the guest has steps for (sorted module order)."""
+    return sorted(_module(info.name).NAME for info in pkgutil.iter_modules(__path__)
+                  if info.name.startswith("ev_"))
+
+
+def _module(modname):
+    if modname not in _LOADED:
+        _LOADED[modname] = importlib.import_module(f"{__name__}.{modname}")
+    return _LOADED[modname]
+
+
+def event(name):
+    """The module of event ``name``. Raises KeyError for an event without one."""
+    modname = module_name(name)
+    if not any(i.name == modname for i in pkgutil.iter_modules(__path__)):
+        raise KeyError(f"no guest steps for event {name!r} (guest/events/{modname}.py)")
+    mod = _module(modname)
+    if getattr(mod, "NAME", None) != name:
+        raise KeyError(f"guest/events/{modname}.py names event {getattr(mod, 'NAME', None)!r}")
+    return mod

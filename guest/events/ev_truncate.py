@@ -1,0 +1,25 @@
+"""Event ``truncate``: the guest's steps.
+
+ftruncate to half the size, the device writes generation 2, extend again.
+
+Runs on a prepared cell (pinlab_cell.Cell: registered, generation 1 written); the host
+side is orchestrator/events/ev_truncate.py.
+"""
+import os
+
+from pinlab.common.vocab import Key
+from pinlab.guest.pinlab_cell import PAGE, timed
+
+NAME = "truncate"
+
+
+def run(c):
+    m, rep = c.m, c.rep
+    half = m.size // 2
+    rep[Key.KEPT_PAGES] = half // PAGE
+    timed(rep, "ftruncate_shrink", os.ftruncate, m.fd, half)
+    c.dma(2)
+    rep[Key.MAP_KEPT_G2] = c.scan_map(0, half // PAGE)
+    rep[Key.PFNS_AFTER_EVENT] = m.pfns()[: half // PAGE]
+    timed(rep, "ftruncate_extend", os.ftruncate, m.fd, m.size)
+    rep[Key.MAP_AFTER_EXTEND] = c.scan_map()

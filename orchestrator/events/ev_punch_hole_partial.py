@@ -1,0 +1,19 @@
+"""Event ``punch-hole-partial``.
+
+A hole that covers part of a page. hugetlbfs zeroes the partial part of a huge page in
+place; btrfs has the events ext4 and xfs have that involve its COW writeback and
+checksums (a page dirtied behind its back: writeback, 2018, reclaim), not every hole
+variant.
+"""
+
+from __future__ import annotations
+
+from . import Event
+from .ev_punch_hole import classify
+
+EVENT = Event(
+    "punch-hole-partial",
+    order=4,
+    backings=("memfd", "tmpfs", "ext4", "xfs", "hugetlb"),
+    classify=classify,
+)

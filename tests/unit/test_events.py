@@ -1,0 +1,60 @@
+"""The event registry is consistent: every event has its guest steps
+(guest/events/ev_<event>.py), its host side (orchestrator/events/ev_<event>.py: where it
+applies, how it runs, how it is classified) and an expectation for every cell."""
+
+from __future__ import annotations
+
+import unittest
+
+from pinlab.common import vocab
+from pinlab.guest import events as guest_events
+from pinlab.images.kernel import KERNELS
+from pinlab.orchestrator import events
+from pinlab.orchestrator.cells import all_cells
+from pinlab.orchestrator.classify import base_class
+from pinlab.orchestrator.expectations import expect, load
+
+
+class EventRegistryTest(unittest.TestCase):
+    def test_guest_and_host_have_the_same_events(self) -> None:
+        self.assertEqual(sorted(events.names()), guest_events.names())
+        self.assertEqual(len(set(events.names())), len(events.names()))
+
+    def test_every_event_is_complete(self) -> None:
+        for ev in events.events():
+            with self.subTest(event=ev.name):
+                self.assertTrue(callable(ev.classify))
+                self.assertTrue(ev.backings, "no backing")
+                self.assertTrue(ev.modes, "no mode")
+                self.assertLessEqual(set(ev.backings), set(vocab.BACKINGS))
+                self.assertEqual(list(ev.backings),
+                                 [b for b in vocab.BACKINGS if b in ev.backings],
+                                 "backings out of the matrix's order")
+                self.assertLessEqual(set(ev.modes), set(vocab.MODES))
+                self.assertLessEqual(set(ev.swap_control), set(ev.backings))
+                g = guest_events.event(ev.name)
+                self.assertTrue(callable(g.run))
+                self.assertTrue(g.__doc__ and events.module_name(ev.name) in g.__doc__)
+                # the guest adds the control pages the host then requires
+                self.assertEqual(tuple(getattr(g, "SWAP_CONTROL", ())), ev.swap_control)
+
+    def test_every_cell_has_an_expected_rule(self) -> None:
+        rules = load()
+        for k in KERNELS:
+            for c in all_cells(k):
+                with self.subTest(cell=c.name):
+                    e = expect(c, rules)
+                    self.assertIsNotNone(e)
+                    assert e is not None
+                    self.assertIn(base_class(e.expected), vocab.OUTCOME_CLASSES)
+
+    def test_lookup(self) -> None:
+        self.assertIsNone(events.event("no-such-event"))
+        with self.assertRaises(KeyError):
+            guest_events.event("no-such-event")
+        self.assertEqual(events.module_name("punch-hole"), "ev_punch_hole")
+        self.assertEqual(events.event("no-ack").faults, {"never-ack-revoke": True})
+
+
+if __name__ == "__main__":
+    unittest.main()
