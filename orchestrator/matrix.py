@@ -27,7 +27,7 @@ from pinlab.images.kernel import KERNELS
 from . import poolclient
 from .artifacts import run_dir
 from .avocadojob import Job, run_concurrently, run_one
-from .celltest import method_name
+from .celltest import CELL_TESTS, method_name
 from .expectations import Cell
 from .guests import GuestPlan, plan_guests
 from .shard import Selection, Shard, select_cells
@@ -35,7 +35,6 @@ from .verdicts import document, kernel_identity, write_all
 from .verdicts import write_html as write_html  # re-exported: callers used matrix.write_html
 
 REPO = Path(__file__).resolve().parent.parent
-CELL_TESTS = REPO / "tests" / "matrix" / "test_cells.py"
 TASKS_PER_KERNEL = 2
 DEFAULT_KERNELS = list(KERNELS)
 console = Console()
@@ -43,8 +42,9 @@ console = Console()
 
 def references(cells: list[Cell] | tuple[Cell, ...]) -> list[str]:
     """Avocado references that resolve to exactly these cells' tests: one reference to the
-    generated file with an anchored regex over ``Class.method`` (Avocado's python resolver
-    matches it with ``re.search``)."""
+    cells' test file with an anchored regex over ``Class.method`` (the pinlab-matrix
+    resolver, celltest.CellResolver, matches it with ``re.search``, as Avocado's python
+    resolver does)."""
     if not cells:
         return []
     names = sorted(re.escape(method_name(c)) for c in cells)

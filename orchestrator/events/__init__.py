@@ -2,12 +2,13 @@
 
 Every module defines ``EVENT``, an :class:`Event`: the event's name, where it stands in the
 matrix, which backings and modes it applies to (and why, in the module's docstring), how
-the host runs it (:attr:`Event.scenario`, default the guest workload in one go) and how
-the host classifies its report (:attr:`Event.classify`, on top of the shared checks of
-``orchestrator/classify.py``). The guest side of the same event is
-``guest/events/ev_<event>.py`` (its steps); its expected outcomes are rules in
-``orchestrator/data/expectations.toml``. Adding an event is those three files (README,
-"Adding an event"); tests/unit/test_events.py checks that they agree.
+the host runs it (:attr:`Event.scenario`, a function of ``orchestrator/scenario.py``;
+default: the guest workload in one go) and how the host classifies its report
+(:attr:`Event.classify`, on top of the shared checks of ``orchestrator/classify.py``).
+The guest side of the same event is ``guest/events/ev_<event>.py`` (its steps); its
+expected outcomes are rules in ``orchestrator/data/expectations.toml``. Adding an event
+is those three files (README, "Adding an event"); tests/unit/test_events.py checks that
+they agree.
 
 The registry is discovered, not listed: :func:`events` imports every ``ev_*`` module here.
 """
@@ -41,9 +42,10 @@ class Event:
     backing order; ``modes``: the modes each of them runs in. ``classify``: the event's
     classifier, called with the :class:`~pinlab.orchestrator.classify.Judge` after the
     shared checks; returns an outcome class or raises
-    :class:`~pinlab.orchestrator.classify.Inconclusive`. ``scenario``: how the host runs
-    one cell (``(session, cell, artifacts dir) -> Observation``); None is
-    :func:`~pinlab.orchestrator.scenario.run_cell`. ``shared_checks``: False when the
+    :class:`~pinlab.orchestrator.classify.Inconclusive`. ``scenario``: the name of the function of
+    ``orchestrator/scenario.py`` that runs one cell on the host (``(session, cell,
+    artifacts dir) -> Observation``; imported only when a cell runs, so listing the
+    cells stays light). ``shared_checks``: False when the
     event judges kernel errors and the audit itself (device removal). ``ext4_check``:
     False when the event judges ext4's dirty-path warning itself (2018). ``last_gen``:
     the device generation written last (what a btrfs or ext4 data loss is judged on).
@@ -57,7 +59,7 @@ class Event:
     backings: tuple[str, ...]
     classify: Callable[[Judge], str]
     modes: tuple[str, ...] = MODES
-    scenario: Callable[[GuestSession, Cell, Path], Observation] | None = None
+    scenario: str = "run_cell"
     shared_checks: bool = True
     ext4_check: bool = True
     last_gen: int = 2
@@ -66,9 +68,9 @@ class Event:
 
     def run(self, s: GuestSession, cell: Cell, art: Path) -> Observation:
         """Run one cell of this event in ``s`` (artifacts in ``art``)."""
-        from ..scenario import run_cell
+        from .. import scenario
 
-        return (self.scenario or run_cell)(s, cell, art)
+        return getattr(scenario, self.scenario)(s, cell, art)  # type: ignore[no-any-return]
 
 
 def module_name(event: str) -> str:

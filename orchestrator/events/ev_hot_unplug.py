@@ -9,7 +9,6 @@ from __future__ import annotations
 from pinlab.common.vocab import Key, Outcome
 
 from ..classify import Inconclusive, Judge, step
-from ..scenario import hot_unplug
 from . import Event
 
 
@@ -43,6 +42,6 @@ EVENT = Event(
     order=16,
     backings=("anon",),
     classify=classify,
-    scenario=hot_unplug,
+    scenario="hot_unplug",
     shared_checks=False,
 )

@@ -10,7 +10,6 @@ from __future__ import annotations
 from pinlab.common.vocab import Key, Outcome
 
 from ..classify import Inconclusive, Judge, changed, step
-from ..scenario import mem_offline
 from . import Event
 
 
@@ -46,5 +45,5 @@ EVENT = Event(
     order=21,
     backings=("anon",),
     classify=classify,
-    scenario=mem_offline,
+    scenario="mem_offline",
 )

@@ -10,7 +10,6 @@ from __future__ import annotations
 from pinlab.common.vocab import Key, Outcome
 
 from ..classify import ESCALATION_LINES, Inconclusive, Judge, step
-from ..scenario import no_ack
 from . import Event
 
 
@@ -39,6 +38,6 @@ EVENT = Event(
     backings=("anon", "memfd"),
     classify=classify,
     modes=("odp",),
-    scenario=no_ack,
+    scenario="no_ack",
     faults={"never-ack-revoke": True},
 )

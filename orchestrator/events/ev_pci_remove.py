@@ -7,7 +7,6 @@ vfio-user-pci. anon, as hot-unplug.
 
 from __future__ import annotations
 
-from ..scenario import hot_unplug
 from . import Event
 from .ev_hot_unplug import classify
 
@@ -16,6 +15,6 @@ EVENT = Event(
     order=17,
     backings=("anon",),
     classify=classify,
-    scenario=hot_unplug,
+    scenario="hot_unplug",
     shared_checks=False,
 )

@@ -1,20 +1,72 @@
-"""The matrix cell list, its generated Avocado tests, and its expectations stay in step."""
+"""The matrix cell list, its Avocado tests (made from the registry by the pinlab-matrix
+resolver, orchestrator/celltest.py), and its expectations stay in step."""
 
 from __future__ import annotations
 
+import importlib.util
 import unittest
 
+from avocado.core.resolver import ReferenceResolutionResult
+from avocado.core.tags import filter_tags_on_runnables
+
 from pinlab.images.kernel import KERNELS
-from pinlab.orchestrator.cells import all_cells, smoke
-from pinlab.orchestrator.celltest import GENERATED, judge, render
+from pinlab.orchestrator.cells import all_cells, cell_tags, select, smoke
+from pinlab.orchestrator.celltest import (
+    CELL_TESTS,
+    CellResolver,
+    cell_runnables,
+    judge,
+    method_name,
+    tag_map,
+)
 from pinlab.orchestrator.expectations import Cell, expect, load
 
 
 class CellsTest(unittest.TestCase):
-    def test_generated_tests_are_current(self) -> None:
-        self.assertEqual(GENERATED.read_text(), render(),
-                         "tests/matrix/test_cells.py is stale: run "
-                         "`python -m pinlab.orchestrator.celltest --write`")
+    def test_resolver_gives_every_cell_once_with_its_name_and_tags(self) -> None:
+        res = CellResolver().resolve(str(CELL_TESTS))
+        self.assertEqual(res.result, ReferenceResolutionResult.SUCCESS)
+        want = []
+        for k in KERNELS:
+            cells = all_cells(k)
+            s = smoke(cells)
+            want += [(f"{CELL_TESTS}:{method_name(c)}", cell_tags(c, s)) for c in cells]
+        got = [(r.uri, r.tags) for r in res.resolutions]
+        self.assertEqual([u for u, _ in got], [u for u, _ in want])
+        for (uri, tags), (_, names) in zip(got, want, strict=True):
+            self.assertEqual(tags, tag_map(names), uri)
+        self.assertEqual(len({u for u, _ in got}), len(got))
+
+    def test_resolver_pattern_and_other_files(self) -> None:
+        rs = cell_runnables(str(CELL_TESTS), r"^Kernel6_1\.test_pin__ext4__")
+        self.assertTrue(rs)
+        self.assertTrue(all(":Kernel6_1.test_pin__ext4__" in r.uri for r in rs))
+        none = CellResolver().resolve(f"{CELL_TESTS}:^NoSuchClass$")
+        self.assertEqual(none.result, ReferenceResolutionResult.NOTFOUND)
+        other = CellResolver().resolve(str(CELL_TESTS.parent.parent / "unit" / "test_cells.py"))
+        self.assertEqual(other.result, ReferenceResolutionResult.NOTFOUND)
+
+    def test_tag_filters_select_what_select_selects(self) -> None:
+        res = CellResolver().resolve(str(CELL_TESTS))
+        for filters in (["kernel:6.1,event:fork"], ["mode:odp", "event:truncate"],
+                        ["smoke,-kernel:6.12"], ["backing:btrfs,-mode:gup"]):
+            with self.subTest(filters=filters):
+                kept = filter_tags_on_runnables([res], filters)
+                every = [c for k in KERNELS for c in all_cells(k)]
+                self.assertEqual([r.uri.rsplit(":", 1)[1] for r in kept],
+                                 [method_name(c) for c in select(every, filters)])
+
+    def test_the_test_module_has_a_method_per_cell(self) -> None:
+        spec = importlib.util.spec_from_file_location("test_cells", CELL_TESTS)
+        assert spec and spec.loader
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        for k in KERNELS:
+            for c in all_cells(k):
+                klass, meth = method_name(c).split(".")
+                cls = getattr(mod, klass)
+                self.assertEqual(cls.__module__, "test_cells")
+                self.assertTrue(callable(getattr(cls, meth)), c.name)
 
     def test_every_cell_has_an_expectation(self) -> None:
         rules = load()
