@@ -4,11 +4,13 @@ A scenario returns an ``Observation``: the outcome class it saw and the evidence
 (workload report, dmesg classes, audit-log facts). It never decides pass/fail; the verdict
 layer compares the class with the expectations table.
 
-Every event runs the guest's ``workload.py cell`` (guest/pinlab_cell.py), which
-reports raw observations; ``classify_cell`` turns them, the dmesg lines the cell added and
-the device's audit facts into one outcome class (the classes are documented in the header
-of ``data/expectations.toml``). ``hot-unplug`` and ``no-ack`` also act on the host side
-(QMP ``device_del``, device fault injection).
+Every event runs the guest's ``pinlab.guest.workload cell`` (guest/pinlab_cell.py and the
+event's steps, guest/events/), which reports raw observations; ``classify_cell`` turns
+them, the dmesg lines the cell added and the device's audit facts into one outcome class
+(the classes are documented in the header of ``data/expectations.toml``). Which function
+here runs an event is its ``Event.scenario`` (orchestrator/events/): ``run_cell`` for most;
+``hot_unplug``, ``no_ack`` and ``mem_offline`` also act on the host side (QMP
+``device_del``, device fault injection, a hot-added DIMM).
 """
 
 from __future__ import annotations

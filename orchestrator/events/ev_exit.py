@@ -19,10 +19,10 @@ def victim(j: Judge, oom: bool = False) -> str:
     victim = rep.get(Key.VICTIM)
     va = j.audit.get("victim")
     j.f.update(victim_status=rep.get(Key.VICTIM_STATUS),
-                  victim_signal=rep.get(Key.VICTIM_SIGNAL),
-                  victim_exit_ms=rep.get(Key.VICTIM_EXIT_MS),
-                  oom_events=rep.get(Key.OOM_EVENTS),
-                  pins_victim=[outstanding(rep.get(Key.VMSTAT_BEFORE_VICTIM)),
+               victim_signal=rep.get(Key.VICTIM_SIGNAL),
+               victim_exit_ms=rep.get(Key.VICTIM_EXIT_MS),
+               oom_events=rep.get(Key.OOM_EVENTS),
+               pins_victim=[outstanding(rep.get(Key.VMSTAT_BEFORE_VICTIM)),
                                outstanding(rep.get(Key.VMSTAT_VICTIM_REGISTERED)),
                                outstanding(rep.get(Key.VMSTAT_VICTIM_GONE))])
     before, after = rep.get(Key.NONBLOCK_REFUSED_BEFORE), rep.get(Key.NONBLOCK_REFUSED_AFTER)

@@ -27,7 +27,7 @@ def classify(j: Judge) -> str:
         j.f["child_map"] = view(child, "map")
         child_g2 = all_gen(child[Key.MAP], 2)
     j.f.update(parent_g2=parent_ok, child_g2=child_g2, child_status=status,
-                  parent_pfns_changed=changed(rep.get(Key.PFNS_BEFORE),
+               parent_pfns_changed=changed(rep.get(Key.PFNS_BEFORE),
                                                rep.get(Key.PFNS_PARENT_AFTER_WRITE)))
     if j.g2_errno():
         return j.revoked_failure(step(rep, "dma_write_g2").get("errno_name"))

@@ -17,12 +17,12 @@ def classify(j: Judge) -> str:
     rep = j.rep
     off = rep.get(Key.OFFLINE)
     j.f.update(blocks=rep.get(Key.BLOCKS), offline=off,
-                  movable_pages=rep.get(Key.MOVABLE_PAGES),
-                  moved_at_registration=changed(rep.get(Key.PFNS_BEFORE),
+               movable_pages=rep.get(Key.MOVABLE_PAGES),
+               moved_at_registration=changed(rep.get(Key.PFNS_BEFORE),
                                                  rep.get(Key.PFNS_REGISTERED)),
-                  moved_by_offline=changed(rep.get(Key.PFNS_REGISTERED),
+               moved_by_offline=changed(rep.get(Key.PFNS_REGISTERED),
                                             rep.get(Key.PFNS_AFTER_TOUCH)),
-                  migration_failures=j.dm.lines.get("MIGRATION_FAILURE", [])[:3])
+               migration_failures=j.dm.lines.get("MIGRATION_FAILURE", [])[:3])
     if not isinstance(off, list) or not off:
         raise Inconclusive("no registered page was in a movable block")
     if not all(isinstance(o, dict) and "result" in o for o in off):

@@ -17,8 +17,8 @@ def classify(j: Judge) -> str:
     j.f.update({k: rep.get(k) for k in ("pinned_moved", "control_moved",
                                             "vmstat_event")})
     j.f["soft_offline"] = {st[Key.STEP]: st.get(Key.ERRNO_NAME) or 0
-                              for st in rep.get(Key.STEPS, []) if isinstance(st, dict)
-                              and str(st.get(Key.STEP, "")).startswith("soft_offline")}
+                           for st in rep.get(Key.STEPS, []) if isinstance(st, dict)
+                           and str(st.get(Key.STEP, "")).startswith("soft_offline")}
     pinned, control = rep.get(Key.PINNED_MOVED), rep.get(Key.CONTROL_MOVED)
     if not isinstance(pinned, int) or not isinstance(control, int):
         raise Inconclusive("migration counts missing")

@@ -17,7 +17,7 @@ def classify(j: Judge) -> str:
     rep, dm = j.rep, j.dm
     j.f["madv_dontneed_ms"] = step(rep, "madv_dontneed").get("ms")
     j.f["escalation_lines"] = [ln for ln in dm.pinlab_lines
-                                  if any(x in ln for x in ESCALATION_LINES)][:4]
+                               if any(x in ln for x in ESCALATION_LINES)][:4]
     q = rep.get(Key.QUERY_AFTER_EVENT)
     j.f["query_after_event"] = q
     j.f["resets"] = j.audit.get("resets")

@@ -54,7 +54,7 @@ def swap_reached(j: Judge) -> None:
     ev = rep.get(Key.VMSTAT_EVENT)
     pswpout = ev.get("pswpout", 0) if isinstance(ev, dict) else None
     j.f["swapped"] = {"registered": reg["swap"], "control": ctl_swapped,
-                         "control_pages": n, "pswpout": pswpout}
+                      "control_pages": n, "pswpout": pswpout}
     if not ctl_swapped:
         raise Inconclusive("reclaim did not reach the mapping: no control page swapped")
     if not isinstance(pswpout, int) or pswpout < ctl_swapped:
