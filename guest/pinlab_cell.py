@@ -1,10 +1,15 @@
-"""One matrix cell, run step by step in the guest: `workload.py cell --mode M --backing B
---event E`.  Standard library only (Python 3.13 in the guest).
+"""One matrix cell, run step by step in the guest: `python3 -m pinlab.guest.workload cell
+--mode M --backing B --event E`.  Standard library only (Python 3.13 in the guest).
+
+This module is the cell's frame and toolkit (environment, mapping, registration,
+generation 1, release, the final file check; DMA, scans, steps); the event's own steps
+are ``guest/events/ev_<event>.py`` (``Cell.event`` runs them).
 
 The report is raw observations, never a verdict: registration errno, the state of every
 page seen through the mapping / the file / the disk (which device generation is there),
 PFNs from /proc/self/pagemap, /proc/vmstat deltas, memcg charge, timings and the driver's
-QUERY output.  The host (orchestrator/scenario.py) turns it into an outcome class.
+QUERY output.  The host (orchestrator/classify.py and the event's classifier,
+orchestrator/events/ev_<event>.py) turns it into an outcome class.
 
 Every cell cleans up after itself (munmap, close, remove files, unmount, swapoff, leave
 the cgroup, restore nr_hugepages) so the next cell starts from the same guest state.

@@ -3,9 +3,10 @@
 
 Standard library only (it runs inside the guest). Usage:
 
-    workload.py info
-    workload.py dma-write --mode longterm --backing anon --pages 64 --generation 7
-    workload.py cell --mode pin --backing ext4 --event truncate   (pinlab_cell.py)
+    python3 -m pinlab.guest.workload info
+    python3 -m pinlab.guest.workload dma-write --mode longterm --backing anon --pages 64
+    python3 -m pinlab.guest.workload cell --mode pin --backing ext4 --event truncate
+        (pinlab_cell.py and guest/events/)
 
 The last line of stdout is the JSON report; errors are reported in it, not raised.
 """
