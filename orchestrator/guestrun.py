@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from .registry import GuestEntry
-from .session import GUEST_DIR, GUEST_TOOLS, guest_tool
+from .session import GUEST_DIR, push_guest_files
 from .ssh import GuestSSH, SSHError
 
 RUN_DIR = f"{GUEST_DIR}/run"
@@ -54,8 +54,7 @@ def run_script(e: GuestEntry, script: Path, args: list[str], timeout: float = 36
     ssh = connect(e)
     try:
         ssh.run(f"mkdir -p {RUN_DIR}", check=True)
-        for name in GUEST_TOOLS:
-            ssh.put(guest_tool(name), f"{GUEST_DIR}/{name}")
+        push_guest_files(ssh)
         remote = f"{RUN_DIR}/{script.name}"
         ssh.put(script.read_bytes(), remote, mode=0o755)
         cmd = (f"cd {GUEST_DIR} && PYTHONPATH={GUEST_DIR} exec python3 -u "

@@ -15,17 +15,42 @@ from pinlab.images.kernel import DEFAULT_KERNEL
 from .accel import choose_accel
 from .agent import AgentError, GuestAgent
 from .qmp import QMP
+from .ssh import GuestSSH
 from .vm import GUEST_MODULE, Guest, GuestConfig
 
 # the guest API (pinlab_ioctl, pinlab_mm, pinlab_kmsg, pinlab_env) and the matrix's cell code
 GUEST_TOOLS = ("pinlab_ioctl.py", "pinlab_mm.py", "pinlab_kmsg.py", "pinlab_env.py",
                "pinlab_cell.py", "workload.py", "pinlab_agent.py")
 GUEST_DIR = "/root/pinlab"
+# stdlib-only host modules the guest imports under their host names (pinlab.common.*):
+# pushed to GUEST_DIR/<path>, GUEST_DIR being first on the guest's sys.path
+GUEST_SHARED = ("pinlab/__init__.py", "pinlab/common/__init__.py",
+                "pinlab/common/jsonlines.py")
 
 
 def guest_tool(name: str) -> bytes:
     """The bytes of one file of images/guest/ (a GUEST_TOOLS name)."""
     return resources.files("pinlab.images").joinpath("guest", name).read_bytes()
+
+
+def guest_files() -> list[tuple[str, bytes]]:
+    """Every file the guest gets, as (path under GUEST_DIR, bytes): the GUEST_TOOLS and
+    the GUEST_SHARED modules."""
+    files = [(name, guest_tool(name)) for name in GUEST_TOOLS]
+    for path in GUEST_SHARED:
+        package, _, name = path.rpartition("/")
+        files.append((path, resources.files(package.replace("/", ".")).joinpath(name)
+                      .read_bytes()))
+    return files
+
+
+def push_guest_files(ssh: GuestSSH) -> None:
+    """Copy ``guest_files()`` into GUEST_DIR. Raises SSHError."""
+    dirs = sorted({f"{GUEST_DIR}/{p.rpartition('/')[0]}".rstrip("/") for p, _ in
+                   guest_files()})
+    ssh.run("mkdir -p " + " ".join(dirs), check=True)
+    for path, data in guest_files():
+        ssh.put(data, f"{GUEST_DIR}/{path}")
 
 
 class WorkloadError(RuntimeError):
@@ -80,9 +105,7 @@ class GuestSession:
                     s.control.close()
 
     def push_tools(self) -> None:
-        self.guest.ssh.run(f"mkdir -p {GUEST_DIR}", check=True)
-        for name in GUEST_TOOLS:
-            self.guest.ssh.put(guest_tool(name), f"{GUEST_DIR}/{name}")
+        push_guest_files(self.guest.ssh)
 
     @property
     def agent(self) -> GuestAgent:

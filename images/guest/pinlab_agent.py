@@ -5,7 +5,9 @@ commands (matrix cells) without paying for an interpreter start and imports each
 
 Standard library only. The host starts it over an SSH exec channel and speaks JSON
 lines: one request object per stdin line, one response object per stdout line. The
-first line it prints is {"ready": true, ...}.
+first line it prints is {"ready": true, ...}. Framing is pinlab.common.jsonlines (pushed
+beside this file); a request line longer than MAX_REQUEST bytes is answered with an error
+and skipped.
 
 Requests (``op``):
   ping                                   -> {"ok": true, "pid", "kernel"}
@@ -24,7 +26,6 @@ does not report within ``timeout`` is killed; one stuck in the kernel is left an
 import contextlib
 import ctypes
 import errno
-import json
 import os
 import select
 import signal
@@ -35,10 +36,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import pinlab_kmsg  # noqa: E402
 import workload  # noqa: E402
 
+from pinlab.common import jsonlines  # noqa: E402  (pushed beside this file, see session.py)
+
 SYS_DELETE_MODULE = 176       # x86_64
 SYS_FINIT_MODULE = 313
 O_NONBLOCK = os.O_NONBLOCK
 CELL_OUTPUT = "/tmp/pinlab-agent-cell.out"
+MAX_REQUEST = 1 << 20         # bytes in one request line
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -136,10 +140,10 @@ def _child(argv, w):
             report = {"error": f"bad workload arguments: {argv}"}
         else:
             report = workload.run(args)
-        os.write(w, json.dumps(report, default=str).encode())
+        os.write(w, jsonlines.encode(report, default=str))
     except BaseException as exc:  # noqa: BLE001 - the child must never return
         with contextlib.suppress(Exception):
-            os.write(w, json.dumps({"error": f"agent child: {exc!r}"}).encode())
+            os.write(w, jsonlines.encode({"error": f"agent child: {exc!r}"}))
         code = 1
     finally:
         for f in (sys.stdout, sys.stderr):
@@ -198,8 +202,8 @@ def run(req):
     if status is None:
         resp["stuck"] = True   # in the kernel (D state): the host reboots the guest
     try:
-        resp["report"] = json.loads(b"".join(chunks) or b"null")
-    except ValueError:
+        resp["report"] = jsonlines.decode(b"".join(chunks) or b"null")
+    except jsonlines.FramingError:
         resp["report"] = None
     if timed_out:
         resp["error"] = f"workload {' '.join(argv)} gave no report within {timeout:.0f}s"
@@ -218,31 +222,35 @@ OPS = {
 
 
 def main():
-    proto = os.fdopen(os.dup(1), "w")
+    proto = os.fdopen(os.dup(1), "wb")
     # stray output (ours or a library's) must never reach the protocol stream
     log = os.open("/tmp/pinlab-agent.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(log, 1)
     sys.stdout = os.fdopen(1, "w", closefd=False)
 
     def send(obj):
-        proto.write(json.dumps(obj, default=str) + "\n")
+        proto.write(jsonlines.encode(obj, default=str))
         proto.flush()
 
     send({"ready": True, "pid": os.getpid(), "kernel": os.uname().release})
-    for line in sys.stdin:
-        if not line.strip():
-            continue
+    requests = jsonlines.Reader(lambda n: os.read(0, n), MAX_REQUEST)
+    while True:
         req = None
         try:
-            req = json.loads(line)
-            if not isinstance(req, dict):
-                raise ValueError("a request is a JSON object")
+            line = requests.read_line()
+            if line is None:
+                break
+            if not line.strip():
+                continue
+            req = jsonlines.decode_object(line)
             op = req.get("op")
             if op == "exit":
                 send({"ok": True})
                 break
             fn = OPS.get(op)
             resp = fn(req) if fn else {"error": f"unknown op {op!r}"}
+        except jsonlines.Truncated:
+            break   # the host went away in the middle of a request
         except Exception as exc:  # noqa: BLE001 - answer every request
             resp = {"error": f"{type(exc).__name__}: {exc}"}
         resp["id"] = req.get("id") if isinstance(req, dict) else None

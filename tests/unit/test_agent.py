@@ -60,6 +60,19 @@ class AgentTest(unittest.TestCase):
         self.assertIn("error", self.req("run"))            # no argv
         self.assertTrue(self.req("ping")["ok"])
 
+    def test_oversize_request_is_refused_and_skipped(self) -> None:
+        big = b'{"op": "ping", "pad": "' + b"x" * (1 << 20) + b'"}\n'
+        r = self.send_raw(big)
+        self.assertIn("longer than", r["error"])
+        self.assertIsNone(r["id"])
+        self.assertEqual(self.req("ping")["id"], 7)         # the stream is usable again
+
+    def test_eof_mid_request_ends_the_agent(self) -> None:
+        assert self.proc.stdin
+        self.proc.stdin.write(b'{"op": "pi')
+        self.proc.stdin.close()
+        self.assertEqual(self.proc.wait(timeout=10), 0)
+
     def test_run_forks_a_reporting_child(self) -> None:
         r = self.req("run", argv=["--device", "/nonexistent", "info"], timeout=60)
         self.assertNotIn("error", r)
