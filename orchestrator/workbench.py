@@ -211,7 +211,7 @@ class Workbench:
             if o.cell and o.cell.event == "mem-offline":
                 # as scenario.mem_offline: a movable DIMM for the cell's pages (kept)
                 env["dimm"] = {"id": DIMM_ID, "mib": HOTPLUG_MB,
-                               "auto_online_was": hot_add_dimm(s.guest)}
+                               "auto_online_was": hot_add_dimm(s)}
             (self.artifacts / "guest-env.json").write_text(json.dumps(env, indent=2) + "\n")
             g = s.guest
             kh = g.rundir / "known_hosts"

@@ -62,6 +62,7 @@ SWAP_CONTROL = {("anon", "pageout"), ("anon", "memcg-reclaim"),
                 ("private-file", "pageout"), ("private-file", "memcg-reclaim")}
 SOFT_OFFLINE_PAGES = 4
 READY_FILE = "/tmp/pinlab-cell.ready"
+NOTIFY_ENV = "PINLAB_NOTIFY_FD"   # set by pinlab_agent.py in the workload's process
 
 
 # ------------------------------------------------------------------ small helpers
@@ -802,11 +803,10 @@ class Cell:
         self.ev_hot_unplug()
 
     def ev_hot_unplug(self):
-        """Stream, tell the host (READY_FILE), wait until the device is gone."""
+        """Stream, tell the host (notify_ready), wait until the device is gone."""
         rep, dev = self.rep, self.dev
         timed(rep, "stream_start", dev.stream_start, self.rid, 0, self.m.size, 100, PAGE, 1000)
-        write_file(READY_FILE, str(os.getpid()))
-        self.stack.callback(lambda: os.path.exists(READY_FILE) and os.unlink(READY_FILE))
+        notify_ready(self.stack)
         t0 = now_ms()
         gone = None
         while now_ms() - t0 < 60000:
@@ -825,6 +825,19 @@ class Cell:
         self.dma(2)
         timed(rep, "stream_stop", dev.stream_stop, self.rid)
         rep["map_after"] = self.scan_map()
+
+
+def notify_ready(stack):
+    """Tell the host the cell reached its event. Run by the guest agent: a "ready" line on
+    the agent's notification pipe ($PINLAB_NOTIFY_FD), which answers the host's pending
+    ``wait``. Run by hand (``pinlab run`` with ``pinlab replug --ready-file``): READY_FILE,
+    removed when the cell ends."""
+    fd = os.environ.get(NOTIFY_ENV)
+    if fd:
+        os.write(int(fd), b"ready\n")
+        return
+    write_file(READY_FILE, str(os.getpid()))
+    stack.callback(lambda: os.path.exists(READY_FILE) and os.unlink(READY_FILE))
 
 
 def ready_cell(mode, backing, event, device=None):
