@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pinlab.common import jsonlines
+
 from .classify import audit_facts, classify_cell
 from .dmesg import DmesgReport, classify
 from .expectations import Cell
@@ -65,9 +67,9 @@ def _finish(s: GuestSession, cell: Cell, art: Path, rep: dict[str, Any], mark: i
         since = s.audit_since
         records = s.audit(limit=AUDIT_LIMIT)
         violations = s.violations()
-        with (art / "audit.jsonl").open("w") as fh:   # the cell's extract of the audit log
+        with (art / "audit.jsonl").open("wb") as fh:   # the cell's extract of the audit log
             for r in records:
-                fh.write(json.dumps(r, separators=(",", ":")) + "\n")
+                fh.write(jsonlines.encode(r, compact=True))
         audit = audit_facts(rep, records, violations, since, AUDIT_LIMIT)
         victim = rep.get("victim")
         if isinstance(victim, dict) and victim.get("region") is not None:

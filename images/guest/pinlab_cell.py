@@ -19,7 +19,6 @@ Scans are run-length encoded: [[state, first_page, count], ...].
 import contextlib
 import errno
 import fcntl
-import json
 import mmap
 import os
 import select
@@ -53,6 +52,8 @@ from pinlab_mm import (
     vmstat,
     write_file,
 )
+
+from pinlab.common import jsonlines
 
 NPAGES = 16                 # 64 KiB: enough for truncate halves, holes, partial pages
 CONTROL_PAGES = 4           # unregistered pages after the region (swap reclaim cells)
@@ -156,16 +157,21 @@ def driver_stat(name, dev="pinlab0"):
 
 
 def _read_line(fd, timeout):
-    buf, deadline = b"", time.monotonic() + timeout
-    while b"\n" not in buf:
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
-            raise RuntimeError("the victim process did not report")
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            raise RuntimeError(f"the victim process exited early: {buf[-500:]!r}")
-        buf += chunk
-    return json.loads(buf.split(b"\n", 1)[0])
+    """The victim's one JSON line on ``fd``, within ``timeout`` s. Raises RuntimeError."""
+    lines = jsonlines.Splitter(1 << 20)
+
+    def recv(left):
+        if not select.select([fd], [], [], left)[0]:
+            raise TimeoutError
+        return os.read(fd, 4096)
+
+    try:
+        line = jsonlines.wait_line(lines, recv, time.monotonic() + timeout)
+    except (EOFError, jsonlines.Truncated) as exc:
+        raise RuntimeError(f"the victim process exited early: {exc}") from exc
+    if line is None:
+        raise RuntimeError("the victim process did not report")
+    return jsonlines.decode(line)
 
 
 def _wait_child(pid, timeout):
@@ -193,8 +199,8 @@ def _victim_child(args, kind, cg, info_w, go_r):
             rid = dev.register(m.addr, m.size, args.mode)
             dev.dma_write(rid, 0, m.size, 1)
             dev.stream_start(rid, 0, m.size, 1, PAGE, 500)
-            os.write(info_w, json.dumps({"region": rid, "npages": m.npages,
-                                         "pfns": m.pfns()}).encode() + b"\n")
+            os.write(info_w, jsonlines.encode({"region": rid, "npages": m.npages,
+                                               "pfns": m.pfns()}))
             os.read(go_r, 1)
             if cg:
                 hog = []
@@ -203,7 +209,7 @@ def _victim_child(args, kind, cg, info_w, go_r):
             os.kill(os.getpid(), signal.SIGKILL)
     except BaseException as exc:  # noqa: BLE001 - the child must never return
         with contextlib.suppress(Exception):
-            os.write(info_w, json.dumps({"error": repr(exc)}).encode() + b"\n")
+            os.write(info_w, jsonlines.encode({"error": repr(exc)}))
         code = 1
     finally:
         os._exit(code)
@@ -626,10 +632,10 @@ class Cell:
                 else:
                     out = {"mapped": True, "map": self.scan_map(),
                            "pfns": pagemap(m.addr, m.npages)}
-                os.write(res_w, json.dumps(out).encode())
+                os.write(res_w, jsonlines.encode(out))
             except BaseException as exc:  # noqa: BLE001 - the child must never return
                 with contextlib.suppress(Exception):
-                    os.write(res_w, json.dumps({"error": repr(exc)}).encode())
+                    os.write(res_w, jsonlines.encode({"error": repr(exc)}))
                 code = 1
             finally:
                 os._exit(code)
@@ -657,8 +663,8 @@ class Cell:
         _, status = os.waitpid(pid, 0)
         rep["child_status"] = status
         try:
-            rep["child"] = json.loads(b"".join(chunks) or b"{}")
-        except ValueError:
+            rep["child"] = jsonlines.decode(b"".join(chunks) or b"{}")
+        except jsonlines.MalformedLine:
             rep["child"] = {"error": "bad child report"}
 
     def ev_fork(self):
