@@ -214,8 +214,12 @@ class Key:
 
 
 # ------------------------------------------------------------------ guest files
-#: A hot-unplug cell's workload creates it when it streams and waits for the device to go.
+#: A hot-unplug cell run by hand (no agent) creates it when it streams and waits for the
+#: device to go (``pinlab replug --ready-file``).
 READY_FILE = "/tmp/pinlab-cell.ready"
+#: Environment variable naming the descriptor on which a cell run by the agent says "ready"
+#: (the agent's ``wait until=ready``).
+NOTIFY_FD_ENV = "PINLAB_NOTIFY_FD"
 #: Where a hot-unplug cell's workload (started without the agent) writes its report.
 CELL_OUT_FILE = "/tmp/pinlab-cell.out"
 #: The agent's child writes its output here.

@@ -3,6 +3,13 @@
 Compatible with ``qemu.qmp.QMPClient`` and ``qmp-shell``. Several clients may be connected
 at once; each gets its own reader thread and a writer thread fed by a bounded queue, so a
 slow client never blocks the device.
+
+Layers as in qemu.qmp (protocol -> client): what the server writes is framed by
+pinlab.common.jsonlines (one object per line, ``\r\n`` as QEMU ends them). What it reads
+is not line-framed: QMP input is a stream of JSON values (QEMU's json-streamer accepts
+several per line, or one across lines), so ``ControlClient._read_loop`` decodes it with
+``json.JSONDecoder.raw_decode`` under the bounds of limits.py; ``dispatch`` and
+``ControlServer.run`` are the QMP layer on top.
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ import threading
 import time
 from collections.abc import Callable
 from typing import Any
+
+from pinlab.common import jsonlines
 
 from .device import Device
 from .limits import (
@@ -35,6 +44,7 @@ VERSION = {"qemu": {"major": 0, "minor": 1, "micro": 0}, "package": "pinlab-devi
 MAX_BUFFER = MAX_QMP_INPUT
 EVENT_QUEUE = MAX_QMP_QUEUE
 DIE_EXIT_CODE = 99
+QMP_EOL = b"\r\n"
 
 
 class QmpError(Exception):
@@ -70,7 +80,7 @@ class ControlClient:
         self.reader.start()
 
     def send(self, obj: dict[str, Any]) -> None:
-        data = json.dumps(obj, separators=(",", ":")).encode() + b"\r\n"
+        data = jsonlines.encode(obj, compact=True, eol=QMP_EOL)
         try:
             self.out.put_nowait(data)
         except queue.Full:
@@ -190,7 +200,7 @@ def _refuse(conn: socket.socket) -> None:
                      "desc": f"too many control clients (at most {MAX_CONTROL_CLIENTS})"}}
     with contextlib.suppress(OSError):
         conn.setblocking(False)
-        conn.send(json.dumps(msg).encode() + b"\r\n")
+        conn.send(jsonlines.encode(msg, compact=True, eol=QMP_EOL))
     conn.close()
 
 

@@ -23,6 +23,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+from pinlab.common import jsonlines
+
 from . import protocol as P
 from .control import ControlServer
 from .device import Device
@@ -427,7 +429,7 @@ class QmpLine:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         self.sock.connect(path)
-        self._buf = b""
+        self._lines = jsonlines.Reader(self.sock.recv)
         greeting = self.read()
         if "QMP" not in greeting:
             raise AssertionError(f"no QMP greeting: {greeting}")
@@ -443,13 +445,12 @@ class QmpLine:
         self.close()
 
     def read(self) -> dict[str, object]:
-        while b"\n" not in self._buf:
-            data = self.sock.recv(65536)
-            if not data:
-                raise ConnectionError("control socket closed")
-            self._buf += data
-        line, _, self._buf = self._buf.partition(b"\n")
-        return json.loads(line)
+        """The next object the device sent. Raises ConnectionError when it hung up,
+        TimeoutError, and jsonlines.FramingError for a line that is not an object."""
+        try:
+            return self._lines.read_object()
+        except EOFError as exc:
+            raise ConnectionError("control socket closed") from exc
 
     def send_raw(self, data: bytes) -> None:
         self.sock.sendall(data)
@@ -466,7 +467,7 @@ class QmpLine:
         msg: dict[str, object] = {"execute": cmd}
         if args:
             msg["arguments"] = args
-        self.send_raw(json.dumps(msg).encode() + b"\n")
+        self.send_raw(jsonlines.encode(msg))
         rep = self.reply()
         if "error" in rep:
             raise AssertionError(f"{cmd}: {rep['error']}")

@@ -23,7 +23,6 @@ Scans are run-length encoded: [[state, first_page, count], ...].
 """
 import contextlib
 import errno
-import json
 import mmap
 import os
 import select
@@ -32,7 +31,8 @@ import struct
 import subprocess
 import time
 
-from pinlab.common.vocab import READY_FILE, SCRATCH_MOUNT, Key
+from pinlab.common import jsonlines
+from pinlab.common.vocab import NOTIFY_FD_ENV, READY_FILE, SCRATCH_MOUNT, Key
 from pinlab.guest import events, pinlab_ioctl
 from pinlab.guest.pinlab_env import CGCELL, cell_environment, mount_scratch, mount_tmpfs, oom_cgroup
 from pinlab.guest.pinlab_mm import (
@@ -147,16 +147,21 @@ def driver_stat(name, dev="pinlab0"):
 
 
 def _read_line(fd, timeout):
-    buf, deadline = b"", time.monotonic() + timeout
-    while b"\n" not in buf:
-        left = deadline - time.monotonic()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
-            raise RuntimeError("the victim process did not report")
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            raise RuntimeError(f"the victim process exited early: {buf[-500:]!r}")
-        buf += chunk
-    return json.loads(buf.split(b"\n", 1)[0])
+    """The victim's one JSON line on ``fd``, within ``timeout`` s. Raises RuntimeError."""
+    lines = jsonlines.Splitter(1 << 20)
+
+    def recv(left):
+        if not select.select([fd], [], [], left)[0]:
+            raise TimeoutError
+        return os.read(fd, 4096)
+
+    try:
+        line = jsonlines.wait_line(lines, recv, time.monotonic() + timeout)
+    except (EOFError, jsonlines.Truncated) as exc:
+        raise RuntimeError(f"the victim process exited early: {exc}") from exc
+    if line is None:
+        raise RuntimeError("the victim process did not report")
+    return jsonlines.decode(line)
 
 
 def _wait_child(pid, timeout):
@@ -184,8 +189,8 @@ def _victim_child(args, kind, cg, info_w, go_r):
             rid = dev.register(m.addr, m.size, args.mode)
             dev.dma_write(rid, 0, m.size, 1)
             dev.stream_start(rid, 0, m.size, 1, PAGE, 500)
-            os.write(info_w, json.dumps({Key.REGION: rid, Key.NPAGES: m.npages,
-                                         Key.PFNS: m.pfns()}).encode() + b"\n")
+            os.write(info_w, jsonlines.encode({Key.REGION: rid, Key.NPAGES: m.npages,
+                                               Key.PFNS: m.pfns()}))
             os.read(go_r, 1)
             if cg:
                 hog = []
@@ -194,7 +199,7 @@ def _victim_child(args, kind, cg, info_w, go_r):
             os.kill(os.getpid(), signal.SIGKILL)
     except BaseException as exc:  # noqa: BLE001 - the child must never return
         with contextlib.suppress(Exception):
-            os.write(info_w, json.dumps({Key.ERROR: repr(exc)}).encode() + b"\n")
+            os.write(info_w, jsonlines.encode({Key.ERROR: repr(exc)}))
         code = 1
     finally:
         os._exit(code)
@@ -520,10 +525,10 @@ class Cell:
                 else:
                     out = {Key.MAPPED: True, Key.MAP: self.scan_map(),
                            Key.PFNS: pagemap(m.addr, m.npages)}
-                os.write(res_w, json.dumps(out).encode())
+                os.write(res_w, jsonlines.encode(out))
             except BaseException as exc:  # noqa: BLE001 - the child must never return
                 with contextlib.suppress(Exception):
-                    os.write(res_w, json.dumps({Key.ERROR: repr(exc)}).encode())
+                    os.write(res_w, jsonlines.encode({Key.ERROR: repr(exc)}))
                 code = 1
             finally:
                 os._exit(code)
@@ -551,8 +556,8 @@ class Cell:
         _, status = os.waitpid(pid, 0)
         rep[Key.CHILD_STATUS] = status
         try:
-            rep[Key.CHILD] = json.loads(b"".join(chunks) or b"{}")
-        except ValueError:
+            rep[Key.CHILD] = jsonlines.decode(b"".join(chunks) or b"{}")
+        except jsonlines.MalformedLine:
             rep[Key.CHILD] = {Key.ERROR: "bad child report"}
 
     def remap(self):
@@ -610,12 +615,11 @@ class Cell:
         rep[Key.MAP_G2] = self.scan_map()
 
     def stream_until_removed(self):
-        """Stream, tell the host (READY_FILE), wait until the device is gone (hot-unplug,
+        """Stream, tell the host (notify_ready), wait until the device is gone (hot-unplug,
         pci-remove: the host removes it)."""
         rep, dev = self.rep, self.dev
         timed(rep, "stream_start", dev.stream_start, self.rid, 0, self.m.size, 100, PAGE, 1000)
-        write_file(READY_FILE, str(os.getpid()))
-        self.stack.callback(lambda: os.path.exists(READY_FILE) and os.unlink(READY_FILE))
+        notify_ready(self.stack)
         t0 = now_ms()
         gone = None
         while now_ms() - t0 < 60000:
@@ -634,6 +638,19 @@ class Cell:
         self.dma(2)
         timed(rep, "stream_stop", dev.stream_stop, self.rid)
         rep[Key.MAP_AFTER] = self.scan_map()
+
+
+def notify_ready(stack):
+    """Tell the host the cell reached its event. Run by the guest agent: a "ready" line on
+    the agent's notification pipe ($PINLAB_NOTIFY_FD), which answers the host's pending
+    ``wait``. Run by hand (``pinlab run`` with ``pinlab replug --ready-file``): READY_FILE,
+    removed when the cell ends."""
+    fd = os.environ.get(NOTIFY_FD_ENV)
+    if fd:
+        os.write(int(fd), b"ready\n")
+        return
+    write_file(READY_FILE, str(os.getpid()))
+    stack.callback(lambda: os.path.exists(READY_FILE) and os.unlink(READY_FILE))
 
 
 def ready_cell(mode, backing, event, device=None):

@@ -25,6 +25,8 @@
 #include <linux/kfifo.h>
 #include <linux/workqueue.h>
 #include <linux/mmu_notifier.h>
+#include <linux/dma-direction.h>
+#include <linux/string.h>
 
 #include "pinlab_uapi.h"
 
@@ -301,21 +303,17 @@ extern unsigned int pinlab_fence_timeout_ms;
 void pinlab_dev_put(struct pinlab_dev *pd);
 void pinlab_dev_get(struct pinlab_dev *pd);
 
-/* pinlab_queue.c */
-int pinlab_queue_alloc(struct pinlab_dev *pd);
-void pinlab_queue_free(struct pinlab_dev *pd);
-int pinlab_queue_start(struct pinlab_dev *pd);
-void pinlab_queue_kill(struct pinlab_dev *pd);
-void pinlab_dev_reset(struct pinlab_dev *pd, const char *why);
-void pinlab_dev_halt(struct pinlab_dev *pd, const char *why);
-int pinlab_submit(struct pinlab_dev *pd, struct pinlab_sqe *sqe,
-		  struct pinlab_completion *comp, unsigned int timeout_ms);
-int pinlab_status_to_errno(u16 status);
-int pinlab_dev_epoch_check(struct pinlab_dev *pd, u32 epoch);
-bool pinlab_dev_epoch_gone(struct pinlab_dev *pd, u32 epoch);
-irqreturn_t pinlab_cq_irq(int irq, void *data);
-irqreturn_t pinlab_eq_irq(int irq, void *data);
-void pinlab_event_work(struct work_struct *work);
+/*
+ * Layering: every call goes down this list, never up.  The only upward
+ * entries are callbacks the kernel requires: the IRQ handlers, the event
+ * work and the mmu_interval_notifier ops.
+ *
+ *   pinlab_main.c, pinlab_cdev.c	probe/remove, file operations
+ *   pinlab_region.c			registration, region commands, events
+ *   pinlab_odp.c			device page mappings, odp notifier
+ *   pinlab_queue.c			rings, submission, FENCE, reset,
+ *					status <-> errno
+ */
 
 /* pinlab_region.c */
 int pinlab_region_register(struct pinlab_file *pf, struct pinlab_register *arg);
@@ -325,21 +323,50 @@ int pinlab_region_stream_start(struct pinlab_file *pf, struct pinlab_stream *arg
 int pinlab_region_stream_stop(struct pinlab_file *pf, struct pinlab_region_op *arg);
 int pinlab_region_query(struct pinlab_file *pf, struct pinlab_query *arg);
 int pinlab_region_dirty(struct pinlab_file *pf, struct pinlab_region_op *arg);
-int pinlab_dev_fence(struct pinlab_dev *pd, struct pinlab_region_op *arg);
 void pinlab_region_release_all(struct pinlab_file *pf);
-void pinlab_region_handle_event(struct pinlab_dev *pd,
-				const struct pinlab_event *ev);
-int pinlab_region_map_chunk(struct pinlab_region *r, unsigned long first,
-			    unsigned long count);
 void pinlab_region_put(struct pinlab_region *r);
-void pinlab_region_unmap_range(struct pinlab_region *r, unsigned long first,
-			       unsigned long count);
+void pinlab_event_work(struct work_struct *work);
 
 /* pinlab_odp.c */
+void pinlab_unmap_range(struct pinlab_region *r, unsigned long first,
+			unsigned long count);
 int pinlab_odp_init(struct pinlab_region *r);
 void pinlab_odp_fini(struct pinlab_region *r);
 int pinlab_odp_map_range(struct pinlab_region *r, unsigned long first,
 			 unsigned long count);
+
+/* pinlab_queue.c */
+int pinlab_queue_alloc(struct pinlab_dev *pd);
+void pinlab_queue_free(struct pinlab_dev *pd);
+int pinlab_queue_start(struct pinlab_dev *pd);
+void pinlab_queue_kill(struct pinlab_dev *pd);
+void pinlab_dev_reset(struct pinlab_dev *pd, const char *why);
+void pinlab_dev_halt(struct pinlab_dev *pd, const char *why);
+int pinlab_submit(struct pinlab_dev *pd, struct pinlab_sqe *sqe,
+		  struct pinlab_completion *comp, unsigned int timeout_ms);
+int pinlab_submit_region(struct pinlab_region *r, struct pinlab_sqe *sqe,
+			 struct pinlab_completion *comp, unsigned int timeout_ms,
+			 u16 *status);
+int pinlab_map_pages(struct pinlab_region *r, unsigned long first,
+		     unsigned long count);
+int pinlab_dev_fence(struct pinlab_dev *pd, struct pinlab_region_op *arg);
+int pinlab_status_to_errno(u16 status);
+int pinlab_dev_epoch_check(struct pinlab_dev *pd, u32 epoch);
+bool pinlab_dev_epoch_gone(struct pinlab_dev *pd, u32 epoch);
+irqreturn_t pinlab_cq_irq(int irq, void *data);
+irqreturn_t pinlab_eq_irq(int irq, void *data);
+
+static inline void pinlab_sqe_init(struct pinlab_sqe *sqe, u8 opcode)
+{
+	memset(sqe, 0, sizeof(*sqe));
+	sqe->opcode = opcode;
+}
+
+static inline enum dma_data_direction
+pinlab_region_dir(const struct pinlab_region *r)
+{
+	return r->writable ? DMA_BIDIRECTIONAL : DMA_TO_DEVICE;
+}
 
 /* pinlab_cdev.c */
 extern const struct file_operations pinlab_fops;

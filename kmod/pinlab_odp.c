@@ -1,11 +1,14 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
- * pinlab: on-demand-paging regions (no pin).  An mmu_interval_notifier
- * covers the range; pages are resolved with hmm_range_fault() and mapped
- * with MAP_PAGES; an invalidation sends INVALIDATE and waits for its
- * completion (the device's fence) before returning.  Pattern of
+ * pinlab: the device's mappings of a region's pages (dma_unmap for every
+ * mode; MAP_PAGES itself is in pinlab_queue.c), and on-demand-paging
+ * regions (no pin).  An mmu_interval_notifier covers the range; pages are
+ * resolved with hmm_range_fault() and mapped with MAP_PAGES; an
+ * invalidation sends INVALIDATE and waits for its completion (the
+ * device's fence) before returning.  Pattern of
  * lib/test_hmm.c (dmirror_interval_invalidate / dmirror_range_fault) and
- * drivers/infiniband/core/umem_odp.c.
+ * drivers/infiniband/core/umem_odp.c.  Calls down into pinlab_queue.c
+ * only; the notifier ops are the kernel's callback into this file.
  */
 #include <linux/dma-mapping.h>
 #include <linux/hmm.h>
@@ -37,6 +40,35 @@ static void pinlab_revoke_account(struct pinlab_dev *pd, s64 us)
 	}
 }
 
+/* dma_unmap every mapped page in [first, first + count); map_lock held. */
+void pinlab_unmap_range(struct pinlab_region *r, unsigned long first,
+			unsigned long count)
+{
+	struct device *dev = &r->pd->pdev->dev;
+	unsigned long i;
+
+	lockdep_assert_held(&r->map_lock);
+	for (i = find_next_bit(r->mapped, first + count, first);
+	     i < first + count;
+	     i = find_next_bit(r->mapped, first + count, i + 1)) {
+		dma_unmap_page(dev, r->dma[i], PAGE_SIZE, pinlab_region_dir(r));
+		__clear_bit(i, r->mapped);
+		r->nmapped--;
+		if (r->mode == PINLAB_MODE_ODP) {
+			/*
+			 * No reference is held: the page is still mapped by
+			 * the process because every PTE change invalidates
+			 * us first.  Like umem_odp, dirty without the page
+			 * lock (the caller may hold it).
+			 */
+			if (r->writable)
+				folio_mark_dirty(page_folio(hmm_pfn_to_page(r->pfns[i])));
+			r->pfns[i] = 0;
+			atomic64_dec(&r->pd->stats.odp_mapped);
+		}
+	}
+}
+
 static int pinlab_odp_fence(struct pinlab_region *r, unsigned long first,
 			    unsigned long count)
 {
@@ -50,8 +82,7 @@ static int pinlab_odp_fence(struct pinlab_region *r, unsigned long first,
 	if (ret)
 		return ret;	/* reset or gone: the device dropped the region */
 
-	memset(&sqe, 0, sizeof(sqe));
-	sqe.opcode = PINLAB_OP_INVALIDATE;
+	pinlab_sqe_init(&sqe, PINLAB_OP_INVALIDATE);
 	sqe.region = cpu_to_le32(r->id);
 	sqe.a[0] = cpu_to_le64(first);
 	sqe.a[1] = cpu_to_le64(count);
@@ -132,7 +163,7 @@ static bool pinlab_odp_invalidate(struct mmu_interval_notifier *mni,
 		pr_debug("%s: region %u invalidate [%lu,+%lu) event %d: %d\n",
 			 pd->name, r->id, first, count, range->event, ret);
 	}
-	pinlab_region_unmap_range(r, first, count);
+	pinlab_unmap_range(r, first, count);
 out:
 	mutex_unlock(&r->map_lock);
 	return true;
@@ -222,11 +253,10 @@ again:
 			/* still valid: any PTE change would have unmapped it */
 			if (hmm_pfn_to_page(r->pfns[idx]) == page)
 				continue;
-			pinlab_region_unmap_range(r, idx, 1);
+			pinlab_unmap_range(r, idx, 1);
 		}
 		dma = dma_map_page(dev, page, 0, PAGE_SIZE,
-				   r->writable ? DMA_BIDIRECTIONAL :
-						 DMA_TO_DEVICE);
+				   pinlab_region_dir(r));
 		if (dma_mapping_error(dev, dma)) {
 			ret = -ENOMEM;
 			goto out;
@@ -237,7 +267,7 @@ again:
 		r->nmapped++;
 		atomic64_inc(&r->pd->stats.odp_mapped);
 	}
-	ret = pinlab_region_map_chunk(r, first, n);
+	ret = pinlab_map_pages(r, first, n);
 out:
 	mutex_unlock(&r->map_lock);
 	return ret;

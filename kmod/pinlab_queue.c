@@ -1,7 +1,11 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
- * pinlab: SQ/CQ/EQ rings, command submission, completion and event IRQs,
- * device reset.
+ * pinlab: SQ/CQ/EQ rings, command submission (any command, a command
+ * naming a region, MAP_PAGES, the device-wide FENCE), completion and
+ * event IRQs, device reset and halt, and the mappings between device
+ * status codes and errnos.  The bottom layer: it calls nothing else in
+ * the module.  EQ entries are handed up only through pd->event_work, a
+ * work item whose function the probe installs.
  */
 #include <linux/dma-mapping.h>
 #include <linux/interrupt.h>
@@ -49,6 +53,19 @@ int pinlab_status_to_errno(u16 status)
 		return -ENODEV;
 	default:
 		return -EIO;
+	}
+}
+
+static u16 pinlab_errno_to_pseudo_status(int err)
+{
+	switch (err) {
+	case -ETIMEDOUT:
+		return PINLAB_STATUS_TIMEOUT;
+	case -ENODEV:
+		return PINLAB_STATUS_NO_DEVICE;
+	default:
+		/* -ECANCELED (reset) or -EIO (region failed by a reset) */
+		return PINLAB_STATUS_ABORTED;
 	}
 }
 
@@ -483,6 +500,90 @@ int pinlab_submit(struct pinlab_dev *pd, struct pinlab_sqe *sqe,
 	return 0;
 }
 
+/*
+ * Send one command naming region @r and wait.  *status receives the raw
+ * device status (or a pseudo status); the return value is the mapped
+ * errno.  Commands other than CREATE_REGION are refused when the device
+ * was reset since the region was created.
+ */
+int pinlab_submit_region(struct pinlab_region *r, struct pinlab_sqe *sqe,
+			 struct pinlab_completion *comp, unsigned int timeout_ms,
+			 u16 *status)
+{
+	bool create = sqe->opcode == PINLAB_OP_CREATE_REGION;
+	int ret;
+
+	memset(comp, 0, sizeof(*comp));
+	if (!create) {
+		ret = pinlab_dev_epoch_check(r->pd, r->epoch);
+		if (ret)
+			goto fail;
+	}
+	sqe->region = cpu_to_le32(r->id);
+	ret = pinlab_submit(r->pd, sqe, comp, timeout_ms);
+	if (ret)
+		goto fail;
+	if (!create && comp->epoch != r->epoch) {
+		ret = -EIO;
+		goto fail;
+	}
+	*status = comp->status;
+	if (comp->status) {
+		atomic_set(&r->last_status, comp->status);
+		if (comp->status == PINLAB_STATUS_PAGE_FAULT)
+			atomic64_inc(&r->faults);
+	}
+	return pinlab_status_to_errno(comp->status);
+
+fail:
+	*status = pinlab_errno_to_pseudo_status(ret);
+	atomic_set(&r->last_status, *status);
+	return ret;
+}
+
+/* MAP_PAGES for [first, first + count) from r->dma[]; map_lock held. */
+int pinlab_map_pages(struct pinlab_region *r, unsigned long first,
+		     unsigned long count)
+{
+	struct pinlab_completion comp;
+	struct pinlab_sqe sqe;
+	unsigned long i;
+	u16 status;
+
+	lockdep_assert_held(&r->map_lock);
+	if (WARN_ON_ONCE(!count || count > PINLAB_MAP_CHUNK ||
+			 first + count > r->npages))
+		return -EINVAL;
+	for (i = 0; i < count; i++)
+		r->list[i] = cpu_to_le64(r->dma[first + i]);
+	pinlab_sqe_init(&sqe, PINLAB_OP_MAP_PAGES);
+	sqe.a[0] = cpu_to_le64(first);
+	sqe.a[1] = cpu_to_le64(count);
+	sqe.a[2] = cpu_to_le64(r->list_dma);
+	return pinlab_submit_region(r, &sqe, &comp, pinlab_cmd_timeout_ms,
+				    &status);
+}
+
+int pinlab_dev_fence(struct pinlab_dev *pd, struct pinlab_region_op *arg)
+{
+	struct pinlab_completion comp;
+	struct pinlab_sqe sqe;
+	int ret;
+
+	if (arg->region || arg->pad)
+		return -EINVAL;
+	arg->status = PINLAB_STATUS_OK;
+	arg->result = 0;
+	pinlab_sqe_init(&sqe, PINLAB_OP_FENCE);
+	ret = pinlab_submit(pd, &sqe, &comp, pinlab_cmd_timeout_ms);
+	if (ret) {
+		arg->status = pinlab_errno_to_pseudo_status(ret);
+		return ret;
+	}
+	arg->status = comp.status;
+	return pinlab_status_to_errno(comp.status);
+}
+
 irqreturn_t pinlab_cq_irq(int irq, void *data)
 {
 	struct pinlab_dev *pd = data;
@@ -570,13 +671,3 @@ irqreturn_t pinlab_eq_irq(int irq, void *data)
 	return n ? IRQ_HANDLED : IRQ_NONE;
 }
 
-/* Single consumer of pd->events (a work item never runs concurrently). */
-void pinlab_event_work(struct work_struct *work)
-{
-	struct pinlab_dev *pd = container_of(work, struct pinlab_dev,
-					     event_work);
-	struct pinlab_event ev;
-
-	while (kfifo_get(&pd->events, &ev))
-		pinlab_region_handle_event(pd, &ev);
-}

@@ -1,7 +1,9 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
  * pinlab: user range registration (pin / map / CREATE_REGION / MAP_PAGES),
- * DMA commands on regions, deregistration.
+ * DMA commands on regions, deregistration, and the event work that
+ * dispatches device events to regions.  Calls down into pinlab_odp.c and
+ * pinlab_queue.c only.
  */
 #include <linux/dma-mapping.h>
 #include <linux/mm.h>
@@ -13,123 +15,6 @@
 
 #include "pinlab.h"
 #include "pinlab_compat.h"
-
-static u16 pinlab_errno_to_pseudo_status(int err)
-{
-	switch (err) {
-	case -ETIMEDOUT:
-		return PINLAB_STATUS_TIMEOUT;
-	case -ENODEV:
-		return PINLAB_STATUS_NO_DEVICE;
-	default:
-		/* -ECANCELED (reset) or -EIO (region failed by a reset) */
-		return PINLAB_STATUS_ABORTED;
-	}
-}
-
-static void pinlab_sqe_init(struct pinlab_sqe *sqe, u8 opcode)
-{
-	memset(sqe, 0, sizeof(*sqe));
-	sqe->opcode = opcode;
-}
-
-/*
- * Send one command naming region @r and wait.  *status receives the raw
- * device status (or a pseudo status); the return value is the mapped
- * errno.  Commands other than CREATE_REGION are refused when the device
- * was reset since the region was created.
- */
-static int pinlab_region_exec(struct pinlab_region *r, struct pinlab_sqe *sqe,
-			      struct pinlab_completion *comp,
-			      unsigned int timeout_ms, u16 *status)
-{
-	bool create = sqe->opcode == PINLAB_OP_CREATE_REGION;
-	int ret;
-
-	memset(comp, 0, sizeof(*comp));
-	if (!create) {
-		ret = pinlab_dev_epoch_check(r->pd, r->epoch);
-		if (ret)
-			goto fail;
-	}
-	sqe->region = cpu_to_le32(r->id);
-	ret = pinlab_submit(r->pd, sqe, comp, timeout_ms);
-	if (ret)
-		goto fail;
-	if (!create && comp->epoch != r->epoch) {
-		ret = -EIO;
-		goto fail;
-	}
-	*status = comp->status;
-	if (comp->status) {
-		atomic_set(&r->last_status, comp->status);
-		if (comp->status == PINLAB_STATUS_PAGE_FAULT)
-			atomic64_inc(&r->faults);
-	}
-	return pinlab_status_to_errno(comp->status);
-
-fail:
-	*status = pinlab_errno_to_pseudo_status(ret);
-	atomic_set(&r->last_status, *status);
-	return ret;
-}
-
-/* MAP_PAGES for [first, first + count) from r->dma[]; map_lock held. */
-int pinlab_region_map_chunk(struct pinlab_region *r, unsigned long first,
-			    unsigned long count)
-{
-	struct pinlab_completion comp;
-	struct pinlab_sqe sqe;
-	unsigned long i;
-	u16 status;
-
-	lockdep_assert_held(&r->map_lock);
-	if (WARN_ON_ONCE(!count || count > PINLAB_MAP_CHUNK ||
-			 first + count > r->npages))
-		return -EINVAL;
-	for (i = 0; i < count; i++)
-		r->list[i] = cpu_to_le64(r->dma[first + i]);
-	pinlab_sqe_init(&sqe, PINLAB_OP_MAP_PAGES);
-	sqe.a[0] = cpu_to_le64(first);
-	sqe.a[1] = cpu_to_le64(count);
-	sqe.a[2] = cpu_to_le64(r->list_dma);
-	return pinlab_region_exec(r, &sqe, &comp, pinlab_cmd_timeout_ms,
-				  &status);
-}
-
-static enum dma_data_direction pinlab_region_dir(struct pinlab_region *r)
-{
-	return r->writable ? DMA_BIDIRECTIONAL : DMA_TO_DEVICE;
-}
-
-/* dma_unmap every mapped page in [first, first + count); map_lock held. */
-void pinlab_region_unmap_range(struct pinlab_region *r, unsigned long first,
-			       unsigned long count)
-{
-	struct device *dev = &r->pd->pdev->dev;
-	unsigned long i;
-
-	lockdep_assert_held(&r->map_lock);
-	for (i = find_next_bit(r->mapped, first + count, first);
-	     i < first + count;
-	     i = find_next_bit(r->mapped, first + count, i + 1)) {
-		dma_unmap_page(dev, r->dma[i], PAGE_SIZE, pinlab_region_dir(r));
-		__clear_bit(i, r->mapped);
-		r->nmapped--;
-		if (r->mode == PINLAB_MODE_ODP) {
-			/*
-			 * No reference is held: the page is still mapped by
-			 * the process because every PTE change invalidates
-			 * us first.  Like umem_odp, dirty without the page
-			 * lock (the caller may hold it).
-			 */
-			if (r->writable)
-				folio_mark_dirty(page_folio(hmm_pfn_to_page(r->pfns[i])));
-			r->pfns[i] = 0;
-			atomic64_dec(&r->pd->stats.odp_mapped);
-		}
-	}
-}
 
 /* Release pinned pages; @dirty after the device may have written them. */
 static void pinlab_region_unpin(struct pinlab_region *r, bool dirty)
@@ -274,7 +159,7 @@ static u16 pinlab_region_teardown(struct pinlab_region *r)
 	mutex_lock(&r->map_lock);
 	if (r->dev_created) {
 		pinlab_sqe_init(&sqe, PINLAB_OP_DESTROY_REGION);
-		ret = pinlab_region_exec(r, &sqe, &comp, pinlab_cmd_timeout_ms,
+		ret = pinlab_submit_region(r, &sqe, &comp, pinlab_cmd_timeout_ms,
 					 &status);
 		/*
 		 * -ETIMEDOUT already reset the device; -ECANCELED/-EIO/-ENODEV
@@ -291,7 +176,7 @@ static u16 pinlab_region_teardown(struct pinlab_region *r)
 	}
 	r->dev_live = false;
 	if (r->mapped)
-		pinlab_region_unmap_range(r, 0, r->npages);
+		pinlab_unmap_range(r, 0, r->npages);
 	mutex_unlock(&r->map_lock);
 
 	/* no map_lock here: removal waits for running invalidations */
@@ -414,8 +299,8 @@ int pinlab_region_register(struct pinlab_file *pf, struct pinlab_register *arg)
 	sqe.a[0] = cpu_to_le64(r->npages);
 	sqe.a[1] = cpu_to_le64(r->writable ? PINLAB_REGION_WRITABLE : 0);
 	mutex_lock(&r->map_lock);
-	ret = pinlab_region_exec(r, &sqe, &comp, pinlab_cmd_timeout_ms,
-				 &status);
+	ret = pinlab_submit_region(r, &sqe, &comp,
+					   pinlab_cmd_timeout_ms, &status);
 	if (!ret) {
 		r->epoch = comp.epoch;
 		r->dev_created = true;
@@ -424,7 +309,7 @@ int pinlab_region_register(struct pinlab_file *pf, struct pinlab_register *arg)
 	}
 	if (!ret && r->mode != PINLAB_MODE_ODP) {
 		for (first = 0; first < r->npages; first += PINLAB_MAP_CHUNK) {
-			ret = pinlab_region_map_chunk(r, first,
+			ret = pinlab_map_pages(r, first,
 						      min_t(unsigned long,
 							    PINLAB_MAP_CHUNK,
 							    r->npages - first));
@@ -589,8 +474,8 @@ again:
 	sqe.a[0] = cpu_to_le64(arg->offset);
 	sqe.a[1] = cpu_to_le64(arg->len);
 	sqe.a[2] = cpu_to_le64(arg->generation);
-	ret = pinlab_region_exec(r, &sqe, &comp, pinlab_cmd_timeout_ms,
-				 &status);
+	ret = pinlab_submit_region(r, &sqe, &comp,
+					   pinlab_cmd_timeout_ms, &status);
 	if (ret == -EFAULT && status == PINLAB_STATUS_PAGE_FAULT &&
 	    r->mode == PINLAB_MODE_ODP && retries++ < max_retries &&
 	    comp.result0 < r->npages) {
@@ -649,8 +534,8 @@ int pinlab_region_stream_start(struct pinlab_file *pf, struct pinlab_stream *arg
 	sqe.a[2] = cpu_to_le64(arg->generation);
 	sqe.a[3] = cpu_to_le64(arg->chunk);
 	sqe.a[4] = cpu_to_le64(arg->interval_us);
-	ret = pinlab_region_exec(r, &sqe, &comp, pinlab_cmd_timeout_ms,
-				 &status);
+	ret = pinlab_submit_region(r, &sqe, &comp,
+					   pinlab_cmd_timeout_ms, &status);
 	arg->status = status;
 	if (!ret)
 		pr_debug("%s: region %u stream started\n", pf->pd->name, r->id);
@@ -675,8 +560,8 @@ int pinlab_region_stream_stop(struct pinlab_file *pf, struct pinlab_region_op *a
 	if (!r)
 		return ret;
 	pinlab_sqe_init(&sqe, PINLAB_OP_STREAM_STOP);
-	ret = pinlab_region_exec(r, &sqe, &comp, pinlab_cmd_timeout_ms,
-				 &status);
+	ret = pinlab_submit_region(r, &sqe, &comp,
+					   pinlab_cmd_timeout_ms, &status);
 	arg->status = status;
 	arg->result = comp.result0;
 	if (!ret)
@@ -753,29 +638,9 @@ int pinlab_region_dirty(struct pinlab_file *pf, struct pinlab_region_op *arg)
 	return ret;
 }
 
-int pinlab_dev_fence(struct pinlab_dev *pd, struct pinlab_region_op *arg)
-{
-	struct pinlab_completion comp;
-	struct pinlab_sqe sqe;
-	int ret;
-
-	if (arg->region || arg->pad)
-		return -EINVAL;
-	arg->status = PINLAB_STATUS_OK;
-	arg->result = 0;
-	pinlab_sqe_init(&sqe, PINLAB_OP_FENCE);
-	ret = pinlab_submit(pd, &sqe, &comp, pinlab_cmd_timeout_ms);
-	if (ret) {
-		arg->status = pinlab_errno_to_pseudo_status(ret);
-		return ret;
-	}
-	arg->status = comp.status;
-	return pinlab_status_to_errno(comp.status);
-}
-
 /* Called from the per-device event work for every EQ entry. */
-void pinlab_region_handle_event(struct pinlab_dev *pd,
-				const struct pinlab_event *ev)
+static void pinlab_region_handle_event(struct pinlab_dev *pd,
+				       const struct pinlab_event *ev)
 {
 	struct pinlab_region *r;
 
@@ -825,4 +690,19 @@ void pinlab_region_handle_event(struct pinlab_dev *pd,
 				     ev->type);
 		break;
 	}
+}
+
+/*
+ * pd->event_work, queued by the EQ IRQ (pinlab_queue.c).  Single consumer
+ * of pd->events (a work item never runs concurrently with itself);
+ * process context, no lock held on entry.
+ */
+void pinlab_event_work(struct work_struct *work)
+{
+	struct pinlab_dev *pd = container_of(work, struct pinlab_dev,
+					     event_work);
+	struct pinlab_event ev;
+
+	while (kfifo_get(&pd->events, &ev))
+		pinlab_region_handle_event(pd, &ev);
 }

@@ -1,5 +1,5 @@
-"""Host side of the guest agent (guest/pinlab_agent.py): JSON lines over one SSH
-exec channel.
+"""Host side of the guest agent (guest/pinlab_agent.py): JSON lines
+(pinlab.common.jsonlines) over one SSH exec channel.
 
 A TCG guest needs about 0.65 s to start Python and import the workload; a matrix cell's
 experiment itself takes 40-300 ms.  The agent is started once per boot and forks a child
@@ -18,11 +18,13 @@ from typing import Any
 
 import paramiko
 
+from pinlab.common import jsonlines
 from pinlab.common.vocab import guest_python
 
 from .ssh import GuestSSH, SSHError
 
 AGENT = "pinlab_agent"      # the guest module (pinlab.guest.pinlab_agent)
+MAX_ANSWER = 64 << 20   # bytes in one answer line (a cell's report and its output tail)
 
 
 class AgentError(RuntimeError):
@@ -33,7 +35,7 @@ class GuestAgent:
     def __init__(self, ssh: GuestSSH, log: Path | None = None) -> None:
         self.ssh, self.log = ssh, log
         self.chan: paramiko.Channel | None = None
-        self.buf = b""
+        self.lines = jsonlines.Splitter(MAX_ANSWER)
         self.next_id = 0
         self.info: dict[str, Any] = {}
 
@@ -61,7 +63,7 @@ class GuestAgent:
         req = {"op": op, "id": self.next_id, **args}
         self._log(">", req)
         try:
-            self.chan.sendall(json.dumps(req).encode() + b"\n")
+            self.chan.sendall(jsonlines.encode(req))
         except (OSError, paramiko.SSHException) as exc:
             raise AgentError(f"guest agent: cannot send {op}: {exc!r}") from exc
         resp = self._read(wait, op)
@@ -77,30 +79,27 @@ class GuestAgent:
         return resp
 
     def _read(self, timeout: float, what: str) -> dict[str, Any]:
-        assert self.chan is not None
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self.buf:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise AgentError(f"guest agent: no answer to {what} within {timeout:.0f}s")
-            self.chan.settimeout(min(left, 1.0))
-            try:
-                chunk = self.chan.recv(65536)
-            except TimeoutError:
-                continue
-            except (OSError, paramiko.SSHException) as exc:
-                raise AgentError(f"guest agent: channel failed during {what}: {exc!r}") \
-                    from exc
-            if not chunk:
-                raise AgentError(f"guest agent exited during {what}{self._stderr()}")
-            self.buf += chunk
-        line, _, self.buf = self.buf.partition(b"\n")
+        chan = self.chan
+        assert chan is not None
+
+        def recv(left: float) -> bytes:
+            chan.settimeout(min(left, 1.0))
+            return chan.recv(65536)
+
         try:
-            resp = json.loads(line)
-        except ValueError as exc:
-            raise AgentError(f"guest agent: bad answer to {what}: {line[:300]!r}") from exc
-        if not isinstance(resp, dict):
-            raise AgentError(f"guest agent: bad answer to {what}: {resp!r}")
+            line = jsonlines.wait_line(self.lines, recv, time.monotonic() + timeout)
+        except (EOFError, jsonlines.Truncated) as exc:
+            raise AgentError(f"guest agent exited during {what}{self._stderr()}") from exc
+        except jsonlines.LineTooLong as exc:
+            raise AgentError(f"guest agent: answer to {what}: {exc}") from exc
+        except (OSError, paramiko.SSHException) as exc:
+            raise AgentError(f"guest agent: channel failed during {what}: {exc!r}") from exc
+        if line is None:
+            raise AgentError(f"guest agent: no answer to {what} within {timeout:.0f}s")
+        try:
+            resp = jsonlines.decode_object(line)
+        except jsonlines.MalformedLine as exc:
+            raise AgentError(f"guest agent: bad answer to {what}: {exc}") from exc
         self._log("<", resp)
         return resp
 

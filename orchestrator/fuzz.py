@@ -8,6 +8,7 @@ that cannot finish stops and says how far it got instead of running on unseen.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pinlab.common import jsonlines
 from pinlab.common.vocab import guest_python
 from pinlab.orchestrator.dmesg import classify
 from pinlab.orchestrator.session import GuestSession
@@ -67,11 +69,27 @@ def summary_text(s: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _json_lines(lines: jsonlines.Splitter) -> list[dict[str, Any]]:
+    """The JSON objects among the complete lines ``lines`` holds; other lines (a
+    traceback, a warning) are skipped."""
+    found = []
+    while True:
+        try:
+            ln = lines.line()
+        except jsonlines.LineTooLong:
+            continue
+        if ln is None:
+            return found
+        with contextlib.suppress(jsonlines.MalformedLine):
+            found.append(jsonlines.decode_object(ln))
+
+
 def _run_streaming(ssh: Any, cmd: str, timeout: float) -> tuple[int | None, str, str]:
     """Run ``cmd`` in the guest, printing its JSON progress lines (stderr) as they come.
     Returns (rc or None on timeout, stdout, stderr)."""
     chan = ssh.open_channel(cmd)
-    out, err, pending = [], [], b""
+    out, err = [], []
+    progress = jsonlines.Splitter(1 << 20)   # stderr: JSON progress lines among others
     deadline = time.monotonic() + timeout
     last = 0.0
     try:
@@ -83,14 +101,9 @@ def _run_streaming(ssh: Any, cmd: str, timeout: float) -> tuple[int | None, str,
             while chan.recv_stderr_ready():
                 data = chan.recv_stderr(65536)
                 err.append(data)
-                pending += data
+                progress.feed(data)
                 busy = True
-            *lines, pending = pending.split(b"\n")
-            for ln in lines:
-                try:
-                    p = json.loads(ln)
-                except ValueError:
-                    continue
+            for p in _json_lines(progress):
                 if "progress" in p and time.monotonic() - last >= 5:
                     last = time.monotonic()
                     pct = 100 * p["progress"] / max(p["total"], 1)
@@ -162,7 +175,7 @@ def run_fuzz(kernel: str, iterations: int, artifacts: Path, *, threads: int = 4,
         for line in out.splitlines():
             with_counts = line.strip().startswith("{") and '"counts"' in line
             if with_counts:
-                result = json.loads(line)
+                result = jsonlines.decode_object(line)
         if result.get("deadline_hit"):
             problems.append(f"fuzzer stopped at its {budget:.0f} s deadline after "
                             f"{result.get('done')} of {result.get('total')} operations")

@@ -9,9 +9,9 @@ matrix's cell code calls per cell and ``up`` calls once after boot (``setup_gues
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+from pinlab.common import jsonlines
 from pinlab.common.vocab import guest_python
 
 from .session import GuestSession
@@ -53,6 +53,7 @@ def setup_command(*, swap: bool = False, hugepages: int = 0, cell: str | None = 
 
 def setup_guest(s: GuestSession, **kw: Any) -> dict[str, Any]:
     """Run setup_command(**kw) in the guest; returns its JSON report (mounts, swap,
-    nr_hugepages, cgroups). Raises SSHError when the setup fails."""
+    nr_hugepages, cgroups). Raises SSHError when the setup fails, MalformedLine when its
+    last line is not a JSON object."""
     out = s.guest.ssh.run(setup_command(**kw), timeout=180, check=True).out
-    return dict(json.loads(out.strip().splitlines()[-1]))
+    return jsonlines.decode_object(out.strip().splitlines()[-1])

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
-import json
 import os
 import signal
 import socket
@@ -31,11 +30,13 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from pinlab.common import jsonlines
+
 from . import events
 from .dmesg import SEVERE, classify
 from .expectations import Cell
 from .guestenv import guest_config
-from .poolclient import ANOTHER_POOL, recv_json
+from .poolclient import ANOTHER_POOL
 from .scenario import Observation
 from .session import GuestSession
 
@@ -166,7 +167,6 @@ class CellServer:
         srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         srv.bind(str(sock_path))
         srv.listen(8)
-        srv.settimeout(1.0)
         stop = {"now": False}
 
         def on_term(signum: int, frame: object) -> None:
@@ -174,31 +174,26 @@ class CellServer:
 
         signal.signal(signal.SIGTERM, on_term)
         signal.signal(signal.SIGINT, on_term)
-        last = time.monotonic()
+        last = [time.monotonic()]
+
+        def running() -> bool:
+            return not stop["now"] and time.monotonic() - last[0] < self.idle
+
+        def answer(req: dict[str, Any]) -> dict[str, Any]:
+            try:
+                resp = self.handle(req)
+            except Exception as exc:  # noqa: BLE001 - answer, keep serving
+                resp = {"error": f"{exc!r}", "trace": traceback.format_exc()}
+                self.taint = self.taint or f"pool error: {exc!r}"
+            if req.get("op") == "stop":
+                stop["now"] = True
+            last[0] = time.monotonic()
+            return resp
+
         self.log(f"serving on {sock_path} (idle exit after {self.idle:.0f}s)")
         try:
-            while not stop["now"] and time.monotonic() - last < self.idle:
-                try:
-                    conn, _ = srv.accept()
-                except TimeoutError:
-                    continue
-                with conn:
-                    conn.settimeout(30)
-                    try:
-                        req = recv_json(conn)
-                    except (OSError, ValueError) as exc:
-                        self.log(f"bad request: {exc!r}")
-                        continue
-                    try:
-                        resp = self.handle(req)
-                    except Exception as exc:  # noqa: BLE001 - answer, keep serving
-                        resp = {"error": f"{exc!r}", "trace": traceback.format_exc()}
-                        self.taint = self.taint or f"pool error: {exc!r}"
-                    with contextlib.suppress(OSError):
-                        conn.sendall(json.dumps(resp, default=str).encode() + b"\n")
-                    if req.get("op") == "stop":
-                        break
-                last = time.monotonic()
+            jsonlines.serve(srv, answer, running=running,
+                            on_bad=lambda exc: self.log(f"bad request: {exc!r}"))
         finally:
             self.log("shutting down")
             srv.close()

@@ -8,7 +8,6 @@ per cell, imports only this (no QEMU, SSH or QMP layers).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -19,6 +18,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from pinlab.common import jsonlines
 from pinlab.images.cache import cache_root
 
 from .expectations import Cell
@@ -45,19 +45,6 @@ def pool_dir(kernel: str, slot: int | None = None) -> Path:
     d = pools_root() / (kernel if slot == 1 else f"{kernel}+{slot}")
     d.mkdir(parents=True, exist_ok=True)
     return d
-
-
-def recv_json(conn: socket.socket) -> dict[str, Any]:
-    buf = b""
-    while not buf.endswith(b"\n"):
-        chunk = conn.recv(65536)
-        if not chunk:
-            break
-        buf += chunk
-    obj = json.loads(buf.decode())
-    if not isinstance(obj, dict):
-        raise ValueError("request is not a JSON object")
-    return obj
 
 
 class PoolError(RuntimeError):
@@ -98,10 +85,10 @@ def request(kernel: str, req: dict[str, Any], timeout: float = REQUEST_TIMEOUT,
             time.sleep(0.2)
     with s:
         s.settimeout(timeout)
-        s.sendall(json.dumps(req).encode() + b"\n")
         try:
-            resp = recv_json(s)
-        except (OSError, ValueError) as exc:
+            jsonlines.send(s, req)
+            resp = jsonlines.recv_object(s)
+        except (OSError, EOFError, ValueError) as exc:
             raise PoolError(f"pool for {kernel} gave no answer to {req.get('op')}: "
                             f"{exc!r}; see {d / 'pool.log'}") from exc
     if "error" in resp:

@@ -15,23 +15,28 @@ here runs an event is its ``Event.scenario`` (orchestrator/events/): ``run_cell`
 
 from __future__ import annotations
 
+import contextlib
 import json
-import shlex
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pinlab.common.vocab import CELL_OUT_FILE as OUT_FILE
-from pinlab.common.vocab import READY_FILE, Key, Outcome, guest_python
+from pinlab.common import jsonlines
+from pinlab.common.vocab import Key, Outcome
 
 from .classify import audit_facts, classify_cell
 from .dmesg import DmesgReport, classify
 from .expectations import Cell
-from .session import GuestSession
+from .session import GuestSession, WorkloadError
 from .vm import Guest
 
 AUDIT_LIMIT = 100_000   # records of one cell's audit extract at most
+PINLAB_DRIVER_DIR = "/sys/bus/pci/drivers/pinlab"
+PCI_DEVICES = "/sys/bus/pci/devices"
+PCI_RESCAN = "/sys/bus/pci/rescan"
+BDF = re.compile(r"^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$")
 
 
 @dataclass
@@ -59,9 +64,9 @@ def _finish(s: GuestSession, cell: Cell, art: Path, rep: dict[str, Any], mark: i
         since = s.audit_since
         records = s.audit(limit=AUDIT_LIMIT)
         violations = s.violations()
-        with (art / "audit.jsonl").open("w") as fh:   # the cell's extract of the audit log
+        with (art / "audit.jsonl").open("wb") as fh:   # the cell's extract of the audit log
             for r in records:
-                fh.write(json.dumps(r, separators=(",", ":")) + "\n")
+                fh.write(jsonlines.encode(r, compact=True))
         audit = audit_facts(rep, records, violations, since, AUDIT_LIMIT)
         victim = rep.get(Key.VICTIM)
         if isinstance(victim, dict) and victim.get(Key.REGION) is not None:
@@ -108,11 +113,11 @@ def no_ack(s: GuestSession, cell: Cell, art: Path) -> Observation:
 
 
 def _pinlab_bdf(s: GuestSession) -> str:
-    out = s.guest.ssh.run("ls /sys/bus/pci/drivers/pinlab/ | grep -E '^[0-9a-f]{4}:'",
-                          timeout=30).out.split()
-    if not out:
+    names = s.agent.checked("listdir", path=PINLAB_DRIVER_DIR)["names"]
+    bdfs = [n for n in names if BDF.match(n)]
+    if not bdfs:
         raise RuntimeError("no PCI function bound to pinlab")
-    return out[0]
+    return bdfs[0]
 
 
 def hot_unplug(s: GuestSession, cell: Cell, art: Path) -> Observation:
@@ -122,57 +127,41 @@ def hot_unplug(s: GuestSession, cell: Cell, art: Path) -> Observation:
     runner must reboot). ``pci-remove``: the guest removes the PCI function through sysfs
     (the driver's remove() runs while the device still exists), then rescans, so the
     guest stays usable.
+
+    The workload runs as an asynchronous request to the guest agent: ``start``, then
+    ``wait`` until it says it streams (pinlab_cell.notify_ready), then the removal, then
+    ``wait`` for its report. Raises WorkloadError when the workload fails before the
+    removal.
     """
     art.mkdir(parents=True, exist_ok=True)
     s.mark()
     mark = s.dmesg_mark()
-    ssh = s.guest.ssh
     bdf = _pinlab_bdf(s)
-    cmd = (f"rm -f {READY_FILE} {OUT_FILE}; nohup {guest_python('workload', *_cell_args(cell))}"
-           f" > {OUT_FILE} 2>&1 < /dev/null &")
-    ssh.run(cmd, timeout=30, check=True)
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < 60:
-        if ssh.run(f"test -e {READY_FILE}", timeout=30).rc == 0:
-            break
-        time.sleep(0.2)
-    else:
-        raise RuntimeError("hot-unplug: workload never became ready: "
-                           + ssh.run(f"cat {OUT_FILE}", timeout=30).out[-2000:])
+    args = _cell_args(cell)
+    job = s.workload_start(*args, timeout=300)
+    extra: dict[str, Any] = {"bdf": bdf, "needs_reboot": cell.event == "hot-unplug",
+                             "ready_ms": s.workload_ready(job, *args, timeout=60)}
     t_del = time.monotonic()
-    extra: dict[str, Any] = {"bdf": bdf, "needs_reboot": cell.event == "hot-unplug"}
     if cell.event == "hot-unplug":
         extra["device_del"] = s.guest.qmp.cmd("device_del", id="pinlab0")
     else:
-        r = ssh.run(f"echo 1 > /sys/bus/pci/devices/{bdf}/remove", timeout=120)
-        extra["sysfs_remove"] = {"rc": r.rc, "err": r.err.strip()[-500:],
+        r = s.agent.request("write", wait=150, path=f"{PCI_DEVICES}/{bdf}/remove", text="1")
+        extra["sysfs_remove"] = {"rc": 0 if r.get("ok") else 1,
+                                 "err": str(r.get("error", ""))[-500:],
                                  "seconds": round(time.monotonic() - t_del, 2)}
-    rep: dict[str, Any] | None = None
-    while time.monotonic() - t_del < 120:
+    try:
+        rep = s.workload_wait(job, *args, timeout=120)
+    except WorkloadError:
         dead = s.guest.dead()
-        if dead:
-            # QEMU (or the device server) died: that is the observation, not an error
-            extra["dead"] = dead.splitlines()[-3:]
-            qlog = s.guest.artifacts / "qemu.log"
-            if qlog.exists():
-                extra["qemu_log_tail"] = qlog.read_text(errors="replace").splitlines()[-2:]
-            (art / "qemu-tail.txt").write_text(dead)
-            return Observation(Outcome.QEMU_CRASHED, extra)
-        try:
-            out = ssh.run(f"cat {OUT_FILE}", timeout=30).out
-        except Exception:  # noqa: BLE001 - re-checked by dead() on the next pass
-            time.sleep(0.5)
-            continue
-        lines = [ln for ln in out.splitlines() if ln.strip().startswith("{")]
-        if lines:
-            try:
-                rep = json.loads(lines[-1])
-                break
-            except json.JSONDecodeError:
-                pass
-        time.sleep(0.5)
-    if rep is None:
-        raise RuntimeError("hot-unplug: no report from the workload")
+        if not dead:
+            raise
+        # QEMU (or the device server) died: that is the observation, not an error
+        extra["dead"] = dead.splitlines()[-3:]
+        qlog = s.guest.artifacts / "qemu.log"
+        if qlog.exists():
+            extra["qemu_log_tail"] = qlog.read_text(errors="replace").splitlines()[-2:]
+        (art / "qemu-tail.txt").write_text(dead)
+        return Observation(Outcome.QEMU_CRASHED, extra)
     extra["report_after_s"] = round(time.monotonic() - t_del, 1)
     if cell.event == "hot-unplug":
         extra["device_deleted_events"] = len(
@@ -180,8 +169,8 @@ def hot_unplug(s: GuestSession, cell: Cell, art: Path) -> Observation:
     obs = _finish(s, cell, art, rep, mark, extra)
     # bring the device back for the next cell (the guest is rebooted if that fails)
     if cell.event == "pci-remove":
-        ssh.run("echo 1 > /sys/bus/pci/rescan; for i in $(seq 100); do "
-                "[ -c /dev/pinlab0 ] && exit 0; sleep 0.1; done; exit 1", timeout=60)
+        s.agent.request("write", wait=90, path=PCI_RESCAN, text="1",
+                        wait_for="/dev/pinlab0", wait_timeout=10)
     elif not s.guest.dead():
         try:
             s.guest.replug_device()
@@ -199,21 +188,30 @@ AUTO_ONLINE = "/sys/devices/system/memory/auto_online_blocks"
 MEM_ID, DIMM_ID = "pinlab-hp-mem", "pinlab-hp-dimm"
 
 
-def hot_add_dimm(g: Guest) -> str:
+def hot_add_dimm(s: GuestSession) -> str:
     """Hot-add a HOTPLUG_MB DIMM (QMP object-add + device_add pc-dimm) that the guest
-    onlines as ZONE_MOVABLE. Returns the guest's previous auto_online_blocks policy (for
-    remove_dimm). Raises QMPError, SSHError."""
+    onlines as ZONE_MOVABLE (its auto_online_blocks policy set through the guest agent).
+    Returns the guest's previous policy (for restore_auto_online). Raises QMPError,
+    AgentError."""
+    g = s.guest
     assert g.qmp
-    old = g.ssh.run(f"cat {AUTO_ONLINE}", check=True).out.strip()
-    g.ssh.run(f"echo online_movable > {AUTO_ONLINE}", check=True)
+    old = s.agent.checked("read", path=AUTO_ONLINE)["text"].strip()
+    s.agent.checked("write", path=AUTO_ONLINE, text="online_movable")
     try:
         g.qmp.cmd("object-add", **{"qom-type": "memory-backend-memfd", "id": MEM_ID,
                                    "size": HOTPLUG_MB << 20, "share": True})
         g.qmp.cmd("device_add", driver="pc-dimm", id=DIMM_ID, memdev=MEM_ID)
     except BaseException:
-        g.ssh.run(f"echo {shlex.quote(old)} > {AUTO_ONLINE}")
+        restore_auto_online(s, old)
         raise
     return old
+
+
+def restore_auto_online(s: GuestSession, old: str) -> None:
+    """Put back the guest's auto_online_blocks policy (best effort: a guest that went is
+    rebooted anyway)."""
+    with contextlib.suppress(Exception):
+        s.agent.request("write", wait=30, path=AUTO_ONLINE, text=old)
 
 
 def remove_dimm(g: Guest, timeout: float = 30) -> float:
@@ -243,11 +241,11 @@ def mem_offline(s: GuestSession, cell: Cell, art: Path) -> Observation:
     mark = s.dmesg_mark()
     g = s.guest
     extra: dict[str, Any] = {"needs_reboot": True}   # until the DIMM is gone again
-    old = hot_add_dimm(g)
+    old = hot_add_dimm(s)
     try:
         rep = s.workload(*_cell_args(cell), timeout=300)
     finally:
-        g.ssh.run(f"echo {shlex.quote(old)} > {AUTO_ONLINE}")
+        restore_auto_online(s, old)
     try:
         extra.update(needs_reboot=False, dimm_removed_s=remove_dimm(g))
     except Exception as exc:  # noqa: BLE001 - the pool reboots instead

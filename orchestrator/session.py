@@ -51,6 +51,11 @@ def push_guest_files(ssh: GuestSSH) -> None:
         ssh.put(data, f"{GUEST_HOME}/{rel}")
 
 
+def _workload_cmd(args: tuple[str, ...]) -> str:
+    """How an error message names a workload command."""
+    return "pinlab.guest.workload " + shlex.join(args)
+
+
 class WorkloadError(RuntimeError):
     pass
 
@@ -116,14 +121,52 @@ class GuestSession:
         return self._agent
 
     def workload(self, *args: str, timeout: float = 300) -> dict[str, Any]:
-        """Run one guest workload command in a fresh process forked by the agent."""
-        cmd = "pinlab.guest.workload " + " ".join(shlex.quote(a) for a in args)
+        """Run one guest workload command in a fresh process forked by the agent.
+        Returns its report; raises WorkloadError."""
+        resp = self._agent_call("run", args, wait=timeout + 30, argv=list(args),
+                                timeout=timeout)
+        return self._report(args, resp)
+
+    def workload_start(self, *args: str, timeout: float = 300) -> int:
+        """Start a workload command (agent ``start``) and return its job number at once;
+        ``workload_ready`` and ``workload_wait`` follow. Raises WorkloadError."""
+        resp = self._agent_call("start", args, wait=60, argv=list(args), timeout=timeout)
+        if "error" in resp:
+            raise WorkloadError(f"{_workload_cmd(args)}: {resp['error']}")
+        return int(resp["job"])
+
+    def workload_ready(self, job: int, *args: str, timeout: float = 60) -> float:
+        """Wait (at most ``timeout`` s) until the job notified that it reached its event
+        (pinlab_cell.notify_ready); returns when, in ms after its start. Raises
+        WorkloadError when it ended or was killed first (with its report's error)."""
+        resp = self._agent_call("wait", args, wait=timeout + 30, job=job, until="ready",
+                                timeout=timeout)
+        if resp.get("ready"):
+            return float(resp["ms"])
+        if resp.get("stuck"):
+            self.broken = f"{_workload_cmd(args)} is stuck in the kernel"
+        report = resp.get("report")
+        why = report.get("error") if isinstance(report, dict) else None
+        raise WorkloadError(f"{_workload_cmd(args)} ended before it was ready: "
+                            f"{resp.get('error') or why or 'no error given'}\n"
+                            f"output: {str(resp.get('output', ''))[-3000:]}")
+
+    def workload_wait(self, job: int, *args: str, timeout: float = 300) -> dict[str, Any]:
+        """The report of a started job (agent ``wait`` until done), within ``timeout`` s
+        of host time. Raises WorkloadError (AgentError inside when the guest went)."""
+        resp = self._agent_call("wait", args, wait=timeout, job=job, until="done")
+        return self._report(args, resp)
+
+    def _agent_call(self, op: str, args: tuple[str, ...], wait: float,
+                    **req: Any) -> dict[str, Any]:
         try:
-            resp = self.agent.request("run", wait=timeout + 30, argv=list(args),
-                                      timeout=timeout)
+            return self.agent.request(op, wait=wait, **req)
         except AgentError as exc:
             self.broken = f"guest agent failed: {exc}"
-            raise WorkloadError(f"{cmd}: {exc}") from exc
+            raise WorkloadError(f"{_workload_cmd(args)}: {exc}") from exc
+
+    def _report(self, args: tuple[str, ...], resp: dict[str, Any]) -> dict[str, Any]:
+        cmd = _workload_cmd(args)
         if resp.get("stuck"):
             self.broken = f"{cmd} is stuck in the kernel (pid {resp.get('pid')})"
         report = resp.get("report")

@@ -30,17 +30,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pinlab.common.vocab import GUEST_HOME, guest_python
+from pinlab.common import jsonlines
+from pinlab.common.vocab import GUEST_HOME, READY_FILE, guest_python
 from pinlab.images.cache import cache_root
 from pinlab.images.kernel import DEFAULT_KERNEL, KERNELS
 
 from . import events, registry
 from .expectations import Cell
 from .guestenv import guest_config, setup_guest
-from .poolclient import recv_json
 from .procs import process_alive, wait_for
 from .registry import GuestEntry, RegistryError
-from .scenario import DIMM_ID, HOTPLUG_MB, READY_FILE, hot_add_dimm
+from .scenario import DIMM_ID, HOTPLUG_MB, hot_add_dimm
 from .session import GuestSession
 from .vm import DEVICE_ID, GuestConfig
 
@@ -210,7 +210,7 @@ class Workbench:
             if o.cell and o.cell.event == "mem-offline":
                 # as scenario.mem_offline: a movable DIMM for the cell's pages (kept)
                 env["dimm"] = {"id": DIMM_ID, "mib": HOTPLUG_MB,
-                               "auto_online_was": hot_add_dimm(s.guest)}
+                               "auto_online_was": hot_add_dimm(s)}
             (self.artifacts / "guest-env.json").write_text(json.dumps(env, indent=2) + "\n")
             g = s.guest
             kh = g.rundir / "known_hosts"
@@ -234,7 +234,6 @@ class Workbench:
             srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             srv.bind(str(control))
             srv.listen(4)
-            srv.settimeout(0.5)
             try:
                 registry.register(entry)
                 self.say(self.banner(s, entry, env))
@@ -287,27 +286,20 @@ class Workbench:
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-        while not self.stop:
+        ended: list[str] = []
+
+        def running() -> bool:
             dead = s.guest.dead()
             if dead:
-                self.say(f"pinlab: guest {self.name} ended: {dead}")
-                return 1
-            try:
-                conn, _ = srv.accept()
-            except TimeoutError:
-                continue
-            except InterruptedError:
-                continue
-            with conn:
-                conn.settimeout(30)
-                try:
-                    req = recv_json(conn)
-                except (OSError, ValueError) as exc:
-                    self.say(f"pinlab: bad request: {exc!r}")
-                    continue
-                resp = self.handle(s, req)
-                with contextlib.suppress(OSError):
-                    conn.sendall(json.dumps(resp, default=str).encode() + b"\n")
+                ended.append(dead)
+            return not self.stop and not dead
+
+        jsonlines.serve(srv, lambda req: self.handle(s, req), running=running,
+                        on_bad=lambda exc: self.say(f"pinlab: bad request: {exc!r}"),
+                        poll=0.5)
+        if ended:
+            self.say(f"pinlab: guest {self.name} ended: {ended[0]}")
+            return 1
         return 0
 
     def handle(self, s: GuestSession, req: dict[str, Any]) -> dict[str, Any]:
@@ -340,12 +332,8 @@ def request(entry: GuestEntry, req: dict[str, Any],
     """Send one request to a guest's ``up`` process. Raises WorkbenchError when it does
     not answer."""
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as c:
-            c.settimeout(timeout)
-            c.connect(entry.control)
-            c.sendall(json.dumps(req).encode() + b"\n")
-            return recv_json(c)
-    except (OSError, ValueError) as exc:
+        return jsonlines.request(entry.control, req, timeout)
+    except (OSError, EOFError, ValueError) as exc:
         raise WorkbenchError(f"guest {entry.name!r} (pid {entry.pid}) did not answer "
                              f"{req.get('op')}: {exc!r}") from exc
 

@@ -3,10 +3,12 @@ library Python, and its protocol is JSON lines on stdin/stdout."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
 import sys
+import tempfile
 import unittest
 import uuid
 from typing import Any
@@ -58,6 +60,19 @@ class AgentTest(unittest.TestCase):
         self.assertIn("error", self.req("run"))            # no argv
         self.assertTrue(self.req("ping")["ok"])
 
+    def test_oversize_request_is_refused_and_skipped(self) -> None:
+        big = b'{"op": "ping", "pad": "' + b"x" * (1 << 20) + b'"}\n'
+        r = self.send_raw(big)
+        self.assertIn("longer than", r["error"])
+        self.assertIsNone(r["id"])
+        self.assertEqual(self.req("ping")["id"], 7)         # the stream is usable again
+
+    def test_eof_mid_request_ends_the_agent(self) -> None:
+        assert self.proc.stdin
+        self.proc.stdin.write(b'{"op": "pi')
+        self.proc.stdin.close()
+        self.assertEqual(self.proc.wait(timeout=10), 0)
+
     def test_run_forks_a_reporting_child(self) -> None:
         r = self.req("run", argv=["--device", "/nonexistent", "info"], timeout=60)
         self.assertNotIn("error", r)
@@ -65,6 +80,50 @@ class AgentTest(unittest.TestCase):
         self.assertNotEqual(r["pid"], self.proc.pid)
         self.assertIs(r["report"]["device"], False)
         self.assertIn("vmstat", r["report"])
+
+    def test_start_answers_at_once_and_wait_gets_the_report(self) -> None:
+        job = self.req("start", argv=["--device", "/nonexistent", "info"], timeout=60)
+        self.assertNotIn("error", job)
+        self.assertNotEqual(job["pid"], self.proc.pid)
+        self.assertTrue(self.req("ping")["ok"])          # the agent serves meanwhile
+        r = self.req("wait", job=job["job"], until="done")
+        self.assertEqual(r["exit"], 0)
+        self.assertEqual(r["pid"], job["pid"])
+        self.assertIsNone(r["ready_ms"])
+        self.assertIs(r["report"]["device"], False)
+        self.assertIn("unknown job", self.req("wait", job=job["job"])["error"])
+
+    def test_wait_ready_for_a_job_that_ends_first_gives_its_report(self) -> None:
+        # a cell that cannot open its device ends before notify_ready()
+        job = self.req("start", argv=["cell", "--mode", "pin", "--backing", "anon",
+                                      "--event", "hot-unplug", "--device", "/nonexistent"],
+                       timeout=60)
+        r = self.req("wait", job=job["job"], until="ready", timeout=30)
+        self.assertNotIn("ready", r)
+        self.assertIsInstance(r["report"], dict)
+        self.assertIsNone(r["ready_ms"])
+
+    def test_jobs_are_bounded(self) -> None:
+        jobs = [self.req("start", argv=["--device", "/nonexistent", "info"], timeout=60)
+                for _ in range(4)]
+        self.assertIn("jobs already started", self.req("start", argv=["info"])["error"])
+        for j in jobs:
+            self.assertEqual(self.req("wait", job=j["job"])["exit"], 0)
+
+    def test_write_read_listdir(self) -> None:
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "f")
+            with open(path, "w"):
+                pass
+            r = self.req("write", path=path, text="online_movable", wait_for=path)
+            self.assertTrue(r["ok"])
+            self.assertEqual(self.req("read", path=path)["text"], "online_movable")
+            self.assertEqual(self.req("listdir", path=d)["names"], ["f"])
+            r = self.req("write", path=os.path.join(d, "none", "x"), text="1")
+            self.assertEqual(r["errno"], errno.ENOENT)
+            r = self.req("write", path=path, text="1", wait_for=path + ".never",
+                         wait_timeout=0.2)
+            self.assertIn("after writing", r["error"])
 
     def test_run_with_bad_arguments_reports_them(self) -> None:
         r = self.req("run", argv=["cell", "--mode", "nonsense"], timeout=60)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import unittest
 
-from pinlab.orchestrator.fuzz import errors_by_errno, fuzz_budget, summary_text
+from pinlab.common import jsonlines
+from pinlab.orchestrator.fuzz import _json_lines, errors_by_errno, fuzz_budget, summary_text
 
 
 class FuzzSummaryTest(unittest.TestCase):
@@ -16,6 +17,15 @@ class FuzzSummaryTest(unittest.TestCase):
                                fuzz_budget(6000, 4) - fuzz_budget(4000, 4))
         self.assertGreater(fuzz_budget(2000, 8), fuzz_budget(2000, 4))
         self.assertGreater(fuzz_budget(1, 1), 0)
+
+    def test_progress_lines_among_other_stderr(self) -> None:
+        sp = jsonlines.Splitter(64)
+        sp.feed(b'{"progress": 10, "total": 100, "elapsed": 1.0}\nTraceback (most')
+        self.assertEqual(_json_lines(sp), [{"progress": 10, "total": 100, "elapsed": 1.0}])
+        sp.feed(b' recent call last):\n[1, 2]\n' + b"x" * 100 + b'\n{"progress": 20}\n{"pro')
+        self.assertEqual(_json_lines(sp), [{"progress": 20}])   # text, a list, too long
+        sp.feed(b'gress": 30}\n')
+        self.assertEqual(_json_lines(sp), [{"progress": 30}])
 
     def test_errors_by_errno(self) -> None:
         counts = {"raw-EINVAL": 5, "reg-EINVAL": 2, "reg-ok": 9, "write-EFAULT": 1,
