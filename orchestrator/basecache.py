@@ -17,7 +17,8 @@ change a base attempt's record or its verdict:
   source, patches, config and compiler, ``images/kbuild.py``) and the image cache
   manifest's keys of what boots: the kernel image (``kernel-<name>`` or ``kbuild-<key>``
   and ``kbuild-image-<key>``: release, initramfs, modules disk), the rootfs and the QEMU
-  runtime;
+  runtime (its manifest key and the version of the QEMU that runs, which ``PINLAB_QEMU``
+  can change);
 * ``kmod``: SHA-256 of the ``pinlab.ko`` the guests load;
 * ``expectations``: SHA-256 of ``orchestrator/data/expectations.toml`` and the Debian
   kernel whose rows apply to the base (an attempt records its expected class);
@@ -136,7 +137,8 @@ def base_parts(kernel: str, expectations_kernel: str | None, cells: list[str],
         version = "unknown"
     return key_parts(
         kernel={"id": kernel, "release": images.kernel.release, **image,
-                "rootfs": key_of("rootfs"), "qemu": key_of("qemu")},
+                "rootfs": key_of("rootfs"), "qemu": key_of("qemu"),
+                "qemu_version": images.qemu.version},
         kmod=_sha256(images.kmod),
         expectations={"table": _sha256(data / "expectations.toml"),
                       "kernel": expectations_kernel},

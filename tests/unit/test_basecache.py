@@ -29,7 +29,8 @@ def parts(**changes: Any) -> dict[str, Any]:
     p: dict[str, Any] = {
         "kernel": {"id": "build:746aee5c06adc2e0", "release": "6.12.117-pinlab-746aee5c",
                    "build": "746aee5c06adc2e0", "image": "e02d3e85fe5b93a1",
-                   "rootfs": "cadc2157ca16e219", "qemu": "b109c06ef92e9974"},
+                   "rootfs": "cadc2157ca16e219", "qemu": "b109c06ef92e9974",
+                   "qemu_version": "QEMU emulator version 11.1.3"},
         "kmod": "a" * 64, "expectations": {"table": "b" * 64, "kernel": "6.12"},
         "harm": "c" * 64, "code": {"version": "0.1.0", "sha256": "d" * 64},
         "accel": "tcg", "cells": ["longterm/ext4/truncate", "longterm/xfs/truncate"],
@@ -51,6 +52,8 @@ class Key(unittest.TestCase):
             "rebuilt initramfs": {"kernel": {**base["kernel"], "image": "0" * 16}},
             "another rootfs": {"kernel": {**base["kernel"], "rootfs": "0" * 16}},
             "another QEMU": {"kernel": {**base["kernel"], "qemu": "0" * 16}},
+            "PINLAB_QEMU's QEMU": {"kernel": {**base["kernel"],
+                                              "qemu_version": "QEMU emulator version 10.2.0"}},
             "another pinlab.ko": {"kmod": "e" * 64},
             "another expectations table": {"expectations": {"table": "f" * 64,
                                                             "kernel": "6.12"}},
