@@ -206,6 +206,16 @@ def is_built(cache: Cache, name: str) -> bool:
                 and ko.exists())
 
 
+def newest_built(cache: Cache) -> str | None:
+    """The id of the most recently built (or registered) kernel still complete in the
+    cache, or None when there is none."""
+    entries = [(e["built"], f"{PREFIX}{e['key']}") for n, e in cache._load().items()
+               if n.startswith("kbuild-") and not n.startswith(("kbuild-steps-",
+                                                                "kbuild-image-"))]
+    built = [k for _, k in sorted(entries) if is_built(cache, k)]
+    return built[-1] if built else None
+
+
 def built_kmod(cache: Cache, name: str) -> Path:
     return _dirs(cache, _key(name))[2]
 

@@ -55,19 +55,35 @@ def probe_kvm(images: GuestImages, timeout: float = PROBE_SECONDS) -> tuple[bool
 
 
 def choose_accel(images: GuestImages, cache: Cache | None = None) -> tuple[str, str]:
-    """('tcg'|'kvm', reason). ``PINLAB_ACCEL`` = tcg | kvm | auto (default auto)."""
+    """('tcg'|'kvm', reason). ``PINLAB_ACCEL`` = tcg | kvm | auto (default auto).
+
+    With ``auto``, the probe's answer is kept in ``$PINLAB_CACHE/kvm-probe.json`` per
+    (host boot, QEMU version, kernel release), one entry per kernel in ``probes``, so
+    runs that alternate between kernels (``validate``: a base and a candidate) probe each
+    once per host boot. The last answer is also kept in the top-level ``key``/``ok``/
+    ``reason`` fields that older pinlab versions read."""
     want = os.environ.get("PINLAB_ACCEL", "auto")
     if want in ("tcg", "kvm"):
         return want, f"PINLAB_ACCEL={want}"
     cache = cache or Cache.default()
     f = cache.path("kvm-probe.json")
-    key = f"{_boot_id()} {images.qemu.version} {images.kernel.release}"
+    boot = _boot_id()
+    key = f"{boot} {images.qemu.version} {images.kernel.release}"
     try:
         saved = json.loads(f.read_text())
-        if saved.get("key") == key:
-            return ("kvm" if saved["ok"] else "tcg"), f"cached probe: {saved['reason']}"
-    except (OSError, ValueError, KeyError):
-        pass
+    except (OSError, ValueError):
+        saved = {}
+    probes = saved.get("probes") if isinstance(saved, dict) else None
+    probes = probes if isinstance(probes, dict) else {}
+    if isinstance(saved, dict) and saved.get("key") == key and "ok" in saved:
+        probes.setdefault(key, {"ok": saved["ok"], "reason": saved.get("reason", "")})
+    hit = probes.get(key)
+    if isinstance(hit, dict) and "ok" in hit:
+        return ("kvm" if hit["ok"] else "tcg"), f"cached probe: {hit.get('reason')}"
     ok, reason = probe_kvm(images)
-    f.write_text(json.dumps({"key": key, "ok": ok, "reason": reason}))
+    probes = {k: v for k, v in probes.items() if k.startswith(boot + " ")}
+    probes[key] = {"ok": ok, "reason": reason}
+    tmp = f.with_name(f"{f.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"key": key, "ok": ok, "reason": reason, "probes": probes}))
+    tmp.replace(f)
     return ("kvm" if ok else "tcg"), f"probe: {reason}"

@@ -13,6 +13,12 @@ thread per kernel, so the two guests work at the same time (two cores, 1 GiB eac
 ``pinlab matrix`` runs one Avocado job per kernel. Infrastructure failures are retried on a
 freshly booted guest; a cell that differs is re-run on freshly booted guests on both
 kernels. Every attempt keeps its artifacts in ``<out>/<role>/<cell>/attempt-<n>/``.
+
+The base's first pass is cached (``basecache.py``: what its key covers): a later run
+against the same base, with the same cells, images, tables and cell code, copies the base's
+first-pass attempts from ``$PINLAB_CACHE/validate-base/`` and runs only the candidate's;
+reruns of the cells that differ still run on freshly booted guests on both kernels.
+``--no-base-cache`` runs the base again and leaves the cache as it is.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from rich.console import Console
 from pinlab.images.kernel import KERNELS
 
 from . import compare, poolclient
+from .basecache import BaseCache, base_parts
 from .cells import all_cells, select
 from .dmesg import classify
 from .expectations import Cell, expect, load
@@ -274,11 +281,17 @@ class Validation:
     ``runner`` runs one cell: the kernels' pools; the unit tests replay a recorded run
     through it to check the order and freshness of the attempts asked for.
     ``run`` raises RuntimeError if a runner thread failed (not an infrastructure failure
-    of a cell, which is an attempt like any other)."""
+    of a cell, which is an attempt like any other).
+    ``base_cache``: the base's cache entry (``basecache.BaseCache``), or None for no cache;
+    after ``run``, ``cache_state`` says whether it was used or stored."""
 
     def __init__(self, plan: Plan, out: Path, table: HarmTable,
-                 runner: Runner = pool_runner) -> None:
+                 runner: Runner = pool_runner, base_cache: BaseCache | None = None) -> None:
         self.plan, self.out, self.table, self.runner = plan, out, table, runner
+        self.base_cache = base_cache
+        self.cache_state: dict[str, Any] | None = None if base_cache is None else {
+            "key": base_cache.key, "path": str(base_cache.path), "used": False,
+            "stored": False}
         self.attempts: dict[str, dict[str, list[dict[str, Any]]]] = {
             cell_id(c): {"base": [], "candidate": []} for c in plan.cells}
         self.lock = threading.Lock()
@@ -322,13 +335,14 @@ class Validation:
             self.failures.append(f"{role}: {exc!r}")
             raise
 
-    def _both(self, cells: list[Cell], why: str, fresh: bool, times: int) -> None:
-        if not self.plan.concurrent:
-            for r in ROLES:
+    def _both(self, cells: list[Cell], why: str, fresh: bool, times: int,
+              roles: tuple[str, ...] = ROLES) -> None:
+        if not self.plan.concurrent or len(roles) == 1:
+            for r in roles:
                 self._side(r, cells, why, fresh, times)
             return
         threads = [threading.Thread(target=self._side, args=(r, cells, why, fresh, times),
-                                    name=f"validate-{r}", daemon=True) for r in ROLES]
+                                    name=f"validate-{r}", daemon=True) for r in roles]
         for t in threads:
             t.start()
         for t in threads:
@@ -341,9 +355,15 @@ class Validation:
         differ on fresh guests on both. Returns one result per cell (compare.decide plus
         the cell, its attempts and the expectations)."""
         p = self.plan
-        console.print(f"pass 1: {len(p.cells)} cells on {p.base.kernel} and "
-                      f"{p.candidate.kernel}")
-        self._both(p.cells, "first", False, 1)
+        if self._restore_base():
+            console.print(f"pass 1: {len(p.cells)} cells on {p.candidate.kernel}; the base's "
+                          f"first pass from the cache ({self.cache_state})", highlight=False)
+            self._both(p.cells, "first", False, 1, roles=("candidate",))
+        else:
+            console.print(f"pass 1: {len(p.cells)} cells on {p.base.kernel} and "
+                          f"{p.candidate.kernel}")
+            self._both(p.cells, "first", False, 1)
+            self._store_base()
         differ = [c for c in p.cells
                   if compare.differs(*self._pair(c), self.table)]
         if differ and p.reruns > 0:
@@ -351,6 +371,40 @@ class Validation:
                           "freshly booted guest, on both kernels")
             self._both(differ, "rerun", True, p.reruns)
         return [self.result(c) for c in p.cells]
+
+    def _restore_base(self) -> bool:
+        """Fill the base's first pass from the cache entry, if there is one for exactly
+        these cells. Returns whether it did."""
+        bc = self.base_cache
+        doc = bc.load() if bc else None
+        if bc is None or doc is None or self.cache_state is None:
+            return False
+        try:
+            restored = {cell_id(c): bc.restore(doc, cell_id(c), self.out / "base" /
+                                               cell_id(c).replace("/", "__"))
+                        for c in self.plan.cells}
+        except (KeyError, OSError) as exc:
+            console.print(f"base cache {bc.key}: unusable ({exc!r}); running the base")
+            return False
+        for cid, recs in restored.items():
+            self.attempts[cid]["base"] = recs
+        self.cache_state.update(used=True, run=doc.get("run"), recorded=doc.get("recorded"))
+        return True
+
+    def _store_base(self) -> None:
+        """Keep the base's first pass (every attempt so far) for the next run."""
+        if self.base_cache is None or self.cache_state is None:
+            return
+        try:
+            stored = self.base_cache.store(
+                {cid: list(a["base"]) for cid, a in self.attempts.items()}, self.out,
+                self.table.is_infra)
+        except OSError as exc:
+            console.print(f"base cache {self.base_cache.key}: not stored ({exc!r})")
+            return
+        self.cache_state["stored"] = stored
+        if not stored:
+            console.print("base cache: not stored (a base cell has no usable attempt)")
 
     def _pair(self, c: Cell) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
         a = self.attempts[cell_id(c)]
@@ -407,12 +461,21 @@ def run_validate(args: argparse.Namespace) -> int:
         ensure_images(s.kernel)
     plan = Plan(base, cand, cells, args.tags, args.reruns, compare.INFRA_RETRIES,
                 concurrent=not args.serial)
+    base_cache = None
+    if not getattr(args, "no_base_cache", False):
+        try:
+            base_cache = BaseCache.for_parts(base_parts(
+                base.kernel, base.expectations, [cell_id(c) for c in cells],
+                plan.infra_retries))
+        except Exception as exc:  # noqa: BLE001 - the cache is an optimisation only
+            console.print(f"base cache: not used ({type(exc).__name__}: {exc})")
     kernels = [base.kernel, cand.kernel]
     started = time.time()
     t0 = time.monotonic()
     poolclient.stop_all(kernels)     # a pool left by an older run may hold older code
     try:
-        results = Validation(plan, out, table).run()
+        validation = Validation(plan, out, table, base_cache=base_cache)
+        results = validation.run()
     finally:
         poolclient.stop_all(kernels)
     seconds = time.monotonic() - t0
@@ -422,7 +485,8 @@ def run_validate(args: argparse.Namespace) -> int:
            "shard": {"index": shard.index, "total": shard.total} if shard else None,
            "reruns": plan.reruns, "infra_retries": plan.infra_retries,
            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-           "seconds": round(seconds, 1), "exit_code": code, "results": results}
+           "seconds": round(seconds, 1), "exit_code": code,
+           "base_cache": validation.cache_state, "results": results}
     for role in ROLES:
         rel = next((a.get("release") for r in results for a in r["attempts"][role]
                     if a.get("release")), None)

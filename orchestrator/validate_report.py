@@ -79,8 +79,12 @@ def markdown(doc: Doc) -> str:
              f"{' OR '.join(doc['tags']) if doc['tags'] else 'all'}); a cell that differs "
              f"is re-run {doc['reruns']} times on freshly booted guests on both kernels",
              f"    verdict:   {verdict_line(doc['exit_code'])} (exit {doc['exit_code']}), "
-             f"{doc['seconds']:.0f} s", "",
-             "| result | cells |", "|---|---:|"]
+             f"{doc['seconds']:.0f} s"]
+    bc = doc.get("base_cache") or {}
+    if bc.get("used"):
+        lines.append(f"    base:      first pass from the cache ({bc['key']}, recorded "
+                     f"{bc.get('recorded')} by {bc.get('run')}); reruns ran fresh")
+    lines += ["", "| result | cells |", "|---|---:|"]
     lines += [f"| {k} | {v} |" for k, v in n.items()]
     sigs = signature_counts(doc)
     lines += ["", "Kernel-log signatures (attempts that logged it / attempts):", ""]

@@ -309,6 +309,10 @@ def _bench(what: str, rest: list[str]) -> int:
         from pinlab.bench.kbuild import main as kbuild_main
 
         return kbuild_main(rest)
+    if what == "validate":
+        from pinlab.bench.validate import main as validate_main
+
+        return validate_main(rest)
     from pinlab.bench.device import main as device_main
 
     return device_main(rest)
@@ -427,6 +431,9 @@ def main(argv: list[str] | None = None) -> int:
     add_shard_argument(va)
     va.add_argument("--serial", action="store_true",
                     help="run the kernels one after another (default: at the same time)")
+    va.add_argument("--no-base-cache", action="store_true",
+                    help="run the base's cells even if $PINLAB_CACHE/validate-base has "
+                    "their results for this base, selection and pinlab; store nothing")
 
     fz = sub.add_parser("fuzz", help="fuzz pinlab.ko's ioctls in a guest")
     fzs = fz.add_subparsers(dest="fuzz_cmd", required=True)
@@ -469,12 +476,13 @@ def main(argv: list[str] | None = None) -> int:
     bs.add_argument("--jobs", type=int)
     bs.add_argument("--artifacts", help="where each step's cell artifacts go")
 
-    sub.add_parser("bench", help="benchmarks: pinlab bench device|cells|shards|kbuild [--json]",
+    sub.add_parser("bench", help="benchmarks: pinlab bench "
+                   "device|cells|shards|kbuild|validate [--json]",
                    add_help=False)
 
     if argv[:1] == ["bench"]:
-        if argv[1:2] not in (["device"], ["cells"], ["shards"], ["kbuild"]):
-            p.error("usage: pinlab bench device|cells|shards|kbuild [--json]")
+        if argv[1:2] not in (["device"], ["cells"], ["shards"], ["kbuild"], ["validate"]):
+            p.error("usage: pinlab bench device|cells|shards|kbuild|validate [--json]")
         return _bench(argv[1], argv[2:])
     if argv[:1] == ["device"]:
         if argv[1:2] != ["serve"]:

@@ -19,14 +19,6 @@ from pinlab.orchestrator.guesttest import GuestTest
 from pinlab.orchestrator.session import GuestSession
 
 
-def newest_built(cache: Cache) -> str | None:
-    entries = [(e["built"], f"build:{e['key']}") for n, e in cache._load().items()
-               if n.startswith("kbuild-") and not n.startswith(("kbuild-steps-",
-                                                                "kbuild-image-"))]
-    built = [k for _, k in sorted(entries) if kbuild.is_built(cache, k)]
-    return built[-1] if built else None
-
-
 class KbuildBootTest(GuestTest):
     """:avocado: enable"""
 
@@ -34,7 +26,7 @@ class KbuildBootTest(GuestTest):
         cache = Cache.default()
         kid = self.params.get("kernel", default=None)
         if not kid or not kbuild.is_kernel_id(kid):
-            kid = newest_built(cache)
+            kid = kbuild.newest_built(cache)
         if kid is None:
             self.cancel("no built kernel in the cache")
         meta = json.loads((cache.path("kernels", f"build-{kid[6:]}") / "kernel.json")

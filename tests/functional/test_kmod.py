@@ -58,7 +58,11 @@ class KmodTest(GuestTest):
         v = s.device("query-violations")
         self.assertEqual(v["violations"], [], "device accessed memory after a revoke")
 
-    def everything(self, kernel: str) -> None:
+    def everything(self, kernel: str, ext4: str | None = None) -> None:
+        """Every check on one freshly booted guest of ``kernel``. ``ext4``: "ok" or "fail",
+        what a writable FOLL_LONGTERM pin of a MAP_SHARED ext4 file must do (default: ok
+        on 6.1, refused on later kernels, 8ac268436e6d)."""
+        ext4 = ext4 or ("ok" if kernel == "6.1" else "fail")
         with GuestSession.boot(kernel, self.artifacts) as s:
             self.remember(s)
             g = s.guest
@@ -69,7 +73,7 @@ class KmodTest(GuestTest):
             #    read-only, stream, close with regions, exit while registered
             self.kcheck(s, "modes")
             # longterm on a writable MAP_SHARED ext4 file: refused since 6.2
-            self.kcheck(s, "ext4 " + ("ok" if kernel == "6.1" else "fail"))
+            self.kcheck(s, f"ext4 {ext4}")
             # 2. odp revoke: DONTNEED, PAGEOUT, munmap, memfd ftruncate, refault
             self.kcheck(s, "odp")
             self.assert_no_violations(s)
@@ -219,6 +223,30 @@ class KmodTest(GuestTest):
         :avocado: tags=guest,kernel:7,mode:gup,mode:pin,mode:longterm,mode:odp,kmod,smoke
         """
         self.everything("7")
+
+    def test_built_kernel(self) -> None:
+        """
+        Everything above on a kernel pinlab built (``pinlab kernel build``): ``-p
+        kernel=build:<key>``, by default the newest built kernel in the cache (cancelled
+        when there is none). ``-p ext4=ok`` for a kernel that lets writable FOLL_LONGTERM
+        pins of a MAP_SHARED ext4 file through again (Debian's 6.12 source with
+        tests/data/patches/6.12-gup-allow-longterm-file-pins.patch); the default, ``fail``,
+        is what 6.5 and later do.
+
+        :avocado: tags=guest,kbuild,kmod
+        """
+        from pinlab.images import kbuild
+        from pinlab.images.cache import Cache
+
+        kid = self.params.get("kernel", default=None)
+        if not kid or not kbuild.is_kernel_id(kid):
+            kid = kbuild.newest_built(Cache.default())
+        if kid is None:
+            self.cancel("no built kernel in the cache")
+        ext4 = self.params.get("ext4", default="fail")
+        self.assertIn(ext4, ("ok", "fail"), "-p ext4=ok|fail")
+        self.log.info("kernel %s, ext4 %s", kid, ext4)
+        self.everything(kid, ext4)
 
     def test_device_del(self) -> None:
         """

@@ -366,6 +366,8 @@ class CommandLine(unittest.TestCase):
                      ["--base-kernel", "6.1", "--candidate-kernel", "6.12",
                       "--tags", "mode:gup,,event:fork"],
                      ["--base-kernel", "6.1", "--candidate-kernel", "6.12", "--reruns", "0"],
+                     ["--base-kernel", "6.1", "--candidate-kernel", "6.12", "--no-base-cache",
+                      "--tags", "mode:none"],
                      ["--base-kernel", "6.1", "--candidate-kernel", "6.12", "--shard", "4/3"],
                      ["--base-kernel", "6.1", "--candidate-kernel", "6.12", "--shard", "x"],
                      ["--base", "debian:6.12"],                        # no candidate
