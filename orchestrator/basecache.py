@@ -25,10 +25,10 @@ change a base attempt's record or its verdict:
 * ``harm``: SHA-256 of ``orchestrator/data/harm.toml`` (which classes are infrastructure,
   hence retried, and which kernel-log signatures are errors);
 * ``code``: pinlab's version and a digest of the code that runs and judges a cell: every
-  file under ``device/``, ``images/guest/``, ``kmod/`` and ``orchestrator/`` (the
-  classifier, the dmesg signatures, the pools, the guest agent and cell code, the guest
-  configuration). Not the git commit: a commit that only touches the README or the tests
-  keeps the key, and uncommitted edits of that code change it;
+  file under ``common/``, ``device/``, ``guest/``, ``images/init/``, ``kmod/`` and
+  ``orchestrator/`` (the classifier, the dmesg signatures, the pools, the guest agent and
+  cell code, the guest configuration). Not the git commit: a commit that only touches the
+  README or the tests keeps the key, and uncommitted edits of that code change it;
 * ``accel``: ``tcg`` or ``kvm`` (``accel.choose_accel``): timing-dependent cells can differ;
 * ``selection``: the ordered cell ids and ``infra_retries``. The cells run one after
   another in the same warm guest, and a WARN_ON_ONCE fires once per boot
@@ -54,7 +54,7 @@ from typing import Any
 
 FORMAT = "pinlab-validate-base/1"
 REPO = Path(__file__).resolve().parent.parent
-CODE_DIRS = ("device", "images/guest", "kmod", "orchestrator")
+CODE_DIRS = ("common", "device", "guest", "images/init", "kmod", "orchestrator")
 
 
 def _sha256(path: Path) -> str:
