@@ -9,7 +9,10 @@ from .expectations import Cell
 MODES = ["gup", "pin", "longterm", "odp"]
 
 FILE_SHARED = ["memfd", "tmpfs", "ext4", "xfs", "btrfs", "hugetlb"]  # MAP_SHARED files
-BACKINGS = ["anon", *FILE_SHARED, "private-file"]
+# MAP_SHARED files on fsdax: ext4 and xfs on emulated persistent memory, -o dax=always
+# (images/guest/pinlab_dax.py; orchestrator/guestenv.py PMEM)
+DAX_BACKINGS = ["ext4-dax", "xfs-dax"]
+BACKINGS = ["anon", *FILE_SHARED, "private-file", *DAX_BACKINGS]
 
 # (backing, event) pairs that make sense; every mode in MODES runs each of them.
 # Why the others are left out:
@@ -45,6 +48,12 @@ BACKINGS = ["anon", *FILE_SHARED, "private-file"]
 #   (docs/pinning-semantics.md row 13).
 # * exit / oom: a second process dies with a region registered; anon and memfd stand for
 #   private and shared memory; oom needs only one (the memcg OOM killer picks the victim).
+# * ext4-dax / xfs-dax: the events that change a DAX file's layout under the pins (truncate,
+#   the hole punches: the filesystem waits for the pages' references before it frees the
+#   blocks, dax_layout_busy_page / dax_break_layout) and the ones that end a mapping
+#   (munmap, exit), plus dma-write; truncate-never-unpin is the truncate whose pins are never
+#   dropped (the device never stops). DAX has no page cache: no reclaim, writeback,
+#   drop-caches, O_DIRECT or migration of its pages to compare.
 # * mem-offline: anonymous pages in a hot-added ZONE_MOVABLE DIMM (file pages behave alike
 #   for offline: migration is refused on the extra reference either way,
 #   docs/pinning-semantics.md row 24).
@@ -69,6 +78,9 @@ PAIRS: list[tuple[str, str]] = [
     *[(b, "exit") for b in ["anon", "memfd"]],
     ("anon", "oom"),
     ("anon", "mem-offline"),
+    *[(b, e) for b in DAX_BACKINGS for e in ["dma-write", "truncate", "punch-hole",
+                                              "punch-hole-partial", "munmap", "exit",
+                                              "truncate-never-unpin"]],
 ]
 # Only odp revokes, so only odp has a revoke to leave unacknowledged.
 ODP_ONLY: list[tuple[str, str]] = [("anon", "no-ack"), ("memfd", "no-ack")]

@@ -33,7 +33,14 @@ PINNED_MODES = ("gup", "pin", "longterm")
 FOLL_PIN_MODES = ("pin", "longterm")       # counted in nr_foll_pin_* (FOLL_PIN)
 PRIVATE_BACKINGS = ("anon", "private-file")
 # backings whose final file contents the workload reads back (file_after)
-FILE_BACKINGS = ("memfd", "tmpfs", "ext4", "xfs", "btrfs", "hugetlb")
+FILE_BACKINGS = ("memfd", "tmpfs", "ext4", "xfs", "btrfs", "hugetlb", "ext4-dax", "xfs-dax")
+# fsdax backings (images/guest/pinlab_dax.py): every cell must prove DAX (need_dax)
+DAX_BACKINGS = ("ext4-dax", "xfs-dax")
+# where a truncate / hole punch of a DAX file waits for the pages' references: 6.1 and 6.12
+# ext4_break_layouts / xfs_break_dax_layouts around dax_layout_busy_page, 6.15+
+# dax_break_layout (fs/dax.c; Documentation/filesystems/dax.rst)
+LAYOUT_WAIT = re.compile(r"ext4_break_layouts|xfs_break_(?:dax_)?layouts|dax_break_layout"
+                         r"|dax_layout_busy_page|(?:ext4|xfs)_wait_dax_page|wait_page_idle")
 # reclaim cells of anonymous memory must show that reclaim reached the mapping: an
 # unregistered control page of the same mapping went to swap (pinlab_cell.SWAP_CONTROL)
 SWAP_CONTROL_BACKINGS = ("anon", "private-file")
@@ -93,7 +100,15 @@ EVIDENCE: dict[str, tuple[str, ...]] = {
     "REGION_NOT_RELEASED": ("victim status", "victim audit without destroy"),
     "OFFLINE_BLOCKED": ("offline results", "audit: generation 2 written", "mapping scan"),
     "OFFLINE_SUCCEEDS": ("offline results", "audit: generation 2 written", "mapping scan"),
+    "TRUNCATE_BLOCKED": ("DAX evidence", "the truncate or hole punch step waiting in a "
+                         "layout-break function (wchan or kernel stack)",
+                         "the step returning only after the driver's release (the wait in "
+                         "ms), or still blocked at the watch deadline and then killed",
+                         "audit: generation 1 written", "audit: the region destroyed"),
 }
+#: not a class: what every cell of a DAX backing needs besides its class's evidence
+DAX_EVIDENCE = ("STATX_ATTR_DAX on the file", "the mount's dax option",
+                "every page of the mapping at a PFN inside a pmem range (/proc/iomem)")
 
 
 class Inconclusive(Exception):
@@ -455,12 +470,98 @@ class _Judge:
         self.wrote(last)
         return "DIRTY_FOLIO_REJECTED"
 
+    def need_dax(self) -> None:
+        """The cell's file was accessed through DAX (DAX_EVIDENCE): STATX_ATTR_DAX set,
+        the mount's dax option, and every page of the mapping at a PFN inside a
+        "Persistent Memory" range of /proc/iomem (the pages are the pmem itself, no page
+        cache). Raises :class:`Inconclusive` naming what is missing."""
+        d = self.rep.get("dax")
+        if not isinstance(d, dict):
+            raise Inconclusive("no DAX evidence")
+        opts = str(d.get("mount_options", "")).split(",")
+        ranges = d.get("pmem_ranges")
+        pfns = self.rep.get("pfns_before")
+        inside = None
+        if isinstance(ranges, list) and isinstance(pfns, list):
+            inside = sum(1 for p in pfns if isinstance(p, int) and not isinstance(p, bool)
+                         and any(isinstance(r, list) and len(r) == 2 and r[0] <= p <= r[1]
+                                 for r in ranges))
+        self.f["dax"] = {"statx_dax": d.get("statx_dax"), "mount_dax": [
+            o for o in opts if o == "dax" or o.startswith("dax=")], "pfns_in_pmem": inside,
+            "vmflags": d.get("vmflags"), "queue_dax": d.get("queue_dax")}
+        if d.get("statx_dax") is not True:
+            raise Inconclusive("DAX not proven: STATX_ATTR_DAX not set")
+        if not any(o in ("dax", "dax=always") for o in opts):
+            raise Inconclusive("DAX not proven: no dax mount option")
+        n = self.npages()
+        if inside != n or len(pfns) < n:
+            raise Inconclusive(f"DAX not proven: {inside} of {n} PFNs in a pmem range")
+
+    def layout_wait(self) -> dict[str, Any] | None:
+        """The workload's record of a truncate / hole punch that did not return before the
+        driver's release (or the watch deadline), else None (it returned at once)."""
+        b = self.rep.get("blocked")
+        if not isinstance(b, dict):
+            return None
+        self.f["blocked"] = {k: b.get(k) for k in (
+            "step", "ms", "hold_ms", "released_at_ms", "returned_after_release", "never",
+            "watch_ms", "returned_ms", "still_blocked_at_ms", "kill_ms", "killed_signal",
+            "stuck")}
+        if b.get("never"):
+            return b if "returned_ms" not in b else None
+        return b if b.get("released_at_ms") is not None else None
+
+    def truncate_blocked(self) -> str:
+        """TRUNCATE_BLOCKED: the truncate or hole punch of a DAX file waited in the
+        filesystem's layout-break path (LAYOUT_WAIT in its wchan or kernel stack) for the
+        driver's page references, and returned only after the driver released them
+        (deregistration by the workload's helper), or was still waiting at the watch
+        deadline and was killed (never-unpin cells). The device wrote generation 1 into
+        every page and the audit has the region's destroy (pins dropped). Records the
+        wait in ms (``truncate_wait_ms``)."""
+        b = self.layout_wait()
+        assert b is not None
+        wait = b.get("wait")
+        if not isinstance(wait, dict):
+            raise Inconclusive("where the blocked step waited was not recorded")
+        where = [str(wait.get("wchan", "")), *[str(x) for x in wait.get("stack") or []]]
+        hits = [w for w in where if LAYOUT_WAIT.search(w)]
+        self.f["wait"] = {"state": wait.get("state"), "wchan": wait.get("wchan"),
+                          "layout_frames": hits[:4]}
+        if not hits:
+            raise Inconclusive("blocked step not waiting in a layout-break function")
+        if b.get("never"):
+            at, watch = b.get("still_blocked_at_ms"), b.get("watch_ms")
+            if not isinstance(at, (int, float)) or not isinstance(watch, (int, float)) \
+                    or at < watch:
+                raise Inconclusive("never-unpin: no wait up to the watch deadline")
+            if b.get("killed_signal") != 9 and b.get("stuck") is not True:
+                raise Inconclusive("never-unpin: the blocked truncate neither died nor "
+                                   "stayed stuck")
+            self.f["truncate_wait_ms"] = at
+        else:
+            rel, ms = b.get("released_at_ms"), b.get("ms")
+            if b.get("release_errno") != 0:
+                raise Inconclusive("the helper's release failed")
+            if not isinstance(rel, (int, float)) or not isinstance(ms, (int, float)) \
+                    or ms < rel or b.get("returned_after_release") is not True:
+                raise Inconclusive("the blocked step did not return after the release")
+            if step_errno(self.rep, str(b.get("step"))):
+                raise Inconclusive(f"{b.get('step')} failed after the release")
+            self.f["truncate_wait_ms"] = ms
+        self.wrote(1)
+        if not (self.audit.get("kinds") or {}).get("destroy"):
+            raise Inconclusive("audit without the region's destroy")
+        return "TRUNCATE_BLOCKED"
+
     # -- the classification --
     def run(self) -> str:
         rep, cell = self.rep, self.cell
         if "error" in rep:
             self.f["workload_error"] = rep["error"]
             return "ERROR"
+        if cell.backing in DAX_BACKINGS:
+            self.need_dax()
         if rep.get("step") == "register":
             e = rep.get("errno")
             if not isinstance(e, int) or isinstance(e, bool) or e == 0:
@@ -473,6 +574,8 @@ class _Judge:
         shared = self.shared()
         if shared:
             return shared
+        if cell.backing in DAX_BACKINGS and self.layout_wait():
+            return self.truncate_blocked()
         if cell.backing == "btrfs":
             judged = self.btrfs_writeback(1 if cell.event == "dma-write" else 2)
             if judged:
@@ -532,6 +635,7 @@ class _Judge:
         return self.outcome(self.views_g(self.file_views("map_g2")))
 
     ev_punch_hole_partial = ev_punch_hole
+    ev_truncate_never_unpin = ev_truncate
 
     def _reclaim(self) -> str:
         rep = self.rep

@@ -34,6 +34,10 @@ OUT_FILE = "/tmp/pinlab-cell.out"
 EVENTS = ["dma-write", "truncate", "punch-hole", "punch-hole-partial", "pageout",
           "memcg-reclaim", "drop-caches", "writeback", "2018", "migrate", "fork",
           "fork-dontfork", "munmap", "dontneed", "seal-write", "odirect-write", "exit", "oom"]
+# fsdax: a truncate whose pins are never dropped; the guest is rebooted after it when the
+# truncate blocked (a killed layout break, a hung-task candidate: nothing of it may reach
+# the next cell)
+NEVER_UNPIN = "truncate-never-unpin"
 
 
 @dataclass
@@ -259,10 +263,23 @@ def mem_offline(s: GuestSession, cell: Cell, art: Path) -> Observation:
     return _finish(s, cell, art, rep, mark, extra)
 
 
+def never_unpin(s: GuestSession, cell: Cell, art: Path) -> Observation:
+    """fsdax truncate-never-unpin: the generic cell, whose truncate the guest watches for
+    pinlab_dax.NEVER_S seconds and then kills (images/guest/pinlab_dax.py
+    watch_never_released). A truncate that blocked gets the guest rebooted before the next
+    cell (``needs_reboot``); the wait's state, wchan and stack stay in the cell's report."""
+    obs = run_cell(s, cell, art)
+    blocked = (obs.evidence.get("facts") or {}).get("blocked")
+    if isinstance(blocked, dict) and blocked.get("never") and "returned_ms" not in blocked:
+        obs.evidence["needs_reboot"] = True
+    return obs
+
+
 SCENARIOS: dict[str, Callable[[GuestSession, Cell, Path], Observation]] = {
     **dict.fromkeys(EVENTS, run_cell),
     "hot-unplug": hot_unplug,
     "pci-remove": hot_unplug,
     "no-ack": no_ack,
     "mem-offline": mem_offline,
+    NEVER_UNPIN: never_unpin,
 }

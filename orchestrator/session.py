@@ -19,6 +19,7 @@ from .vm import GUEST_MODULE, Guest, GuestConfig
 
 # the guest API (pinlab_ioctl, pinlab_mm, pinlab_kmsg, pinlab_env) and the matrix's cell code
 GUEST_TOOLS = ("pinlab_ioctl.py", "pinlab_mm.py", "pinlab_kmsg.py", "pinlab_env.py",
+               "pinlab_dax.py",
                "pinlab_cell.py", "workload.py", "pinlab_agent.py")
 GUEST_DIR = "/root/pinlab"
 

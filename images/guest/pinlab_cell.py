@@ -28,6 +28,7 @@ import struct
 import subprocess
 import time
 
+import pinlab_dax
 import pinlab_ioctl
 from pinlab_env import CGCELL, cell_environment, mount_scratch, mount_tmpfs, oom_cgroup
 from pinlab_mm import (
@@ -61,6 +62,7 @@ CONTROL_PAGES = 4           # unregistered pages after the region (swap reclaim 
 SWAP_CONTROL = {("anon", "pageout"), ("anon", "memcg-reclaim"),
                 ("private-file", "pageout"), ("private-file", "memcg-reclaim")}
 SOFT_OFFLINE_PAGES = 4
+DAX_BACKINGS = pinlab_dax.DAX_BACKINGS   # MAP_SHARED files on fsdax (pinlab_dax.py)
 READY_FILE = "/tmp/pinlab-cell.ready"
 
 
@@ -286,6 +288,7 @@ class Mapping:
                 self.fd = os.memfd_create(f"pinlab-{tag}", MFD_CLOEXEC | MFD_HUGETLB)
             else:
                 d = (mount_tmpfs(stack) if kind == "tmpfs" else
+                     pinlab_dax.mount_dax(kind, stack, rep) if kind in DAX_BACKINGS else
                      mount_scratch("ext4" if kind == "private-file" else kind, stack, rep))
                 self.path = f"{d}/{tag}.dat"
                 self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR | os.O_TRUNC, 0o600)
@@ -436,6 +439,8 @@ class Cell:
             rep["control_pages"] = CONTROL_PAGES
         rep["npages"] = self.m.npages
         rep["pfns_before"] = self.m.pfns()
+        if a.backing in DAX_BACKINGS:
+            rep["dax"] = pinlab_dax.dax_evidence(self.m.path, self.m.addr, self.m.npages)
         rep["memcg_before"] = memcg_current() if a.event == "memcg-reclaim" else None
         self.dev = pinlab_ioctl.PinlabDevice(a.device)
         a.device = self.dev.path      # None: the node find_device() chose
@@ -482,7 +487,7 @@ class Cell:
         """After release: what the file holds (disk files: unmap, sync, drop_caches)."""
         if self.m.kind in ("anon", "private-file") or self.m.fd is None:
             return
-        if self.m.kind in ("ext4", "xfs", "btrfs"):
+        if self.m.kind in ("ext4", "xfs", "btrfs", *DAX_BACKINGS):
             self.m.unmap()
             timed(self.rep, "fsync_final", os.fsync, self.m.fd)
             drop_caches()
@@ -496,22 +501,50 @@ class Cell:
         m, rep = self.m, self.rep
         half = m.size // 2
         rep["kept_pages"] = half // PAGE
-        timed(rep, "ftruncate_shrink", os.ftruncate, m.fd, half)
+        if not self._layout_step("ftruncate_shrink", os.ftruncate, m.fd, half):
+            return
         self.dma(2)
         rep["map_kept_g2"] = self.scan_map(0, half // PAGE)
         rep["pfns_after_event"] = m.pfns()[: half // PAGE]
         timed(rep, "ftruncate_extend", os.ftruncate, m.fd, m.size)
         rep["map_after_extend"] = self.scan_map()
 
+    def ev_truncate_never_unpin(self):
+        """fsdax: truncate while the device never stops and the driver never unpins
+        (pinlab_dax.watch_never_released); odp is revoked and goes on as ev_truncate."""
+        self.ev_truncate()
+
     def _punch(self, off, length):
-        timed(self.rep, "punch_hole", punch_hole, self.m.fd, off, length)
+        return self._layout_step("punch_hole", punch_hole, self.m.fd, off, length)
+
+    def _layout_step(self, name, fn, *args):
+        """A truncate or hole punch. On DAX (pinlab_dax.py) it may wait for the driver's
+        pins (the filesystem breaks its layouts first): a helper deregisters after
+        pinlab_dax.HOLD_S, or, in a truncate-never-unpin cell, never (the step runs in a
+        child that is watched, then killed). Returns False when the event cannot go on
+        (the region is gone, or the step never returned)."""
+        if self.m.kind not in DAX_BACKINGS:
+            timed(self.rep, name, fn, *args)
+            return True
+        if self.a.event == "truncate-never-unpin":
+            pinlab_dax.watch_never_released(self.rep, name, fn, args)
+            return "returned_ms" in self.rep["blocked"]
+        pinlab_dax.release_after(self.rep, name, fn, args, self._helper_release)
+        return self.registered
+
+    def _helper_release(self):
+        """The helper thread's deregistration (pinlab_dax.release_after)."""
+        self.rep["query_final"] = self.dev.query(self.rid)
+        self.dev.deregister(self.rid)
+        self.registered = False
 
     def ev_punch_hole(self):
         m, rep = self.m, self.rep
         unit = HPAGE if m.kind == "hugetlb" else 4 * PAGE
         first, count = unit // PAGE, unit // PAGE
         rep["hole_pages"] = [first, count]
-        self._punch(unit, unit)
+        if not self._punch(unit, unit):
+            return
         rep["map_after_punch"] = self.scan_map()
         self.dma(2)
         rep["map_g2"] = self.scan_map()
@@ -520,7 +553,8 @@ class Cell:
         rep = self.rep
         page = 9
         rep["hole_bytes"] = [page * PAGE + 1024, 2048]
-        self._punch(page * PAGE + 1024, 2048)
+        if not self._punch(page * PAGE + 1024, 2048):
+            return
         rep["map_after_punch"] = self.scan_map()
         self.dma(2)
         rep["map_g2"] = self.scan_map()
@@ -870,8 +904,9 @@ def cmd_cell(args):
 EVENTS = ["dma-write", "truncate", "punch-hole", "punch-hole-partial", "pageout",
           "memcg-reclaim", "drop-caches", "writeback", "2018", "migrate", "fork",
           "fork-dontfork", "munmap", "dontneed", "seal-write", "hot-unplug", "pci-remove",
-          "no-ack", "odirect-write", "exit", "oom", "mem-offline"]
-BACKINGS = ["anon", "memfd", "tmpfs", "ext4", "xfs", "btrfs", "private-file", "hugetlb"]
+          "no-ack", "odirect-write", "exit", "oom", "mem-offline", "truncate-never-unpin"]
+BACKINGS = ["anon", "memfd", "tmpfs", "ext4", "xfs", "btrfs", "private-file", "hugetlb",
+            *DAX_BACKINGS]
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import pinlab_dax  # noqa: E402
 from pinlab_mm import read_file, write_file  # noqa: E402
 
 DISKS = {"ext4": "pinlab-ext4", "xfs": "pinlab-xfs",   # filesystem -> disk serial
@@ -201,6 +202,8 @@ def cell_environment(backing, event, stack=None, rep=None, enter=True):
     if backing in ("ext4", "xfs", "btrfs", "private-file"):
         done["mount"] = mount_scratch("ext4" if backing == "private-file" else backing,
                                       stack, done)
+    elif backing in pinlab_dax.DAX_BACKINGS:
+        done["mount"] = pinlab_dax.mount_dax(backing, stack, done)
     elif backing == "tmpfs":
         done["mount"] = mount_tmpfs(stack)
     elif backing == "hugetlb":

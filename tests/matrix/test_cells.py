@@ -171,6 +171,46 @@ class Kernel6_12(CellTest):
         :avocado: tags=backing:private-file,event:dma-write"""
         self.cell('6.12', 'odp', 'private-file', 'dma-write')
 
+    def test_gup__ext4_dax__dma_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:ext4-dax,event:dma-write"""
+        self.cell('6.12', 'gup', 'ext4-dax', 'dma-write')
+
+    def test_pin__ext4_dax__dma_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:ext4-dax,event:dma-write"""
+        self.cell('6.12', 'pin', 'ext4-dax', 'dma-write')
+
+    def test_longterm__ext4_dax__dma_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:ext4-dax,event:dma-write"""
+        self.cell('6.12', 'longterm', 'ext4-dax', 'dma-write')
+
+    def test_odp__ext4_dax__dma_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:ext4-dax,event:dma-write"""
+        self.cell('6.12', 'odp', 'ext4-dax', 'dma-write')
+
+    def test_gup__xfs_dax__dma_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:xfs-dax,event:dma-write"""
+        self.cell('6.12', 'gup', 'xfs-dax', 'dma-write')
+
+    def test_pin__xfs_dax__dma_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:xfs-dax,event:dma-write"""
+        self.cell('6.12', 'pin', 'xfs-dax', 'dma-write')
+
+    def test_longterm__xfs_dax__dma_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:xfs-dax,event:dma-write"""
+        self.cell('6.12', 'longterm', 'xfs-dax', 'dma-write')
+
+    def test_odp__xfs_dax__dma_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:xfs-dax,event:dma-write"""
+        self.cell('6.12', 'odp', 'xfs-dax', 'dma-write')
+
     def test_gup__memfd__truncate(self) -> None:
         """:avocado: tags=matrix,kernel:6.12,mode:gup
         :avocado: tags=backing:memfd,event:truncate"""
@@ -1411,6 +1451,286 @@ class Kernel6_12(CellTest):
         :avocado: tags=backing:anon,event:mem-offline"""
         self.cell('6.12', 'odp', 'anon', 'mem-offline')
 
+    def test_gup__ext4_dax__dma_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:ext4-dax,event:dma-write"""
+        self.cell('6.12', 'gup', 'ext4-dax', 'dma-write')
+
+    def test_pin__ext4_dax__dma_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:ext4-dax,event:dma-write"""
+        self.cell('6.12', 'pin', 'ext4-dax', 'dma-write')
+
+    def test_longterm__ext4_dax__dma_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:ext4-dax,event:dma-write"""
+        self.cell('6.12', 'longterm', 'ext4-dax', 'dma-write')
+
+    def test_odp__ext4_dax__dma_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:ext4-dax,event:dma-write"""
+        self.cell('6.12', 'odp', 'ext4-dax', 'dma-write')
+
+    def test_gup__ext4_dax__truncate(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:ext4-dax,event:truncate"""
+        self.cell('6.12', 'gup', 'ext4-dax', 'truncate')
+
+    def test_pin__ext4_dax__truncate(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:ext4-dax,event:truncate"""
+        self.cell('6.12', 'pin', 'ext4-dax', 'truncate')
+
+    def test_longterm__ext4_dax__truncate(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:ext4-dax,event:truncate"""
+        self.cell('6.12', 'longterm', 'ext4-dax', 'truncate')
+
+    def test_odp__ext4_dax__truncate(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:ext4-dax,event:truncate"""
+        self.cell('6.12', 'odp', 'ext4-dax', 'truncate')
+
+    def test_gup__ext4_dax__punch_hole(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:ext4-dax,event:punch-hole"""
+        self.cell('6.12', 'gup', 'ext4-dax', 'punch-hole')
+
+    def test_pin__ext4_dax__punch_hole(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:ext4-dax,event:punch-hole"""
+        self.cell('6.12', 'pin', 'ext4-dax', 'punch-hole')
+
+    def test_longterm__ext4_dax__punch_hole(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:ext4-dax,event:punch-hole"""
+        self.cell('6.12', 'longterm', 'ext4-dax', 'punch-hole')
+
+    def test_odp__ext4_dax__punch_hole(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:ext4-dax,event:punch-hole"""
+        self.cell('6.12', 'odp', 'ext4-dax', 'punch-hole')
+
+    def test_gup__ext4_dax__punch_hole_partial(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:ext4-dax,event:punch-hole-partial"""
+        self.cell('6.12', 'gup', 'ext4-dax', 'punch-hole-partial')
+
+    def test_pin__ext4_dax__punch_hole_partial(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:ext4-dax,event:punch-hole-partial"""
+        self.cell('6.12', 'pin', 'ext4-dax', 'punch-hole-partial')
+
+    def test_longterm__ext4_dax__punch_hole_partial(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:ext4-dax,event:punch-hole-partial"""
+        self.cell('6.12', 'longterm', 'ext4-dax', 'punch-hole-partial')
+
+    def test_odp__ext4_dax__punch_hole_partial(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:ext4-dax,event:punch-hole-partial"""
+        self.cell('6.12', 'odp', 'ext4-dax', 'punch-hole-partial')
+
+    def test_gup__ext4_dax__munmap(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:ext4-dax,event:munmap"""
+        self.cell('6.12', 'gup', 'ext4-dax', 'munmap')
+
+    def test_pin__ext4_dax__munmap(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:ext4-dax,event:munmap"""
+        self.cell('6.12', 'pin', 'ext4-dax', 'munmap')
+
+    def test_longterm__ext4_dax__munmap(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:ext4-dax,event:munmap"""
+        self.cell('6.12', 'longterm', 'ext4-dax', 'munmap')
+
+    def test_odp__ext4_dax__munmap(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:ext4-dax,event:munmap"""
+        self.cell('6.12', 'odp', 'ext4-dax', 'munmap')
+
+    def test_gup__ext4_dax__exit(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:ext4-dax,event:exit"""
+        self.cell('6.12', 'gup', 'ext4-dax', 'exit')
+
+    def test_pin__ext4_dax__exit(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:ext4-dax,event:exit"""
+        self.cell('6.12', 'pin', 'ext4-dax', 'exit')
+
+    def test_longterm__ext4_dax__exit(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:ext4-dax,event:exit"""
+        self.cell('6.12', 'longterm', 'ext4-dax', 'exit')
+
+    def test_odp__ext4_dax__exit(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:ext4-dax,event:exit"""
+        self.cell('6.12', 'odp', 'ext4-dax', 'exit')
+
+    def test_gup__ext4_dax__truncate_never_unpin(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:ext4-dax,event:truncate-never-unpin"""
+        self.cell('6.12', 'gup', 'ext4-dax', 'truncate-never-unpin')
+
+    def test_pin__ext4_dax__truncate_never_unpin(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:ext4-dax,event:truncate-never-unpin,smoke"""
+        self.cell('6.12', 'pin', 'ext4-dax', 'truncate-never-unpin')
+
+    def test_longterm__ext4_dax__truncate_never_unpin(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:ext4-dax,event:truncate-never-unpin"""
+        self.cell('6.12', 'longterm', 'ext4-dax', 'truncate-never-unpin')
+
+    def test_odp__ext4_dax__truncate_never_unpin(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:ext4-dax,event:truncate-never-unpin"""
+        self.cell('6.12', 'odp', 'ext4-dax', 'truncate-never-unpin')
+
+    def test_gup__xfs_dax__dma_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:xfs-dax,event:dma-write"""
+        self.cell('6.12', 'gup', 'xfs-dax', 'dma-write')
+
+    def test_pin__xfs_dax__dma_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:xfs-dax,event:dma-write"""
+        self.cell('6.12', 'pin', 'xfs-dax', 'dma-write')
+
+    def test_longterm__xfs_dax__dma_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:xfs-dax,event:dma-write"""
+        self.cell('6.12', 'longterm', 'xfs-dax', 'dma-write')
+
+    def test_odp__xfs_dax__dma_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:xfs-dax,event:dma-write"""
+        self.cell('6.12', 'odp', 'xfs-dax', 'dma-write')
+
+    def test_gup__xfs_dax__truncate(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:xfs-dax,event:truncate"""
+        self.cell('6.12', 'gup', 'xfs-dax', 'truncate')
+
+    def test_pin__xfs_dax__truncate(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:xfs-dax,event:truncate"""
+        self.cell('6.12', 'pin', 'xfs-dax', 'truncate')
+
+    def test_longterm__xfs_dax__truncate(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:xfs-dax,event:truncate"""
+        self.cell('6.12', 'longterm', 'xfs-dax', 'truncate')
+
+    def test_odp__xfs_dax__truncate(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:xfs-dax,event:truncate"""
+        self.cell('6.12', 'odp', 'xfs-dax', 'truncate')
+
+    def test_gup__xfs_dax__punch_hole(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:xfs-dax,event:punch-hole"""
+        self.cell('6.12', 'gup', 'xfs-dax', 'punch-hole')
+
+    def test_pin__xfs_dax__punch_hole(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:xfs-dax,event:punch-hole"""
+        self.cell('6.12', 'pin', 'xfs-dax', 'punch-hole')
+
+    def test_longterm__xfs_dax__punch_hole(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:xfs-dax,event:punch-hole"""
+        self.cell('6.12', 'longterm', 'xfs-dax', 'punch-hole')
+
+    def test_odp__xfs_dax__punch_hole(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:xfs-dax,event:punch-hole"""
+        self.cell('6.12', 'odp', 'xfs-dax', 'punch-hole')
+
+    def test_gup__xfs_dax__punch_hole_partial(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:xfs-dax,event:punch-hole-partial"""
+        self.cell('6.12', 'gup', 'xfs-dax', 'punch-hole-partial')
+
+    def test_pin__xfs_dax__punch_hole_partial(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:xfs-dax,event:punch-hole-partial"""
+        self.cell('6.12', 'pin', 'xfs-dax', 'punch-hole-partial')
+
+    def test_longterm__xfs_dax__punch_hole_partial(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:xfs-dax,event:punch-hole-partial"""
+        self.cell('6.12', 'longterm', 'xfs-dax', 'punch-hole-partial')
+
+    def test_odp__xfs_dax__punch_hole_partial(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:xfs-dax,event:punch-hole-partial"""
+        self.cell('6.12', 'odp', 'xfs-dax', 'punch-hole-partial')
+
+    def test_gup__xfs_dax__munmap(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:xfs-dax,event:munmap"""
+        self.cell('6.12', 'gup', 'xfs-dax', 'munmap')
+
+    def test_pin__xfs_dax__munmap(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:xfs-dax,event:munmap"""
+        self.cell('6.12', 'pin', 'xfs-dax', 'munmap')
+
+    def test_longterm__xfs_dax__munmap(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:xfs-dax,event:munmap"""
+        self.cell('6.12', 'longterm', 'xfs-dax', 'munmap')
+
+    def test_odp__xfs_dax__munmap(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:xfs-dax,event:munmap"""
+        self.cell('6.12', 'odp', 'xfs-dax', 'munmap')
+
+    def test_gup__xfs_dax__exit(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:xfs-dax,event:exit"""
+        self.cell('6.12', 'gup', 'xfs-dax', 'exit')
+
+    def test_pin__xfs_dax__exit(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:xfs-dax,event:exit"""
+        self.cell('6.12', 'pin', 'xfs-dax', 'exit')
+
+    def test_longterm__xfs_dax__exit(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:xfs-dax,event:exit"""
+        self.cell('6.12', 'longterm', 'xfs-dax', 'exit')
+
+    def test_odp__xfs_dax__exit(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:xfs-dax,event:exit"""
+        self.cell('6.12', 'odp', 'xfs-dax', 'exit')
+
+    def test_gup__xfs_dax__truncate_never_unpin(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:gup
+        :avocado: tags=backing:xfs-dax,event:truncate-never-unpin"""
+        self.cell('6.12', 'gup', 'xfs-dax', 'truncate-never-unpin')
+
+    def test_pin__xfs_dax__truncate_never_unpin(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:pin
+        :avocado: tags=backing:xfs-dax,event:truncate-never-unpin"""
+        self.cell('6.12', 'pin', 'xfs-dax', 'truncate-never-unpin')
+
+    def test_longterm__xfs_dax__truncate_never_unpin(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:longterm
+        :avocado: tags=backing:xfs-dax,event:truncate-never-unpin"""
+        self.cell('6.12', 'longterm', 'xfs-dax', 'truncate-never-unpin')
+
+    def test_odp__xfs_dax__truncate_never_unpin(self) -> None:
+        """:avocado: tags=matrix,kernel:6.12,mode:odp
+        :avocado: tags=backing:xfs-dax,event:truncate-never-unpin"""
+        self.cell('6.12', 'odp', 'xfs-dax', 'truncate-never-unpin')
+
     def test_odp__anon__no_ack(self) -> None:
         """:avocado: tags=matrix,kernel:6.12,mode:odp
         :avocado: tags=backing:anon,event:no-ack,smoke"""
@@ -1587,6 +1907,46 @@ class Kernel6_1(CellTest):
         """:avocado: tags=matrix,kernel:6.1,mode:odp
         :avocado: tags=backing:private-file,event:dma-write"""
         self.cell('6.1', 'odp', 'private-file', 'dma-write')
+
+    def test_gup__ext4_dax__dma_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:ext4-dax,event:dma-write"""
+        self.cell('6.1', 'gup', 'ext4-dax', 'dma-write')
+
+    def test_pin__ext4_dax__dma_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:ext4-dax,event:dma-write"""
+        self.cell('6.1', 'pin', 'ext4-dax', 'dma-write')
+
+    def test_longterm__ext4_dax__dma_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:ext4-dax,event:dma-write"""
+        self.cell('6.1', 'longterm', 'ext4-dax', 'dma-write')
+
+    def test_odp__ext4_dax__dma_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:ext4-dax,event:dma-write"""
+        self.cell('6.1', 'odp', 'ext4-dax', 'dma-write')
+
+    def test_gup__xfs_dax__dma_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:xfs-dax,event:dma-write"""
+        self.cell('6.1', 'gup', 'xfs-dax', 'dma-write')
+
+    def test_pin__xfs_dax__dma_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:xfs-dax,event:dma-write"""
+        self.cell('6.1', 'pin', 'xfs-dax', 'dma-write')
+
+    def test_longterm__xfs_dax__dma_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:xfs-dax,event:dma-write"""
+        self.cell('6.1', 'longterm', 'xfs-dax', 'dma-write')
+
+    def test_odp__xfs_dax__dma_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:xfs-dax,event:dma-write"""
+        self.cell('6.1', 'odp', 'xfs-dax', 'dma-write')
 
     def test_gup__memfd__truncate(self) -> None:
         """:avocado: tags=matrix,kernel:6.1,mode:gup
@@ -2828,6 +3188,286 @@ class Kernel6_1(CellTest):
         :avocado: tags=backing:anon,event:mem-offline"""
         self.cell('6.1', 'odp', 'anon', 'mem-offline')
 
+    def test_gup__ext4_dax__dma_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:ext4-dax,event:dma-write"""
+        self.cell('6.1', 'gup', 'ext4-dax', 'dma-write')
+
+    def test_pin__ext4_dax__dma_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:ext4-dax,event:dma-write"""
+        self.cell('6.1', 'pin', 'ext4-dax', 'dma-write')
+
+    def test_longterm__ext4_dax__dma_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:ext4-dax,event:dma-write"""
+        self.cell('6.1', 'longterm', 'ext4-dax', 'dma-write')
+
+    def test_odp__ext4_dax__dma_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:ext4-dax,event:dma-write"""
+        self.cell('6.1', 'odp', 'ext4-dax', 'dma-write')
+
+    def test_gup__ext4_dax__truncate(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:ext4-dax,event:truncate"""
+        self.cell('6.1', 'gup', 'ext4-dax', 'truncate')
+
+    def test_pin__ext4_dax__truncate(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:ext4-dax,event:truncate"""
+        self.cell('6.1', 'pin', 'ext4-dax', 'truncate')
+
+    def test_longterm__ext4_dax__truncate(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:ext4-dax,event:truncate"""
+        self.cell('6.1', 'longterm', 'ext4-dax', 'truncate')
+
+    def test_odp__ext4_dax__truncate(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:ext4-dax,event:truncate"""
+        self.cell('6.1', 'odp', 'ext4-dax', 'truncate')
+
+    def test_gup__ext4_dax__punch_hole(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:ext4-dax,event:punch-hole"""
+        self.cell('6.1', 'gup', 'ext4-dax', 'punch-hole')
+
+    def test_pin__ext4_dax__punch_hole(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:ext4-dax,event:punch-hole"""
+        self.cell('6.1', 'pin', 'ext4-dax', 'punch-hole')
+
+    def test_longterm__ext4_dax__punch_hole(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:ext4-dax,event:punch-hole"""
+        self.cell('6.1', 'longterm', 'ext4-dax', 'punch-hole')
+
+    def test_odp__ext4_dax__punch_hole(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:ext4-dax,event:punch-hole"""
+        self.cell('6.1', 'odp', 'ext4-dax', 'punch-hole')
+
+    def test_gup__ext4_dax__punch_hole_partial(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:ext4-dax,event:punch-hole-partial"""
+        self.cell('6.1', 'gup', 'ext4-dax', 'punch-hole-partial')
+
+    def test_pin__ext4_dax__punch_hole_partial(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:ext4-dax,event:punch-hole-partial"""
+        self.cell('6.1', 'pin', 'ext4-dax', 'punch-hole-partial')
+
+    def test_longterm__ext4_dax__punch_hole_partial(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:ext4-dax,event:punch-hole-partial"""
+        self.cell('6.1', 'longterm', 'ext4-dax', 'punch-hole-partial')
+
+    def test_odp__ext4_dax__punch_hole_partial(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:ext4-dax,event:punch-hole-partial"""
+        self.cell('6.1', 'odp', 'ext4-dax', 'punch-hole-partial')
+
+    def test_gup__ext4_dax__munmap(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:ext4-dax,event:munmap"""
+        self.cell('6.1', 'gup', 'ext4-dax', 'munmap')
+
+    def test_pin__ext4_dax__munmap(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:ext4-dax,event:munmap"""
+        self.cell('6.1', 'pin', 'ext4-dax', 'munmap')
+
+    def test_longterm__ext4_dax__munmap(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:ext4-dax,event:munmap"""
+        self.cell('6.1', 'longterm', 'ext4-dax', 'munmap')
+
+    def test_odp__ext4_dax__munmap(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:ext4-dax,event:munmap"""
+        self.cell('6.1', 'odp', 'ext4-dax', 'munmap')
+
+    def test_gup__ext4_dax__exit(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:ext4-dax,event:exit"""
+        self.cell('6.1', 'gup', 'ext4-dax', 'exit')
+
+    def test_pin__ext4_dax__exit(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:ext4-dax,event:exit"""
+        self.cell('6.1', 'pin', 'ext4-dax', 'exit')
+
+    def test_longterm__ext4_dax__exit(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:ext4-dax,event:exit"""
+        self.cell('6.1', 'longterm', 'ext4-dax', 'exit')
+
+    def test_odp__ext4_dax__exit(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:ext4-dax,event:exit"""
+        self.cell('6.1', 'odp', 'ext4-dax', 'exit')
+
+    def test_gup__ext4_dax__truncate_never_unpin(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:ext4-dax,event:truncate-never-unpin"""
+        self.cell('6.1', 'gup', 'ext4-dax', 'truncate-never-unpin')
+
+    def test_pin__ext4_dax__truncate_never_unpin(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:ext4-dax,event:truncate-never-unpin,smoke"""
+        self.cell('6.1', 'pin', 'ext4-dax', 'truncate-never-unpin')
+
+    def test_longterm__ext4_dax__truncate_never_unpin(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:ext4-dax,event:truncate-never-unpin"""
+        self.cell('6.1', 'longterm', 'ext4-dax', 'truncate-never-unpin')
+
+    def test_odp__ext4_dax__truncate_never_unpin(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:ext4-dax,event:truncate-never-unpin"""
+        self.cell('6.1', 'odp', 'ext4-dax', 'truncate-never-unpin')
+
+    def test_gup__xfs_dax__dma_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:xfs-dax,event:dma-write"""
+        self.cell('6.1', 'gup', 'xfs-dax', 'dma-write')
+
+    def test_pin__xfs_dax__dma_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:xfs-dax,event:dma-write"""
+        self.cell('6.1', 'pin', 'xfs-dax', 'dma-write')
+
+    def test_longterm__xfs_dax__dma_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:xfs-dax,event:dma-write"""
+        self.cell('6.1', 'longterm', 'xfs-dax', 'dma-write')
+
+    def test_odp__xfs_dax__dma_write(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:xfs-dax,event:dma-write"""
+        self.cell('6.1', 'odp', 'xfs-dax', 'dma-write')
+
+    def test_gup__xfs_dax__truncate(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:xfs-dax,event:truncate"""
+        self.cell('6.1', 'gup', 'xfs-dax', 'truncate')
+
+    def test_pin__xfs_dax__truncate(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:xfs-dax,event:truncate"""
+        self.cell('6.1', 'pin', 'xfs-dax', 'truncate')
+
+    def test_longterm__xfs_dax__truncate(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:xfs-dax,event:truncate"""
+        self.cell('6.1', 'longterm', 'xfs-dax', 'truncate')
+
+    def test_odp__xfs_dax__truncate(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:xfs-dax,event:truncate"""
+        self.cell('6.1', 'odp', 'xfs-dax', 'truncate')
+
+    def test_gup__xfs_dax__punch_hole(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:xfs-dax,event:punch-hole"""
+        self.cell('6.1', 'gup', 'xfs-dax', 'punch-hole')
+
+    def test_pin__xfs_dax__punch_hole(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:xfs-dax,event:punch-hole"""
+        self.cell('6.1', 'pin', 'xfs-dax', 'punch-hole')
+
+    def test_longterm__xfs_dax__punch_hole(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:xfs-dax,event:punch-hole"""
+        self.cell('6.1', 'longterm', 'xfs-dax', 'punch-hole')
+
+    def test_odp__xfs_dax__punch_hole(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:xfs-dax,event:punch-hole"""
+        self.cell('6.1', 'odp', 'xfs-dax', 'punch-hole')
+
+    def test_gup__xfs_dax__punch_hole_partial(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:xfs-dax,event:punch-hole-partial"""
+        self.cell('6.1', 'gup', 'xfs-dax', 'punch-hole-partial')
+
+    def test_pin__xfs_dax__punch_hole_partial(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:xfs-dax,event:punch-hole-partial"""
+        self.cell('6.1', 'pin', 'xfs-dax', 'punch-hole-partial')
+
+    def test_longterm__xfs_dax__punch_hole_partial(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:xfs-dax,event:punch-hole-partial"""
+        self.cell('6.1', 'longterm', 'xfs-dax', 'punch-hole-partial')
+
+    def test_odp__xfs_dax__punch_hole_partial(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:xfs-dax,event:punch-hole-partial"""
+        self.cell('6.1', 'odp', 'xfs-dax', 'punch-hole-partial')
+
+    def test_gup__xfs_dax__munmap(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:xfs-dax,event:munmap"""
+        self.cell('6.1', 'gup', 'xfs-dax', 'munmap')
+
+    def test_pin__xfs_dax__munmap(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:xfs-dax,event:munmap"""
+        self.cell('6.1', 'pin', 'xfs-dax', 'munmap')
+
+    def test_longterm__xfs_dax__munmap(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:xfs-dax,event:munmap"""
+        self.cell('6.1', 'longterm', 'xfs-dax', 'munmap')
+
+    def test_odp__xfs_dax__munmap(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:xfs-dax,event:munmap"""
+        self.cell('6.1', 'odp', 'xfs-dax', 'munmap')
+
+    def test_gup__xfs_dax__exit(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:xfs-dax,event:exit"""
+        self.cell('6.1', 'gup', 'xfs-dax', 'exit')
+
+    def test_pin__xfs_dax__exit(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:xfs-dax,event:exit"""
+        self.cell('6.1', 'pin', 'xfs-dax', 'exit')
+
+    def test_longterm__xfs_dax__exit(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:xfs-dax,event:exit"""
+        self.cell('6.1', 'longterm', 'xfs-dax', 'exit')
+
+    def test_odp__xfs_dax__exit(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:xfs-dax,event:exit"""
+        self.cell('6.1', 'odp', 'xfs-dax', 'exit')
+
+    def test_gup__xfs_dax__truncate_never_unpin(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:gup
+        :avocado: tags=backing:xfs-dax,event:truncate-never-unpin"""
+        self.cell('6.1', 'gup', 'xfs-dax', 'truncate-never-unpin')
+
+    def test_pin__xfs_dax__truncate_never_unpin(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:pin
+        :avocado: tags=backing:xfs-dax,event:truncate-never-unpin"""
+        self.cell('6.1', 'pin', 'xfs-dax', 'truncate-never-unpin')
+
+    def test_longterm__xfs_dax__truncate_never_unpin(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:longterm
+        :avocado: tags=backing:xfs-dax,event:truncate-never-unpin"""
+        self.cell('6.1', 'longterm', 'xfs-dax', 'truncate-never-unpin')
+
+    def test_odp__xfs_dax__truncate_never_unpin(self) -> None:
+        """:avocado: tags=matrix,kernel:6.1,mode:odp
+        :avocado: tags=backing:xfs-dax,event:truncate-never-unpin"""
+        self.cell('6.1', 'odp', 'xfs-dax', 'truncate-never-unpin')
+
     def test_odp__anon__no_ack(self) -> None:
         """:avocado: tags=matrix,kernel:6.1,mode:odp
         :avocado: tags=backing:anon,event:no-ack,smoke"""
@@ -3004,6 +3644,46 @@ class Kernel7(CellTest):
         """:avocado: tags=matrix,kernel:7,mode:odp
         :avocado: tags=backing:private-file,event:dma-write"""
         self.cell('7', 'odp', 'private-file', 'dma-write')
+
+    def test_gup__ext4_dax__dma_write(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:ext4-dax,event:dma-write"""
+        self.cell('7', 'gup', 'ext4-dax', 'dma-write')
+
+    def test_pin__ext4_dax__dma_write(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:ext4-dax,event:dma-write"""
+        self.cell('7', 'pin', 'ext4-dax', 'dma-write')
+
+    def test_longterm__ext4_dax__dma_write(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:ext4-dax,event:dma-write"""
+        self.cell('7', 'longterm', 'ext4-dax', 'dma-write')
+
+    def test_odp__ext4_dax__dma_write(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:ext4-dax,event:dma-write"""
+        self.cell('7', 'odp', 'ext4-dax', 'dma-write')
+
+    def test_gup__xfs_dax__dma_write(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:xfs-dax,event:dma-write"""
+        self.cell('7', 'gup', 'xfs-dax', 'dma-write')
+
+    def test_pin__xfs_dax__dma_write(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:xfs-dax,event:dma-write"""
+        self.cell('7', 'pin', 'xfs-dax', 'dma-write')
+
+    def test_longterm__xfs_dax__dma_write(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:xfs-dax,event:dma-write"""
+        self.cell('7', 'longterm', 'xfs-dax', 'dma-write')
+
+    def test_odp__xfs_dax__dma_write(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:xfs-dax,event:dma-write"""
+        self.cell('7', 'odp', 'xfs-dax', 'dma-write')
 
     def test_gup__memfd__truncate(self) -> None:
         """:avocado: tags=matrix,kernel:7,mode:gup
@@ -4244,6 +4924,286 @@ class Kernel7(CellTest):
         """:avocado: tags=matrix,kernel:7,mode:odp
         :avocado: tags=backing:anon,event:mem-offline"""
         self.cell('7', 'odp', 'anon', 'mem-offline')
+
+    def test_gup__ext4_dax__dma_write(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:ext4-dax,event:dma-write"""
+        self.cell('7', 'gup', 'ext4-dax', 'dma-write')
+
+    def test_pin__ext4_dax__dma_write(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:ext4-dax,event:dma-write"""
+        self.cell('7', 'pin', 'ext4-dax', 'dma-write')
+
+    def test_longterm__ext4_dax__dma_write(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:ext4-dax,event:dma-write"""
+        self.cell('7', 'longterm', 'ext4-dax', 'dma-write')
+
+    def test_odp__ext4_dax__dma_write(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:ext4-dax,event:dma-write"""
+        self.cell('7', 'odp', 'ext4-dax', 'dma-write')
+
+    def test_gup__ext4_dax__truncate(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:ext4-dax,event:truncate"""
+        self.cell('7', 'gup', 'ext4-dax', 'truncate')
+
+    def test_pin__ext4_dax__truncate(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:ext4-dax,event:truncate"""
+        self.cell('7', 'pin', 'ext4-dax', 'truncate')
+
+    def test_longterm__ext4_dax__truncate(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:ext4-dax,event:truncate"""
+        self.cell('7', 'longterm', 'ext4-dax', 'truncate')
+
+    def test_odp__ext4_dax__truncate(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:ext4-dax,event:truncate"""
+        self.cell('7', 'odp', 'ext4-dax', 'truncate')
+
+    def test_gup__ext4_dax__punch_hole(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:ext4-dax,event:punch-hole"""
+        self.cell('7', 'gup', 'ext4-dax', 'punch-hole')
+
+    def test_pin__ext4_dax__punch_hole(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:ext4-dax,event:punch-hole"""
+        self.cell('7', 'pin', 'ext4-dax', 'punch-hole')
+
+    def test_longterm__ext4_dax__punch_hole(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:ext4-dax,event:punch-hole"""
+        self.cell('7', 'longterm', 'ext4-dax', 'punch-hole')
+
+    def test_odp__ext4_dax__punch_hole(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:ext4-dax,event:punch-hole"""
+        self.cell('7', 'odp', 'ext4-dax', 'punch-hole')
+
+    def test_gup__ext4_dax__punch_hole_partial(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:ext4-dax,event:punch-hole-partial"""
+        self.cell('7', 'gup', 'ext4-dax', 'punch-hole-partial')
+
+    def test_pin__ext4_dax__punch_hole_partial(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:ext4-dax,event:punch-hole-partial"""
+        self.cell('7', 'pin', 'ext4-dax', 'punch-hole-partial')
+
+    def test_longterm__ext4_dax__punch_hole_partial(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:ext4-dax,event:punch-hole-partial"""
+        self.cell('7', 'longterm', 'ext4-dax', 'punch-hole-partial')
+
+    def test_odp__ext4_dax__punch_hole_partial(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:ext4-dax,event:punch-hole-partial"""
+        self.cell('7', 'odp', 'ext4-dax', 'punch-hole-partial')
+
+    def test_gup__ext4_dax__munmap(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:ext4-dax,event:munmap"""
+        self.cell('7', 'gup', 'ext4-dax', 'munmap')
+
+    def test_pin__ext4_dax__munmap(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:ext4-dax,event:munmap"""
+        self.cell('7', 'pin', 'ext4-dax', 'munmap')
+
+    def test_longterm__ext4_dax__munmap(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:ext4-dax,event:munmap"""
+        self.cell('7', 'longterm', 'ext4-dax', 'munmap')
+
+    def test_odp__ext4_dax__munmap(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:ext4-dax,event:munmap"""
+        self.cell('7', 'odp', 'ext4-dax', 'munmap')
+
+    def test_gup__ext4_dax__exit(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:ext4-dax,event:exit"""
+        self.cell('7', 'gup', 'ext4-dax', 'exit')
+
+    def test_pin__ext4_dax__exit(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:ext4-dax,event:exit"""
+        self.cell('7', 'pin', 'ext4-dax', 'exit')
+
+    def test_longterm__ext4_dax__exit(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:ext4-dax,event:exit"""
+        self.cell('7', 'longterm', 'ext4-dax', 'exit')
+
+    def test_odp__ext4_dax__exit(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:ext4-dax,event:exit"""
+        self.cell('7', 'odp', 'ext4-dax', 'exit')
+
+    def test_gup__ext4_dax__truncate_never_unpin(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:ext4-dax,event:truncate-never-unpin"""
+        self.cell('7', 'gup', 'ext4-dax', 'truncate-never-unpin')
+
+    def test_pin__ext4_dax__truncate_never_unpin(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:ext4-dax,event:truncate-never-unpin,smoke"""
+        self.cell('7', 'pin', 'ext4-dax', 'truncate-never-unpin')
+
+    def test_longterm__ext4_dax__truncate_never_unpin(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:ext4-dax,event:truncate-never-unpin"""
+        self.cell('7', 'longterm', 'ext4-dax', 'truncate-never-unpin')
+
+    def test_odp__ext4_dax__truncate_never_unpin(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:ext4-dax,event:truncate-never-unpin"""
+        self.cell('7', 'odp', 'ext4-dax', 'truncate-never-unpin')
+
+    def test_gup__xfs_dax__dma_write(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:xfs-dax,event:dma-write"""
+        self.cell('7', 'gup', 'xfs-dax', 'dma-write')
+
+    def test_pin__xfs_dax__dma_write(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:xfs-dax,event:dma-write"""
+        self.cell('7', 'pin', 'xfs-dax', 'dma-write')
+
+    def test_longterm__xfs_dax__dma_write(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:xfs-dax,event:dma-write"""
+        self.cell('7', 'longterm', 'xfs-dax', 'dma-write')
+
+    def test_odp__xfs_dax__dma_write(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:xfs-dax,event:dma-write"""
+        self.cell('7', 'odp', 'xfs-dax', 'dma-write')
+
+    def test_gup__xfs_dax__truncate(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:xfs-dax,event:truncate"""
+        self.cell('7', 'gup', 'xfs-dax', 'truncate')
+
+    def test_pin__xfs_dax__truncate(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:xfs-dax,event:truncate"""
+        self.cell('7', 'pin', 'xfs-dax', 'truncate')
+
+    def test_longterm__xfs_dax__truncate(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:xfs-dax,event:truncate"""
+        self.cell('7', 'longterm', 'xfs-dax', 'truncate')
+
+    def test_odp__xfs_dax__truncate(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:xfs-dax,event:truncate"""
+        self.cell('7', 'odp', 'xfs-dax', 'truncate')
+
+    def test_gup__xfs_dax__punch_hole(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:xfs-dax,event:punch-hole"""
+        self.cell('7', 'gup', 'xfs-dax', 'punch-hole')
+
+    def test_pin__xfs_dax__punch_hole(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:xfs-dax,event:punch-hole"""
+        self.cell('7', 'pin', 'xfs-dax', 'punch-hole')
+
+    def test_longterm__xfs_dax__punch_hole(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:xfs-dax,event:punch-hole"""
+        self.cell('7', 'longterm', 'xfs-dax', 'punch-hole')
+
+    def test_odp__xfs_dax__punch_hole(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:xfs-dax,event:punch-hole"""
+        self.cell('7', 'odp', 'xfs-dax', 'punch-hole')
+
+    def test_gup__xfs_dax__punch_hole_partial(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:xfs-dax,event:punch-hole-partial"""
+        self.cell('7', 'gup', 'xfs-dax', 'punch-hole-partial')
+
+    def test_pin__xfs_dax__punch_hole_partial(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:xfs-dax,event:punch-hole-partial"""
+        self.cell('7', 'pin', 'xfs-dax', 'punch-hole-partial')
+
+    def test_longterm__xfs_dax__punch_hole_partial(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:xfs-dax,event:punch-hole-partial"""
+        self.cell('7', 'longterm', 'xfs-dax', 'punch-hole-partial')
+
+    def test_odp__xfs_dax__punch_hole_partial(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:xfs-dax,event:punch-hole-partial"""
+        self.cell('7', 'odp', 'xfs-dax', 'punch-hole-partial')
+
+    def test_gup__xfs_dax__munmap(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:xfs-dax,event:munmap"""
+        self.cell('7', 'gup', 'xfs-dax', 'munmap')
+
+    def test_pin__xfs_dax__munmap(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:xfs-dax,event:munmap"""
+        self.cell('7', 'pin', 'xfs-dax', 'munmap')
+
+    def test_longterm__xfs_dax__munmap(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:xfs-dax,event:munmap"""
+        self.cell('7', 'longterm', 'xfs-dax', 'munmap')
+
+    def test_odp__xfs_dax__munmap(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:xfs-dax,event:munmap"""
+        self.cell('7', 'odp', 'xfs-dax', 'munmap')
+
+    def test_gup__xfs_dax__exit(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:xfs-dax,event:exit"""
+        self.cell('7', 'gup', 'xfs-dax', 'exit')
+
+    def test_pin__xfs_dax__exit(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:xfs-dax,event:exit"""
+        self.cell('7', 'pin', 'xfs-dax', 'exit')
+
+    def test_longterm__xfs_dax__exit(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:xfs-dax,event:exit"""
+        self.cell('7', 'longterm', 'xfs-dax', 'exit')
+
+    def test_odp__xfs_dax__exit(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:xfs-dax,event:exit"""
+        self.cell('7', 'odp', 'xfs-dax', 'exit')
+
+    def test_gup__xfs_dax__truncate_never_unpin(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:gup
+        :avocado: tags=backing:xfs-dax,event:truncate-never-unpin"""
+        self.cell('7', 'gup', 'xfs-dax', 'truncate-never-unpin')
+
+    def test_pin__xfs_dax__truncate_never_unpin(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:pin
+        :avocado: tags=backing:xfs-dax,event:truncate-never-unpin"""
+        self.cell('7', 'pin', 'xfs-dax', 'truncate-never-unpin')
+
+    def test_longterm__xfs_dax__truncate_never_unpin(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:longterm
+        :avocado: tags=backing:xfs-dax,event:truncate-never-unpin"""
+        self.cell('7', 'longterm', 'xfs-dax', 'truncate-never-unpin')
+
+    def test_odp__xfs_dax__truncate_never_unpin(self) -> None:
+        """:avocado: tags=matrix,kernel:7,mode:odp
+        :avocado: tags=backing:xfs-dax,event:truncate-never-unpin"""
+        self.cell('7', 'odp', 'xfs-dax', 'truncate-never-unpin')
 
     def test_odp__anon__no_ack(self) -> None:
         """:avocado: tags=matrix,kernel:7,mode:odp
