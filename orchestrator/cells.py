@@ -78,7 +78,7 @@ PAIRS: list[tuple[str, str]] = [
     *[(b, "exit") for b in ["anon", "memfd"]],
     ("anon", "oom"),
     ("anon", "mem-offline"),
-    *[(b, e) for b in DAX_BACKINGS for e in ["dma-write", "truncate", "punch-hole",
+    *[(b, e) for b in DAX_BACKINGS for e in ["truncate", "punch-hole",
                                               "punch-hole-partial", "munmap", "exit",
                                               "truncate-never-unpin"]],
 ]

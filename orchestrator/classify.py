@@ -497,6 +497,25 @@ class _Judge:
         if inside != n or len(pfns) < n:
             raise Inconclusive(f"DAX not proven: {inside} of {n} PFNs in a pmem range")
 
+    def dax_revoked_whole_file(self) -> bool:
+        """odp truncate of a DAX file: the layout break unmaps the whole file before it
+        looks for busy pages (fs/dax.c dax_layout_busy_page_range -> unmap_mapping_pages
+        over the whole range), so the event's invalidate covers the kept pages too, and the
+        driver's re-fault of the region (one hmm_range_fault per PINLAB_MAP_CHUNK pages,
+        kmod/pinlab_odp.c) reaches beyond EOF and fails as a whole: the device writes
+        nothing. True (REVOKED_IN_TIME) when the backing is DAX, an invalidate caused by the
+        event was acknowledged, the DMA step failed on page 0 and the audit shows no
+        generation-2 write at all; the facts record it (``kept_not_refaulted``)."""
+        if self.cell.backing not in DAX_BACKINGS or not self.acked():
+            return False
+        g2 = step(self.rep, "dma_write_g2")
+        by_gen = self.audit.get("gen_pages")
+        if not isinstance(by_gen, dict) or by_gen.get("2") or g2.get("bytes") != 0:
+            return False
+        self.f["kept_not_refaulted"] = ("the layout break unmapped the whole file; the "
+                                        "driver's chunk re-fault reached beyond EOF")
+        return True
+
     def layout_wait(self) -> dict[str, Any] | None:
         """The workload's record of a truncate / hole punch that did not return before the
         driver's release (or the watch deadline), else None (it returned at once)."""
@@ -609,6 +628,8 @@ class _Judge:
             if self.cell.mode == "odp":
                 # the device re-faulted and wrote the kept half, then found no page
                 # beyond EOF
+                if not kept_g2 and self.dax_revoked_whole_file():
+                    return "REVOKED_IN_TIME"
                 if not kept_g2:
                     raise Inconclusive("odp DMA failed and the kept pages lack gen2")
                 self.wrote_pages(2, kept)

@@ -1451,26 +1451,6 @@ class Kernel6_12(CellTest):
         :avocado: tags=backing:anon,event:mem-offline"""
         self.cell('6.12', 'odp', 'anon', 'mem-offline')
 
-    def test_gup__ext4_dax__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:gup
-        :avocado: tags=backing:ext4-dax,event:dma-write"""
-        self.cell('6.12', 'gup', 'ext4-dax', 'dma-write')
-
-    def test_pin__ext4_dax__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:pin
-        :avocado: tags=backing:ext4-dax,event:dma-write"""
-        self.cell('6.12', 'pin', 'ext4-dax', 'dma-write')
-
-    def test_longterm__ext4_dax__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:longterm
-        :avocado: tags=backing:ext4-dax,event:dma-write"""
-        self.cell('6.12', 'longterm', 'ext4-dax', 'dma-write')
-
-    def test_odp__ext4_dax__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:odp
-        :avocado: tags=backing:ext4-dax,event:dma-write"""
-        self.cell('6.12', 'odp', 'ext4-dax', 'dma-write')
-
     def test_gup__ext4_dax__truncate(self) -> None:
         """:avocado: tags=matrix,kernel:6.12,mode:gup
         :avocado: tags=backing:ext4-dax,event:truncate"""
@@ -1590,26 +1570,6 @@ class Kernel6_12(CellTest):
         """:avocado: tags=matrix,kernel:6.12,mode:odp
         :avocado: tags=backing:ext4-dax,event:truncate-never-unpin"""
         self.cell('6.12', 'odp', 'ext4-dax', 'truncate-never-unpin')
-
-    def test_gup__xfs_dax__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:gup
-        :avocado: tags=backing:xfs-dax,event:dma-write"""
-        self.cell('6.12', 'gup', 'xfs-dax', 'dma-write')
-
-    def test_pin__xfs_dax__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:pin
-        :avocado: tags=backing:xfs-dax,event:dma-write"""
-        self.cell('6.12', 'pin', 'xfs-dax', 'dma-write')
-
-    def test_longterm__xfs_dax__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:longterm
-        :avocado: tags=backing:xfs-dax,event:dma-write"""
-        self.cell('6.12', 'longterm', 'xfs-dax', 'dma-write')
-
-    def test_odp__xfs_dax__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.12,mode:odp
-        :avocado: tags=backing:xfs-dax,event:dma-write"""
-        self.cell('6.12', 'odp', 'xfs-dax', 'dma-write')
 
     def test_gup__xfs_dax__truncate(self) -> None:
         """:avocado: tags=matrix,kernel:6.12,mode:gup
@@ -3188,26 +3148,6 @@ class Kernel6_1(CellTest):
         :avocado: tags=backing:anon,event:mem-offline"""
         self.cell('6.1', 'odp', 'anon', 'mem-offline')
 
-    def test_gup__ext4_dax__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:gup
-        :avocado: tags=backing:ext4-dax,event:dma-write"""
-        self.cell('6.1', 'gup', 'ext4-dax', 'dma-write')
-
-    def test_pin__ext4_dax__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:pin
-        :avocado: tags=backing:ext4-dax,event:dma-write"""
-        self.cell('6.1', 'pin', 'ext4-dax', 'dma-write')
-
-    def test_longterm__ext4_dax__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:longterm
-        :avocado: tags=backing:ext4-dax,event:dma-write"""
-        self.cell('6.1', 'longterm', 'ext4-dax', 'dma-write')
-
-    def test_odp__ext4_dax__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:odp
-        :avocado: tags=backing:ext4-dax,event:dma-write"""
-        self.cell('6.1', 'odp', 'ext4-dax', 'dma-write')
-
     def test_gup__ext4_dax__truncate(self) -> None:
         """:avocado: tags=matrix,kernel:6.1,mode:gup
         :avocado: tags=backing:ext4-dax,event:truncate"""
@@ -3327,26 +3267,6 @@ class Kernel6_1(CellTest):
         """:avocado: tags=matrix,kernel:6.1,mode:odp
         :avocado: tags=backing:ext4-dax,event:truncate-never-unpin"""
         self.cell('6.1', 'odp', 'ext4-dax', 'truncate-never-unpin')
-
-    def test_gup__xfs_dax__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:gup
-        :avocado: tags=backing:xfs-dax,event:dma-write"""
-        self.cell('6.1', 'gup', 'xfs-dax', 'dma-write')
-
-    def test_pin__xfs_dax__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:pin
-        :avocado: tags=backing:xfs-dax,event:dma-write"""
-        self.cell('6.1', 'pin', 'xfs-dax', 'dma-write')
-
-    def test_longterm__xfs_dax__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:longterm
-        :avocado: tags=backing:xfs-dax,event:dma-write"""
-        self.cell('6.1', 'longterm', 'xfs-dax', 'dma-write')
-
-    def test_odp__xfs_dax__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:6.1,mode:odp
-        :avocado: tags=backing:xfs-dax,event:dma-write"""
-        self.cell('6.1', 'odp', 'xfs-dax', 'dma-write')
 
     def test_gup__xfs_dax__truncate(self) -> None:
         """:avocado: tags=matrix,kernel:6.1,mode:gup
@@ -4925,26 +4845,6 @@ class Kernel7(CellTest):
         :avocado: tags=backing:anon,event:mem-offline"""
         self.cell('7', 'odp', 'anon', 'mem-offline')
 
-    def test_gup__ext4_dax__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:gup
-        :avocado: tags=backing:ext4-dax,event:dma-write"""
-        self.cell('7', 'gup', 'ext4-dax', 'dma-write')
-
-    def test_pin__ext4_dax__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:pin
-        :avocado: tags=backing:ext4-dax,event:dma-write"""
-        self.cell('7', 'pin', 'ext4-dax', 'dma-write')
-
-    def test_longterm__ext4_dax__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:longterm
-        :avocado: tags=backing:ext4-dax,event:dma-write"""
-        self.cell('7', 'longterm', 'ext4-dax', 'dma-write')
-
-    def test_odp__ext4_dax__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:odp
-        :avocado: tags=backing:ext4-dax,event:dma-write"""
-        self.cell('7', 'odp', 'ext4-dax', 'dma-write')
-
     def test_gup__ext4_dax__truncate(self) -> None:
         """:avocado: tags=matrix,kernel:7,mode:gup
         :avocado: tags=backing:ext4-dax,event:truncate"""
@@ -5064,26 +4964,6 @@ class Kernel7(CellTest):
         """:avocado: tags=matrix,kernel:7,mode:odp
         :avocado: tags=backing:ext4-dax,event:truncate-never-unpin"""
         self.cell('7', 'odp', 'ext4-dax', 'truncate-never-unpin')
-
-    def test_gup__xfs_dax__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:gup
-        :avocado: tags=backing:xfs-dax,event:dma-write"""
-        self.cell('7', 'gup', 'xfs-dax', 'dma-write')
-
-    def test_pin__xfs_dax__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:pin
-        :avocado: tags=backing:xfs-dax,event:dma-write"""
-        self.cell('7', 'pin', 'xfs-dax', 'dma-write')
-
-    def test_longterm__xfs_dax__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:longterm
-        :avocado: tags=backing:xfs-dax,event:dma-write"""
-        self.cell('7', 'longterm', 'xfs-dax', 'dma-write')
-
-    def test_odp__xfs_dax__dma_write(self) -> None:
-        """:avocado: tags=matrix,kernel:7,mode:odp
-        :avocado: tags=backing:xfs-dax,event:dma-write"""
-        self.cell('7', 'odp', 'xfs-dax', 'dma-write')
 
     def test_gup__xfs_dax__truncate(self) -> None:
         """:avocado: tags=matrix,kernel:7,mode:gup
