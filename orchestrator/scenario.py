@@ -270,8 +270,9 @@ def never_unpin(s: GuestSession, cell: Cell, art: Path) -> Observation:
     cell (``needs_reboot``); the wait's state, wchan and stack stay in the cell's report."""
     obs = run_cell(s, cell, art)
     blocked = (obs.evidence.get("facts") or {}).get("blocked")
-    if isinstance(blocked, dict) and blocked.get("never") and "returned_ms" not in blocked:
+    if isinstance(blocked, dict) and blocked.get("still_blocked_at_ms") is not None:
         obs.evidence["needs_reboot"] = True
+        obs.evidence["reboot_reason"] = "its truncate never returned (killed)"
     return obs
 
 
