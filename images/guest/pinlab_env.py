@@ -21,6 +21,8 @@ needs the zram module in the guest). Every matrix cell runs with it on (cell_env
 "pageout" and "memcg-reclaim" of anonymous memory reclaim for real, and a swapped page
 shows as a swap entry in /proc/PID/pagemap and as pswpout in /proc/vmstat
 (Documentation/admin-guide/mm/pagemap.rst).
+The fsdax backings (ext4-dax, xfs-dax) are mounted by pinlab_dax.py on the guest's legacy
+pmem devices, not on scratch disks; ``setup --cell MODE/ext4-dax/EVENT`` mounts one.
 Errors: RuntimeError when a disk or controller is missing, subprocess.CalledProcessError
 when mkfs, mount, mkswap or swapon fail, OSError from /proc and /sys writes.
 
