@@ -35,7 +35,7 @@ from pinlab.images.kernel import DEFAULT_KERNEL, KERNELS
 
 from . import registry
 from .expectations import Cell
-from .guestenv import guest_config, setup_guest
+from .guestenv import MEMORY_MB, guest_config, setup_guest
 from .poolclient import recv_json
 from .procs import process_alive, wait_for
 from .registry import GuestEntry, RegistryError
@@ -193,6 +193,10 @@ class Workbench:
         cfg.gdb_port = self.o.gdb_port
         if self.o.memory_mb:
             cfg.memory_mb = self.o.memory_mb
+            if cfg.memory_mb < MEMORY_MB:
+                # the fsdax pmem ranges (guestenv.PMEM) would lie outside the guest's RAM
+                cfg.cmdline = " ".join(a for a in cfg.cmdline.split()
+                                       if not a.startswith("memmap="))
         return cfg
 
     def faults(self) -> dict[str, Any]:
