@@ -38,7 +38,6 @@ from .dmesg import DmesgReport
 from .expectations import Cell
 
 PAGE = 4096
-__all__ = ["DAX_BACKINGS", "FILE_BACKINGS", "Inconclusive", "Judge", "classify_cell"]
 # where a truncate / hole punch of a DAX file waits for the pages' references: 6.1 and 6.12
 # ext4_break_layouts / xfs_break_dax_layouts around dax_layout_busy_page, 6.15+
 # dax_break_layout (fs/dax.c; Documentation/filesystems/dax.rst)
@@ -303,7 +302,8 @@ class Judge:
     ``dm`` the kernel log, ``audit`` the audit facts) and the facts that decided it
     (``f``, recorded in the verdict). The shared checks (:meth:`shared`: kernel errors,
     pins leaked, audit violations and DMA outside the registration, the audit's
-    completeness; btrfs's and ext4's own data-loss verdicts) run for every event; each
+    completeness; btrfs's and ext4's own data-loss verdicts) run for every event, and every
+    cell of an fsdax backing must prove DAX first (:meth:`need_dax`); each
     event's classifier (``orchestrator/events/ev_<event>.py``) then judges its views with
     the helpers here."""
 
