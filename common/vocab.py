@@ -56,8 +56,17 @@ FOLL_PIN_MODES = ("pin", "longterm")
 
 #: MAP_SHARED file backings, in the matrix's order.
 FILE_SHARED = ("memfd", "tmpfs", "ext4", "xfs", "btrfs", "hugetlb")
+#: MAP_SHARED files on fsdax: ext4 and xfs on the guest's legacy e820 pmem, mounted
+#: ``-o dax=always`` (guest/pinlab_dax.py; orchestrator/guestenv.py PMEM). No page cache:
+#: the mapping's pages are the pmem itself.
+DAX_BACKINGS = ("ext4-dax", "xfs-dax")
+#: Size in MiB of the pmem range of each fsdax backing: the guest tells its /dev/pmemN
+#: apart by it, the host carves the ranges out of guest RAM (orchestrator/guestenv.py).
+PMEM_MIB = {"ext4-dax": 128, "xfs-dax": 320}
 #: Every backing, in the matrix's order (cells and test names follow it).
-BACKINGS = ("anon", *FILE_SHARED, "private-file")
+BACKINGS = ("anon", *FILE_SHARED, "private-file", *DAX_BACKINGS)
+#: Backings whose final file contents the workload reads back (``Key.FILE_AFTER``).
+FILE_BACKINGS = (*FILE_SHARED, *DAX_BACKINGS)
 #: Backings whose registered pages are private (anon, or COW copies of a MAP_PRIVATE file).
 PRIVATE_BACKINGS = ("anon", "private-file")
 #: Backings on a filesystem with its own scratch disk (writeback, O_DIRECT, drop_caches).
@@ -99,6 +108,7 @@ class Outcome:
     OFFLINE_BLOCKED = "OFFLINE_BLOCKED"
     OFFLINE_SUCCEEDS = "OFFLINE_SUCCEEDS"
     QEMU_CRASHED = "QEMU_CRASHED"
+    TRUNCATE_BLOCKED = "TRUNCATE_BLOCKED"
 
 
 #: Every outcome class, in the order of the expectations header.
@@ -109,12 +119,15 @@ class Key:
     """Keys of the cell report (guest/pinlab_cell.py writes it, orchestrator/classify.py
     and the event classifiers read it), including the keys of its nested records: a step
     (``steps``), the fork child's report (``child``), the victim's (``victim``), the
-    removal wait (``gone``) and an offline result (``offline``). A page scan key's read
+    removal wait (``gone``), an offline result (``offline``), the fsdax evidence
+    (``dax``: guest/pinlab_dax.py dax_evidence) and a layout wait (``blocked``, with
+    ``wait``: pinlab_dax.release_after, watch_never_released, task_wait). A page scan key's read
     error is ``key + ERROR_SUFFIX``, its byte count ``key + BYTES_SUFFIX``."""
 
     AGENT_MS = "agent_ms"
     BACKING = "backing"
     BLOCK = "block"
+    BLOCKED = "blocked"
     BLOCKS = "blocks"
     BYTES = "bytes"
     CELL_MS = "cell_ms"
@@ -127,6 +140,7 @@ class Key:
     CONTROL_PAGES = "control_pages"
     CONTROL_PFNS_AFTER = "control_pfns_after"
     CONTROL_PFNS_BEFORE = "control_pfns_before"
+    DAX = "dax"
     DEV_NODE_EXISTS = "dev_node_exists"
     DIRTY_PAGES = "dirty_pages"
     DISK_REGISTERED = "disk_registered"
@@ -140,13 +154,19 @@ class Key:
     FILE_G2 = "file_g2"
     GONE = "gone"
     GONE_AFTER_MS = "gone_after_ms"
+    HOLD_MS = "hold_ms"
     HOLE_BYTES = "hole_bytes"
     HOLE_PAGES = "hole_pages"
     HOW = "how"
+    IN_LAYOUT_WAIT = "in_layout_wait"
     KEPT_PAGES = "kept_pages"
     KERNEL = "kernel"
+    KILLED_SIGNAL = "killed_signal"
+    KILLED_STATUS = "killed_status"
+    KILL_MS = "kill_ms"
     LEFTOVER_MOUNTS = "leftover_mounts"
     MAP = "map"
+    MAPPED = "mapped"
     MAP_AFTER = "map_after"
     MAP_AFTER_EXTEND = "map_after_extend"
     MAP_AFTER_ODIRECT = "map_after_odirect"
@@ -155,45 +175,61 @@ class Key:
     MAP_G2 = "map_g2"
     MAP_KEPT_G2 = "map_kept_g2"
     MAP_PARENT_G2 = "map_parent_g2"
-    MAPPED = "mapped"
     MEMCG_AFTER_RECLAIM = "memcg_after_reclaim"
     MEMCG_BEFORE = "memcg_before"
     MEMCG_REGISTERED = "memcg_registered"
     MODE = "mode"
+    MOUNT_OPTIONS = "mount_options"
     MOVABLE_PAGES = "movable_pages"
     MS = "ms"
     MSG = "msg"
+    NEVER = "never"
     NONBLOCK_REFUSED_AFTER = "nonblock_refused_after"
     NONBLOCK_REFUSED_BEFORE = "nonblock_refused_before"
+    NOTES = "notes"
     NPAGES = "npages"
     ODIRECT_PAGES = "odirect_pages"
     OFFLINE = "offline"
     OOM_EVENTS = "oom_events"
     PAGEMAP = "pagemap"
     PAGEMAP_AFTER_EVENT = "pagemap_after_event"
+    PATH = "path"
     PFNS = "pfns"
     PFNS_AFTER = "pfns_after"
     PFNS_AFTER_EVENT = "pfns_after_event"
     PFNS_AFTER_TOUCH = "pfns_after_touch"
     PFNS_BEFORE = "pfns_before"
+    PFNS_IN_PMEM = "pfns_in_pmem"
     PFNS_PARENT_AFTER_WRITE = "pfns_parent_after_write"
     PFNS_REGISTERED = "pfns_registered"
+    PID = "pid"
     PINNED_MOVED = "pinned_moved"
+    PMEM_RANGES = "pmem_ranges"
     QUERY = "query"
     QUERY_AFTER_EVENT = "query_after_event"
     QUERY_FINAL = "query_final"
     QUERY_REGISTERED = "query_registered"
+    QUEUE_DAX = "queue_dax"
     REGION = "region"
     REGISTER_MS = "register_ms"
+    RELEASED_AT_MS = "released_at_ms"
+    RELEASE_ERRNO = "release_errno"
     REMAP_G2 = "remap_g2"
     RESULT = "result"
+    RETURNED_AFTER_RELEASE = "returned_after_release"
+    RETURNED_MS = "returned_ms"
     SEALS = "seals"
+    STACK = "stack"
     STATE = "state"
     STATUS = "status"
+    STATX_ATTRIBUTES = "statx_attributes"
+    STATX_DAX = "statx_dax"
     STDERR = "stderr"
     STEP = "step"
     STEPS = "steps"
+    STILL_BLOCKED_AT_MS = "still_blocked_at_ms"
     STREAM_CHUNKS = "stream_chunks"
+    STUCK = "stuck"
     SWAPS = "swaps"
     VALUE = "value"
     VICTIM = "victim"
@@ -201,6 +237,7 @@ class Key:
     VICTIM_PID = "victim_pid"
     VICTIM_SIGNAL = "victim_signal"
     VICTIM_STATUS = "victim_status"
+    VMFLAGS = "vmflags"
     VMSTAT_BEFORE = "vmstat_before"
     VMSTAT_BEFORE_VICTIM = "vmstat_before_victim"
     VMSTAT_END = "vmstat_end"
@@ -209,6 +246,9 @@ class Key:
     VMSTAT_RELEASED = "vmstat_released"
     VMSTAT_VICTIM_GONE = "vmstat_victim_gone"
     VMSTAT_VICTIM_REGISTERED = "vmstat_victim_registered"
+    WAIT = "wait"
+    WATCH_MS = "watch_ms"
+    WCHAN = "wchan"
     ERROR_SUFFIX = "_error"
     BYTES_SUFFIX = "_bytes"
 

@@ -32,8 +32,15 @@ import subprocess
 import time
 
 from pinlab.common import jsonlines
-from pinlab.common.vocab import NOTIFY_FD_ENV, READY_FILE, SCRATCH_MOUNT, Key
-from pinlab.guest import events, pinlab_ioctl
+from pinlab.common.vocab import (
+    DAX_BACKINGS,
+    DISK_BACKINGS,
+    NOTIFY_FD_ENV,
+    READY_FILE,
+    SCRATCH_MOUNT,
+    Key,
+)
+from pinlab.guest import events, pinlab_dax, pinlab_ioctl
 from pinlab.guest.pinlab_env import CGCELL, cell_environment, mount_scratch, mount_tmpfs, oom_cgroup
 from pinlab.guest.pinlab_mm import (
     HPAGE,
@@ -283,6 +290,7 @@ class Mapping:
                 self.fd = os.memfd_create(f"pinlab-{tag}", MFD_CLOEXEC | MFD_HUGETLB)
             else:
                 d = (mount_tmpfs(stack) if kind == "tmpfs" else
+                     pinlab_dax.mount_dax(kind, stack, rep) if kind in DAX_BACKINGS else
                      mount_scratch("ext4" if kind == "private-file" else kind, stack, rep))
                 self.path = f"{d}/{tag}.dat"
                 self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR | os.O_TRUNC, 0o600)
@@ -435,6 +443,8 @@ class Cell:
             rep[Key.CONTROL_PAGES] = CONTROL_PAGES
         rep[Key.NPAGES] = self.m.npages
         rep[Key.PFNS_BEFORE] = self.m.pfns()
+        if a.backing in DAX_BACKINGS:
+            rep[Key.DAX] = pinlab_dax.dax_evidence(self.m.path, self.m.addr, self.m.npages)
         rep[Key.MEMCG_BEFORE] = memcg_current() if getattr(ev, "MEMCG", False) else None
         self.dev = pinlab_ioctl.PinlabDevice(a.device)
         a.device = self.dev.path      # None: the node find_device() chose
@@ -481,7 +491,7 @@ class Cell:
         """After release: what the file holds (disk files: unmap, sync, drop_caches)."""
         if self.m.kind in ("anon", "private-file") or self.m.fd is None:
             return
-        if self.m.kind in ("ext4", "xfs", "btrfs"):
+        if self.m.kind in (*DISK_BACKINGS, *DAX_BACKINGS):
             self.m.unmap()
             timed(self.rep, "fsync_final", os.fsync, self.m.fd)
             drop_caches()
@@ -489,8 +499,33 @@ class Cell:
 
     # -- events
     def punch(self, off, length):
-        """FALLOC_FL_PUNCH_HOLE of [off, off+length) bytes of the file, as a step."""
-        timed(self.rep, "punch_hole", punch_hole, self.m.fd, off, length)
+        """FALLOC_FL_PUNCH_HOLE of [off, off+length) bytes of the file, as a step
+        (layout_step). Returns False when the event cannot go on."""
+        return self.layout_step("punch_hole", punch_hole, self.m.fd, off, length)
+
+    def layout_step(self, name, fn, *args, never_unpin=False):
+        """A step that changes the file's layout under the registration (a truncate or a
+        hole punch), recorded as step ``name``. Outside DAX it just runs (timed). On DAX
+        (pinlab_dax.py) the filesystem breaks its layouts first and may wait for the
+        driver's page references: a helper thread deregisters after pinlab_dax.HOLD_S
+        (release_after), or, with ``never_unpin`` (event truncate-never-unpin), nobody
+        releases and the step runs in a child that is watched, then killed
+        (watch_never_released); rep[Key.BLOCKED] records either. Returns False when the
+        event cannot go on: the region is gone, or the step never returned."""
+        if self.m.kind not in DAX_BACKINGS:
+            timed(self.rep, name, fn, *args)
+            return True
+        if never_unpin:
+            pinlab_dax.watch_never_released(self.rep, name, fn, args)
+            return Key.RETURNED_MS in self.rep[Key.BLOCKED]
+        pinlab_dax.release_after(self.rep, name, fn, args, self._helper_release)
+        return self.registered
+
+    def _helper_release(self):
+        """The helper thread's deregistration (pinlab_dax.release_after)."""
+        self.rep[Key.QUERY_FINAL] = self.dev.query(self.rid)
+        self.dev.deregister(self.rid)
+        self.registered = False
 
     def after_reclaim(self):
         """After a reclaim-like event: pagemap (and the control pages'), generation 2, the

@@ -21,6 +21,8 @@ needs the zram module in the guest). Every matrix cell runs with it on (cell_env
 "pageout" and "memcg-reclaim" of anonymous memory reclaim for real, and a swapped page
 shows as a swap entry in /proc/PID/pagemap and as pswpout in /proc/vmstat
 (Documentation/admin-guide/mm/pagemap.rst).
+The fsdax backings (ext4-dax, xfs-dax) are mounted by pinlab_dax.py on the guest's legacy
+pmem devices, not on scratch disks; ``setup --cell MODE/ext4-dax/EVENT`` mounts one.
 Errors: RuntimeError when a disk or controller is missing, subprocess.CalledProcessError
 when mkfs, mount, mkswap or swapon fail, OSError from /proc and /sys writes.
 
@@ -37,7 +39,8 @@ import subprocess
 import sys
 import time
 
-from pinlab.common.vocab import SCRATCH_MOUNT
+from pinlab.common.vocab import DAX_BACKINGS, SCRATCH_MOUNT
+from pinlab.guest import pinlab_dax
 from pinlab.guest.pinlab_mm import read_file, write_file
 
 DISKS = {"ext4": "pinlab-ext4", "xfs": "pinlab-xfs",   # filesystem -> disk serial
@@ -201,6 +204,8 @@ def cell_environment(backing, event, stack=None, rep=None, enter=True):
     if backing in ("ext4", "xfs", "btrfs", "private-file"):
         done["mount"] = mount_scratch("ext4" if backing == "private-file" else backing,
                                       stack, done)
+    elif backing in DAX_BACKINGS:
+        done["mount"] = pinlab_dax.mount_dax(backing, stack, done)
     elif backing == "tmpfs":
         done["mount"] = mount_tmpfs(stack)
     elif backing == "hugetlb":

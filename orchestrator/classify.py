@@ -26,7 +26,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from pinlab.common.vocab import (
-    FILE_SHARED,
+    DAX_BACKINGS,
+    FILE_BACKINGS,
     FOLL_PIN_MODES,
     Key,
     Outcome,
@@ -37,8 +38,11 @@ from .dmesg import DmesgReport
 from .expectations import Cell
 
 PAGE = 4096
-# backings whose final file contents the workload reads back (file_after)
-FILE_BACKINGS = FILE_SHARED
+# where a truncate / hole punch of a DAX file waits for the pages' references: 6.1 and 6.12
+# ext4_break_layouts / xfs_break_dax_layouts around dax_layout_busy_page, 6.15+
+# dax_break_layout (fs/dax.c; Documentation/filesystems/dax.rst)
+LAYOUT_WAIT = re.compile(r"ext4_break_layouts|xfs_break_(?:dax_)?layouts|dax_break_layout"
+                         r"|dax_layout_busy_page|(?:ext4|xfs)_wait_dax_page|wait_page_idle")
 F_SEAL_WRITE = 0x0008
 # a fence missed by the device is logged by pinlab_odp.c / pinlab_queue.c
 ESCALATION_LINES = ("INVALIDATE fence missed", "resetting device")
@@ -94,7 +98,16 @@ EVIDENCE: dict[str, tuple[str, ...]] = {
     Outcome.REGION_NOT_RELEASED: ("victim status", "victim audit without destroy"),
     Outcome.OFFLINE_BLOCKED: ("offline results", "audit: generation 2 written", "mapping scan"),
     Outcome.OFFLINE_SUCCEEDS: ("offline results", "audit: generation 2 written", "mapping scan"),
+    Outcome.TRUNCATE_BLOCKED: ("DAX evidence", "the truncate or hole punch step waiting in a "
+                               "layout-break function (wchan or kernel stack)",
+                               "the step returning only after the driver's release (the "
+                               "wait in ms), or still blocked at the watch deadline and then "
+                               "killed", "audit: generation 1 written",
+                               "audit: the region destroyed"),
 }
+#: not a class: what every cell of a DAX backing needs besides its class's evidence
+DAX_EVIDENCE = ("STATX_ATTR_DAX on the file", "the mount's dax option",
+                "every page of the mapping at a PFN inside a pmem range (/proc/iomem)")
 
 
 class Inconclusive(Exception):
@@ -289,7 +302,8 @@ class Judge:
     ``dm`` the kernel log, ``audit`` the audit facts) and the facts that decided it
     (``f``, recorded in the verdict). The shared checks (:meth:`shared`: kernel errors,
     pins leaked, audit violations and DMA outside the registration, the audit's
-    completeness; btrfs's and ext4's own data-loss verdicts) run for every event; each
+    completeness; btrfs's and ext4's own data-loss verdicts) run for every event, and every
+    cell of an fsdax backing must prove DAX first (:meth:`need_dax`); each
     event's classifier (``orchestrator/events/ev_<event>.py``) then judges its views with
     the helpers here."""
 
@@ -364,7 +378,7 @@ class Judge:
         """The mapping views plus the final file read-back for file backings."""
         out = list(keys)
         if self.cell.backing in FILE_BACKINGS:
-            out.append("file_after")
+            out.append(Key.FILE_AFTER)
         return out
 
     # -- shared checks --
@@ -462,12 +476,125 @@ class Judge:
         self.wrote(last)
         return Outcome.DIRTY_FOLIO_REJECTED
 
+    # -- fsdax (ext4-dax, xfs-dax) --
+    def need_dax(self) -> None:
+        """The cell's file was accessed through DAX (DAX_EVIDENCE): STATX_ATTR_DAX set,
+        the mount's dax option, and every page of the mapping at a PFN inside a
+        "Persistent Memory" range of /proc/iomem (the pages are the pmem itself, no page
+        cache; Documentation/filesystems/dax.rst). Run for every cell of a DAX backing.
+        Raises :class:`Inconclusive` naming what is missing."""
+        d = self.rep.get(Key.DAX)
+        if not isinstance(d, dict):
+            raise Inconclusive("no DAX evidence")
+        opts = str(d.get(Key.MOUNT_OPTIONS, "")).split(",")
+        ranges = d.get(Key.PMEM_RANGES)
+        pfns = self.rep.get(Key.PFNS_BEFORE)
+        inside = None
+        if isinstance(ranges, list) and isinstance(pfns, list):
+            inside = sum(1 for p in pfns if isinstance(p, int) and not isinstance(p, bool)
+                         and any(isinstance(r, list) and len(r) == 2 and r[0] <= p <= r[1]
+                                 for r in ranges))
+        self.f["dax"] = {"statx_dax": d.get(Key.STATX_DAX), "mount_dax": [
+            o for o in opts if o == "dax" or o.startswith("dax=")], "pfns_in_pmem": inside,
+            "vmflags": d.get(Key.VMFLAGS), "queue_dax": d.get(Key.QUEUE_DAX)}
+        if d.get(Key.STATX_DAX) is not True:
+            raise Inconclusive("DAX not proven: STATX_ATTR_DAX not set")
+        if not any(o in ("dax", "dax=always") for o in opts):
+            raise Inconclusive("DAX not proven: no dax mount option")
+        n = self.npages()
+        if inside != n or not isinstance(pfns, list) or len(pfns) < n:
+            raise Inconclusive(f"DAX not proven: {inside} of {n} PFNs in a pmem range")
+
+    def dax_revoked_whole_file(self) -> bool:
+        """odp truncate of a DAX file: the layout break unmaps the whole file before it
+        looks for busy pages (fs/dax.c dax_layout_busy_page_range -> unmap_mapping_pages
+        over the whole range), so the event's invalidate covers the kept pages too, and the
+        driver's re-fault of the region (one hmm_range_fault per PINLAB_MAP_CHUNK pages,
+        kmod/pinlab_odp.c) reaches beyond EOF and fails as a whole: the device writes
+        nothing. True (REVOKED_IN_TIME) when the backing is DAX, an invalidate caused by the
+        event was acknowledged, the DMA step failed on page 0 and the audit shows no
+        generation-2 write at all; the facts record it (``kept_not_refaulted``)."""
+        if self.cell.backing not in DAX_BACKINGS or not self.acked():
+            return False
+        g2 = step(self.rep, "dma_write_g2")
+        by_gen = self.audit.get("gen_pages")
+        if not isinstance(by_gen, dict) or by_gen.get("2") or g2.get(Key.BYTES) != 0:
+            return False
+        self.f["kept_not_refaulted"] = ("the layout break unmapped the whole file; the "
+                                        "driver's chunk re-fault reached beyond EOF")
+        return True
+
+    def layout_wait(self) -> dict[str, Any] | None:
+        """The workload's record of a truncate / hole punch of a DAX file that did not
+        return before the driver's release (or the watch deadline), else None (it returned
+        at once, or the cell is not fsdax)."""
+        if self.cell.backing not in DAX_BACKINGS:
+            return None
+        b = self.rep.get(Key.BLOCKED)
+        if not isinstance(b, dict):
+            return None
+        self.f["blocked"] = {k: b.get(k) for k in (
+            Key.STEP, Key.MS, Key.HOLD_MS, Key.RELEASED_AT_MS, Key.RETURNED_AFTER_RELEASE,
+            Key.NEVER, Key.WATCH_MS, Key.RETURNED_MS, Key.STILL_BLOCKED_AT_MS, Key.KILL_MS,
+            Key.KILLED_SIGNAL, Key.STUCK)}
+        if b.get(Key.NEVER):
+            return b if Key.RETURNED_MS not in b else None
+        return b if b.get(Key.RELEASED_AT_MS) is not None else None
+
+    def truncate_blocked(self) -> str | None:
+        """TRUNCATE_BLOCKED, or None when the layout step of a DAX cell did not wait
+        (:meth:`layout_wait`): the truncate or hole punch of a DAX file waited in the
+        filesystem's layout-break path (LAYOUT_WAIT in its wchan or kernel stack) for the
+        driver's page references, and returned only after the driver released them
+        (deregistration by the workload's helper), or was still waiting at the watch
+        deadline and was killed (never-unpin cells). The device wrote generation 1 into
+        every page and the audit has the region's destroy (pins dropped). Records the
+        wait in ms (``truncate_wait_ms``). Source: Documentation/filesystems/dax.rst,
+        fs/dax.c dax_layout_busy_page (6.1, 6.12), dax_break_layout (6.15+)."""
+        b = self.layout_wait()
+        if b is None:
+            return None
+        wait = b.get(Key.WAIT)
+        if not isinstance(wait, dict):
+            raise Inconclusive("where the blocked step waited was not recorded")
+        where = [str(wait.get(Key.WCHAN, "")), *[str(x) for x in wait.get(Key.STACK) or []]]
+        hits = [w for w in where if LAYOUT_WAIT.search(w)]
+        self.f["wait"] = {"state": wait.get(Key.STATE), "wchan": wait.get(Key.WCHAN),
+                          "layout_frames": hits[:4]}
+        if not hits:
+            raise Inconclusive("blocked step not waiting in a layout-break function")
+        if b.get(Key.NEVER):
+            at, watch = b.get(Key.STILL_BLOCKED_AT_MS), b.get(Key.WATCH_MS)
+            if not isinstance(at, (int, float)) or not isinstance(watch, (int, float)) \
+                    or at < watch:
+                raise Inconclusive("never-unpin: no wait up to the watch deadline")
+            if b.get(Key.KILLED_SIGNAL) != 9 and b.get(Key.STUCK) is not True:
+                raise Inconclusive("never-unpin: the blocked truncate neither died nor "
+                                   "stayed stuck")
+            self.f["truncate_wait_ms"] = at
+        else:
+            rel, ms = b.get(Key.RELEASED_AT_MS), b.get(Key.MS)
+            if b.get(Key.RELEASE_ERRNO) != 0:
+                raise Inconclusive("the helper's release failed")
+            if not isinstance(rel, (int, float)) or not isinstance(ms, (int, float)) \
+                    or ms < rel or b.get(Key.RETURNED_AFTER_RELEASE) is not True:
+                raise Inconclusive("the blocked step did not return after the release")
+            if step_errno(self.rep, str(b.get(Key.STEP))):
+                raise Inconclusive(f"{b.get(Key.STEP)} failed after the release")
+            self.f["truncate_wait_ms"] = ms
+        self.wrote(1)
+        if not (self.audit.get("kinds") or {}).get("destroy"):
+            raise Inconclusive("audit without the region's destroy")
+        return Outcome.TRUNCATE_BLOCKED
+
     # -- the classification --
     def run(self) -> str:
         rep, cell = self.rep, self.cell
         if "error" in rep:
             self.f["workload_error"] = rep[Key.ERROR]
             return Outcome.ERROR
+        if cell.backing in DAX_BACKINGS:
+            self.need_dax()
         if rep.get(Key.STEP) == "register":
             e = rep.get(Key.ERRNO)
             if not isinstance(e, int) or isinstance(e, bool) or e == 0:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from pinlab.common import jsonlines
-from pinlab.common.vocab import guest_python
+from pinlab.common.vocab import PMEM_MIB, guest_python
 
 from .session import GuestSession
 from .vm import GuestConfig
@@ -22,19 +22,36 @@ IRQ_MODES = ("msi", "msix")
 # pinlab_env's docstring for why not zram or a swap file
 SCRATCH_DISKS = {"pinlab-ext4": 512, "pinlab-xfs": 512, "pinlab-btrfs": 512,
                  "pinlab-swap": 128}
-CMDLINE = "page_poison=1"
+# fsdax (guest/pinlab_dax.py): the kernel's legacy e820 pmem, two ranges carved out
+# of guest RAM by memmap=SIZE!START (Documentation/admin-guide/kernel-parameters.txt,
+# "memmap=nn[KMG]!ss[KMG]"; CONFIG_X86_PMEM_LEGACY=m in Debian's 6.1, 6.12 and 7 kernels,
+# nd_e820). Backing -> (MiB, start MiB), the sizes vocab.PMEM_MIB (the guest finds its
+# device by size); the ranges need RAM between them or e820 merges them
+# into one device. ext4-dax needs 4 KiB blocks, xfs at least 300 MiB (mkfs.xfs). The guest
+# gets PMEM_RAM_MB more RAM so that what the other cells have stays as it was (1 GiB and a
+# little more). The top 48 MiB stay RAM: QEMU's loader puts the initramfs and the
+# firmware its tables at the top of low RAM. Not a QEMU nvdimm: a label-less NFIT
+# namespace has no struct pages (no ND_REGION_PAGEMAP), so its queue/dax is 0 without
+# ndctl, which the rootfs does not have.
+PMEM = {"ext4-dax": (PMEM_MIB["ext4-dax"], 1024), "xfs-dax": (PMEM_MIB["xfs-dax"], 1168)}
+PMEM_RAM_MB = 512
+MEMORY_MB = 1024 + PMEM_RAM_MB
+CMDLINE = "page_poison=1 " + " ".join(f"memmap={mib}M!{start}M"
+                                      for mib, start in PMEM.values())
 HOTPLUG_MB = 512
 
 
 def guest_config(irq: str = "msi") -> GuestConfig:
-    """A matrix guest: scratch disks for the filesystems and swap, page poisoning, room for a
+    """A matrix guest: scratch disks for the filesystems and swap, page poisoning, two
+    legacy pmem ranges for the fsdax backings (PMEM, MEMORY_MB of RAM), room for a
     hot-added DIMM (mem-offline cells), and the device with MSI instead of MSI-X:
     QEMU 11.1's vfio-user-pci aborts on device_del of an MSI-X device, and the hot-unplug
     cells need device_del to work. Raises ValueError for an unknown ``irq``."""
     if irq not in IRQ_MODES:
         raise ValueError(f"irq must be one of {', '.join(IRQ_MODES)}, not {irq!r}")
     return GuestConfig(scratch_disks=dict(SCRATCH_DISKS), cmdline=CMDLINE,
-                       device_args=["--irq", irq], hotplug_mb=HOTPLUG_MB)
+                       device_args=["--irq", irq], hotplug_mb=HOTPLUG_MB,
+                       memory_mb=MEMORY_MB)
 
 
 def setup_command(*, swap: bool = False, hugepages: int = 0, cell: str | None = None) -> str:

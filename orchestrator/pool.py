@@ -109,7 +109,8 @@ class CellServer:
         # reports the dmesg classes its cell added; otherwise look at the whole log (any
         # severe line since boot means the kernel is no longer fresh).
         if obs.evidence.get("needs_reboot"):
-            self.taint = f"cell {cell.name} removed the device"
+            self.taint = (f"cell {cell.name}: "
+                          f"{obs.evidence.get('reboot_reason', 'removed the device')}")
         if s.broken:
             self.taint = f"cell {cell.name}: {s.broken}"
         seen = obs.evidence.get("dmesg")

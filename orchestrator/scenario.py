@@ -252,3 +252,22 @@ def mem_offline(s: GuestSession, cell: Cell, art: Path) -> Observation:
         extra["needs_reboot"] = True
         extra["dimm_remove_error"] = repr(exc)
     return _finish(s, cell, art, rep, mark, extra)
+
+
+def never_unpin(s: GuestSession, cell: Cell, art: Path) -> Observation:
+    """fsdax truncate-never-unpin: the guest workload in one go, whose truncate the guest
+    watches for pinlab_dax.NEVER_S seconds and then kills (guest/pinlab_dax.py
+    watch_never_released). A truncate that was still blocked at the deadline gets the
+    guest rebooted before the next cell (``needs_reboot``, ``reboot_reason``: a killed
+    layout break, a hung-task candidate; nothing of it may reach the next cell); the
+    wait's state, wchan and stack stay in the cell's report."""
+    art.mkdir(parents=True, exist_ok=True)
+    s.mark()
+    mark = s.dmesg_mark()
+    rep = s.workload(*_cell_args(cell), timeout=300)
+    blocked = rep.get(Key.BLOCKED)
+    extra: dict[str, Any] = {}
+    if isinstance(blocked, dict) and blocked.get(Key.STILL_BLOCKED_AT_MS) is not None:
+        extra = {"needs_reboot": True,
+                 "reboot_reason": "its truncate never returned (killed)"}
+    return _finish(s, cell, art, rep, mark, extra)

@@ -37,7 +37,7 @@ from pinlab.images.kernel import DEFAULT_KERNEL, KERNELS
 
 from . import events, registry
 from .expectations import Cell
-from .guestenv import guest_config, setup_guest
+from .guestenv import MEMORY_MB, guest_config, setup_guest
 from .procs import process_alive, wait_for
 from .registry import GuestEntry, RegistryError
 from .scenario import DIMM_ID, HOTPLUG_MB, hot_add_dimm
@@ -191,6 +191,10 @@ class Workbench:
         cfg.gdb_port = self.o.gdb_port
         if self.o.memory_mb:
             cfg.memory_mb = self.o.memory_mb
+            if cfg.memory_mb < MEMORY_MB:
+                # the fsdax pmem ranges (guestenv.PMEM) would lie outside the guest's RAM
+                cfg.cmdline = " ".join(a for a in cfg.cmdline.split()
+                                       if not a.startswith("memmap="))
         return cfg
 
     def faults(self) -> dict[str, Any]:

@@ -1,6 +1,9 @@
 """Event ``truncate``: the guest's steps.
 
-ftruncate to half the size, the device writes generation 2, extend again.
+ftruncate to half the size, the device writes generation 2, extend again. On fsdax the
+shrink may wait for the driver's pins (Cell.layout_step): a helper deregisters after
+pinlab_dax.HOLD_S and the event ends there; :func:`truncate` with ``never_unpin`` is the
+truncate-never-unpin event (nobody deregisters).
 
 Runs on a prepared cell (pinlab_cell.Cell: registered, generation 1 written); the host
 side is orchestrator/events/ev_truncate.py.
@@ -14,10 +17,18 @@ NAME = "truncate"
 
 
 def run(c):
+    truncate(c)
+
+
+def truncate(c, never_unpin=False):
+    """The truncate's steps; ``never_unpin``: the registration is never released while the
+    shrink waits (fsdax only: Cell.layout_step)."""
     m, rep = c.m, c.rep
     half = m.size // 2
     rep[Key.KEPT_PAGES] = half // PAGE
-    timed(rep, "ftruncate_shrink", os.ftruncate, m.fd, half)
+    if not c.layout_step("ftruncate_shrink", os.ftruncate, m.fd, half,
+                         never_unpin=never_unpin):
+        return
     c.dma(2)
     rep[Key.MAP_KEPT_G2] = c.scan_map(0, half // PAGE)
     rep[Key.PFNS_AFTER_EVENT] = m.pfns()[: half // PAGE]

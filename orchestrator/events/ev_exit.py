@@ -1,12 +1,13 @@
 """Event ``exit``.
 
 A second process dies (SIGKILL) with a region registered; anon and memfd stand for
-private and shared memory.
+private and shared memory; the fsdax files have it too (release() at exit unpins pmem
+pages that no page cache stands behind).
 """
 
 from __future__ import annotations
 
-from pinlab.common.vocab import FOLL_PIN_MODES, Key, Outcome
+from pinlab.common.vocab import DAX_BACKINGS, FOLL_PIN_MODES, Key, Outcome
 
 from ..classify import Inconclusive, Judge, outstanding
 from . import Event
@@ -64,6 +65,6 @@ def classify(j: Judge) -> str:
 EVENT = Event(
     "exit",
     order=19,
-    backings=("anon", "memfd"),
+    backings=("anon", "memfd", *DAX_BACKINGS),
     classify=classify,
 )

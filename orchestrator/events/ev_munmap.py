@@ -1,11 +1,12 @@
 """Event ``munmap``.
 
-One shmem (memfd) and one disk file (ext4) stand for their kinds.
+One shmem (memfd) and one disk file (ext4) stand for their kinds; the fsdax files have it
+too (the mapping ends, the pmem blocks stay the file's: a new mapping maps the same PFNs).
 """
 
 from __future__ import annotations
 
-from pinlab.common.vocab import Key, Outcome
+from pinlab.common.vocab import DAX_BACKINGS, Key, Outcome
 
 from ..classify import Inconclusive, Judge, step, step_errno
 from . import Event
@@ -26,6 +27,6 @@ def classify(j: Judge) -> str:
 EVENT = Event(
     "munmap",
     order=13,
-    backings=("anon", "memfd", "ext4"),
+    backings=("anon", "memfd", "ext4", *DAX_BACKINGS),
     classify=classify,
 )

@@ -2,18 +2,25 @@
 
 Needs a file: anon has none; private-file (MAP_PRIVATE ext4) would only zap COW copies
 that no truncate semantics are documented for. Shrinks the file to half, the device
-writes generation 2, the file is extended again.
+writes generation 2, the file is extended again. On fsdax (ext4-dax, xfs-dax) the
+filesystem waits for the pages' references before it frees the blocks
+(dax_layout_busy_page / dax_break_layout, Documentation/filesystems/dax.rst): a pinned
+cell's truncate returns only after the workload's helper deregisters (TRUNCATE_BLOCKED);
+odp is revoked over the whole file (Judge.dax_revoked_whole_file).
 """
 
 from __future__ import annotations
 
-from pinlab.common.vocab import FILE_SHARED, Key
+from pinlab.common.vocab import DAX_BACKINGS, FILE_SHARED, Key, Outcome
 
 from ..classify import Inconclusive, Judge, states, step, view
 from . import Event
 
 
 def classify(j: Judge) -> str:
+    blocked = j.truncate_blocked()
+    if blocked:
+        return blocked
     kept = j.rep.get(Key.KEPT_PAGES)
     if not isinstance(kept, int) or kept <= 0:
         raise Inconclusive("kept_pages missing")
@@ -22,7 +29,9 @@ def classify(j: Judge) -> str:
     if e:
         if j.cell.mode == "odp":
             # the device re-faulted and wrote the kept half, then found no page
-            # beyond EOF
+            # beyond EOF (fsdax: the layout break revoked the whole file)
+            if not kept_g2 and j.dax_revoked_whole_file():
+                return Outcome.REVOKED_IN_TIME
             if not kept_g2:
                 raise Inconclusive("odp DMA failed and the kept pages lack gen2")
             j.wrote_pages(2, kept)
@@ -39,6 +48,6 @@ def classify(j: Judge) -> str:
 EVENT = Event(
     "truncate",
     order=2,
-    backings=FILE_SHARED,
+    backings=(*FILE_SHARED, *DAX_BACKINGS),
     classify=classify,
 )

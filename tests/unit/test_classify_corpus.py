@@ -21,7 +21,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from pinlab.orchestrator.classify import FILE_BACKINGS, base_class, classify_cell
+from pinlab.orchestrator.classify import (
+    DAX_BACKINGS,
+    FILE_BACKINGS,
+    base_class,
+    classify_cell,
+)
 from pinlab.orchestrator.dmesg import classify
 from pinlab.orchestrator.expectations import Cell
 
@@ -133,10 +138,56 @@ def audit_mutations(where: str = "") -> Iterator[Mutation]:
     yield f"{label} without violation count", _audit("violations", where=where)
 
 
+def _dax(key: str, value: Any) -> Callable[[Entry], None]:
+    def f(e: Entry) -> None:
+        e["rep"]["dax"] = {**e["rep"]["dax"], key: value}
+    return f
+
+
+def _blocked(**kw: Any) -> Callable[[Entry], None]:
+    def f(e: Entry) -> None:
+        e["rep"]["blocked"] = {**e["rep"]["blocked"], **kw}
+    return f
+
+
+def dax_mutations() -> Iterator[Mutation]:
+    """The DAX evidence every fsdax cell needs (classify.DAX_EVIDENCE)."""
+    yield "remove dax evidence", _rep("dax")
+    yield "STATX_ATTR_DAX not set", _dax("statx_dax", False)
+    yield "no dax mount option", _dax("mount_options", "rw,relatime")
+    yield "no pmem range", _dax("pmem_ranges", [])
+    yield "remove pfns_before", _rep("pfns_before")
+
+
+def truncate_blocked_mutations(e: Entry) -> Iterator[Mutation]:
+    """TRUNCATE_BLOCKED: the wait in a layout-break function, the release (or the watch
+    deadline and the kill), generation 1 written, the region destroyed."""
+    b = e["rep"]["blocked"]
+    yield "remove blocked", _rep("blocked")
+    yield "wait not recorded", _blocked(wait=None)
+    yield "wait outside the layout break", _blocked(
+        wait={"state": "S", "wchan": "do_select", "stack": ["do_select+0x1/0x2"]})
+    if b.get("never"):
+        yield "returned before the watch deadline", _blocked(still_blocked_at_ms=None,
+                                                             returned_ms=5.0)
+        yield "watched shorter than the deadline", _blocked(still_blocked_at_ms=10.0)
+        yield "neither killed nor stuck", _blocked(killed_signal=None, stuck=False)
+    else:
+        yield "never released", _blocked(released_at_ms=None)
+        yield "returned before the release", _blocked(returned_after_release=False)
+        yield "release failed", _blocked(release_errno=5)
+        yield from step_mutations(str(b.get("step")))
+    yield from step_mutations("dma_write_g1")
+    yield "audit without gen1 pages", _audit("gen_pages", {})
+    yield "audit without the destroy", lambda x: x["audit"]["kinds"].pop("destroy", None)
+
+
 def mutations(e: Entry, cls: str) -> Iterator[Mutation]:
     """Each single piece of evidence ``cls`` needs for this cell, removed or corrupted."""
     cell = Cell(**e["cell"])
     rep = e["rep"]
+    if cell.backing in DAX_BACKINGS and cls not in ("KERNEL_ERROR", "ERROR"):
+        yield from dax_mutations()
     if cls == "PIN_REFUSED":
         yield "remove errno", _rep("errno")
         yield "errno 0", _rep("errno", 0)
@@ -171,6 +222,9 @@ def mutations(e: Entry, cls: str) -> Iterator[Mutation]:
         yield "no escalation lines", lambda x: x.__setitem__("dmesg", "")
         yield "no reset in the audit", _audit("resets", 0)
         return
+    if cls == "TRUNCATE_BLOCKED":
+        yield from truncate_blocked_mutations(e)
+        return
     if cell.event in ("exit", "oom"):
         yield "remove victim", _rep("victim")
         yield "victim error", _rep("victim", {"error": "x"})
@@ -196,8 +250,11 @@ def mutations(e: Entry, cls: str) -> Iterator[Mutation]:
         if cls == "REVOKED_IN_TIME":
             yield "no event acks", _audit("event_acks", 0)
             yield "event acks missing", _audit("event_acks")
-        if cell.event == "truncate" and cell.mode == "odp":
+        if cell.event in ("truncate", "truncate-never-unpin") and cell.mode == "odp":
             yield from scan_mutations("map_kept_g2")
+            if cell.backing in DAX_BACKINGS:   # the whole file revoked: nothing written
+                yield "audit with gen2 pages", lambda x: x["audit"].__setitem__(
+                    "gen_pages", {**x["audit"]["gen_pages"], "2": 16})
         return
     if cls in WROTE:
         yield from step_mutations(f"dma_write_g{gen}")
@@ -223,7 +280,7 @@ def mutations(e: Entry, cls: str) -> Iterator[Mutation]:
         yield from scan_mutations("file_after")
         return
     views = list(VIEWS.get(cell.event, []))
-    if cell.event == "truncate":
+    if cell.event in ("truncate", "truncate-never-unpin"):
         views = ["map_kept_g2", "map_after_extend"]
         yield "remove kept_pages", _rep("kept_pages")
     if cell.event in ("dma-write", "punch-hole", "punch-hole-partial", "pageout",

@@ -178,6 +178,26 @@ class CommandLineTest(unittest.TestCase):
             guest_config("intx")
         self.assertIn("--cell pin/ext4/2018", setup_command(cell="pin/ext4/2018"))
 
+    def test_pmem_ranges_lie_inside_guest_ram(self) -> None:
+        """The fsdax pmem ranges (memmap=) sit inside the matrix guest's RAM, below its top
+        48 MiB, apart from each other; an ``up --memory`` too small for them drops them."""
+        from pinlab.orchestrator.guestenv import MEMORY_MB, PMEM
+        from pinlab.orchestrator.workbench import UpOptions, Workbench
+        cfg = guest_config()
+        self.assertEqual(cfg.memory_mb, MEMORY_MB)
+        spans = sorted((start, start + mib) for mib, start in PMEM.values())
+        for (_, end), (nxt, _) in zip(spans, spans[1:], strict=False):
+            self.assertLess(end, nxt)          # a gap, or e820 merges them
+        self.assertLessEqual(spans[-1][1], MEMORY_MB - 48)
+        for mib, start in PMEM.values():
+            self.assertIn(f"memmap={mib}M!{start}M", cfg.cmdline.split())
+        with tempfile.TemporaryDirectory() as d:
+            small = Workbench(UpOptions(memory_mb=1024), Path(d)).config()
+            default = Workbench(UpOptions(), Path(d)).config()
+        self.assertFalse([a for a in small.cmdline.split() if a.startswith("memmap=")])
+        self.assertIn("page_poison=1", small.cmdline.split())
+        self.assertEqual(default.cmdline, cfg.cmdline)
+
 
 @unittest.skipUnless(os.geteuid() == 0, "PFNs in pagemap need CAP_SYS_ADMIN")
 class GuestApiTest(unittest.TestCase):
