@@ -12,11 +12,11 @@ import struct
 import threading
 from collections.abc import Callable
 
+from pinlab.common.uapi import DEVICE_ID, VENDOR_ID
+
 from . import protocol as P
 from .protocol import MessageError
 
-VENDOR_ID = 0x1DE5
-DEVICE_ID = 0x0001
 REVISION = 0x01
 CLASS_CODE = 0x088000
 CONFIG_SIZE = 256

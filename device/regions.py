@@ -7,11 +7,15 @@ import time
 from array import array
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .audit import RegionTrack
 from .memory import ramp
+
+if TYPE_CHECKING:
+    from .stream import Stream
 
 PAGE_SIZE = 4096
 PAGE_SHIFT = 12
@@ -63,7 +67,7 @@ class Region:
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)  # page table changed (MAP_PAGES etc.)
         self.destroyed = False
-        self.stream: object | None = None  # engine.Stream when one runs
+        self.stream: Stream | None = None  # the region's stream (STREAM_START)
         # page-table changers waiting for ``lock`` (INVALIDATE first of all): DMA loops
         # let them in between chunks instead of re-taking the (unfair) lock at once
         self._waiters = 0

@@ -23,10 +23,12 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+from pinlab.common import uapi as U
+from pinlab.common.uapi import CQE, CQE_SIZE, EQE, EQE_SIZE, SQE, SQE_SIZE
+
 from . import protocol as P
 from .control import ControlServer
 from .device import Device
-from .engine import CQE_SIZE, EQE_SIZE, SQE, SQE_SIZE
 from .pci import MSI_CAP, MSIX_CAP
 from .server import VfioUserServer
 from .sockets import readable
@@ -280,15 +282,15 @@ class Driver:
     def enable(self) -> None:
         self.ram.write(self.sq, bytes(self.entries * (SQE_SIZE + 2 * CQE_SIZE)))
         c = self.c
-        c.reg_write(0x010, self.sq, 8)
-        c.reg_write(0x018, self.entries)
-        c.reg_write(0x028, self.cq, 8)
-        c.reg_write(0x030, self.entries)
-        c.reg_write(0x040, self.eq, 8)
-        c.reg_write(0x048, self.entries if self.eq else 0)
-        c.reg_write(0x00C, 1)
-        if c.reg_read(0x008) != 1:
-            raise AssertionError(f"enable failed: STATUS={c.reg_read(0x008):#x}")
+        c.reg_write(U.REG_SQ_BASE, self.sq, 8)
+        c.reg_write(U.REG_SQ_ENTRIES, self.entries)
+        c.reg_write(U.REG_CQ_BASE, self.cq, 8)
+        c.reg_write(U.REG_CQ_ENTRIES, self.entries)
+        c.reg_write(U.REG_EQ_BASE, self.eq, 8)
+        c.reg_write(U.REG_EQ_ENTRIES, self.entries if self.eq else 0)
+        c.reg_write(U.REG_CTRL, U.CTRL_ENABLE)
+        if c.reg_read(U.REG_STATUS) != U.STATUS_ENABLED:
+            raise AssertionError(f"enable failed: STATUS={c.reg_read(U.REG_STATUS):#x}")
 
     def submit(self, opcode: int, region: int = 0, *args: int, flags: int = 0) -> int:
         cid = self.cid
@@ -297,7 +299,7 @@ class Driver:
         self.ram.write(self.sq + self.sq_tail * SQE_SIZE,
                        SQE.pack(opcode, flags, cid, region, *a))
         self.sq_tail = (self.sq_tail + 1) % self.entries
-        self.c.reg_write(0x01C, self.sq_tail)
+        self.c.reg_write(U.REG_SQ_TAIL, self.sq_tail)
         return cid
 
     def poll(self, timeout: float = 10.0) -> Completion:
@@ -305,8 +307,8 @@ class Driver:
         addr = self.cq + self.cq_head * CQE_SIZE
         while True:
             raw = self.ram.read(addr, CQE_SIZE)
-            cid, status, flags, r0, r1, sq_head, _ = struct.unpack("<HHIQQII", raw)
-            if flags & 1 == self.cq_phase:
+            cid, status, flags, r0, r1, sq_head, _ = CQE.unpack(raw)
+            if flags & U.PHASE == self.cq_phase:
                 break
             if time.monotonic() > deadline:
                 raise TimeoutError("no completion")
@@ -314,7 +316,7 @@ class Driver:
         self.cq_head = (self.cq_head + 1) % self.entries
         if self.cq_head == 0:
             self.cq_phase ^= 1
-        self.c.reg_write(0x034, self.cq_head)
+        self.c.reg_write(U.REG_CQ_HEAD, self.cq_head)
         return Completion(cid, status, flags, r0, r1, sq_head)
 
     def cmd(self, opcode: int, region: int = 0, *args: int, timeout: float = 30.0) -> Completion:
@@ -328,15 +330,15 @@ class Driver:
         out = []
         while True:
             raw = self.ram.read(self.eq + self.eq_head * EQE_SIZE, EQE_SIZE)
-            etype, _, flags, region, _, i0, i1 = struct.unpack("<HHIIIQQ", raw)
-            if flags & 1 != self.eq_phase:
+            etype, _, flags, region, _, i0, i1 = EQE.unpack(raw)
+            if flags & U.PHASE != self.eq_phase:
                 break
             out.append(Event(etype, region, i0, i1))
             self.eq_head = (self.eq_head + 1) % self.entries
             if self.eq_head == 0:
                 self.eq_phase ^= 1
         if out:
-            self.c.reg_write(0x04C, self.eq_head)
+            self.c.reg_write(U.REG_EQ_HEAD, self.eq_head)
         return out
 
     def irq_count(self, vector: int) -> int:

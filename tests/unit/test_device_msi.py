@@ -7,6 +7,7 @@ import os
 import time
 import unittest
 
+from pinlab.common import uapi as U
 from pinlab.device import engine as E
 from pinlab.device import protocol as P
 from pinlab.device.device import Device
@@ -211,7 +212,7 @@ class MsiBringUpTest(unittest.TestCase):
         self.addCleanup(ram.close)
         with srv.client() as c:
             c.bring_up(ram)
-            self.assertEqual(c.reg_read(0x000), E.ID_VALUE)
+            self.assertEqual(c.reg_read(U.REG_ID), U.ID_MAGIC)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""Stdlib-only modules shared by the host and the guest."""
