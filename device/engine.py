@@ -64,6 +64,7 @@ from pinlab.common.uapi import (  # re-exported: the tests and benchmarks use E.
 
 from .audit import AuditLog
 from .dma import MAX_STREAM_CHUNK, DmaPath
+from .fastpath import CTL_MEM, warm_up
 from .faults import Faults
 from .irq import IrqTable
 from .memory import DmaError, GuestMemory
@@ -74,6 +75,7 @@ from .regions import (
     REGION_WRITABLE,
     Region,
     pattern,
+    wait_outside,
 )
 from .stream import Stream, lower_priority
 
@@ -140,6 +142,8 @@ class Engine:
                  emit: Emit | None = None) -> None:
         self.mem, self.irq, self.audit, self.faults = mem, irq, audit, faults
         self.dma = DmaPath(mem, audit)
+        mem.before_drop.append(self._streams_leave_memory)
+        warm_up()  # compile the stream loop before the first STREAM_START needs it
         self.emit: Emit = emit or (lambda name, data: None)
         self.lock = threading.RLock()
         self.cond = threading.Condition(self.lock)
@@ -507,9 +511,25 @@ class Engine:
 
     def _fence(self) -> Result:
         for region in list(self.regions.values()):
-            with region.lock:  # waits for any in-flight stream chunk
+            with region.urgent():  # waits for any in-flight stream chunk, audits it
                 pass
         return OK, 0, 0
+
+    def _streams_leave_memory(self) -> Callable[[], None]:
+        """GuestMemory.before_drop (under its lock): every compiled stream loop returns
+        before its next chunk and writes no more until the returned function is called
+        (its next chunk then finds the mapping gone, or takes the new one)."""
+        with self.lock:
+            regions = [r for r in self.regions.values() if r.stream is not None]
+        for r in regions:
+            r.ctl[CTL_MEM] = 1
+        for r in regions:
+            wait_outside(r.ctl)
+
+        def resume() -> None:
+            for r in regions:
+                r.ctl[CTL_MEM] = 0
+        return resume
 
     def _create(self, cmd: Command) -> Result:
         rid, npages, flags = cmd.region, cmd.a[0], cmd.a[1]

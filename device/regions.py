@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .audit import RegionTrack
+from .fastpath import CTL_HOLD, CTL_INSIDE, CTL_SLOTS
 from .memory import ramp
 
 if TYPE_CHECKING:
@@ -50,6 +51,17 @@ def pattern(region: int, gen: int, offset: int, length: int) -> bytes:
     return (ramp(words) + np.uint64(word_base(region, gen, offset))).tobytes()
 
 
+def wait_outside(ctl: np.ndarray) -> None:
+    """Wait until the compiled stream loop of ``ctl`` has no chunk in flight (it was asked
+    to return: at most one chunk's write). Spins briefly, then sleeps in 20 us steps."""
+    if not ctl[CTL_INSIDE]:
+        return
+    spins = 0
+    while ctl[CTL_INSIDE]:
+        spins += 1
+        time.sleep(0 if spins < 2000 else 0.00002)
+
+
 class Region:
     """One region: a page table of ``npages`` entries kept in an ``array('Q')``."""
 
@@ -72,18 +84,30 @@ class Region:
         # let them in between chunks instead of re-taking the (unfair) lock at once
         self._waiters = 0
         self._waiters_lock = threading.Lock()
+        # the stream's control block (fastpath.CTL_*): the compiled stream loop reads it
+        # at every chunk boundary, without the interpreter lock
+        self.ctl = np.zeros(CTL_SLOTS, dtype=np.int64)
 
     @contextmanager
     def urgent(self) -> Iterator[None]:
-        """Hold ``lock`` ahead of the DMA loops (which call :meth:`yield_to_waiters`)."""
+        """Hold ``lock`` ahead of the DMA loops (which call :meth:`yield_to_waiters`), with
+        no stream chunk in flight: the compiled stream loop is asked to return at its next
+        chunk boundary (``CTL_HOLD``), and the chunks it wrote are audited (``drain``)
+        before the caller changes anything."""
         with self._waiters_lock:
             self._waiters += 1
+            self.ctl[CTL_HOLD] = 1
         try:
             with self.lock:
+                wait_outside(self.ctl)
+                if self.stream is not None:
+                    self.stream.drain()
                 yield
         finally:
             with self._waiters_lock:
                 self._waiters -= 1
+                if not self._waiters:
+                    self.ctl[CTL_HOLD] = 0
 
     def yield_to_waiters(self, limit: float = 0.05) -> None:
         """Called without ``lock`` between chunks: let a waiting changer take the lock."""

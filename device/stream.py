@@ -17,10 +17,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from pinlab.common.uapi import STATUS_DMA_ERROR, STATUS_NAMES, STATUS_OK, STATUS_PAGE_FAULT
 
 from .dma import DmaPath
-from .regions import Region
+from .fastpath import CTL_HOLD, CTL_INSIDE, CTL_LOGN, DONE, FAULT, SLOW, stream_batch
+from .regions import PAGE_SHIFT, PAGE_SIZE, Region
 
 log = logging.getLogger("pinlab.device.stream")
 
@@ -28,6 +31,9 @@ log = logging.getLogger("pinlab.device.stream")
 # threads that receive doorbells and fetch (INVALIDATE): on a loaded host a CPU-bound
 # stream otherwise delays the fetcher's wake-up by a scheduler time slice.
 BULK_NICE = 10
+# chunks per call of the compiled loop (its log's rows); at 64 KiB about 1 ms of writing
+LOG_ROWS = 256
+DMA_ERROR_STEP = -1
 
 
 def lower_priority() -> None:
@@ -69,6 +75,10 @@ class Stream:
     fault_page: int = -1
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
     thread: threading.Thread | None = field(default=None, repr=False)
+    # chunks the compiled loop wrote in its current call: (offset, bytes, generation)
+    _log: np.ndarray = field(default_factory=lambda: np.zeros((LOG_ROWS, 3), np.int64),
+                             repr=False)
+    _drained: int = field(default=0, repr=False)
 
     def start(self) -> None:
         self.thread = threading.Thread(target=self._run, name=f"stream-{self.region.rid}",
@@ -93,10 +103,49 @@ class Stream:
                 "length": self.length, "chunk": self.chunk, "fault_page": self.fault_page,
                 "reason": STATUS_NAMES[self.reason]}
 
+    def drain(self) -> None:
+        """Audit the chunks the compiled loop wrote and count them (caller holds
+        ``region.lock``; the loop is not running). Consecutive chunks of one generation
+        become one run of page records, as one larger access would."""
+        ctl, log, region = self.region.ctl, self._log, self.region
+        n = int(ctl[CTL_LOGN])
+        rows = log[self._drained:n].tolist()
+        self._drained = n
+        if not rows:
+            return
+        self.chunks += len(rows)
+        ptes, track, audit = region.ptes, region.track, self.dma.audit
+        start, total, gen = rows[0]
+        for off, nb, g in rows[1:] + [[-1, 0, -1]]:
+            if g == gen and off == start + total:
+                total += nb
+                continue
+            first, end = start >> PAGE_SHIFT, (start + total - 1 >> PAGE_SHIFT) + 1
+            audit.access_run(track, first, ptes[first:end], start & (PAGE_SIZE - 1), total,
+                             True, gen)
+            start, total, gen = off, nb, g
+
+    def _enter_fast(self, off: int) -> tuple[Any, Any] | None:
+        """Caller holds ``region.lock``: the mapping for the chunk at region offset
+        ``off`` and the loop marked inside it (``CTL_INSIDE``), or None (Python path)."""
+        region = self.region
+        pte = region.ptes[off >> PAGE_SHIFT]
+        if not pte or region.ctl[CTL_HOLD]:
+            return None
+        mem = self.dma.mem
+        with mem.lock:  # DMA_UNMAP drops mappings under it, after the loop has left
+            m = mem.words_at((pte & ~(PAGE_SIZE - 1)) + (off & (PAGE_SIZE - 1)))
+            if m is None:
+                return None
+            region.ctl[CTL_INSIDE] = 1
+            return m.words, np.uint64(m.iova)
+
     def _run(self) -> None:
         region = self.region
         lower_priority()
         interval = self.interval_us / 1e6
+        batch = 1 if interval else LOG_ROWS
+        ctl = region.ctl
         pos = 0
         reported = -1
         try:
@@ -107,31 +156,85 @@ class Stream:
                 with region.lock:
                     if self._stop.is_set() or region.destroyed:
                         break
-                    res = self.dma.write_pattern(region, off, n, self.gen, atomic=True)
-                    if res is not None and res[0] == STATUS_PAGE_FAULT:
+                    self.drain()
+                    ctl[CTL_LOGN] = self._drained = 0
+                    fast = self._enter_fast(off)
+                    if fast is None:  # the Python path, one chunk under the lock
+                        res = self.dma.write_pattern(region, off, n, self.gen, atomic=True)
+                        step = (FAULT, res[1]) if res is not None and res[0] == \
+                            STATUS_PAGE_FAULT else (DONE, -1)
+                        if res is not None and step[0] == DONE:  # DMA_ERROR
+                            self.reason = res[0]
+                            self.on_stopped(region, res[0], res[1])
+                            break
+                        if step[0] == DONE:
+                            self.chunks += 1
+                            pos += n
+                            if pos >= self.length:
+                                pos = 0
+                                self.passes += 1
+                                self.gen = (self.gen + 1) & 0xFFFF
+                if fast is not None:
+                    words, iova = fast
+                    result, pos, gen, passes, page = stream_batch(
+                        words, iova, region.ptes_np, region.rid, self.offset, self.length,
+                        self.chunk, pos, self.gen, batch, ctl, self._log)
+                    del words
+                    with region.lock:
+                        self.drain()
+                        self.gen = gen
+                        self.passes += passes
+                    step = (FAULT, page) if result == FAULT else (result, -1)
+                    if result == SLOW:  # this chunk through the Python path
+                        step = self._slow_chunk(pos)
+                        if step[0] == DMA_ERROR_STEP:
+                            break
+                        pos = step[1]
+                        step = (DONE, -1)
+                if step[0] == FAULT:
+                    with region.lock:
+                        if self._stop.is_set() or region.destroyed:
+                            break
+                        if region.ptes[step[1]]:
+                            continue  # re-mapped meanwhile
                         # pause at the faulting page until it is re-mapped
-                        page = res[1]
+                        page = step[1]
                         self.state, self.fault_page = "paused", page
                         if page != reported:
                             reported = page
                             self.on_fault(region, page)
                         region.changed.wait(0.1)
-                        continue
-                    self.state, self.fault_page, reported = "running", -1, -1
-                    if res is not None:  # DMA_ERROR
-                        self.reason = res[0]
-                        self.on_stopped(region, res[0], res[1])
-                        break
-                self.chunks += 1
-                pos += n
-                if pos >= self.length:
-                    pos = 0
-                    self.passes += 1
-                    self.gen = (self.gen + 1) & 0xFFFF
+                    continue
+                self.state, self.fault_page, reported = "running", -1, -1
                 if interval:
                     self._stop.wait(interval)
         except Exception:  # never let a stream thread die silently
             log.exception("stream on region %d failed", region.rid)
             self.reason = STATUS_DMA_ERROR
         finally:
+            ctl[CTL_INSIDE] = 0
             self.state = "stopped"
+
+    def _slow_chunk(self, pos: int) -> tuple[int, int]:
+        """Write the chunk at ``pos`` through the Python path (several guest-physical runs,
+        or a mapping the loop cannot use). Returns (step, next pos)."""
+        region = self.region
+        off = self.offset + pos
+        n = min(self.chunk, self.length - pos)
+        with region.lock:
+            if self._stop.is_set() or region.destroyed:
+                return DMA_ERROR_STEP, pos
+            res = self.dma.write_pattern(region, off, n, self.gen, atomic=True)
+            if res is not None and res[0] == STATUS_PAGE_FAULT:
+                return DONE, pos  # the loop finds the fault again and pauses
+            if res is not None:
+                self.reason = res[0]
+                self.on_stopped(region, res[0], res[1])
+                return DMA_ERROR_STEP, pos
+            self.chunks += 1
+            pos += n
+            if pos >= self.length:
+                pos = 0
+                self.passes += 1
+                self.gen = (self.gen + 1) & 0xFFFF
+        return DONE, pos
