@@ -68,6 +68,7 @@ from .fastpath import CTL_MEM, warm_up
 from .faults import Faults
 from .irq import IrqTable
 from .memory import DmaError, GuestMemory
+from .mirror import MIRROR_OFFSET, MIRROR_WORDS, RegisterMirror
 from .regions import (
     MAX_REGIONS,
     PAGE_SHIFT,
@@ -77,7 +78,8 @@ from .regions import (
     pattern,
     wait_outside,
 )
-from .stream import Stream, lower_priority
+from .sched import event_thread, lower_priority
+from .stream import Stream
 
 log = logging.getLogger("pinlab.device.engine")
 
@@ -158,7 +160,9 @@ class Engine:
         self.stats: dict[str, int] = dict.fromkeys(
             ("events_posted", "events_dropped", "irqs", "irqs_dropped", "resets",
              "fatal"), 0)
+        self.mirror = RegisterMirror()
         self._reset_regs()
+        self._publish()
         self._shutdown = False
         self._worker = threading.Thread(target=self._work, name="engine", daemon=True)
         self._fetcher = threading.Thread(target=self._fetch, name="engine-fetch", daemon=True)
@@ -181,28 +185,41 @@ class Engine:
     def enabled(self) -> bool:
         return bool(self.status & STATUS_ENABLED)
 
+    def _regfile(self) -> dict[int, int]:
+        """The 32-bit registers by BAR0 offset (caller holds ``lock``)."""
+        return {
+            U.REG_ID: U.ID_MAGIC, U.REG_VERSION: U.VERSION, U.REG_STATUS: self.status,
+            U.REG_CTRL: self.status & STATUS_ENABLED,
+            U.REG_SQ_BASE: self.sq_base & 0xFFFFFFFF, U.REG_SQ_BASE + 4: self.sq_base >> 32,
+            U.REG_SQ_ENTRIES: self.sq_entries, U.REG_SQ_TAIL: self.sq_tail,
+            U.REG_SQ_HEAD: self.sq_head,
+            U.REG_CQ_BASE: self.cq_base & 0xFFFFFFFF, U.REG_CQ_BASE + 4: self.cq_base >> 32,
+            U.REG_CQ_ENTRIES: self.cq_entries, U.REG_CQ_HEAD: self.cq_head,
+            U.REG_CQ_TAIL: self.cq_tail,
+            U.REG_EQ_BASE: self.eq_base & 0xFFFFFFFF, U.REG_EQ_BASE + 4: self.eq_base >> 32,
+            U.REG_EQ_ENTRIES: self.eq_entries, U.REG_EQ_HEAD: self.eq_head,
+            U.REG_EQ_TAIL: self.eq_tail,
+            U.REG_CMDS_DONE: self.cmds_done, U.REG_ERRORS: self.errors,
+            U.REG_SCRATCH: self.scratch,
+        }
+
     def read32(self, off: int) -> int:
-        """The 32-bit register at BAR0 byte offset ``off`` (4-aligned); 0 if undefined."""
+        """The 32-bit register at BAR0 byte offset ``off`` (4-aligned); 0 if undefined.
+        Page 1 (``MIRROR_OFFSET``) mirrors page 0."""
         with self.lock:
-            regs = {
-                U.REG_ID: U.ID_MAGIC, U.REG_VERSION: U.VERSION, U.REG_STATUS: self.status,
-                U.REG_CTRL: self.status & STATUS_ENABLED,
-                U.REG_SQ_BASE: self.sq_base & 0xFFFFFFFF, U.REG_SQ_BASE + 4: self.sq_base >> 32,
-                U.REG_SQ_ENTRIES: self.sq_entries, U.REG_SQ_TAIL: self.sq_tail,
-                U.REG_SQ_HEAD: self.sq_head,
-                U.REG_CQ_BASE: self.cq_base & 0xFFFFFFFF, U.REG_CQ_BASE + 4: self.cq_base >> 32,
-                U.REG_CQ_ENTRIES: self.cq_entries, U.REG_CQ_HEAD: self.cq_head,
-                U.REG_CQ_TAIL: self.cq_tail,
-                U.REG_EQ_BASE: self.eq_base & 0xFFFFFFFF, U.REG_EQ_BASE + 4: self.eq_base >> 32,
-                U.REG_EQ_ENTRIES: self.eq_entries, U.REG_EQ_HEAD: self.eq_head,
-                U.REG_EQ_TAIL: self.eq_tail,
-                U.REG_CMDS_DONE: self.cmds_done, U.REG_ERRORS: self.errors,
-                U.REG_SCRATCH: self.scratch,
-            }
-            return regs.get(off, 0)
+            return self._regfile().get(off & (MIRROR_OFFSET - 1), 0)
+
+    def _publish(self) -> None:
+        """Store the register file into the mirror page (caller holds ``lock``): called
+        after every change, before the interrupt that may make a driver read it."""
+        regs = self._regfile()
+        self.mirror.publish([regs.get(o, 0) for o in range(0, MIRROR_WORDS * 4, 4)])
 
     def write32(self, off: int, val: int) -> None:
-        """A 32-bit write of ``val`` to the register at BAR0 byte offset ``off``."""
+        """A 32-bit write of ``val`` to the register at BAR0 byte offset ``off`` (page 1,
+        the mirror, has no writable register)."""
+        if off >= MIRROR_OFFSET:
+            return
         if off == U.REG_CTRL and val & CTRL_RESET:
             self.reset("ctrl")
         with self.lock:
@@ -220,8 +237,9 @@ class Engine:
             elif off == U.REG_SCRATCH:
                 self.scratch = val
                 self.audit.scratch(val)
-            elif not self.enabled:
+            elif not self.enabled and off < MIRROR_OFFSET:
                 self._write_config(off, val)
+            self._publish()
             self.cond.notify_all()
 
     def _write_config(self, off: int, val: int) -> None:
@@ -279,6 +297,7 @@ class Engine:
         self.status = (self.status & ~STATUS_ENABLED) | STATUS_FATAL
         self.fatal_reason = why
         self.stats["fatal"] += 1
+        self._publish()
         self.emit("DEVICE_ERROR", {"reason": why})
 
     def bar0_read(self, off: int, count: int) -> bytes:
@@ -306,6 +325,7 @@ class Engine:
             self.epoch += 1
             self.aborting.set()
             self.status &= ~STATUS_ENABLED
+            self._publish()
             self.cond.notify_all()
         with self.faults.changed:
             self.faults.changed.notify_all()
@@ -317,6 +337,7 @@ class Engine:
             with self.lock:
                 self.regions.clear()
                 self._reset_regs()
+                self._publish()
                 self._pending.clear()
                 self._outstanding = 0
                 self.stats["resets"] += 1
@@ -331,6 +352,7 @@ class Engine:
             self.cond.notify_all()
         self._worker.join(5)
         self._fetcher.join(5)
+        self.mirror.close()
 
     # --- queue fetcher and worker -------------------------------------------------------
     # The fetcher reads SQ entries in order. INVALIDATE executes right there (it only needs
@@ -354,6 +376,7 @@ class Engine:
         return any(c.region == rid and c.opcode in ops for _, c in self._pending)
 
     def _fetch(self) -> None:
+        event_thread()
         while True:
             with self.lock:
                 while not self._shutdown and not self._can_fetch():
@@ -367,6 +390,7 @@ class Engine:
                     self._fatal(f"SQ fetch: {exc}")
                     continue
                 self.sq_head = (self.sq_head + 1) % self.sq_entries
+                self._publish()
                 cmd = Command(raw)
                 self._outstanding += 1
                 if cmd.opcode != OP_INVALIDATE or self._conflicts(cmd.region):
@@ -439,6 +463,7 @@ class Engine:
             self.cmds_done = (self.cmds_done + 1) & 0xFFFFFFFF
             if status:
                 self.errors = (self.errors + 1) & 0xFFFFFFFF
+            self._publish()
         self._signal(VEC_CQ)
 
     def post_event(self, etype: int, region: int, info0: int, info1: int = 0) -> bool:
@@ -461,6 +486,7 @@ class Engine:
             if self.eq_tail == 0:
                 self.eq_phase ^= 1
             self.stats["events_posted"] += 1
+            self._publish()
         self._signal(VEC_EQ)
         return True
 

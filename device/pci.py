@@ -20,7 +20,7 @@ from .protocol import MessageError
 REVISION = 0x01
 CLASS_CODE = 0x088000
 CONFIG_SIZE = 256
-BAR0_SIZE = 4096
+BAR0_SIZE = 8192  # page 0: trapped registers; page 1: their mirror, mapped (mirror.py)
 BAR2_SIZE = 4096
 MSIX_CAP = 0x40
 MSIX_VECTORS = 4
@@ -54,6 +54,8 @@ def bar_sizes(irq: str = "msix") -> dict[int, int]:
 def region_info(index: int, irq: str = "msix") -> tuple[int, int]:
     """(flags, size) of a vfio region. Unused regions have size 0 and no flags."""
     sizes = bar_sizes(irq)
+    if index == P.PCI_BAR0:
+        return REGION_FLAGS_RW | P.REGION_INFO_FLAG_MMAP | P.REGION_INFO_FLAG_CAPS, BAR0_SIZE
     if index in sizes:
         return REGION_FLAGS_RW, sizes[index]
     if index == P.PCI_CONFIG:

@@ -53,13 +53,10 @@ def pattern(region: int, gen: int, offset: int, length: int) -> bytes:
 
 def wait_outside(ctl: np.ndarray) -> None:
     """Wait until the compiled stream loop of ``ctl`` has no chunk in flight (it was asked
-    to return: at most one chunk's write). Spins briefly, then sleeps in 20 us steps."""
-    if not ctl[CTL_INSIDE]:
-        return
-    spins = 0
+    to return: at most one chunk's write). Sleeps in 10 us steps: the waiter may be a
+    real-time thread (sched.py), which must not spin against the stream's thread."""
     while ctl[CTL_INSIDE]:
-        spins += 1
-        time.sleep(0 if spins < 2000 else 0.00002)
+        time.sleep(0.00001)
 
 
 class Region:

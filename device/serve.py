@@ -15,6 +15,7 @@ from .device import Device
 from .engine import SWITCH_INTERVAL
 from .limits import AUDIT_FILE_MAX
 from .pci import IRQ_MODES
+from .sched import enable_realtime
 from .server import VfioUserServer
 
 
@@ -42,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     sys.setswitchinterval(SWITCH_INTERVAL)  # prompt hand-offs between device threads
+    enable_realtime()  # the doorbell path does not queue behind CPU hogs (sched.py)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

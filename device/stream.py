@@ -9,9 +9,7 @@ row of ``device/REGISTERS.md``.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,25 +20,15 @@ import numpy as np
 from pinlab.common.uapi import STATUS_DMA_ERROR, STATUS_NAMES, STATUS_OK, STATUS_PAGE_FAULT
 
 from .dma import DmaPath
-from .fastpath import CTL_HOLD, CTL_INSIDE, CTL_LOGN, DONE, FAULT, SLOW, stream_batch
+from .fastpath import CTL_HOLD, CTL_INSIDE, CTL_LOGN, CTL_STOP, DONE, FAULT, SLOW, stream_batch
 from .regions import PAGE_SHIFT, PAGE_SIZE, Region
+from .sched import lower_priority
 
 log = logging.getLogger("pinlab.device.stream")
 
-# Bulk DMA threads (streams, the command worker) run at a lower OS priority than the
-# threads that receive doorbells and fetch (INVALIDATE): on a loaded host a CPU-bound
-# stream otherwise delays the fetcher's wake-up by a scheduler time slice.
-BULK_NICE = 10
 # chunks per call of the compiled loop (its log's rows); at 64 KiB about 1 ms of writing
 LOG_ROWS = 256
 DMA_ERROR_STEP = -1
-
-
-def lower_priority() -> None:
-    """Make the calling thread a background thread (Linux: nice is per thread)."""
-    with contextlib.suppress(OSError, AttributeError):
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + BULK_NICE)
 
 
 #: (region, page): a chunk met an unmapped page (the engine posts the PAGE_FAULT event)
@@ -81,6 +69,7 @@ class Stream:
     _drained: int = field(default=0, repr=False)
 
     def start(self) -> None:
+        self.region.ctl[CTL_STOP] = 0
         self.thread = threading.Thread(target=self._run, name=f"stream-{self.region.rid}",
                                        daemon=True)
         self.thread.start()
@@ -92,6 +81,7 @@ class Stream:
     def stop(self) -> None:
         """Ask the stream to stop and wait for it (caller must not hold region.lock)."""
         self._stop.set()
+        self.region.ctl[CTL_STOP] = 1  # the compiled loop returns before its next chunk
         with self.region.lock:
             self.region.changed.notify_all()
         if self.thread is not None and self.thread is not threading.current_thread():

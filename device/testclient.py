@@ -109,10 +109,18 @@ class VfioUserClient:
             raise ConnectionError("server closed the connection")
         return msg
 
-    def request(self, command: int, payload: bytes = b"", fds: list[int] | None = None
-                ) -> bytes:
+    def request(self, command: int, payload: bytes = b"", fds: list[int] | None = None,
+                reply_fds: list[int] | None = None) -> bytes:
+        """Send a command, return the reply's payload. The reply's fds go to
+        ``reply_fds`` when given, else they are closed."""
         msg_id = self.send(command, payload, fds)
         rep = self.recv()
+        got = rep.take_fds()
+        if reply_fds is not None:
+            reply_fds.extend(got)
+        else:
+            for fd in got:
+                os.close(fd)
         if rep.msg_id != msg_id or rep.command != command or rep.msg_type != P.TYPE_REPLY:
             raise AssertionError(f"unexpected reply {rep}")
         if rep.flags & P.FLAG_ERROR:
@@ -153,7 +161,26 @@ class VfioUserClient:
     def region_info(self, index: int, argsz: int = 32) -> tuple[int, int, int, int, int, int]:
         rep = self.request(P.DEVICE_GET_REGION_INFO, P.REGION_INFO_S.pack(argsz, 0, index, 0, 0,
                                                                           0))
-        return P.REGION_INFO_S.unpack(rep)
+        return P.REGION_INFO_S.unpack_from(rep)
+
+    def region_info_caps(self, index: int, argsz: int = 64
+                         ) -> tuple[tuple[int, ...], list[tuple[int, int]], list[int]]:
+        """REGION_INFO as QEMU asks it: (info, sparse mmap areas (offset, size), fds). The
+        caller owns the fds."""
+        fds: list[int] = []
+        rep = self.request(P.DEVICE_GET_REGION_INFO,
+                           P.REGION_INFO_S.pack(argsz, 0, index, 0, 0, 0), reply_fds=fds)
+        info = P.REGION_INFO_S.unpack_from(rep)
+        areas: list[tuple[int, int]] = []
+        cap = info[3]
+        while cap:
+            cid, _ver, nxt = P.CAP_HEADER_S.unpack_from(rep, cap)
+            if cid == P.REGION_INFO_CAP_SPARSE_MMAP:
+                n, _ = P.SPARSE_MMAP_S.unpack_from(rep, cap + P.CAP_HEADER_S.size)
+                at = cap + P.CAP_HEADER_S.size + P.SPARSE_MMAP_S.size
+                areas += [P.SPARSE_AREA_S.unpack_from(rep, at + 16 * i) for i in range(n)]
+            cap = nxt
+        return info, areas, fds
 
     def irq_info(self, index: int) -> tuple[int, int, int, int]:
         return P.IRQ_INFO_S.unpack(self.request(P.DEVICE_GET_IRQ_INFO,
