@@ -111,18 +111,29 @@ def stream_batch(words, iova, ptes, rid, offset, length, chunk, pos, gen,
     return result, pos, gen, passes, page
 
 
+_ready = threading.Event()
+
+
+def ready() -> bool:
+    """The loop is compiled (or loaded from numba's cache): calling it cannot block on a
+    compilation, which holds the interpreter lock for seconds."""
+    return _ready.is_set()
+
+
 def _warm() -> None:
     words = np.zeros(1024, dtype=np.uint64)
     ptes = np.array([1 | 0x1000 * i for i in range(2)], dtype=np.uint64)
     ctl = np.zeros(CTL_SLOTS, dtype=np.int64)
     log = np.zeros((4, 3), dtype=np.int64)
     stream_batch(words, np.uint64(0), ptes, 1, 0, 8192, 4096, 0, 1, 2, ctl, log)
+    _ready.set()
 
 
 _warm_thread = threading.Thread(target=_warm, name="fastpath-compile", daemon=True)
 
 
 def warm_up() -> None:
-    """Compile (or load from numba's cache) in the background, once per process."""
+    """Compile (or load from numba's cache) in the background, once per process; until
+    :func:`ready`, streams take the Python path."""
     if not _warm_thread.is_alive() and _warm_thread.ident is None:
         _warm_thread.start()

@@ -21,6 +21,7 @@ from pinlab.common.uapi import STATUS_DMA_ERROR, STATUS_NAMES, STATUS_OK, STATUS
 
 from .dma import DmaPath
 from .fastpath import CTL_HOLD, CTL_INSIDE, CTL_LOGN, CTL_STOP, DONE, FAULT, SLOW, stream_batch
+from .fastpath import ready as fastpath_ready
 from .regions import PAGE_SHIFT, PAGE_SIZE, Region
 from .sched import lower_priority
 
@@ -120,7 +121,7 @@ class Stream:
         ``off`` and the loop marked inside it (``CTL_INSIDE``), or None (Python path)."""
         region = self.region
         pte = region.ptes[off >> PAGE_SHIFT]
-        if not pte or region.ctl[CTL_HOLD]:
+        if not pte or region.ctl[CTL_HOLD] or not fastpath_ready():
             return None
         mem = self.dma.mem
         with mem.lock:  # DMA_UNMAP drops mappings under it, after the loop has left

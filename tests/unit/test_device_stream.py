@@ -65,6 +65,22 @@ class StreamTest(unittest.TestCase):
         d.cmd(E.OP_CREATE_REGION, 2, 1, 0)
         self.assertEqual(d.cmd(E.OP_STREAM_START, 2, 0, 8, 1, 0, 0).status, E.BAD_ARG)
 
+    def test_revoke_races_large_chunks(self) -> None:
+        """Revokes that land inside 1 MiB chunks of the compiled stream loop, again and
+        again: every chunk written is audited before the acknowledgement, none after."""
+        pages = self.make(1, 1024)
+        self.d.cmd(E.OP_STREAM_START, 1, 0, 1024 * 4096, 1, 1 << 20, 0)
+        wait_for(lambda: self.stream(1).chunks > 4)
+        for i in range(150):
+            first = (i * 37) % 1008
+            comp = self.d.cmd(E.OP_INVALIDATE, 1, first, 16)
+            self.assertEqual((comp.status, comp.result0), (E.OK, 16))
+            self.assertEqual(self.rig.map_pages(1, first, pages[first:first + 16]).status,
+                             E.OK)
+        self.assertEqual(self.d.cmd(E.OP_STREAM_STOP, 1).status, E.OK)
+        self.assertGreater(self.dev.audit.stats()["writes"], 1024)
+        self.assertEqual(self.dev.audit.stats()["violations"], 0)
+
     def test_invalidate_while_streaming_never_leaks(self) -> None:
         pages = self.make(1, 64)
         self.d.cmd(E.OP_STREAM_START, 1, 0, 64 * 4096, 1, 16384, 0)
