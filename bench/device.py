@@ -312,17 +312,7 @@ def _revoke_latencies(n: int, stream: bool) -> list[float]:
                 raise RuntimeError("STREAM_START failed")
             time.sleep(0.05)
         lat: list[float] = []
-        for i in range(n):
-            first = (i * 16) % npages
-            d.irq_count(E.VEC_CQ)
-            t0 = time.perf_counter()
-            cid = d.submit(E.OP_INVALIDATE, 1, first, 16)
-            comp = _wait_cq(rig)
-            lat.append(time.perf_counter() - t0)
-            if comp.cid != cid or comp.status != E.OK:
-                raise RuntimeError(f"INVALIDATE: {comp}")
-            rig.map_pages(1, first, pages[first:first + 16])  # not timed
-            d.events()  # drain PAGE_FAULT events of the paused stream
+        _timed_revokes(rig, n, npages, pages, lat)
         if stream:
             comp = d.cmd(E.OP_STREAM_STOP, 1)
             if comp.result0 < 10:
@@ -332,6 +322,22 @@ def _revoke_latencies(n: int, stream: bool) -> list[float]:
         return lat
     finally:
         rig.close()
+
+
+def _timed_revokes(rig: ProcessRig, n: int, npages: int, pages: list[int],
+                   lat: list[float]) -> None:
+    d = rig.driver
+    for i in range(n):
+        first = (i * 16) % npages
+        d.irq_count(E.VEC_CQ)
+        t0 = time.perf_counter()
+        cid = d.submit(E.OP_INVALIDATE, 1, first, 16)
+        comp = _wait_cq(rig)
+        lat.append(time.perf_counter() - t0)
+        if comp.cid != cid or comp.status != E.OK:
+            raise RuntimeError(f"INVALIDATE: {comp}")
+        rig.map_pages(1, first, pages[first:first + 16])  # not timed
+        d.events()  # drain PAGE_FAULT events of the paused stream
 
 
 def _pct(xs: list[float], p: float) -> float:

@@ -78,7 +78,7 @@ from .regions import (
     pattern,
     wait_outside,
 )
-from .sched import event_thread, lower_priority
+from .sched import event_thread
 from .stream import Stream
 
 log = logging.getLogger("pinlab.device.engine")
@@ -417,7 +417,8 @@ class Engine:
         return after
 
     def _work(self) -> None:
-        lower_priority()
+        # normal priority: between chunks its Python holds the interpreter lock that the
+        # (real-time) fetcher needs for INVALIDATE; a niced holder starves it on a busy host
         while True:
             with self.lock:
                 while not self._shutdown and not self._pending:
@@ -550,7 +551,7 @@ class Engine:
         for r in regions:
             r.ctl[CTL_MEM] = 1
         for r in regions:
-            wait_outside(r.ctl)
+            wait_outside(r.ctl, r.stream.tid if r.stream is not None else None)
 
         def resume() -> None:
             for r in regions:

@@ -14,6 +14,7 @@ import numpy as np
 from .audit import RegionTrack
 from .fastpath import CTL_HOLD, CTL_INSIDE, CTL_SLOTS
 from .memory import ramp
+from .sched import boosted
 
 if TYPE_CHECKING:
     from .stream import Stream
@@ -51,12 +52,18 @@ def pattern(region: int, gen: int, offset: int, length: int) -> bytes:
     return (ramp(words) + np.uint64(word_base(region, gen, offset))).tobytes()
 
 
-def wait_outside(ctl: np.ndarray) -> None:
-    """Wait until the compiled stream loop of ``ctl`` has no chunk in flight (it was asked
-    to return: at most one chunk's write). Sleeps in 10 us steps: the waiter may be a
-    real-time thread (sched.py), which must not spin against the stream's thread."""
-    while ctl[CTL_INSIDE]:
+def wait_outside(ctl: np.ndarray, tid: int | None = None) -> None:
+    """Wait until the compiled stream loop of ``ctl`` (running in thread ``tid``) has no
+    chunk in flight (it was asked to return: at most one chunk's write). Sleeps in 10 us
+    steps: the waiter may be a real-time thread (sched.py), which must not spin against
+    the stream's thread; after 50 us the stream's thread is boosted until it is out."""
+    for _ in range(5):
+        if not ctl[CTL_INSIDE]:
+            return
         time.sleep(0.00001)
+    with boosted(tid):
+        while ctl[CTL_INSIDE]:
+            time.sleep(0.00001)
 
 
 class Region:
@@ -96,7 +103,8 @@ class Region:
             self.ctl[CTL_HOLD] = 1
         try:
             with self.lock:
-                wait_outside(self.ctl)
+                stream = self.stream
+                wait_outside(self.ctl, stream.tid if stream is not None else None)
                 if self.stream is not None:
                     self.stream.drain()
                 yield

@@ -23,7 +23,6 @@ from .dma import DmaPath
 from .fastpath import CTL_HOLD, CTL_INSIDE, CTL_LOGN, CTL_STOP, DONE, FAULT, SLOW, stream_batch
 from .fastpath import ready as fastpath_ready
 from .regions import PAGE_SHIFT, PAGE_SIZE, Region
-from .sched import lower_priority
 
 log = logging.getLogger("pinlab.device.stream")
 
@@ -74,6 +73,11 @@ class Stream:
         self.thread = threading.Thread(target=self._run, name=f"stream-{self.region.rid}",
                                        daemon=True)
         self.thread.start()
+
+    @property
+    def tid(self) -> int | None:
+        """The stream thread's kernel thread id (None before it runs)."""
+        return self.thread.native_id if self.thread is not None else None
 
     @property
     def live(self) -> bool:
@@ -133,7 +137,6 @@ class Stream:
 
     def _run(self) -> None:
         region = self.region
-        lower_priority()
         interval = self.interval_us / 1e6
         batch = 1 if interval else LOG_ROWS
         ctl = region.ctl
