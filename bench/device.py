@@ -55,10 +55,12 @@ Figure = dict[str, Any]
 
 def figure(value: float, baseline: float, unit: str, goal: str,
            ratio: float | None = None) -> Figure:
-    if ratio is None:
-        ratio = value / baseline if baseline else float("inf")
+    if ratio is None and baseline:
+        ratio = value / baseline
+    # a baseline measured as 0 (a read time below the loop's noise) has no ratio: null in
+    # the JSON, never Infinity (not JSON)
     return {"value": round(value, 6), "baseline": round(baseline, 6),
-            "ratio": round(ratio, 4), "unit": unit, "goal": goal}
+            "ratio": None if ratio is None else round(ratio, 4), "unit": unit, "goal": goal}
 
 
 def goal_met(f: Figure) -> bool | None:
@@ -70,7 +72,7 @@ def goal_met(f: Figure) -> bool | None:
         if goal.startswith(op):
             rest = goal[len(op):]
             if rest.endswith("x"):
-                return bool(fn(f["ratio"], float(rest[:-1])))
+                return None if f["ratio"] is None else bool(fn(f["ratio"], float(rest[:-1])))
             return bool(fn(f["value"], float(rest.rstrip("ms").rstrip("u") or "nan")))
     return None
 
@@ -81,9 +83,11 @@ def combine(runs: list[dict[str, Figure]]) -> dict[str, Figure]:
     for key in runs[0]:
         fs = [r[key] for r in runs if key in r]
         f = dict(fs[0])
-        for field in ("value", "baseline", "ratio"):
+        for field in ("value", "baseline"):
             f[field] = round(statistics.median(x[field] for x in fs), 6)
-        f["spread"] = [min(x["ratio"] for x in fs), max(x["ratio"] for x in fs)]
+        ratios = [x["ratio"] for x in fs if x["ratio"] is not None]
+        f["ratio"] = round(statistics.median(ratios), 6) if ratios else None
+        f["spread"] = [min(ratios), max(ratios)] if ratios else None
         f["runs"] = [x["value"] for x in fs]
         f["loadavg"] = round(os.getloadavg()[0], 2)
         f["met"] = goal_met(f)
@@ -462,10 +466,12 @@ def run(args: argparse.Namespace) -> dict[str, Figure]:
 def table(res: dict[str, Figure]) -> str:
     rows = [("figure", "value", "baseline", "ratio", "spread", "unit", "goal", "met", "load")]
     for k, f in res.items():
-        lo, hi = f.get("spread", (f["ratio"], f["ratio"]))
+        spread = f.get("spread")
         met = {True: "yes", False: "NO", None: ""}[f.get("met")]
-        rows.append((k, f"{f['value']:.4g}", f"{f['baseline']:.4g}", f"{f['ratio']:.3g}",
-                     f"{lo:.3g}-{hi:.3g}", f["unit"], f["goal"], met,
+        ratio = "-" if f["ratio"] is None else f"{f['ratio']:.3g}"
+        rows.append((k, f"{f['value']:.4g}", f"{f['baseline']:.4g}", ratio,
+                     f"{spread[0]:.3g}-{spread[1]:.3g}" if spread else "-", f["unit"],
+                     f["goal"], met,
                      f"{f.get('loadavg', 0):.1f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
