@@ -275,18 +275,32 @@ class ProcessRig:
     pages = Rig.pages
     map_pages = Rig.map_pages
 
-    def violations(self) -> int:
+    def query(self, command: str) -> Any:
+        """One command on the device's control socket (QMP); returns its ``return``."""
         with socket.socket(socket.AF_UNIX) as c:
             c.connect(self.ctl)
             f = c.makefile("rwb")
-            f.write(b'{"execute":"qmp_capabilities"}\r\n{"execute":"query-violations"}\r\n')
+            f.write(b'{"execute":"qmp_capabilities","id":0}\r\n'
+                    + json.dumps({"execute": command, "id": 1}).encode() + b"\r\n")
             f.flush()
             while True:
                 msg = json.loads(f.readline())
-                if "return" in msg and "count" in msg["return"]:
-                    return int(msg["return"]["count"])
+                if msg.get("id") == 1 and "return" in msg:
+                    return msg["return"]
                 if "error" in msg:
                     raise RuntimeError(str(msg["error"]))
+
+    def violations(self) -> int:
+        return int(self.query("query-violations")["count"])
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        """Until the device's compiled stream loop is loaded: loading it holds the
+        interpreter lock (0.5 s from numba's cache), which is not what a revoke costs."""
+        deadline = time.monotonic() + timeout
+        while not self.query("query-status")["engine"]["stream_loop_ready"]:
+            if time.monotonic() > deadline:
+                raise RuntimeError("device stream loop not ready")
+            time.sleep(0.1)
 
     def close(self) -> None:
         if hasattr(self, "client"):
@@ -305,6 +319,7 @@ class ProcessRig:
 def _revoke_latencies(n: int, stream: bool) -> list[float]:
     rig = ProcessRig(64 * MiB)
     try:
+        rig.wait_ready()
         d = rig.driver
         npages = 1024
         d.cmd(E.OP_CREATE_REGION, 1, npages, 1)

@@ -65,6 +65,7 @@ from pinlab.common.uapi import (  # re-exported: the tests and benchmarks use E.
 from .audit import AuditLog
 from .dma import MAX_STREAM_CHUNK, DmaPath
 from .fastpath import CTL_MEM, warm_up
+from .fastpath import ready as fastpath_ready
 from .faults import Faults
 from .irq import IrqTable
 from .memory import DmaError, GuestMemory
@@ -744,6 +745,7 @@ class Engine:
             }
             return {"enabled": self.enabled, "fatal": bool(self.status & STATUS_FATAL),
                     "fatal_reason": self.fatal_reason, "registers": regs,
+                    "stream_loop_ready": fastpath_ready(),
                     "regions": len(self.regions), "stats": dict(self.stats)}
 
     def region_list(self) -> list[dict[str, Any]]:

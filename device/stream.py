@@ -26,8 +26,9 @@ from .regions import PAGE_SHIFT, PAGE_SIZE, Region
 
 log = logging.getLogger("pinlab.device.stream")
 
-# chunks per call of the compiled loop (its log's rows); at 64 KiB about 1 ms of writing
-LOG_ROWS = 256
+# chunks per call of the compiled loop (its log's rows); at 64 KiB about 4 ms of writing:
+# the stream thread holds the interpreter lock only between calls
+LOG_ROWS = 1024
 DMA_ERROR_STEP = -1
 
 
@@ -104,21 +105,21 @@ class Stream:
         become one run of page records, as one larger access would."""
         ctl, log, region = self.region.ctl, self._log, self.region
         n = int(ctl[CTL_LOGN])
-        rows = log[self._drained:n].tolist()
-        self._drained = n
-        if not rows:
+        lo, self._drained = self._drained, n
+        if n <= lo:
             return
-        self.chunks += len(rows)
+        rows = log[lo:n]
+        self.chunks += n - lo
+        # runs: a new one where the generation changes or the offset does not follow on
+        off, nb, gen = rows[:, 0], rows[:, 1], rows[:, 2]
+        cut = np.flatnonzero((gen[1:] != gen[:-1]) | (off[1:] != off[:-1] + nb[:-1])) + 1
+        bounds = [0, *cut.tolist(), n - lo]
         ptes, track, audit = region.ptes, region.track, self.dma.audit
-        start, total, gen = rows[0]
-        for off, nb, g in rows[1:] + [[-1, 0, -1]]:
-            if g == gen and off == start + total:
-                total += nb
-                continue
+        for i, j in zip(bounds, bounds[1:], strict=False):
+            start, total, g = int(off[i]), int(off[j - 1] + nb[j - 1] - off[i]), int(gen[i])
             first, end = start >> PAGE_SHIFT, (start + total - 1 >> PAGE_SHIFT) + 1
             audit.access_run(track, first, ptes[first:end], start & (PAGE_SIZE - 1), total,
-                             True, gen)
-            start, total, gen = off, nb, g
+                             True, g)
 
     def _enter_fast(self, off: int) -> tuple[Any, Any] | None:
         """Caller holds ``region.lock``: the mapping for the chunk at region offset
