@@ -57,9 +57,11 @@ class MirrorTest(unittest.TestCase):
         self.assert_same()
         self.assertEqual(self.mirrored(U.REG_CMDS_DONE), 6)
         self.assertEqual(self.mirrored(U.REG_ERRORS), 1)
-        self.c.reg_write(U.REG_SCRATCH, 0x1234)
+        # a posted write may still be on its way: a read of the mirror does not flush it
+        # (as a memory read does not flush posted PCI writes); a non-posted one is done
+        self.c.reg_write(U.REG_SCRATCH, 0x1234, posted=False)
         self.assertEqual(self.mirrored(U.REG_SCRATCH), 0x1234)
-        self.c.reg_write(U.REG_CTRL, U.CTRL_RESET)
+        self.c.reg_write(U.REG_CTRL, U.CTRL_RESET, posted=False)
         self.assert_same()
         self.assertEqual(self.mirrored(U.REG_STATUS), 0)
         self.assertEqual(self.mirrored(U.REG_CMDS_DONE), 0)
