@@ -436,8 +436,10 @@ def _mmio_once(s: Any, res: str, n: int) -> dict[str, Figure]:
 def bench_mmio(artifacts: Path, kernel: str, n: int, repeats: int,
                load_procs: int) -> dict[str, Figure]:
     from pinlab.orchestrator.session import GuestSession
+    from pinlab.orchestrator.vm import GuestConfig
 
-    with GuestSession.boot(kernel, artifacts, module=False) as s:
+    cfg = GuestConfig(device_args=["--bar0-mirror"])
+    with GuestSession.boot(kernel, artifacts, module=False, config=cfg) as s:
         s.guest.ssh.put(GUEST_HELPER.encode(), "/root/mmio_bench.py")
         lspci = _ssh(s, "lspci -Dn")
         ours = [ln.split()[0] for ln in lspci.splitlines() if "1de5:0001" in ln]

@@ -51,10 +51,11 @@ def bar_sizes(irq: str = "msix") -> dict[int, int]:
     return BAR_SIZES if check_irq_mode(irq) == "msix" else MSI_BAR_SIZES
 
 
-def region_info(index: int, irq: str = "msix") -> tuple[int, int]:
-    """(flags, size) of a vfio region. Unused regions have size 0 and no flags."""
+def region_info(index: int, irq: str = "msix", mirror: bool = False) -> tuple[int, int]:
+    """(flags, size) of a vfio region. Unused regions have size 0 and no flags. With
+    ``mirror`` BAR0 offers its page 1 as a sparse mmap area (mirror.py)."""
     sizes = bar_sizes(irq)
-    if index == P.PCI_BAR0:
+    if index == P.PCI_BAR0 and mirror:
         return REGION_FLAGS_RW | P.REGION_INFO_FLAG_MMAP | P.REGION_INFO_FLAG_CAPS, BAR0_SIZE
     if index in sizes:
         return REGION_FLAGS_RW, sizes[index]
@@ -170,16 +171,19 @@ class PciFunction:
     """Dispatches REGION_READ/WRITE to config space, BAR0 (registers) and BAR2 (MSI-X)."""
 
     def __init__(self, bar0_read: Callable[[int, int], bytes],
-                 bar0_write: Callable[[int, bytes], None], irq: str = "msix") -> None:
+                 bar0_write: Callable[[int, bytes], None], irq: str = "msix",
+                 mirror: bool = False) -> None:
         self.lock = threading.RLock()
         self.irq = check_irq_mode(irq)
+        self.mirror = mirror
+        self.mirror = mirror
         self.config = ConfigSpace(irq)
         self.msix = MsixBar()
         self._bar0_read = bar0_read
         self._bar0_write = bar0_write
 
     def region_info(self, index: int) -> tuple[int, int]:
-        return region_info(index, self.irq)
+        return region_info(index, self.irq, self.mirror)
 
     def _check(self, index: int, off: int, count: int) -> None:
         flags, size = region_info(index, self.irq)

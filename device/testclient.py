@@ -384,12 +384,12 @@ def errno_name(err: int) -> str:
 class LocalServer:
     """A device with its vfio-user and control servers running in this process."""
 
-    def __init__(self, audit: bool = False, irq: str = "msix") -> None:
+    def __init__(self, audit: bool = False, irq: str = "msix", mirror: bool = False) -> None:
         self.tmp = tempfile.mkdtemp(prefix="pinlab-dev-")
         self.path = os.path.join(self.tmp, "vfio.sock")
         self.control_path = os.path.join(self.tmp, "control.sock")
         self.audit_path = os.path.join(self.tmp, "audit.jsonl") if audit else None
-        self.device = Device(self.audit_path, irq=irq)
+        self.device = Device(self.audit_path, irq=irq, mirror=mirror)
         self.server = VfioUserServer(self.device, self.path)
         self.control = ControlServer(self.device, self.control_path)
         self.server.start()
@@ -409,8 +409,9 @@ class Rig:
     """A running server, guest RAM, a connected client after bring-up and a driver."""
 
     def __init__(self, ram_size: int = 64 << 20, audit: bool = False, enable: bool = True,
-                 entries: int = 64, irq: str = "msix", seal: bool = True) -> None:
-        self.server = LocalServer(audit, irq)
+                 entries: int = 64, irq: str = "msix", seal: bool = True,
+                 mirror: bool = False) -> None:
+        self.server = LocalServer(audit, irq, mirror)
         self.device = self.server.device
         self.ram = GuestRam(ram_size, seal)
         self.client = self.server.client()

@@ -17,7 +17,7 @@ from pinlab.device.testclient import Rig
 
 class MirrorTest(unittest.TestCase):
     def setUp(self) -> None:
-        self.rig = Rig(ram_size=32 << 20)
+        self.rig = Rig(ram_size=32 << 20, mirror=True)
         self.c, self.d = self.rig.client, self.rig.driver
         info, areas, fds = self.c.region_info_caps(P.PCI_BAR0)
         self.addCleanup(lambda: [os.close(fd) for fd in fds])

@@ -71,9 +71,9 @@ class ProtocolTest(unittest.TestCase):
             argsz, flags, index, cap, size, off = self.c.region_info(i)
             self.assertEqual((argsz, flags & P.REGION_INFO_FLAG_MMAP, index), (32, 0, i))
             self.assertEqual(flags & 3, 3)
-        # BAR0: a 32-byte request learns the size the caps need (QEMU then asks again)
+        # BAR0 without --bar0-mirror: trapped whole, no mmap
         argsz, flags, index, cap, size, off = self.c.region_info(0)
-        self.assertEqual((argsz, cap, flags & 15), (64, 0, 7))
+        self.assertEqual((argsz, cap, flags & 15), (32, 0, 3))
         self.assertEqual(self.c.irq_info(P.IRQ_MSIX)[3], 4)
         self.assertFalse(self.c.irq_info(P.IRQ_MSIX)[1] & P.IRQ_INFO_NORESIZE)
         self.assertEqual(self.c.irq_info(P.IRQ_ERR)[3], 1)

@@ -70,7 +70,7 @@ class QemuSmokeTest(NeedsQemu):
 
     def setUp(self) -> None:
         super().setUp()
-        self.srv = LocalServer(audit=True, irq=self.IRQ)
+        self.srv = LocalServer(audit=True, irq=self.IRQ, mirror=True)
         self.addCleanup(self.srv.close)
         self.qmp_path = os.path.join(self.srv.tmp, "qmp.sock")
         self.log = open(os.path.join(self.srv.tmp, "qemu.log"), "w+")  # noqa: SIM115
