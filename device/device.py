@@ -55,7 +55,7 @@ class Device:
     no BAR2; QEMU 11.1's vfio-user-pci aborts on device_del of a device with MSI-X)."""
 
     def __init__(self, audit_path: str | None = None, irq: str = "msix",
-                 audit_max: int = AUDIT_FILE_MAX) -> None:
+                 audit_max: int = AUDIT_FILE_MAX, mirror: bool = False) -> None:
         self.irq_mode = check_irq_mode(irq)
         self.events = EventHub()
         # set by the vfio-user server: disconnects the client (never blocks)
@@ -69,7 +69,7 @@ class Device:
         self.audit = AuditLog(audit_path, on_violation=lambda r: self.events.emit("VIOLATION", r),
                               file_max=audit_max)
         self.engine = Engine(self.memory, self.irq, self.audit, self.faults, self.events.emit)
-        self.pci = PciFunction(self.engine.bar0_read, self.engine.bar0_write, irq)
+        self.pci = PciFunction(self.engine.bar0_read, self.engine.bar0_write, irq, mirror)
         self.connections = 0
         self.connected = False
 

@@ -1,4 +1,8 @@
-"""The DMA engine: BAR0 registers, SQ/CQ/EQ rings in guest memory, regions, streams.
+"""The DMA engine: BAR0 registers, SQ/CQ/EQ rings in guest memory, commands, regions.
+
+The data path (pattern writes, CRC reads through a region's page table) is in
+``dma.py``, streams in ``stream.py``; register offsets, opcodes and codes come from
+``pinlab.common.uapi`` (the twin of ``kmod/pinlab.h``).
 
 Threads and locks (acquire in this order, never the reverse):
 
@@ -19,92 +23,89 @@ a reset), so it stays responsive while commands and streams run.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 import struct
 import threading
 import time
-import zlib
 from array import array
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-import numpy as np
+from pinlab.common import uapi as U
+from pinlab.common.uapi import (  # re-exported: the tests and benchmarks use E.OP_* / E.OK
+    CQE_SIZE,
+    CTRL_ENABLE,
+    CTRL_RESET,
+    EQE_SIZE,
+    EV_DEVICE_ERROR,
+    EV_PAGE_FAULT,
+    EV_STREAM_STOPPED,
+    MAX_PAGES,
+    MAX_REGION_ID,
+    OP_CREATE_REGION,
+    OP_DESTROY_REGION,
+    OP_DMA_READ,
+    OP_DMA_WRITE,
+    OP_FENCE,
+    OP_INVALIDATE,
+    OP_MAP_PAGES,
+    OP_NOP,
+    OP_STREAM_START,
+    OP_STREAM_STOP,
+    SQE,
+    SQE_SIZE,
+    STATUS_ENABLED,
+    STATUS_FATAL,
+    STATUS_NAMES,
+    VEC_CQ,
+    VEC_EQ,
+)
 
 from .audit import AuditLog
+from .dma import MAX_STREAM_CHUNK, DmaPath
+from .fastpath import CTL_MEM, warm_up
+from .fastpath import ready as fastpath_ready
 from .faults import Faults
 from .irq import IrqTable
 from .memory import DmaError, GuestMemory
+from .mirror import MIRROR_OFFSET, MIRROR_WORDS, RegisterMirror
 from .regions import (
-    MAX_PAGES,
-    MAX_REGION_ID,
     MAX_REGIONS,
     PAGE_SHIFT,
     PAGE_SIZE,
     REGION_WRITABLE,
     Region,
     pattern,
-    word_base,
-    words_to_wrap,
+    wait_outside,
 )
+from .sched import event_thread
+from .stream import Stream
 
 log = logging.getLogger("pinlab.device.engine")
 
-ID_VALUE = 0x50494E4C
-VERSION_VALUE = 0x00010000
-STATUS_ENABLED = 1
-STATUS_FATAL = 2
-CTRL_ENABLE = 1
-CTRL_RESET = 2
+__all__ = ["EV_DEVICE_ERROR", "STATUS_NAMES", "Engine", "Stream"]
 
-SQE = struct.Struct("<BBHI7Q")
-SQE_SIZE = 64
-CQE_SIZE = 32
-EQE_SIZE = 32
 CQE_HEAD = struct.Struct("<HH")  # cid, status (bytes 0..3)
 CQE_TAIL = struct.Struct("<QQII")  # result0, result1, sq_head, reserved (bytes 8..31)
 EQE_HEAD = struct.Struct("<HH")  # type, reserved
 EQE_TAIL = struct.Struct("<IIQQ")  # region, reserved, info0, info1
 MIN_ENTRIES = 2
 MAX_ENTRIES = 4096
-MAX_MAP_COUNT = 512
 MAX_TOTAL_PAGES = 4 * MAX_PAGES
 CHUNK = 64 * 1024
-MAX_STREAM_CHUNK = 1 << 20
 
-# status codes
-OK, BAD_OPCODE, BAD_ARG, NO_REGION, EXISTS, DMA_ERROR, PAGE_FAULT, ABORTED, NO_SPACE = range(9)
-STATUS_NAMES = ["OK", "BAD_OPCODE", "BAD_ARG", "NO_REGION", "EXISTS", "DMA_ERROR",
-                "PAGE_FAULT", "ABORTED", "NO_SPACE"]
-# opcodes
-(OP_NOP, OP_CREATE_REGION, OP_MAP_PAGES, OP_INVALIDATE, OP_DESTROY_REGION, OP_DMA_WRITE,
- OP_DMA_READ, OP_STREAM_START, OP_STREAM_STOP, OP_FENCE) = range(10)
-# event types
-EV_PAGE_FAULT, EV_STREAM_STOPPED, EV_DEVICE_ERROR = 1, 2, 3
-# interrupt vectors (MSI-X, or MSI with --irq msi)
-VEC_CQ, VEC_EQ = 0, 1
+# status codes under their short names (REGISTERS.md "Status codes")
+OK, BAD_OPCODE, BAD_ARG, NO_REGION, EXISTS = (
+    U.STATUS_OK, U.STATUS_BAD_OPCODE, U.STATUS_BAD_ARG, U.STATUS_NO_REGION, U.STATUS_EXISTS)
+DMA_ERROR, PAGE_FAULT, ABORTED, NO_SPACE = (
+    U.STATUS_DMA_ERROR, U.STATUS_PAGE_FAULT, U.STATUS_ABORTED, U.STATUS_NO_SPACE)
 
 # The device's threads hand work to each other (vfio-user message -> SQ fetcher -> CQ/MSI-X)
 # while stream threads compute chunks. With CPython's default 5 ms GIL switch interval
 # every hand-off may wait 5 ms behind a stream, so a revoke fence took tens of ms; the
 # device process runs with a shorter interval (set by serve.main and the benchmarks).
 SWITCH_INTERVAL = 0.0002
-# Bulk DMA threads (streams, the command worker) run at a lower OS priority than the
-# threads that receive doorbells and fetch (INVALIDATE): on a loaded host a CPU-bound
-# stream otherwise delays the fetcher's wake-up by a scheduler time slice.
-BULK_NICE = 10
-
-
-_STEPS = np.arange(MAX_STREAM_CHUNK // PAGE_SIZE + 2, dtype=np.uint64) << np.uint64(PAGE_SHIFT)
-
-
-def _lower_priority() -> None:
-    """Make the calling thread a background thread (Linux: nice is per thread)."""
-    with contextlib.suppress(OSError, AttributeError):
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + BULK_NICE)
 
 Emit = Callable[[str, dict[str, Any]], None]
 Result = tuple[int, int, int]  # status, result0, result1
@@ -127,87 +128,25 @@ class Command:
         self.a: list[int] = a
 
 
-class Stream:
-    """Background writer of the pattern into one region (one thread per stream)."""
-
-    def __init__(self, engine: Engine, region: Region, offset: int, length: int, gen: int,
-                 chunk: int, interval_us: int) -> None:
-        self.engine, self.region = engine, region
-        self.offset, self.length, self.gen = offset, length, gen
-        self.chunk, self.interval = chunk, interval_us / 1e6
-        self.chunks = 0
-        self.passes = 0
-        self.state = "running"  # running | paused | stopped
-        self.reason = OK
-        self.fault_page = -1
-        self._stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, name=f"stream-{region.rid}",
-                                       daemon=True)
-
-    def start(self) -> None:
-        self.thread.start()
-
-    def stop(self) -> None:
-        """Ask the stream to stop and wait for it (caller must not hold region.lock)."""
-        self._stop.set()
-        with self.region.lock:
-            self.region.changed.notify_all()
-        if self.thread is not threading.current_thread():
-            self.thread.join()
-
-    def describe(self) -> dict[str, Any]:
-        return {"region": self.region.rid, "state": self.state, "chunks": self.chunks,
-                "passes": self.passes, "generation": self.gen, "offset": self.offset,
-                "length": self.length, "chunk": self.chunk, "fault_page": self.fault_page,
-                "reason": STATUS_NAMES[self.reason]}
-
-    def _run(self) -> None:
-        region, eng = self.region, self.engine
-        _lower_priority()
-        pos = 0
-        reported = -1
-        try:
-            while not self._stop.is_set():
-                off = self.offset + pos
-                n = min(self.chunk, self.length - pos)
-                region.yield_to_waiters()
-                with region.lock:
-                    if self._stop.is_set() or region.destroyed:
-                        break
-                    res = eng.write_pattern(region, off, n, self.gen, atomic=True)
-                    if res is not None and res[0] == PAGE_FAULT:
-                        # pause at the faulting page until it is re-mapped
-                        page = res[1]
-                        self.state, self.fault_page = "paused", page
-                        if page != reported:
-                            reported = page
-                            eng.page_fault(region, page)
-                        region.changed.wait(0.1)
-                        continue
-                    self.state, self.fault_page, reported = "running", -1, -1
-                    if res is not None:  # DMA_ERROR
-                        self.reason = res[0]
-                        eng.post_event(EV_STREAM_STOPPED, region.rid, res[0], res[1])
-                        break
-                self.chunks += 1
-                pos += n
-                if pos >= self.length:
-                    pos = 0
-                    self.passes += 1
-                    self.gen = (self.gen + 1) & 0xFFFF
-                if self.interval:
-                    self._stop.wait(self.interval)
-        except Exception:  # never let a stream thread die silently
-            log.exception("stream on region %d failed", region.rid)
-            self.reason = DMA_ERROR
-        finally:
-            self.state = "stopped"
+# BAR0 registers a write sets only while the device is not enabled: offset -> (attribute,
+# shift) of the value it sets (the *_BASE registers are u64 in two words)
+_CONFIG_REGS: dict[int, tuple[str, int]] = {
+    U.REG_SQ_BASE: ("sq_base", 0), U.REG_SQ_BASE + 4: ("sq_base", 32),
+    U.REG_SQ_ENTRIES: ("sq_entries", -1),
+    U.REG_CQ_BASE: ("cq_base", 0), U.REG_CQ_BASE + 4: ("cq_base", 32),
+    U.REG_CQ_ENTRIES: ("cq_entries", -1),
+    U.REG_EQ_BASE: ("eq_base", 0), U.REG_EQ_BASE + 4: ("eq_base", 32),
+    U.REG_EQ_ENTRIES: ("eq_entries", -1),
+}
 
 
 class Engine:
     def __init__(self, mem: GuestMemory, irq: IrqTable, audit: AuditLog, faults: Faults,
                  emit: Emit | None = None) -> None:
         self.mem, self.irq, self.audit, self.faults = mem, irq, audit, faults
+        self.dma = DmaPath(mem, audit)
+        mem.before_drop.append(self._streams_leave_memory)
+        warm_up()  # compile the stream loop before the first STREAM_START needs it
         self.emit: Emit = emit or (lambda name, data: None)
         self.lock = threading.RLock()
         self.cond = threading.Condition(self.lock)
@@ -222,7 +161,9 @@ class Engine:
         self.stats: dict[str, int] = dict.fromkeys(
             ("events_posted", "events_dropped", "irqs", "irqs_dropped", "resets",
              "fatal"), 0)
+        self.mirror = RegisterMirror()
         self._reset_regs()
+        self._publish()
         self._shutdown = False
         self._worker = threading.Thread(target=self._work, name="engine", daemon=True)
         self._fetcher = threading.Thread(target=self._fetch, name="engine-fetch", daemon=True)
@@ -245,63 +186,73 @@ class Engine:
     def enabled(self) -> bool:
         return bool(self.status & STATUS_ENABLED)
 
+    def _regfile(self) -> dict[int, int]:
+        """The 32-bit registers by BAR0 offset (caller holds ``lock``)."""
+        return {
+            U.REG_ID: U.ID_MAGIC, U.REG_VERSION: U.VERSION, U.REG_STATUS: self.status,
+            U.REG_CTRL: self.status & STATUS_ENABLED,
+            U.REG_SQ_BASE: self.sq_base & 0xFFFFFFFF, U.REG_SQ_BASE + 4: self.sq_base >> 32,
+            U.REG_SQ_ENTRIES: self.sq_entries, U.REG_SQ_TAIL: self.sq_tail,
+            U.REG_SQ_HEAD: self.sq_head,
+            U.REG_CQ_BASE: self.cq_base & 0xFFFFFFFF, U.REG_CQ_BASE + 4: self.cq_base >> 32,
+            U.REG_CQ_ENTRIES: self.cq_entries, U.REG_CQ_HEAD: self.cq_head,
+            U.REG_CQ_TAIL: self.cq_tail,
+            U.REG_EQ_BASE: self.eq_base & 0xFFFFFFFF, U.REG_EQ_BASE + 4: self.eq_base >> 32,
+            U.REG_EQ_ENTRIES: self.eq_entries, U.REG_EQ_HEAD: self.eq_head,
+            U.REG_EQ_TAIL: self.eq_tail,
+            U.REG_CMDS_DONE: self.cmds_done, U.REG_ERRORS: self.errors,
+            U.REG_SCRATCH: self.scratch,
+        }
+
     def read32(self, off: int) -> int:
+        """The 32-bit register at BAR0 byte offset ``off`` (4-aligned); 0 if undefined.
+        Page 1 (``MIRROR_OFFSET``) mirrors page 0."""
         with self.lock:
-            regs = {
-                0x000: ID_VALUE, 0x004: VERSION_VALUE, 0x008: self.status,
-                0x00C: self.status & STATUS_ENABLED,
-                0x010: self.sq_base & 0xFFFFFFFF, 0x014: self.sq_base >> 32,
-                0x018: self.sq_entries, 0x01C: self.sq_tail, 0x020: self.sq_head,
-                0x028: self.cq_base & 0xFFFFFFFF, 0x02C: self.cq_base >> 32,
-                0x030: self.cq_entries, 0x034: self.cq_head, 0x038: self.cq_tail,
-                0x040: self.eq_base & 0xFFFFFFFF, 0x044: self.eq_base >> 32,
-                0x048: self.eq_entries, 0x04C: self.eq_head, 0x050: self.eq_tail,
-                0x060: self.cmds_done, 0x064: self.errors, 0x080: self.scratch,
-            }
-            return regs.get(off, 0)
+            return self._regfile().get(off & (MIRROR_OFFSET - 1), 0)
+
+    def _publish(self) -> None:
+        """Store the register file into the mirror page (caller holds ``lock``): called
+        after every change, before the interrupt that may make a driver read it."""
+        regs = self._regfile()
+        self.mirror.publish([regs.get(o, 0) for o in range(0, MIRROR_WORDS * 4, 4)])
 
     def write32(self, off: int, val: int) -> None:
-        if off == 0x00C and val & CTRL_RESET:
+        """A 32-bit write of ``val`` to the register at BAR0 byte offset ``off`` (page 1,
+        the mirror, has no writable register)."""
+        if off >= MIRROR_OFFSET:
+            return
+        if off == U.REG_CTRL and val & CTRL_RESET:
             self.reset("ctrl")
         with self.lock:
-            if off == 0x00C:
+            if off == U.REG_CTRL:
                 if val & CTRL_ENABLE and not self.enabled:
                     self._enable()
                 elif not val & CTRL_ENABLE:
                     self.status &= ~STATUS_ENABLED
-            elif off == 0x01C:
+            elif off == U.REG_SQ_TAIL:
                 self._doorbell("sq_tail", val, self.sq_entries)
-            elif off == 0x034:
+            elif off == U.REG_CQ_HEAD:
                 self._doorbell("cq_head", val, self.cq_entries)
-            elif off == 0x04C:
+            elif off == U.REG_EQ_HEAD:
                 self._doorbell("eq_head", val, self.eq_entries)
-            elif off == 0x080:
+            elif off == U.REG_SCRATCH:
                 self.scratch = val
                 self.audit.scratch(val)
-            elif not self.enabled:
+            elif not self.enabled and off < MIRROR_OFFSET:
                 self._write_config(off, val)
+            self._publish()
             self.cond.notify_all()
 
     def _write_config(self, off: int, val: int) -> None:
-        lo, hi = 0xFFFFFFFF, 0xFFFFFFFF << 32
-        if off == 0x010:
-            self.sq_base = self.sq_base & hi | val
-        elif off == 0x014:
-            self.sq_base = self.sq_base & lo | val << 32
-        elif off == 0x018:
-            self.sq_entries = val
-        elif off == 0x028:
-            self.cq_base = self.cq_base & hi | val
-        elif off == 0x02C:
-            self.cq_base = self.cq_base & lo | val << 32
-        elif off == 0x030:
-            self.cq_entries = val
-        elif off == 0x040:
-            self.eq_base = self.eq_base & hi | val
-        elif off == 0x044:
-            self.eq_base = self.eq_base & lo | val << 32
-        elif off == 0x048:
-            self.eq_entries = val
+        reg = _CONFIG_REGS.get(off)
+        if reg is None:
+            return
+        name, shift = reg
+        if shift < 0:
+            setattr(self, name, val)
+        else:
+            keep = getattr(self, name) & ~(0xFFFFFFFF << shift)
+            setattr(self, name, keep | val << shift)
 
     def _doorbell(self, name: str, val: int, entries: int) -> None:
         if not self.enabled:
@@ -347,6 +298,7 @@ class Engine:
         self.status = (self.status & ~STATUS_ENABLED) | STATUS_FATAL
         self.fatal_reason = why
         self.stats["fatal"] += 1
+        self._publish()
         self.emit("DEVICE_ERROR", {"reason": why})
 
     def bar0_read(self, off: int, count: int) -> bytes:
@@ -374,6 +326,7 @@ class Engine:
             self.epoch += 1
             self.aborting.set()
             self.status &= ~STATUS_ENABLED
+            self._publish()
             self.cond.notify_all()
         with self.faults.changed:
             self.faults.changed.notify_all()
@@ -385,6 +338,7 @@ class Engine:
             with self.lock:
                 self.regions.clear()
                 self._reset_regs()
+                self._publish()
                 self._pending.clear()
                 self._outstanding = 0
                 self.stats["resets"] += 1
@@ -399,6 +353,7 @@ class Engine:
             self.cond.notify_all()
         self._worker.join(5)
         self._fetcher.join(5)
+        self.mirror.close()
 
     # --- queue fetcher and worker -------------------------------------------------------
     # The fetcher reads SQ entries in order. INVALIDATE executes right there (it only needs
@@ -422,6 +377,7 @@ class Engine:
         return any(c.region == rid and c.opcode in ops for _, c in self._pending)
 
     def _fetch(self) -> None:
+        event_thread()
         while True:
             with self.lock:
                 while not self._shutdown and not self._can_fetch():
@@ -435,6 +391,7 @@ class Engine:
                     self._fatal(f"SQ fetch: {exc}")
                     continue
                 self.sq_head = (self.sq_head + 1) % self.sq_entries
+                self._publish()
                 cmd = Command(raw)
                 self._outstanding += 1
                 if cmd.opcode != OP_INVALIDATE or self._conflicts(cmd.region):
@@ -461,7 +418,8 @@ class Engine:
         return after
 
     def _work(self) -> None:
-        _lower_priority()
+        # normal priority: between chunks its Python holds the interpreter lock that the
+        # (real-time) fetcher needs for INVALIDATE; a niced holder starves it on a busy host
         while True:
             with self.lock:
                 while not self._shutdown and not self._pending:
@@ -507,6 +465,7 @@ class Engine:
             self.cmds_done = (self.cmds_done + 1) & 0xFFFFFFFF
             if status:
                 self.errors = (self.errors + 1) & 0xFFFFFFFF
+            self._publish()
         self._signal(VEC_CQ)
 
     def post_event(self, etype: int, region: int, info0: int, info1: int = 0) -> bool:
@@ -529,6 +488,7 @@ class Engine:
             if self.eq_tail == 0:
                 self.eq_phase ^= 1
             self.stats["events_posted"] += 1
+            self._publish()
         self._signal(VEC_EQ)
         return True
 
@@ -545,149 +505,12 @@ class Engine:
         else:
             self.irq.signal(vector)
 
-    # --- DMA helpers (caller holds region.lock) -------------------------------------
-    def first_unmapped(self, region: Region, off: int, length: int) -> int:
-        first, end = off >> PAGE_SHIFT, (off + length - 1 >> PAGE_SHIFT) + 1
-        if end - first <= 8:
-            ptes = region.ptes
-            for page in range(first, end):
-                if not ptes[page]:
-                    return page
-            return -1
-        holes = np.flatnonzero(region.ptes_np[first:end] == 0)
-        return first + int(holes[0]) if len(holes) else -1
-
-    @staticmethod
-    def _runs(region: Region, first: int, end: int) -> tuple[int, list[int]]:
-        """Scan pages first..end-1: (stop, cuts). ``stop`` is the first unmapped page (or
-        ``end``); pages first..stop-1 split into guest-physically contiguous runs
-        ``first + cuts[i] .. first + cuts[i+1] - 1``."""
-        n = end - first
-        ptes = region.ptes
-        prev = ptes[first]
-        if not prev:
-            return first, [0]
-        if n == 1:
-            return end, [0, 1]
-        if ptes[end - 1] == prev + (n - 1 << PAGE_SHIFT):  # one run? (the usual case)
-            if n <= 64:
-                one = n == 2 or ptes[first:end] == array(
-                    "Q", range(prev, prev + (n << PAGE_SHIFT), PAGE_SIZE))
-            else:
-                steps = _STEPS[:n] if n <= len(_STEPS) else np.arange(n, dtype=np.uint64) << 12
-                one = bool(np.array_equal(region.ptes_np[first:end] - np.uint64(prev), steps))
-            if one:
-                return end, [0, n]
-        if n <= 32:  # a Python loop beats numpy's per-call overhead here
-            cuts = [0]
-            for i in range(1, n):
-                cur = ptes[first + i]
-                if not cur:
-                    cuts.append(i)
-                    return first + i, cuts
-                if cur != prev + PAGE_SIZE:
-                    cuts.append(i)
-                prev = cur
-            cuts.append(n)
-            return end, cuts
-        seg = region.ptes_np[first:end]
-        holes = np.flatnonzero(seg == 0)
-        if len(holes):
-            n = int(holes[0])
-            if not n:
-                return first, [0]
-            seg = seg[:n]
-        steps = np.flatnonzero(np.diff(seg) != PAGE_SIZE) + 1
-        return first + n, [0, *steps.tolist(), n]
-
-    def write_pattern(self, region: Region, off: int, length: int, gen: int,
-                      atomic: bool = False) -> tuple[int, int] | None:
-        """Write the pattern words of [off, off+length) (8-byte multiples) into the
-        region's pages, straight into guest memory, and audit every page written.
-
-        Page by page semantics: at an unmapped page nothing is written from there on
-        (PAGE_FAULT, page); at a guest-physical address that is not writable guest RAM
-        (DMA_ERROR, address) the pages before it are written and that page is not. With
-        ``atomic`` an unmapped page anywhere in the span fails it before anything is
-        written. Returns None on success. Caller holds ``region.lock``."""
-        first = off >> PAGE_SHIFT
-        end = (off + length - 1 >> PAGE_SHIFT) + 1
-        ptes = region.ptes
-        stop, cuts = self._runs(region, first, end)
-        if stop < end and (atomic or stop == first):
-            return PAGE_FAULT, stop
-        po = off & (PAGE_SIZE - 1)
-        # the part of the span in pages first..stop-1, which are mapped
-        total = min(off + length, stop << PAGE_SHIFT) - off
-        base = word_base(region.rid, gen, off)
-        if words_to_wrap(off) < total >> 3:  # regions > 32 GiB only: never with MAX_PAGES
-            raise AssertionError("pattern low half wraps inside a chunk")
-        npg = stop - first
-        mem = self.mem
-        if len(cuts) == 2 and stop == end:  # the usual case: one contiguous run, all mapped
-            try:
-                mem.write_ramp((ptes[first] & ~(PAGE_SIZE - 1)) + po, length >> 3, base)
-            except DmaError:
-                pass  # find the failing page below
-            else:
-                self.audit.access_run(region.track, first, ptes[first:end], po, length,
-                                      True, gen)
-                return None
-        res: tuple[int, int] | None = None
-        done = 0  # bytes of the span written
-        written = npg  # pages written
-        for a, b in zip(cuts, cuts[1:], strict=False):
-            run_off = (first + a) << PAGE_SHIFT  # region offset of the run's first page
-            lo = max(off, run_off)
-            hi = min(off + total, (first + b) << PAGE_SHIFT)
-            gpa = (ptes[first + a] & ~(PAGE_SIZE - 1)) + (lo - run_off)
-            try:
-                mem.write_ramp(gpa, hi - lo >> 3, base + (done >> 3))
-                done += hi - lo
-                continue
-            except DmaError:
-                pass
-            for page in range(first + a, first + b):  # which page failed: one at a time
-                plo = max(off, page << PAGE_SHIFT)
-                phi = min(off + total, page + 1 << PAGE_SHIFT)
-                pgpa = (ptes[page] & ~(PAGE_SIZE - 1)) + (plo & (PAGE_SIZE - 1))
-                try:
-                    mem.write_ramp(pgpa, phi - plo >> 3, base + (done >> 3))
-                except DmaError as exc:
-                    res, written = (DMA_ERROR, exc.addr), page - first
-                    break
-                done += phi - plo
-            if res is not None:
-                break
-        if written:
-            self.audit.access_run(region.track, first, ptes[first:first + written], po,
-                                  done, True, gen)
-        if res is None and stop < end:
-            res = PAGE_FAULT, stop
-        return res
-
-    def crc_in(self, region: Region, off: int, length: int, crc: int) -> tuple[int, int, int]:
-        """Read [off, off+length) page by page folding CRC32. Returns (status, r, crc)."""
-        ptes, mem, audit, track = region.ptes, self.mem, self.audit, region.track
-        end = off + length
-        while off < end:
-            page, po = off >> PAGE_SHIFT, off & (PAGE_SIZE - 1)
-            n = min(PAGE_SIZE - po, end - off)
-            pte = ptes[page]
-            if not pte:
-                return PAGE_FAULT, page, crc
-            gpa = (pte & ~(PAGE_SIZE - 1)) + po
-            try:
-                crc = mem.crc32(gpa, n, crc, zlib.crc32)
-            except DmaError as exc:
-                return DMA_ERROR, exc.addr, crc
-            audit.access(track, page, gpa, n, False)
-            off += n
-        return OK, 0, crc
-
     def page_fault(self, region: Region, page: int) -> None:
         self.post_event(EV_PAGE_FAULT, region.rid, page)
         self.emit("PAGE_FAULT", {"region": region.rid, "page": page})
+
+    def _stream_stopped(self, region: Region, status: int, info: int) -> None:
+        self.post_event(EV_STREAM_STOPPED, region.rid, status, info)
 
     def _check_abort(self) -> None:
         if self.aborting.is_set():
@@ -716,9 +539,25 @@ class Engine:
 
     def _fence(self) -> Result:
         for region in list(self.regions.values()):
-            with region.lock:  # waits for any in-flight stream chunk
+            with region.urgent():  # waits for any in-flight stream chunk, audits it
                 pass
         return OK, 0, 0
+
+    def _streams_leave_memory(self) -> Callable[[], None]:
+        """GuestMemory.before_drop (under its lock): every compiled stream loop returns
+        before its next chunk and writes no more until the returned function is called
+        (its next chunk then finds the mapping gone, or takes the new one)."""
+        with self.lock:
+            regions = [r for r in self.regions.values() if r.stream is not None]
+        for r in regions:
+            r.ctl[CTL_MEM] = 1
+        for r in regions:
+            wait_outside(r.ctl, r.stream.tid if r.stream is not None else None)
+
+        def resume() -> None:
+            for r in regions:
+                r.ctl[CTL_MEM] = 0
+        return resume
 
     def _create(self, cmd: Command) -> Result:
         rid, npages, flags = cmd.region, cmd.a[0], cmd.a[1]
@@ -736,7 +575,7 @@ class Engine:
 
     def _map_pages(self, region: Region, cmd: Command) -> Result:
         first, count, list_gpa = cmd.a[0], cmd.a[1], cmd.a[2]
-        if (not 1 <= count <= MAX_MAP_COUNT or first >= region.npages
+        if (not 1 <= count <= U.MAP_CHUNK or first >= region.npages
                 or count > region.npages - first or list_gpa % PAGE_SIZE):
             return BAD_ARG, 0, 0
         try:
@@ -802,7 +641,7 @@ class Engine:
 
     def _stop_stream(self, region: Region) -> Stream | None:
         stream = region.stream
-        if isinstance(stream, Stream):
+        if stream is not None:
             stream.stop()
             return stream
         return None
@@ -819,7 +658,7 @@ class Engine:
 
     def _destroy_cmd(self, region: Region, cmd: Command) -> Result:
         stream = region.stream
-        running = isinstance(stream, Stream) and stream.state != "stopped"
+        running = stream is not None and stream.live
         self._destroy(region)
         if running:
             self.post_event(EV_STREAM_STOPPED, region.rid, ABORTED)
@@ -842,7 +681,7 @@ class Engine:
             with region.lock:
                 if region.destroyed:
                     raise Aborted
-                res = self.write_pattern(region, off, n, gen)
+                res = self.dma.write_pattern(region, off, n, gen)
             if res is not None:
                 done = off - start
                 if res[0] == PAGE_FAULT:
@@ -862,7 +701,7 @@ class Engine:
             n = min(CHUNK - off % CHUNK, end - off)
             region.yield_to_waiters()
             with region.lock:
-                status, r0, crc = self.crc_in(region, off, n, crc)
+                status, r0, crc = self.dma.crc_in(region, off, n, crc)
             if status == PAGE_FAULT:
                 self.page_fault(region, r0)
             if status:
@@ -877,9 +716,10 @@ class Engine:
                 or chunk % 8 or not 0 < chunk <= MAX_STREAM_CHUNK or interval > 10_000_000):
             return BAD_ARG, 0, 0
         old = region.stream
-        if isinstance(old, Stream) and old.state != "stopped":
+        if old is not None and old.live:
             return EXISTS, 0, 0
-        stream = Stream(self, region, off, length, gen, min(chunk, length), interval)
+        stream = Stream(region, off, length, gen, min(chunk, length), interval, self.dma,
+                        self.page_fault, self._stream_stopped)
         region.stream = stream
         stream.start()
         return OK, 0, 0
@@ -905,6 +745,7 @@ class Engine:
             }
             return {"enabled": self.enabled, "fatal": bool(self.status & STATUS_FATAL),
                     "fatal_reason": self.fatal_reason, "registers": regs,
+                    "stream_loop_ready": fastpath_ready(),
                     "regions": len(self.regions), "stats": dict(self.stats)}
 
     def region_list(self) -> list[dict[str, Any]]:
@@ -915,4 +756,4 @@ class Engine:
     def stream_list(self) -> list[dict[str, Any]]:
         with self.lock:
             regions = list(self.regions.values())
-        return [r.stream.describe() for r in regions if isinstance(r.stream, Stream)]
+        return [r.stream.describe() for r in regions if r.stream is not None]

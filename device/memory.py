@@ -151,6 +151,10 @@ class GuestMemory:
         self._maps: list[Mapping] = []  # sorted by iova, never overlapping
         self._starts: list[int] = []  # the iova of each entry of _maps
         self._last: Mapping | None = None
+        # called (under ``lock``) before mappings are dropped: the engine makes the
+        # compiled stream loops, which write into ``Mapping.words`` without this lock,
+        # leave them first
+        self.before_drop: list[Callable[[], Callable[[], None]]] = []
 
     # --- map management -------------------------------------------------------------
     def map(self, iova: int, size: int, flags: int, offset: int, fd: int | None) -> Mapping:
@@ -238,6 +242,23 @@ class GuestMemory:
         return len(self._maps)
 
     def _drop(self, maps: list[Mapping]) -> None:
+        resumes = [hook() for hook in self.before_drop]
+        try:
+            self._close(maps)
+        finally:
+            for resume in resumes:
+                resume()
+
+    def words_at(self, addr: int) -> Mapping | None:
+        """The sealed writable mapping holding ``addr``, with its ``words`` view, or None.
+        The caller uses ``words`` only while it is registered with ``before_drop``."""
+        with self.lock:
+            m = self._find(addr)
+            if m is None or m.words is None or not m.flags & WRITE:
+                return None
+            return m
+
+    def _close(self, maps: list[Mapping]) -> None:
         self._last = None
         for m in maps:
             self._fd_maps -= m.had_fd

@@ -12,15 +12,15 @@ import struct
 import threading
 from collections.abc import Callable
 
+from pinlab.common.uapi import DEVICE_ID, VENDOR_ID
+
 from . import protocol as P
 from .protocol import MessageError
 
-VENDOR_ID = 0x1DE5
-DEVICE_ID = 0x0001
 REVISION = 0x01
 CLASS_CODE = 0x088000
 CONFIG_SIZE = 256
-BAR0_SIZE = 4096
+BAR0_SIZE = 8192  # page 0: trapped registers; page 1: their mirror, mapped (mirror.py)
 BAR2_SIZE = 4096
 MSIX_CAP = 0x40
 MSIX_VECTORS = 4
@@ -51,9 +51,12 @@ def bar_sizes(irq: str = "msix") -> dict[int, int]:
     return BAR_SIZES if check_irq_mode(irq) == "msix" else MSI_BAR_SIZES
 
 
-def region_info(index: int, irq: str = "msix") -> tuple[int, int]:
-    """(flags, size) of a vfio region. Unused regions have size 0 and no flags."""
+def region_info(index: int, irq: str = "msix", mirror: bool = False) -> tuple[int, int]:
+    """(flags, size) of a vfio region. Unused regions have size 0 and no flags. With
+    ``mirror`` BAR0 offers its page 1 as a sparse mmap area (mirror.py)."""
     sizes = bar_sizes(irq)
+    if index == P.PCI_BAR0 and mirror:
+        return REGION_FLAGS_RW | P.REGION_INFO_FLAG_MMAP | P.REGION_INFO_FLAG_CAPS, BAR0_SIZE
     if index in sizes:
         return REGION_FLAGS_RW, sizes[index]
     if index == P.PCI_CONFIG:
@@ -168,16 +171,19 @@ class PciFunction:
     """Dispatches REGION_READ/WRITE to config space, BAR0 (registers) and BAR2 (MSI-X)."""
 
     def __init__(self, bar0_read: Callable[[int, int], bytes],
-                 bar0_write: Callable[[int, bytes], None], irq: str = "msix") -> None:
+                 bar0_write: Callable[[int, bytes], None], irq: str = "msix",
+                 mirror: bool = False) -> None:
         self.lock = threading.RLock()
         self.irq = check_irq_mode(irq)
+        self.mirror = mirror
+        self.mirror = mirror
         self.config = ConfigSpace(irq)
         self.msix = MsixBar()
         self._bar0_read = bar0_read
         self._bar0_write = bar0_write
 
     def region_info(self, index: int) -> tuple[int, int]:
-        return region_info(index, self.irq)
+        return region_info(index, self.irq, self.mirror)
 
     def _check(self, index: int, off: int, count: int) -> None:
         flags, size = region_info(index, self.irq)

@@ -79,6 +79,12 @@ REGION_INFO_FLAG_READ = 1
 REGION_INFO_FLAG_WRITE = 2
 REGION_INFO_FLAG_MMAP = 4
 REGION_INFO_FLAG_CAPS = 8
+# <linux/vfio.h>: struct vfio_info_cap_header {u16 id, u16 version, u32 next} followed by
+# struct vfio_region_info_cap_sparse_mmap {u32 nr_areas, u32 reserved, {u64 offset, size}[]}
+REGION_INFO_CAP_SPARSE_MMAP = 1
+CAP_HEADER_S = struct.Struct("<HHI")
+SPARSE_MMAP_S = struct.Struct("<II")
+SPARSE_AREA_S = struct.Struct("<QQ")
 
 # DEVICE_GET_IRQ_INFO
 IRQ_INFO_S = struct.Struct("<IIII")  # argsz, flags, index, count

@@ -7,11 +7,17 @@ import time
 from array import array
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .audit import RegionTrack
+from .fastpath import CTL_HOLD, CTL_INSIDE, CTL_SLOTS
 from .memory import ramp
+from .sched import boosted
+
+if TYPE_CHECKING:
+    from .stream import Stream
 
 PAGE_SIZE = 4096
 PAGE_SHIFT = 12
@@ -46,6 +52,20 @@ def pattern(region: int, gen: int, offset: int, length: int) -> bytes:
     return (ramp(words) + np.uint64(word_base(region, gen, offset))).tobytes()
 
 
+def wait_outside(ctl: np.ndarray, tid: int | None = None) -> None:
+    """Wait until the compiled stream loop of ``ctl`` (running in thread ``tid``) has no
+    chunk in flight (it was asked to return: at most one chunk's write). Sleeps in 10 us
+    steps: the waiter may be a real-time thread (sched.py), which must not spin against
+    the stream's thread; after 50 us the stream's thread is boosted until it is out."""
+    for _ in range(5):
+        if not ctl[CTL_INSIDE]:
+            return
+        time.sleep(0.00001)
+    with boosted(tid):
+        while ctl[CTL_INSIDE]:
+            time.sleep(0.00001)
+
+
 class Region:
     """One region: a page table of ``npages`` entries kept in an ``array('Q')``."""
 
@@ -63,23 +83,36 @@ class Region:
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)  # page table changed (MAP_PAGES etc.)
         self.destroyed = False
-        self.stream: object | None = None  # engine.Stream when one runs
+        self.stream: Stream | None = None  # the region's stream (STREAM_START)
         # page-table changers waiting for ``lock`` (INVALIDATE first of all): DMA loops
         # let them in between chunks instead of re-taking the (unfair) lock at once
         self._waiters = 0
         self._waiters_lock = threading.Lock()
+        # the stream's control block (fastpath.CTL_*): the compiled stream loop reads it
+        # at every chunk boundary, without the interpreter lock
+        self.ctl = np.zeros(CTL_SLOTS, dtype=np.int64)
 
     @contextmanager
     def urgent(self) -> Iterator[None]:
-        """Hold ``lock`` ahead of the DMA loops (which call :meth:`yield_to_waiters`)."""
+        """Hold ``lock`` ahead of the DMA loops (which call :meth:`yield_to_waiters`), with
+        no stream chunk in flight: the compiled stream loop is asked to return at its next
+        chunk boundary (``CTL_HOLD``), and the chunks it wrote are audited (``drain``)
+        before the caller changes anything."""
         with self._waiters_lock:
             self._waiters += 1
+            self.ctl[CTL_HOLD] = 1
         try:
             with self.lock:
+                stream = self.stream
+                wait_outside(self.ctl, stream.tid if stream is not None else None)
+                if self.stream is not None:
+                    self.stream.drain()
                 yield
         finally:
             with self._waiters_lock:
                 self._waiters -= 1
+                if not self._waiters:
+                    self.ctl[CTL_HOLD] = 0
 
     def yield_to_waiters(self, limit: float = 0.05) -> None:
         """Called without ``lock`` between chunks: let a waiting changer take the lock."""

@@ -15,6 +15,7 @@ from .device import Device
 from .engine import SWITCH_INTERVAL
 from .limits import AUDIT_FILE_MAX
 from .pci import IRQ_MODES
+from .sched import enable_realtime
 from .server import VfioUserServer
 
 
@@ -28,6 +29,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--audit-max-bytes", type=int, default=AUDIT_FILE_MAX, metavar="N",
                    help="bound of the audit file: past it a 'truncated' record ends the file "
                         f"(default {AUDIT_FILE_MAX})")
+    p.add_argument("--bar0-mirror", action="store_true",
+                   help="offer BAR0 page 1 (the register mirror) for the client to map "
+                        "(device/REGISTERS.md)")
     p.add_argument("--irq", choices=IRQ_MODES, default="msix",
                    help="interrupt capability: MSI-X (default) or MSI (no BAR2; use it when "
                         "the device is hot-unplugged: QEMU 11.1 aborts on device_del of a "
@@ -42,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     sys.setswitchinterval(SWITCH_INTERVAL)  # prompt hand-offs between device threads
+    enable_realtime()  # the doorbell path does not queue behind CPU hogs (sched.py)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -49,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
 
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        device = Device(args.audit, irq=args.irq, audit_max=args.audit_max_bytes)
+        device = Device(args.audit, irq=args.irq, audit_max=args.audit_max_bytes,
+                        mirror=args.bar0_mirror)
     except OSError as exc:
         print(f"pinlab-device: --audit: {exc}", file=sys.stderr)
         for s, h in old.items():

@@ -14,7 +14,9 @@ from collections.abc import Callable
 from . import protocol as P
 from .device import Device
 from .limits import MESSAGE_TIMEOUT, check_json_depth
+from .mirror import MIRROR_OFFSET, PAGE
 from .protocol import Message, MessageError, ProtocolError
+from .sched import event_thread
 from .sockets import listen_unix, readable, remove_socket
 
 log = logging.getLogger("pinlab.device.server")
@@ -39,6 +41,7 @@ class Session:
     def __init__(self, device: Device) -> None:
         self.dev = device
         self.negotiated = False
+        self.reply_fds: list[int] = []  # fds the next reply carries (not ours to close)
         self.handlers: dict[int, Callable[[Message], bytes]] = {
             P.VERSION: self.version, P.DMA_MAP: self.dma_map, P.DMA_UNMAP: self.dma_unmap,
             P.DEVICE_GET_INFO: self.get_info, P.DEVICE_GET_REGION_INFO: self.region_info,
@@ -148,7 +151,21 @@ class Session:
         if argsz < P.REGION_INFO_S.size:
             raise MessageError(errno.EINVAL, f"REGION_INFO argsz {argsz}")
         flags, size = self.dev.pci.region_info(index)
-        return P.reply(msg, P.REGION_INFO_S.pack(P.REGION_INFO_S.size, flags, index, 0, size, 0))
+        if not flags & P.REGION_INFO_FLAG_CAPS:
+            return P.reply(msg, P.REGION_INFO_S.pack(P.REGION_INFO_S.size, flags, index, 0, size,
+                                                     0))
+        # BAR0: one sparse mmap area, the register mirror page, backed by the fd sent with
+        # the reply (the client maps fd offset info.offset + area.offset)
+        caps = (P.CAP_HEADER_S.pack(P.REGION_INFO_CAP_SPARSE_MMAP, 1, 0)
+                + P.SPARSE_MMAP_S.pack(1, 0) + P.SPARSE_AREA_S.pack(MIRROR_OFFSET, PAGE))
+        need = P.REGION_INFO_S.size + len(caps)
+        self.reply_fds = [self.dev.engine.mirror.fd]
+        if argsz < need:  # VFIO rule: say how much room the caps need; the client retries
+            # (no CAPS flag without caps: QEMU refuses a cap_offset outside the reply)
+            return P.reply(msg, P.REGION_INFO_S.pack(need, flags & ~P.REGION_INFO_FLAG_CAPS,
+                                                     index, 0, size, 0))
+        return P.reply(msg, P.REGION_INFO_S.pack(need, flags, index, P.REGION_INFO_S.size,
+                                                 size, 0) + caps)
 
     def irq_info(self, msg: Message) -> bytes:
         P.expect_no_fds(msg)
@@ -261,6 +278,7 @@ class VfioUserServer:
         return not self._stopping and sock.fileno() in readable([sock.fileno(), self._wake_r])
 
     def serve_forever(self) -> None:
+        event_thread()
         while not self._stopping:
             try:
                 if not self._wait_readable(self.sock):
@@ -299,8 +317,9 @@ class VfioUserServer:
                     msg.close_fds()
                     continue
                 out = session.handle(msg)
+                fds, session.reply_fds = session.reply_fds, []
                 if out is not None:
-                    P.send_message(conn, out)
+                    P.send_message(conn, out, fds)
             except (ProtocolError, TimeoutError) as exc:
                 log.warning("closing connection: %s", exc)
                 return

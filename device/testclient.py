@@ -24,11 +24,12 @@ import time
 from dataclasses import dataclass
 
 from pinlab.common import jsonlines
+from pinlab.common import uapi as U
+from pinlab.common.uapi import CQE, CQE_SIZE, EQE, EQE_SIZE, SQE, SQE_SIZE
 
 from . import protocol as P
 from .control import ControlServer
 from .device import Device
-from .engine import CQE_SIZE, EQE_SIZE, SQE, SQE_SIZE
 from .pci import MSI_CAP, MSIX_CAP
 from .server import VfioUserServer
 from .sockets import readable
@@ -109,10 +110,18 @@ class VfioUserClient:
             raise ConnectionError("server closed the connection")
         return msg
 
-    def request(self, command: int, payload: bytes = b"", fds: list[int] | None = None
-                ) -> bytes:
+    def request(self, command: int, payload: bytes = b"", fds: list[int] | None = None,
+                reply_fds: list[int] | None = None) -> bytes:
+        """Send a command, return the reply's payload. The reply's fds go to
+        ``reply_fds`` when given, else they are closed."""
         msg_id = self.send(command, payload, fds)
         rep = self.recv()
+        got = rep.take_fds()
+        if reply_fds is not None:
+            reply_fds.extend(got)
+        else:
+            for fd in got:
+                os.close(fd)
         if rep.msg_id != msg_id or rep.command != command or rep.msg_type != P.TYPE_REPLY:
             raise AssertionError(f"unexpected reply {rep}")
         if rep.flags & P.FLAG_ERROR:
@@ -153,7 +162,26 @@ class VfioUserClient:
     def region_info(self, index: int, argsz: int = 32) -> tuple[int, int, int, int, int, int]:
         rep = self.request(P.DEVICE_GET_REGION_INFO, P.REGION_INFO_S.pack(argsz, 0, index, 0, 0,
                                                                           0))
-        return P.REGION_INFO_S.unpack(rep)
+        return P.REGION_INFO_S.unpack_from(rep)
+
+    def region_info_caps(self, index: int, argsz: int = 64
+                         ) -> tuple[tuple[int, ...], list[tuple[int, int]], list[int]]:
+        """REGION_INFO as QEMU asks it: (info, sparse mmap areas (offset, size), fds). The
+        caller owns the fds."""
+        fds: list[int] = []
+        rep = self.request(P.DEVICE_GET_REGION_INFO,
+                           P.REGION_INFO_S.pack(argsz, 0, index, 0, 0, 0), reply_fds=fds)
+        info = P.REGION_INFO_S.unpack_from(rep)
+        areas: list[tuple[int, int]] = []
+        cap = info[3]
+        while cap:
+            cid, _ver, nxt = P.CAP_HEADER_S.unpack_from(rep, cap)
+            if cid == P.REGION_INFO_CAP_SPARSE_MMAP:
+                n, _ = P.SPARSE_MMAP_S.unpack_from(rep, cap + P.CAP_HEADER_S.size)
+                at = cap + P.CAP_HEADER_S.size + P.SPARSE_MMAP_S.size
+                areas += [P.SPARSE_AREA_S.unpack_from(rep, at + 16 * i) for i in range(n)]
+            cap = nxt
+        return info, areas, fds
 
     def irq_info(self, index: int) -> tuple[int, int, int, int]:
         return P.IRQ_INFO_S.unpack(self.request(P.DEVICE_GET_IRQ_INFO,
@@ -282,15 +310,15 @@ class Driver:
     def enable(self) -> None:
         self.ram.write(self.sq, bytes(self.entries * (SQE_SIZE + 2 * CQE_SIZE)))
         c = self.c
-        c.reg_write(0x010, self.sq, 8)
-        c.reg_write(0x018, self.entries)
-        c.reg_write(0x028, self.cq, 8)
-        c.reg_write(0x030, self.entries)
-        c.reg_write(0x040, self.eq, 8)
-        c.reg_write(0x048, self.entries if self.eq else 0)
-        c.reg_write(0x00C, 1)
-        if c.reg_read(0x008) != 1:
-            raise AssertionError(f"enable failed: STATUS={c.reg_read(0x008):#x}")
+        c.reg_write(U.REG_SQ_BASE, self.sq, 8)
+        c.reg_write(U.REG_SQ_ENTRIES, self.entries)
+        c.reg_write(U.REG_CQ_BASE, self.cq, 8)
+        c.reg_write(U.REG_CQ_ENTRIES, self.entries)
+        c.reg_write(U.REG_EQ_BASE, self.eq, 8)
+        c.reg_write(U.REG_EQ_ENTRIES, self.entries if self.eq else 0)
+        c.reg_write(U.REG_CTRL, U.CTRL_ENABLE)
+        if c.reg_read(U.REG_STATUS) != U.STATUS_ENABLED:
+            raise AssertionError(f"enable failed: STATUS={c.reg_read(U.REG_STATUS):#x}")
 
     def submit(self, opcode: int, region: int = 0, *args: int, flags: int = 0) -> int:
         cid = self.cid
@@ -299,7 +327,7 @@ class Driver:
         self.ram.write(self.sq + self.sq_tail * SQE_SIZE,
                        SQE.pack(opcode, flags, cid, region, *a))
         self.sq_tail = (self.sq_tail + 1) % self.entries
-        self.c.reg_write(0x01C, self.sq_tail)
+        self.c.reg_write(U.REG_SQ_TAIL, self.sq_tail)
         return cid
 
     def poll(self, timeout: float = 10.0) -> Completion:
@@ -307,8 +335,8 @@ class Driver:
         addr = self.cq + self.cq_head * CQE_SIZE
         while True:
             raw = self.ram.read(addr, CQE_SIZE)
-            cid, status, flags, r0, r1, sq_head, _ = struct.unpack("<HHIQQII", raw)
-            if flags & 1 == self.cq_phase:
+            cid, status, flags, r0, r1, sq_head, _ = CQE.unpack(raw)
+            if flags & U.PHASE == self.cq_phase:
                 break
             if time.monotonic() > deadline:
                 raise TimeoutError("no completion")
@@ -316,7 +344,7 @@ class Driver:
         self.cq_head = (self.cq_head + 1) % self.entries
         if self.cq_head == 0:
             self.cq_phase ^= 1
-        self.c.reg_write(0x034, self.cq_head)
+        self.c.reg_write(U.REG_CQ_HEAD, self.cq_head)
         return Completion(cid, status, flags, r0, r1, sq_head)
 
     def cmd(self, opcode: int, region: int = 0, *args: int, timeout: float = 30.0) -> Completion:
@@ -330,15 +358,15 @@ class Driver:
         out = []
         while True:
             raw = self.ram.read(self.eq + self.eq_head * EQE_SIZE, EQE_SIZE)
-            etype, _, flags, region, _, i0, i1 = struct.unpack("<HHIIIQQ", raw)
-            if flags & 1 != self.eq_phase:
+            etype, _, flags, region, _, i0, i1 = EQE.unpack(raw)
+            if flags & U.PHASE != self.eq_phase:
                 break
             out.append(Event(etype, region, i0, i1))
             self.eq_head = (self.eq_head + 1) % self.entries
             if self.eq_head == 0:
                 self.eq_phase ^= 1
         if out:
-            self.c.reg_write(0x04C, self.eq_head)
+            self.c.reg_write(U.REG_EQ_HEAD, self.eq_head)
         return out
 
     def irq_count(self, vector: int) -> int:
@@ -357,12 +385,12 @@ def errno_name(err: int) -> str:
 class LocalServer:
     """A device with its vfio-user and control servers running in this process."""
 
-    def __init__(self, audit: bool = False, irq: str = "msix") -> None:
+    def __init__(self, audit: bool = False, irq: str = "msix", mirror: bool = False) -> None:
         self.tmp = tempfile.mkdtemp(prefix="pinlab-dev-")
         self.path = os.path.join(self.tmp, "vfio.sock")
         self.control_path = os.path.join(self.tmp, "control.sock")
         self.audit_path = os.path.join(self.tmp, "audit.jsonl") if audit else None
-        self.device = Device(self.audit_path, irq=irq)
+        self.device = Device(self.audit_path, irq=irq, mirror=mirror)
         self.server = VfioUserServer(self.device, self.path)
         self.control = ControlServer(self.device, self.control_path)
         self.server.start()
@@ -382,8 +410,9 @@ class Rig:
     """A running server, guest RAM, a connected client after bring-up and a driver."""
 
     def __init__(self, ram_size: int = 64 << 20, audit: bool = False, enable: bool = True,
-                 entries: int = 64, irq: str = "msix", seal: bool = True) -> None:
-        self.server = LocalServer(audit, irq)
+                 entries: int = 64, irq: str = "msix", seal: bool = True,
+                 mirror: bool = False) -> None:
+        self.server = LocalServer(audit, irq, mirror)
         self.device = self.server.device
         self.ram = GuestRam(ram_size, seal)
         self.client = self.server.client()

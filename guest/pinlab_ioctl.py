@@ -1,7 +1,8 @@
 """User-space wrapper for /dev/pinlabN (kmod/pinlab_uapi.h), standard library only.
 
 Mirrors the kernel ABI exactly: every struct below has the same layout and size as
-its C counterpart, and ioctl numbers are computed like _IOWR('P', n, struct ...).
+its C counterpart; the numbers (modes, flags, status codes, ioctl numbers) come from
+pinlab.common.uapi, the Python twin of the header.
 
     dev = PinlabDevice()                       # /dev/pinlab0
     buf = mmap.mmap(-1, 1 << 20)
@@ -21,54 +22,33 @@ import os
 import struct
 import zlib
 
+from pinlab.common import uapi as U
 from pinlab.common import vocab
 
-# ---------------------------------------------------------------- ioctl encoding
-_IOC_NRBITS, _IOC_TYPEBITS, _IOC_SIZEBITS = 8, 8, 14
-_IOC_NRSHIFT = 0
-_IOC_TYPESHIFT = _IOC_NRSHIFT + _IOC_NRBITS
-_IOC_SIZESHIFT = _IOC_TYPESHIFT + _IOC_TYPEBITS
-_IOC_DIRSHIFT = _IOC_SIZESHIFT + _IOC_SIZEBITS
-_IOC_WRITE, _IOC_READ = 1, 2
-
-
-def _IOC(direction, typ, nr, size):
-    return (direction << _IOC_DIRSHIFT) | (ord(typ) << _IOC_TYPESHIFT) | \
-        (nr << _IOC_NRSHIFT) | (size << _IOC_SIZESHIFT)
-
-
-def _IOWR(typ, nr, size):
-    return _IOC(_IOC_READ | _IOC_WRITE, typ, nr, size)
-
-
-PINLAB_IOC_MAGIC = "P"
-
 # ---------------------------------------------------------------- constants
-MODE_GUP, MODE_PIN, MODE_LONGTERM, MODE_ODP = 0, 1, 2, 3
+# defined once, in the Python twin of kmod/pinlab_uapi.h (tests/unit/test_uapi_twin.py
+# checks it against the header)
+MODE_GUP, MODE_PIN, MODE_LONGTERM, MODE_ODP = U.MODE_GUP, U.MODE_PIN, U.MODE_LONGTERM, U.MODE_ODP
 MODES = dict(zip(vocab.MODES, (MODE_GUP, MODE_PIN, MODE_LONGTERM, MODE_ODP), strict=True))
 MODE_NAMES = {v: k for k, v in MODES.items()}
 
-REG_READONLY = 0x1
-MAX_REGION_BYTES = 1 << 30
+REG_READONLY = U.REG_READONLY
+MAX_REGION_BYTES = U.MAX_REGION_BYTES
 
-STATUS_OK = 0
-STATUS_BAD_OPCODE = 1
-STATUS_BAD_ARG = 2
-STATUS_NO_REGION = 3
-STATUS_EXISTS = 4
-STATUS_DMA_ERROR = 5
-STATUS_PAGE_FAULT = 6
-STATUS_ABORTED = 7
-STATUS_NO_SPACE = 8
-STATUS_TIMEOUT = 0xFFFE      # driver pseudo status: command timed out, device reset
-STATUS_NO_DEVICE = 0xFFFF    # driver pseudo status: device gone
-STATUS_NAMES = {
-    0: "OK", 1: "BAD_OPCODE", 2: "BAD_ARG", 3: "NO_REGION", 4: "EXISTS",
-    5: "DMA_ERROR", 6: "PAGE_FAULT", 7: "ABORTED", 8: "NO_SPACE",
-    0xFFFE: "TIMEOUT", 0xFFFF: "NO_DEVICE",
-}
+STATUS_OK = U.STATUS_OK
+STATUS_BAD_OPCODE = U.STATUS_BAD_OPCODE
+STATUS_BAD_ARG = U.STATUS_BAD_ARG
+STATUS_NO_REGION = U.STATUS_NO_REGION
+STATUS_EXISTS = U.STATUS_EXISTS
+STATUS_DMA_ERROR = U.STATUS_DMA_ERROR
+STATUS_PAGE_FAULT = U.STATUS_PAGE_FAULT
+STATUS_ABORTED = U.STATUS_ABORTED
+STATUS_NO_SPACE = U.STATUS_NO_SPACE
+STATUS_TIMEOUT = U.STATUS_TIMEOUT        # driver pseudo status: command timed out, reset
+STATUS_NO_DEVICE = U.STATUS_NO_DEVICE    # driver pseudo status: device gone
+STATUS_NAMES = dict(U.STATUS_NAMES)
 
-STATE_ACTIVE, STATE_FAILED = 0, 1
+STATE_ACTIVE, STATE_FAILED = U.STATE_ACTIVE, U.STATE_FAILED
 
 
 # ---------------------------------------------------------------- structs (uapi mirror)
@@ -124,22 +104,22 @@ class PinlabQuery(_Struct):
                 ("last_status", ctypes.c_uint16), ("pad", ctypes.c_uint16 * 3)]
 
 
-# sizes must match the C structs (kmod/pinlab_uapi.h)
-assert ctypes.sizeof(PinlabRegister) == 32
-assert ctypes.sizeof(PinlabRegionOp) == 16
-assert ctypes.sizeof(PinlabDma) == 40
-assert ctypes.sizeof(PinlabStream) == 40
-assert ctypes.sizeof(PinlabQuery) == 80
+# the ctypes structs must have the twin's layouts (kmod/pinlab_uapi.h)
+assert ctypes.sizeof(PinlabRegister) == U.REGISTER.size
+assert ctypes.sizeof(PinlabRegionOp) == U.REGION_OP.size
+assert ctypes.sizeof(PinlabDma) == U.DMA.size
+assert ctypes.sizeof(PinlabStream) == U.STREAM.size
+assert ctypes.sizeof(PinlabQuery) == U.QUERY.size
 
-PINLAB_IOC_REGISTER = _IOWR(PINLAB_IOC_MAGIC, 1, ctypes.sizeof(PinlabRegister))
-PINLAB_IOC_DEREGISTER = _IOWR(PINLAB_IOC_MAGIC, 2, ctypes.sizeof(PinlabRegionOp))
-PINLAB_IOC_DMA_WRITE = _IOWR(PINLAB_IOC_MAGIC, 3, ctypes.sizeof(PinlabDma))
-PINLAB_IOC_DMA_READ = _IOWR(PINLAB_IOC_MAGIC, 4, ctypes.sizeof(PinlabDma))
-PINLAB_IOC_STREAM_START = _IOWR(PINLAB_IOC_MAGIC, 5, ctypes.sizeof(PinlabStream))
-PINLAB_IOC_STREAM_STOP = _IOWR(PINLAB_IOC_MAGIC, 6, ctypes.sizeof(PinlabRegionOp))
-PINLAB_IOC_QUERY = _IOWR(PINLAB_IOC_MAGIC, 7, ctypes.sizeof(PinlabQuery))
-PINLAB_IOC_DIRTY = _IOWR(PINLAB_IOC_MAGIC, 8, ctypes.sizeof(PinlabRegionOp))
-PINLAB_IOC_FENCE = _IOWR(PINLAB_IOC_MAGIC, 9, ctypes.sizeof(PinlabRegionOp))
+PINLAB_IOC_REGISTER = U.IOC_REGISTER
+PINLAB_IOC_DEREGISTER = U.IOC_DEREGISTER
+PINLAB_IOC_DMA_WRITE = U.IOC_DMA_WRITE
+PINLAB_IOC_DMA_READ = U.IOC_DMA_READ
+PINLAB_IOC_STREAM_START = U.IOC_STREAM_START
+PINLAB_IOC_STREAM_STOP = U.IOC_STREAM_STOP
+PINLAB_IOC_QUERY = U.IOC_QUERY
+PINLAB_IOC_DIRTY = U.IOC_DIRTY
+PINLAB_IOC_FENCE = U.IOC_FENCE
 
 
 class PinlabError(OSError):

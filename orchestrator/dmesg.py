@@ -73,7 +73,10 @@ _DUMP = re.compile(r"^(RIP|RSP|RAX|RDX|RBP|RSI|R\d+|FS|CS|CR2|Code|Call Trace):"
 # 7.x "WARNING: fs/x.c:12 at fn+0x1/0x2, CPU#1: c/5"
 _WARN_OLD = re.compile(r"WARNING: CPU: \d+ PID: \d+ at (\S+?):\d+ ([\w.]+)")
 _WARN_NEW = re.compile(r"WARNING: (\S+?):\d+ at ([\w.]+)")
-_NUMBERS = re.compile(r"0x[0-9a-fA-F]+|\b[0-9a-fA-F]{8,}\b|\b\d+\b")
+# numbers: 0x-prefixed, long hex words, bare hex with a digit and a letter (a pfn such as
+# "migrating pfn 10003e failed"), decimal
+_NUMBERS = re.compile(r"0x[0-9a-fA-F]+|\b[0-9a-fA-F]{8,}\b"
+                      r"|\b(?=[0-9a-fA-F]*\d)(?=[0-9a-fA-F]*[a-fA-F])[0-9a-fA-F]{4,}\b|\b\d+\b")
 
 
 def signature(cls: str, line: str) -> str | None:

@@ -61,7 +61,7 @@ class WritePatternTest(unittest.TestCase):
             ram.write(gpa, b"\xee" * n)
         since = self.audit.stats()["last_seq"]
         with region.lock:
-            got = self.eng.write_pattern(region, off, length, gen, atomic)
+            got = self.eng.dma.write_pattern(region, off, length, gen, atomic)
         self.assertEqual(got, want)
         for page, gpa, n in pages:
             o = page * PAGE + gpa % PAGE

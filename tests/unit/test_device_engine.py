@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import select
 import time
 import unittest
 import zlib
 from array import array
 
+from pinlab.common import uapi as U
 from pinlab.device import engine as E
 from pinlab.device.regions import pattern
 from pinlab.device.testclient import Rig
@@ -37,17 +39,19 @@ class EngineTest(unittest.TestCase):
     def test_nop_completion_and_msix(self) -> None:
         comp = self.d.cmd(E.OP_NOP)
         self.assertEqual((comp.status, comp.flags, comp.sq_head), (E.OK, 1, 1))
+        # the interrupt follows the completion entry (a poller may see the entry first)
+        self.assertTrue(select.select([self.d.vectors[0]], [], [], 10)[0], "no MSI-X")
         self.assertEqual(self.d.irq_count(0), 1)
-        self.assertEqual(self.c.reg_read(0x060), 1)
-        self.assertEqual(self.c.reg_read(0x020), 1)
-        self.assertEqual(self.c.reg_read(0x038), 1)
+        self.assertEqual(self.c.reg_read(U.REG_CMDS_DONE), 1)
+        self.assertEqual(self.c.reg_read(U.REG_SQ_HEAD), 1)
+        self.assertEqual(self.c.reg_read(U.REG_CQ_TAIL), 1)
 
     def test_phase_flips_on_wrap(self) -> None:
         entries = self.d.entries
         for i in range(entries * 2 + 3):
             comp = self.d.cmd(E.OP_NOP)
             self.assertEqual(comp.flags & 1, 1 if (i // entries) % 2 == 0 else 0)
-        self.assertEqual(self.c.reg_read(0x060), entries * 2 + 3)
+        self.assertEqual(self.c.reg_read(U.REG_CMDS_DONE), entries * 2 + 3)
 
     def test_batch_in_order(self) -> None:
         cids = [self.d.submit(E.OP_NOP) for _ in range(10)]
@@ -59,64 +63,64 @@ class EngineTest(unittest.TestCase):
         for _ in range(n - 1):  # n - 1 completions fill the CQ (tail + 1 == head)
             self.d.submit(E.OP_NOP)
         deadline = time.monotonic() + 5
-        while self.c.reg_read(0x038) != n - 1:
+        while self.c.reg_read(U.REG_CQ_TAIL) != n - 1:
             self.assertLess(time.monotonic(), deadline)
             time.sleep(0.01)
         self.d.submit(E.OP_NOP)
         time.sleep(0.2)
-        self.assertEqual(self.c.reg_read(0x020), n - 1)  # CQ full: not fetched
-        self.assertEqual(self.c.reg_read(0x038), n - 1)
+        self.assertEqual(self.c.reg_read(U.REG_SQ_HEAD), n - 1)  # CQ full: not fetched
+        self.assertEqual(self.c.reg_read(U.REG_CQ_TAIL), n - 1)
         for _ in range(n):
             self.d.poll()
-        self.assertEqual(self.c.reg_read(0x060), n)
+        self.assertEqual(self.c.reg_read(U.REG_CMDS_DONE), n)
 
     def test_bad_opcode(self) -> None:
         self.assertEqual(self.d.cmd(0x55).status, E.BAD_OPCODE)
         self.assertEqual(self.d.cmd(0x0A).status, E.BAD_OPCODE)
-        self.assertEqual(self.c.reg_read(0x064), 2)
+        self.assertEqual(self.c.reg_read(U.REG_ERRORS), 2)
 
     def test_enable_with_bad_queue_config_is_fatal(self) -> None:
-        self.c.reg_write(0x00C, 2)  # reset
-        self.c.reg_write(0x018, 3)  # not a power of two
-        self.c.reg_write(0x00C, 1)
-        self.assertEqual(self.c.reg_read(0x008), E.STATUS_FATAL)
-        self.c.reg_write(0x00C, 2)
-        self.assertEqual(self.c.reg_read(0x008), 0)
+        self.c.reg_write(U.REG_CTRL, 2)  # reset
+        self.c.reg_write(U.REG_SQ_ENTRIES, 3)  # not a power of two
+        self.c.reg_write(U.REG_CTRL, 1)
+        self.assertEqual(self.c.reg_read(U.REG_STATUS), E.STATUS_FATAL)
+        self.c.reg_write(U.REG_CTRL, 2)
+        self.assertEqual(self.c.reg_read(U.REG_STATUS), 0)
         for base, entries in ((0x10008, 64), (0x7FFF_0000, 64), (0x10000, 8192)):
             with self.subTest(base=base, entries=entries):
-                self.c.reg_write(0x010, base, 8)
-                self.c.reg_write(0x018, entries)
-                self.c.reg_write(0x028, 0x20000, 8)
-                self.c.reg_write(0x030, 64)
-                self.c.reg_write(0x040, 0, 8)
-                self.c.reg_write(0x00C, 1)
-                self.assertEqual(self.c.reg_read(0x008), E.STATUS_FATAL)
-                self.c.reg_write(0x00C, 2)
+                self.c.reg_write(U.REG_SQ_BASE, base, 8)
+                self.c.reg_write(U.REG_SQ_ENTRIES, entries)
+                self.c.reg_write(U.REG_CQ_BASE, 0x20000, 8)
+                self.c.reg_write(U.REG_CQ_ENTRIES, 64)
+                self.c.reg_write(U.REG_EQ_BASE, 0, 8)
+                self.c.reg_write(U.REG_CTRL, 1)
+                self.assertEqual(self.c.reg_read(U.REG_STATUS), E.STATUS_FATAL)
+                self.c.reg_write(U.REG_CTRL, 2)
 
     def test_queue_registers_ignored_while_enabled(self) -> None:
-        self.c.reg_write(0x018, 8)
-        self.assertEqual(self.c.reg_read(0x018), self.d.entries)
+        self.c.reg_write(U.REG_SQ_ENTRIES, 8)
+        self.assertEqual(self.c.reg_read(U.REG_SQ_ENTRIES), self.d.entries)
 
     def test_bad_doorbell_is_fatal(self) -> None:
-        self.c.reg_write(0x01C, self.d.entries)
-        self.assertEqual(self.c.reg_read(0x008), E.STATUS_FATAL)
+        self.c.reg_write(U.REG_SQ_TAIL, self.d.entries)
+        self.assertEqual(self.c.reg_read(U.REG_STATUS), E.STATUS_FATAL)
 
     def test_sq_in_unmapped_memory_is_fatal(self) -> None:
         self.c.dma_unmap(0, self.ram.size)
         self.d.submit(E.OP_NOP)
         deadline = time.monotonic() + 5
-        while self.c.reg_read(0x008) != E.STATUS_FATAL and time.monotonic() < deadline:
+        while self.c.reg_read(U.REG_STATUS) != E.STATUS_FATAL and time.monotonic() < deadline:
             time.sleep(0.01)
-        self.assertEqual(self.c.reg_read(0x008), E.STATUS_FATAL)
+        self.assertEqual(self.c.reg_read(U.REG_STATUS), E.STATUS_FATAL)
 
     def test_ctrl_reset(self) -> None:
         self.region(1, 4)
-        self.c.reg_write(0x080, 7)
-        self.c.reg_write(0x00C, 2)
-        self.assertEqual(self.c.reg_read(0x008), 0)  # visible at once
-        self.assertEqual(self.c.reg_read(0x00C), 0)
-        self.assertEqual(self.c.reg_read(0x060), 0)
-        self.assertEqual(self.c.reg_read(0x080), 0)
+        self.c.reg_write(U.REG_SCRATCH, 7)
+        self.c.reg_write(U.REG_CTRL, 2)
+        self.assertEqual(self.c.reg_read(U.REG_STATUS), 0)  # visible at once
+        self.assertEqual(self.c.reg_read(U.REG_CTRL), 0)
+        self.assertEqual(self.c.reg_read(U.REG_CMDS_DONE), 0)
+        self.assertEqual(self.c.reg_read(U.REG_SCRATCH), 0)
         self.assertEqual(self.rig.device.engine.regions, {})
         self.d.sq_tail = self.d.cq_head = self.d.eq_head = 0
         self.d.cq_phase = self.d.eq_phase = 1
@@ -126,7 +130,7 @@ class EngineTest(unittest.TestCase):
     def test_device_reset_message(self) -> None:
         self.region(1, 4)
         self.c.reset()
-        self.assertEqual(self.c.reg_read(0x008), 0)
+        self.assertEqual(self.c.reg_read(U.REG_STATUS), 0)
         self.assertEqual(self.rig.device.engine.regions, {})
 
     # --- regions ----------------------------------------------------------------------

@@ -7,6 +7,7 @@ import os
 import time
 import unittest
 
+from pinlab.common import uapi as U
 from pinlab.device import engine as E
 from pinlab.device import protocol as P
 from pinlab.device.device import Device
@@ -79,11 +80,11 @@ class MsiConfigTest(unittest.TestCase):
     def test_no_bar2(self) -> None:
         c = self.c
         sizes = {i: c.region_info(i)[4] for i in range(9)}
-        self.assertEqual(sizes, {0: 4096, 1: 0, 2: 0, 3: 0, 4: 0, 5: 0, 6: 0, 7: 256, 8: 0})
+        self.assertEqual(sizes, {0: 8192, 1: 0, 2: 0, 3: 0, 4: 0, 5: 0, 6: 0, 7: 256, 8: 0})
         self.assertEqual(c.region_info(2)[1], 0)  # no flags either
         for off in (0x10, 0x18):
             c.cfg_write(off, 4, 0xFFFFFFFF)
-        self.assertEqual(c.cfg_read(0x10, 4), 0xFFFFF000)
+        self.assertEqual(c.cfg_read(0x10, 4), 0xFFFFE000)  # BAR0: 8 KiB
         self.assertEqual(c.cfg_read(0x18, 4), 0)  # BAR2 not implemented
         with self.assertRaises(VfioUserError) as cm:
             c.region_read(P.PCI_BAR2, 0, 4)
@@ -211,7 +212,7 @@ class MsiBringUpTest(unittest.TestCase):
         self.addCleanup(ram.close)
         with srv.client() as c:
             c.bring_up(ram)
-            self.assertEqual(c.reg_read(0x000), E.ID_VALUE)
+            self.assertEqual(c.reg_read(U.REG_ID), U.ID_MAGIC)
 
 
 if __name__ == "__main__":

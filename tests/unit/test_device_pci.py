@@ -60,12 +60,12 @@ class ConfigSpaceTest(unittest.TestCase):
 
     def test_bar_sizing(self) -> None:
         c = self.c
-        for off, expect in ((0x10, 0xFFFFF000), (0x14, 0), (0x18, 0xFFFFF000), (0x1C, 0),
+        for off, expect in ((0x10, 0xFFFFE000), (0x14, 0), (0x18, 0xFFFFF000), (0x1C, 0),
                             (0x20, 0), (0x24, 0)):
             c.cfg_write(off, 4, 0xFFFFFFFF)
             self.assertEqual(c.cfg_read(off, 4), expect, hex(off))
         c.cfg_write(0x10, 4, 0xFEBF1234)
-        self.assertEqual(c.cfg_read(0x10, 4), 0xFEBF1000)
+        self.assertEqual(c.cfg_read(0x10, 4), 0xFEBF0000)  # 8 KiB aligned
 
     def test_rom_sizing_reads_zero(self) -> None:  # P11 / P12
         for value in (0xFFFFF800, 0xFFFFFFFE, 0xFFFFFFFF):

@@ -66,11 +66,14 @@ class ProtocolTest(unittest.TestCase):
         argsz, flags, nregions, nirqs = self.c.get_info()
         self.assertEqual((argsz, nregions, nirqs), (16, 9, 5))
         sizes = {i: self.c.region_info(i)[4] for i in range(9)}
-        self.assertEqual(sizes, {0: 4096, 1: 0, 2: 4096, 3: 0, 4: 0, 5: 0, 6: 0, 7: 256, 8: 0})
-        for i in (0, 2, 7):
+        self.assertEqual(sizes, {0: 8192, 1: 0, 2: 4096, 3: 0, 4: 0, 5: 0, 6: 0, 7: 256, 8: 0})
+        for i in (2, 7):
             argsz, flags, index, cap, size, off = self.c.region_info(i)
             self.assertEqual((argsz, flags & P.REGION_INFO_FLAG_MMAP, index), (32, 0, i))
             self.assertEqual(flags & 3, 3)
+        # BAR0 without --bar0-mirror: trapped whole, no mmap
+        argsz, flags, index, cap, size, off = self.c.region_info(0)
+        self.assertEqual((argsz, cap, flags & 15), (32, 0, 3))
         self.assertEqual(self.c.irq_info(P.IRQ_MSIX)[3], 4)
         self.assertFalse(self.c.irq_info(P.IRQ_MSIX)[1] & P.IRQ_INFO_NORESIZE)
         self.assertEqual(self.c.irq_info(P.IRQ_ERR)[3], 1)
@@ -124,7 +127,7 @@ class ProtocolTest(unittest.TestCase):
         self.c.version()
         self.assertErrno(errno.EINVAL, self.c.region_read, 7, 250, 8)
         self.assertErrno(errno.EINVAL, self.c.region_read, 1, 0, 4)  # unused BAR
-        self.assertErrno(errno.EINVAL, self.c.region_read, 0, 4096, 4)
+        self.assertErrno(errno.EINVAL, self.c.region_read, 0, 8192, 4)  # past page 1 (the mirror)
         self.assertErrno(errno.EINVAL, self.c.region_read, 0, 0, 0)
         self.assertEqual(len(self.c.region_read(7, 0, 256)), 256)
 

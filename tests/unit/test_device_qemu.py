@@ -66,11 +66,11 @@ def stop_process(proc: subprocess.Popen, log: IO[str]) -> None:
 
 class QemuSmokeTest(NeedsQemu):
     IRQ = "msix"
-    BARS = {0: 4096, 2: 4096}
+    BARS = {0: 8192, 2: 4096}
 
     def setUp(self) -> None:
         super().setUp()
-        self.srv = LocalServer(audit=True, irq=self.IRQ)
+        self.srv = LocalServer(audit=True, irq=self.IRQ, mirror=True)
         self.addCleanup(self.srv.close)
         self.qmp_path = os.path.join(self.srv.tmp, "qmp.sock")
         self.log = open(os.path.join(self.srv.tmp, "qemu.log"), "w+")  # noqa: SIM115
@@ -132,6 +132,14 @@ class QemuSmokeTest(NeedsQemu):
         out = self.qmp.cmd("human-monitor-command", **{"command-line": f"xp /2wx {bar0:#x}"})
         self.assertIn("0x50494e4c", out.lower())
         self.assertIn("0x00010000", out.lower())
+        # page 1, the register mirror: QEMU mapped it (a RAM device subregion, no
+        # message per read) and reads the current registers there
+        mtree = self.qmp.cmd("human-monitor-command", **{"command-line": "info mtree"})
+        self.assertIn("mmaps[0]", mtree)
+        out = self.qmp.cmd("human-monitor-command",
+                           **{"command-line": f"xp /3wx {bar0 + 0x1000:#x}"})
+        status = self.srv.device.engine.read32(0x008)
+        self.assertIn(f"0x50494e4c 0x00010000 {status:#010x}", out.lower())
         self.qmp.cmd("system_reset")
         time.sleep(0.5)
         self.assertTrue(self.srv.device.connected)
@@ -143,7 +151,7 @@ class QemuSmokeMsiTest(QemuSmokeTest):
     """--irq msi: QEMU realizes the MSI capability (vfio_msi_setup/msi_init), no BAR2."""
 
     IRQ = "msi"
-    BARS = {0: 4096}
+    BARS = {0: 8192}
 
 
 class Qtest:

@@ -6,6 +6,7 @@ import time
 import unittest
 from array import array
 
+from pinlab.common import uapi as U
 from pinlab.device import engine as E
 from pinlab.device.testclient import Rig
 
@@ -64,6 +65,22 @@ class StreamTest(unittest.TestCase):
         d.cmd(E.OP_CREATE_REGION, 2, 1, 0)
         self.assertEqual(d.cmd(E.OP_STREAM_START, 2, 0, 8, 1, 0, 0).status, E.BAD_ARG)
 
+    def test_revoke_races_large_chunks(self) -> None:
+        """Revokes that land inside 1 MiB chunks of the compiled stream loop, again and
+        again: every chunk written is audited before the acknowledgement, none after."""
+        pages = self.make(1, 1024)
+        self.d.cmd(E.OP_STREAM_START, 1, 0, 1024 * 4096, 1, 1 << 20, 0)
+        wait_for(lambda: self.stream(1).chunks > 4)
+        for i in range(150):
+            first = (i * 37) % 1008
+            comp = self.d.cmd(E.OP_INVALIDATE, 1, first, 16)
+            self.assertEqual((comp.status, comp.result0), (E.OK, 16))
+            self.assertEqual(self.rig.map_pages(1, first, pages[first:first + 16]).status,
+                             E.OK)
+        self.assertEqual(self.d.cmd(E.OP_STREAM_STOP, 1).status, E.OK)
+        self.assertGreater(self.dev.audit.stats()["writes"], 1024)
+        self.assertEqual(self.dev.audit.stats()["violations"], 0)
+
     def test_invalidate_while_streaming_never_leaks(self) -> None:
         pages = self.make(1, 64)
         self.d.cmd(E.OP_STREAM_START, 1, 0, 64 * 4096, 1, 16384, 0)
@@ -110,8 +127,8 @@ class StreamTest(unittest.TestCase):
         self.d.cmd(E.OP_STREAM_START, 1, 0, 8 * 4096, 1, 0, 0)
         wait_for(lambda: self.stream(1).chunks > 5)
         stream = self.stream(1)
-        self.rig.client.reg_write(0x00C, 2)
-        self.assertEqual(self.rig.client.reg_read(0x008), 0)
+        self.rig.client.reg_write(U.REG_CTRL, 2)
+        self.assertEqual(self.rig.client.reg_read(U.REG_STATUS), 0)
         self.assertEqual(stream.state, "stopped")
 
     def test_vfio_user_stays_responsive_while_streaming(self) -> None:
@@ -120,8 +137,8 @@ class StreamTest(unittest.TestCase):
         self.d.cmd(E.OP_STREAM_START, 1, 0, 256 * 4096, 1, 1 << 20, 0)
         chunks = self.stream(1).chunks
         for i in range(50):
-            self.rig.client.reg_write(0x080, i)
-            self.assertEqual(self.rig.client.reg_read(0x080), i)
+            self.rig.client.reg_write(U.REG_SCRATCH, i)
+            self.assertEqual(self.rig.client.reg_read(U.REG_SCRATCH), i)
         wait_for(lambda: self.stream(1).chunks > chunks)   # and the stream went on too
         self.assertEqual(self.d.cmd(E.OP_STREAM_STOP, 1).status, E.OK)
 
@@ -136,7 +153,7 @@ class StreamTest(unittest.TestCase):
         with self.rig.server.client() as c2:
             c2.version()
             self.assertIn(1, self.dev.engine.regions)  # device state is kept
-            self.assertEqual(c2.reg_read(0x000), 0x50494E4C)
+            self.assertEqual(c2.reg_read(U.REG_ID), U.ID_MAGIC)
         self.assertEqual(self.dev.audit.stats()["violations"], 0)
 
     def test_delay_revoke_fault(self) -> None:
@@ -163,8 +180,8 @@ class StreamTest(unittest.TestCase):
         self.dev.faults.update({"never-ack-revoke": True})
         self.d.submit(E.OP_INVALIDATE, 1, 0, 4)
         time.sleep(0.1)
-        self.rig.client.reg_write(0x00C, 2)
-        self.assertEqual(self.rig.client.reg_read(0x008), 0)
+        self.rig.client.reg_write(U.REG_CTRL, 2)
+        self.assertEqual(self.rig.client.reg_read(U.REG_STATUS), 0)
 
     def test_drop_and_delay_irq(self) -> None:
         self.dev.faults.update({"drop-irq": True})
@@ -191,13 +208,13 @@ class InvalidateOvertakesTest(unittest.TestCase):
         npages = 8192
         d = self.d
         eng = self.dev.engine
-        write_pattern = eng.write_pattern
+        write_pattern = eng.dma.write_pattern
 
         def slow_write_pattern(*args, **kw):  # ~1 s for the whole write: slow memory
             time.sleep(0.002)
             return write_pattern(*args, **kw)
 
-        eng.write_pattern = slow_write_pattern
+        eng.dma.write_pattern = slow_write_pattern
         self.assertEqual(d.cmd(E.OP_CREATE_REGION, 1, npages, 1).status, E.OK)
         self.assertEqual(self.rig.map_pages(1, 0, self.rig.pages(npages)).status, E.OK)
         audit = self.dev.audit

@@ -234,6 +234,11 @@ class RecordedSignatures(unittest.TestCase):
                        "[ 2.0] WARNING: fs/ext4/inode.c:3912 at ext4_dirty_folio+0x4b/0x60, "
                        "CPU#0: python3/77\n")
         self.assertEqual(rep.signatures(), {"WARNING:at_fs/ext4/inode.c:#ext4_dirty_folio": 2})
+        # a pfn is printed in hex without 0x: every pfn gives the same signature
+        pfns = classify("[ 3.0] migrating pfn 10003e failed ret:1\n"
+                        "[ 3.1] migrating pfn 1000fb failed ret:1\n"
+                        "[ 3.2] migrating pfn 1034560 failed ret:16\n")
+        self.assertEqual(pfns.signatures(), {"migrating_pfn_#_failed_ret:#": 3})
 
 
 class Reports(unittest.TestCase):
