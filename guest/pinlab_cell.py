@@ -258,9 +258,16 @@ def memcg_current():
 
 
 class Mapping:
-    """One user mapping of a backing. `fd`/`path` are None for anonymous memory."""
+    """One user mapping of a backing. `fd`/`path` are None for anonymous memory.
 
-    def __init__(self, stack, kind, rep, tag="cell", npages=NPAGES):
+    Every page is faulted in writable, holding zeros, unless ``fill`` is given (a function
+    of the mapping's size in bytes returning at most that many bytes): then the mapping
+    starts with those bytes. A MAP_PRIVATE
+    file gets them in the file (pwrite) and is faulted in by reads only, so its PTEs map
+    the page cache's pages and no private copy exists yet (what a read-only pin of a COW
+    mapping meets); every other backing gets them written through the mapping."""
+
+    def __init__(self, stack, kind, rep, tag="cell", npages=NPAGES, fill=None):
         self.kind = kind
         self.fd = None
         self.path = None
@@ -273,6 +280,7 @@ class Mapping:
             # the range must not SIGBUS for want of a free huge page)
             self.npages = 2 * HPAGE // PAGE
         self.size = self.npages * PAGE
+        fill = fill(self.size) if fill is not None else None
         if kind == "anon":
             self.mm = mmap.mmap(-1, self.size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
                                 prot=prot)
@@ -289,6 +297,9 @@ class Mapping:
                 stack.callback(self._unlink)
             stack.callback(self._close_fd)
             os.ftruncate(self.fd, self.size)
+            if fill is not None and kind == "private-file":
+                os.pwrite(self.fd, fill, 0)
+                os.fsync(self.fd)
             flags = mmap.MAP_SHARED if self.shared else mmap.MAP_PRIVATE
             self.mm = mmap.mmap(self.fd, self.size, flags=flags, prot=prot)
         stack.callback(self.unmap)
@@ -297,8 +308,14 @@ class Mapping:
                 self.mm.madvise(MADV_NOHUGEPAGE)
         self.addr = pinlab_ioctl.buffer_address(self.mm)
         step = HPAGE if kind == "hugetlb" else PAGE
+        if fill is not None and kind == "private-file":
+            for off in range(0, self.size, step):   # read faults only: no COW copy
+                _ = self.mm[off]
+            return
         for off in range(0, self.size, step):   # fault every page in, writable
             self.mm[off:off + 1] = b"\0"
+        if fill is not None:
+            self.mm[:len(fill)] = fill
 
     def _close_fd(self):
         if self.fd is not None:
@@ -426,8 +443,12 @@ class Cell:
             ev.before_mapping(self)
         npages = getattr(ev, "NPAGES", NPAGES)
         ctl = a.backing in getattr(ev, "SWAP_CONTROL", ())
+        # registration options: the event's (READONLY, FAST), or the caller's
+        self.readonly = bool(getattr(ev, "READONLY", False) or getattr(a, "readonly", False))
+        self.fast = bool(getattr(ev, "FAST", False) or getattr(a, "fast", False))
+        fill = getattr(ev, "fill", None)
         self.m = Mapping(self.stack, a.backing, rep,
-                         npages=npages + (CONTROL_PAGES if ctl else 0))
+                         npages=npages + (CONTROL_PAGES if ctl else 0), fill=fill)
         self.control = None
         if ctl:   # the region is the first npages; the rest of the mapping is the control
             self.control = Control(self.m, npages)
@@ -441,9 +462,11 @@ class Cell:
         self.stack.callback(self.dev.close)
         self.stack.callback(self._safe_deregister)
         rep[Key.VMSTAT_BEFORE] = vmstat()
+        rep[Key.REGISTER_OPTIONS] = {Key.READONLY: self.readonly, Key.FAST: self.fast}
         t0 = now_ms()
         try:
-            self.rid = self.dev.register(self.m.addr, self.m.size, a.mode)
+            self.rid = self.dev.register(self.m.addr, self.m.size, a.mode,
+                                         readonly=self.readonly, fast=self.fast)
         except OSError as exc:
             rep.update({Key.ERRNO: exc.errno, Key.ERRNO_NAME: errname(exc.errno),
                         Key.STEP: "register", Key.REGISTER_MS: round(now_ms() - t0, 1)})
@@ -454,6 +477,8 @@ class Cell:
         rep[Key.PFNS_REGISTERED] = self.m.pfns()
         rep[Key.VMSTAT_REGISTERED] = vmstat()
         rep[Key.QUERY_REGISTERED] = self.dev.query(self.rid)
+        if self.readonly:     # the device may not write a read-only region (EPERM)
+            return True
         self.dma(1)
         rep[Key.MAP_G1] = self.scan_map()
         return True
