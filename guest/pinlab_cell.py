@@ -678,7 +678,7 @@ def notify_ready(stack):
     stack.callback(lambda: os.path.exists(READY_FILE) and os.unlink(READY_FILE))
 
 
-def ready_cell(mode, backing, event, device=None):
+def ready_cell(mode, backing, event, device=None, readonly=False, fast=False):
     """A matrix cell stopped just before its event, for a human: the cell's environment
     set up, its mapping made (``c.m.mm``, ``c.m.addr``, ``c.m.path``), registered
     (``c.dev``, ``c.rid``) and written once by the device. ``c.event()`` runs the event,
@@ -686,12 +686,15 @@ def ready_cell(mode, backing, event, device=None):
     -m pinlab.guest.pinlab_cell ready MODE BACKING EVENT`` opens a Python prompt with ``c`` set.
     When the driver refuses the registration (what some cells observe, e.g. EFAULT for
     longterm on ext4), ``c.registered`` is False and ``c.rep`` has errno/errno_name; the
-    mapping is still there. Raises what the environment setup raises (pinlab_env)."""
+    mapping is still there. ``readonly``/``fast`` register read-only (no FOLL_WRITE; the
+    device does not write generation 1) or through get/pin_user_pages_fast(), with any
+    backing, mode and event (an event may ask for them itself: ev_cpu_write.py). Raises
+    what the environment setup raises (pinlab_env)."""
     import argparse
 
     stack = contextlib.ExitStack()
-    c = Cell(argparse.Namespace(mode=mode, backing=backing, event=event, device=device),
-             stack)
+    c = Cell(argparse.Namespace(mode=mode, backing=backing, event=event, device=device,
+                                readonly=readonly, fast=fast), stack)
     c.close = stack.close
     try:
         c.prepare()

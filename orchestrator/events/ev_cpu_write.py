@@ -81,8 +81,9 @@ def judge(j: Judge, fast: bool) -> str:
         j.f["invalidations"] = q.get("invalidations")
     dev = crc[Key.DEVICE_CRC_AFTER]
     if dev == crc[Key.CRC_NEW]:
-        if j.cell.mode == "odp" and isinstance(j.f.get("invalidations"), int) \
-                and j.f["invalidations"] > 0:
+        # odp: the write replaced the page (COW) and the device acknowledged the notifier's
+        # INVALIDATE before its next read faulted the new page in
+        if j.cell.mode == "odp" and j.acked():
             return Outcome.REVOKED_IN_TIME
         return Outcome.COHERENT
     if dev == crc[Key.CRC_OLD]:
