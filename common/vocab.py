@@ -128,6 +128,7 @@ class Key:
     CONTROL_PAGES = "control_pages"
     CONTROL_PFNS_AFTER = "control_pfns_after"
     CONTROL_PFNS_BEFORE = "control_pfns_before"
+    CRC_CHILD_AFTER = "crc_child_after"
     CRC_MAP_AFTER = "crc_map_after"
     CRC_MAP_BEFORE = "crc_map_before"
     CRC_NEW = "crc_new"

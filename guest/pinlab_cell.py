@@ -434,8 +434,9 @@ class Cell:
 
     def prepare(self):
         """Everything before the event: environment, mapping, registration, generation 1
-        written by the device. Returns False when registration was refused (rep says
-        why)."""
+        written by the device (not for a read-only registration; no registration at all
+        for an event with ``REGISTERS_ITSELF``). Returns False when registration was
+        refused (rep says why)."""
         a, rep = self.a, self.rep
         ev = events.event(a.event)
         cell_environment(a.backing, a.event, self.stack, rep)
@@ -463,6 +464,8 @@ class Cell:
         self.stack.callback(self._safe_deregister)
         rep[Key.VMSTAT_BEFORE] = vmstat()
         rep[Key.REGISTER_OPTIONS] = {Key.READONLY: self.readonly, Key.FAST: self.fast}
+        if getattr(ev, "REGISTERS_ITSELF", False):   # e.g. a child after fork registers
+            return True
         t0 = now_ms()
         try:
             self.rid = self.dev.register(self.m.addr, self.m.size, a.mode,
