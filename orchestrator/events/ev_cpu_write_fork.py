@@ -52,6 +52,8 @@ def classify(j: Judge) -> str:
         raise Inconclusive(f"audit shows {read} pages read, the region has {n}")
     j.f["parent_pfns_changed_at_write"] = changed(rep.get(Key.PFNS_BEFORE),
                                                   rep.get(Key.PFNS_AFTER_WRITE))
+    j.f["child_pfns_changed_at_register"] = changed(rep.get(Key.PFNS_BEFORE),
+                                                    rep.get(Key.PFNS_REGISTERED))
     j.f["child_pfns_changed"] = changed(rep.get(Key.PFNS_REGISTERED), child.get(Key.PFNS))
     if crc[Key.DEVICE_CRC_AFTER] == old:
         if j.cell.mode == "odp" and j.acked():
