@@ -188,7 +188,7 @@ def mutations(e: Entry, cls: str) -> Iterator[Mutation]:
             yield "victim audit without ack", lambda x: x["audit"]["victim"]["kinds"].pop(
                 "invalidate_ack", None)
         return
-    if cell.event in ("cpu-write", "cpu-write-fast"):
+    if cell.event in ("cpu-write", "cpu-write-fast", "cpu-write-fork"):
         yield from cpu_write_mutations(e, cls)
         return
     g2 = _step(e, "dma_write_g2")
@@ -276,7 +276,9 @@ def cpu_write_mutations(e: Entry, cls: str) -> Iterator[Mutation]:
     """A read-only registration's evidence (the header's COHERENT / REVOKED_IN_TIME for
     cpu-write, and DEVICE_READS_STALE): the register options and the module's gup_path,
     both device reads and the CPU write, the six CRC-32s, the audit's reads of every
-    page; and the device's read after the write showing the other contents."""
+    page; and the device's read after the write showing the other contents. The fork
+    variant: the child's report and status, the child's view, the device showing the
+    parent's write."""
     rep = e["rep"]
     for k in CRC_KEYS:
         yield f"remove {k}", _rep(k)
@@ -299,7 +301,15 @@ def cpu_write_mutations(e: Entry, cls: str) -> Iterator[Mutation]:
     yield "device read the mapping wrong before the write", _rep(
         "device_crc_before", rep["crc_new"])
     yield "the mapping without the process's write", _rep("crc_map_after", rep["crc_old"])
-    if cls == "DEVICE_READS_STALE":
+    if Cell(**e["cell"]).event == "cpu-write-fork":
+        # the device must read the child's view (old), never the parent's write
+        yield "remove crc_child_after", _rep("crc_child_after")
+        yield "the child's view changed", _rep("crc_child_after", rep["crc_new"])
+        yield "device read the parent's write", _rep("device_crc_after", rep["crc_new"])
+        yield "remove child", _rep("child")
+        yield "empty child report", _rep("child", {})
+        yield "child failed", _rep("child_status", 256)
+    elif cls == "DEVICE_READS_STALE":
         yield "device read the new contents", _rep("device_crc_after", rep["crc_new"])
     else:
         yield "device read the old contents", _rep("device_crc_after", rep["crc_old"])
