@@ -24,4 +24,5 @@ EVENT = Event(
     modes=PINNED_MODES,
     classify=classify,
     last_gen=1,
+    smoke=("longterm", "private-file"),   # the read-only cell that differs between kernels
 )
