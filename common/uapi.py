@@ -121,7 +121,13 @@ MODE_LONGTERM = 2  # pin_user_pages(FOLL_LONGTERM)
 MODE_ODP = 3  # no pin: mmu notifier + hmm
 
 REG_READONLY = 0x1  # struct pinlab_register.flags: no FOLL_WRITE, device read-only
-REG_FLAGS_ALL = REG_READONLY
+REG_FAST = 0x2  # gup/pin/longterm: get/pin_user_pages_fast()
+REG_FLAGS_ALL = REG_READONLY | REG_FAST
+
+# struct pinlab_query.gup_path: the call that took the region's pages
+GUP_PATH_NONE = 0  # odp: nothing pinned
+GUP_PATH_SLOW = 1  # get/pin_user_pages(), mmap_read_lock
+GUP_PATH_FAST = 2  # get/pin_user_pages_fast()
 MAX_REGION_BYTES = 0x40000000  # 1 GiB
 
 STATE_ACTIVE = 0
@@ -133,8 +139,8 @@ REGION_OP = struct.Struct("<IHHQ")  # region, status, pad, result
 DMA = struct.Struct("<IIQQQIHH")  # region, generation, offset, len, bytes, crc32, status, pad
 STREAM = struct.Struct("<IIQQIIH3H")  # region, generation, offset, len, chunk, interval_us,
 #                                       status, pad[3]
-QUERY = struct.Struct("<IIIIQQQQQQQH3H")  # region, mode, flags, state, addr, len, pages,
-#             pinned, maybe_dma_pinned, invalidations, faults, last_status, pad[3]
+QUERY = struct.Struct("<IIIIQQQQQQQHH2H")  # region, mode, flags, state, addr, len, pages,
+#             pinned, maybe_dma_pinned, invalidations, faults, last_status, gup_path, pad[2]
 
 _IOC_WRITE, _IOC_READ = 1, 2
 

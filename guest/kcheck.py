@@ -89,6 +89,29 @@ def check_mode(dev, mode, npages=64):
            and q["pinned"] == npages and q2["state"] == 0,
            written=n, mismatches=len(bad), crc_ok=crc_ok, dirty=dirty, query=q, leak=leak)
 
+    # the pin path: slow by default; fast (get/pin_user_pages_fast) on request, refused
+    # for odp, which pins nothing
+    if mode == "odp":
+        addr = anon(npages)
+        ferr = errno_of(dev.register, addr, ln, mode, fast=True)
+        libc.munmap(addr, ln)
+        record(f"{mode}:fast-refused", ferr == errno.EINVAL and q["gup_path"] == 0,
+               fast_errno=ferr, gup_path=q["gup_path"])
+    else:
+        base = outstanding()
+        addr = anon(npages)
+        rid = dev.register(addr, ln, mode, fast=True)
+        qf = dev.query(rid)
+        n = dev.dma_write(rid, 0, ln, generation=6)
+        bad = check_pattern(view(addr, ln), rid, 6, max_mismatches=4)
+        dev.deregister(rid)
+        libc.munmap(addr, ln)
+        leak = outstanding() - base
+        record(f"{mode}:fast", q["gup_path"] == 1 and qf["gup_path"] == 2 and n == ln
+               and not bad and qf["pinned"] == npages and leak == 0,
+               slow_path=q["gup_path"], fast_path=qf["gup_path"], mismatches=len(bad),
+               leak=leak)
+
     # read-only registration
     base = outstanding()
     addr = anon(npages)

@@ -265,9 +265,16 @@ def memcg_current():
 
 
 class Mapping:
-    """One user mapping of a backing. `fd`/`path` are None for anonymous memory."""
+    """One user mapping of a backing. `fd`/`path` are None for anonymous memory.
 
-    def __init__(self, stack, kind, rep, tag="cell", npages=NPAGES):
+    Every page is faulted in writable, holding zeros, unless ``fill`` is given (a function
+    of the mapping's size in bytes returning at most that many bytes): then the mapping
+    starts with those bytes. A MAP_PRIVATE
+    file gets them in the file (pwrite) and is faulted in by reads only, so its PTEs map
+    the page cache's pages and no private copy exists yet (what a read-only pin of a COW
+    mapping meets); every other backing gets them written through the mapping."""
+
+    def __init__(self, stack, kind, rep, tag="cell", npages=NPAGES, fill=None):
         self.kind = kind
         self.fd = None
         self.path = None
@@ -280,6 +287,7 @@ class Mapping:
             # the range must not SIGBUS for want of a free huge page)
             self.npages = 2 * HPAGE // PAGE
         self.size = self.npages * PAGE
+        fill = fill(self.size) if fill is not None else None
         if kind == "anon":
             self.mm = mmap.mmap(-1, self.size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
                                 prot=prot)
@@ -297,6 +305,9 @@ class Mapping:
                 stack.callback(self._unlink)
             stack.callback(self._close_fd)
             os.ftruncate(self.fd, self.size)
+            if fill is not None and kind == "private-file":
+                os.pwrite(self.fd, fill, 0)
+                os.fsync(self.fd)
             flags = mmap.MAP_SHARED if self.shared else mmap.MAP_PRIVATE
             self.mm = mmap.mmap(self.fd, self.size, flags=flags, prot=prot)
         stack.callback(self.unmap)
@@ -305,8 +316,14 @@ class Mapping:
                 self.mm.madvise(MADV_NOHUGEPAGE)
         self.addr = pinlab_ioctl.buffer_address(self.mm)
         step = HPAGE if kind == "hugetlb" else PAGE
+        if fill is not None and kind == "private-file":
+            for off in range(0, self.size, step):   # read faults only: no COW copy
+                _ = self.mm[off]
+            return
         for off in range(0, self.size, step):   # fault every page in, writable
             self.mm[off:off + 1] = b"\0"
+        if fill is not None:
+            self.mm[:len(fill)] = fill
 
     def _close_fd(self):
         if self.fd is not None:
@@ -425,8 +442,9 @@ class Cell:
 
     def prepare(self):
         """Everything before the event: environment, mapping, registration, generation 1
-        written by the device. Returns False when registration was refused (rep says
-        why)."""
+        written by the device (not for a read-only registration; no registration at all
+        for an event with ``REGISTERS_ITSELF``). Returns False when registration was
+        refused (rep says why)."""
         a, rep = self.a, self.rep
         ev = events.event(a.event)
         cell_environment(a.backing, a.event, self.stack, rep)
@@ -434,8 +452,12 @@ class Cell:
             ev.before_mapping(self)
         npages = getattr(ev, "NPAGES", NPAGES)
         ctl = a.backing in getattr(ev, "SWAP_CONTROL", ())
+        # registration options: the event's (READONLY, FAST), or the caller's
+        self.readonly = bool(getattr(ev, "READONLY", False) or getattr(a, "readonly", False))
+        self.fast = bool(getattr(ev, "FAST", False) or getattr(a, "fast", False))
+        fill = getattr(ev, "fill", None)
         self.m = Mapping(self.stack, a.backing, rep,
-                         npages=npages + (CONTROL_PAGES if ctl else 0))
+                         npages=npages + (CONTROL_PAGES if ctl else 0), fill=fill)
         self.control = None
         if ctl:   # the region is the first npages; the rest of the mapping is the control
             self.control = Control(self.m, npages)
@@ -451,9 +473,13 @@ class Cell:
         self.stack.callback(self.dev.close)
         self.stack.callback(self._safe_deregister)
         rep[Key.VMSTAT_BEFORE] = vmstat()
+        rep[Key.REGISTER_OPTIONS] = {Key.READONLY: self.readonly, Key.FAST: self.fast}
+        if getattr(ev, "REGISTERS_ITSELF", False):   # e.g. a child after fork registers
+            return True
         t0 = now_ms()
         try:
-            self.rid = self.dev.register(self.m.addr, self.m.size, a.mode)
+            self.rid = self.dev.register(self.m.addr, self.m.size, a.mode,
+                                         readonly=self.readonly, fast=self.fast)
         except OSError as exc:
             rep.update({Key.ERRNO: exc.errno, Key.ERRNO_NAME: errname(exc.errno),
                         Key.STEP: "register", Key.REGISTER_MS: round(now_ms() - t0, 1)})
@@ -464,6 +490,8 @@ class Cell:
         rep[Key.PFNS_REGISTERED] = self.m.pfns()
         rep[Key.VMSTAT_REGISTERED] = vmstat()
         rep[Key.QUERY_REGISTERED] = self.dev.query(self.rid)
+        if self.readonly:     # the device may not write a read-only region (EPERM)
+            return True
         self.dma(1)
         rep[Key.MAP_G1] = self.scan_map()
         return True
@@ -688,7 +716,7 @@ def notify_ready(stack):
     stack.callback(lambda: os.path.exists(READY_FILE) and os.unlink(READY_FILE))
 
 
-def ready_cell(mode, backing, event, device=None):
+def ready_cell(mode, backing, event, device=None, readonly=False, fast=False):
     """A matrix cell stopped just before its event, for a human: the cell's environment
     set up, its mapping made (``c.m.mm``, ``c.m.addr``, ``c.m.path``), registered
     (``c.dev``, ``c.rid``) and written once by the device. ``c.event()`` runs the event,
@@ -696,12 +724,15 @@ def ready_cell(mode, backing, event, device=None):
     -m pinlab.guest.pinlab_cell ready MODE BACKING EVENT`` opens a Python prompt with ``c`` set.
     When the driver refuses the registration (what some cells observe, e.g. EFAULT for
     longterm on ext4), ``c.registered`` is False and ``c.rep`` has errno/errno_name; the
-    mapping is still there. Raises what the environment setup raises (pinlab_env)."""
+    mapping is still there. ``readonly``/``fast`` register read-only (no FOLL_WRITE; the
+    device does not write generation 1) or through get/pin_user_pages_fast(), with any
+    backing, mode and event (an event may ask for them itself: ev_cpu_write.py). Raises
+    what the environment setup raises (pinlab_env)."""
     import argparse
 
     stack = contextlib.ExitStack()
-    c = Cell(argparse.Namespace(mode=mode, backing=backing, event=event, device=device),
-             stack)
+    c = Cell(argparse.Namespace(mode=mode, backing=backing, event=event, device=device,
+                                readonly=readonly, fast=fast), stack)
     c.close = stack.close
     try:
         c.prepare()

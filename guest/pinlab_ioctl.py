@@ -33,6 +33,9 @@ MODES = dict(zip(vocab.MODES, (MODE_GUP, MODE_PIN, MODE_LONGTERM, MODE_ODP), str
 MODE_NAMES = {v: k for k, v in MODES.items()}
 
 REG_READONLY = U.REG_READONLY
+REG_FAST = U.REG_FAST        # gup/pin/longterm: get/pin_user_pages_fast()
+GUP_PATH_NONE, GUP_PATH_SLOW, GUP_PATH_FAST = U.GUP_PATH_NONE, U.GUP_PATH_SLOW, U.GUP_PATH_FAST
+GUP_PATH_NAMES = {GUP_PATH_NONE: "none", GUP_PATH_SLOW: "slow", GUP_PATH_FAST: "fast"}
 MAX_REGION_BYTES = U.MAX_REGION_BYTES
 
 STATUS_OK = U.STATUS_OK
@@ -101,7 +104,8 @@ class PinlabQuery(_Struct):
                 ("pages", ctypes.c_uint64), ("pinned", ctypes.c_uint64),
                 ("maybe_dma_pinned", ctypes.c_uint64),
                 ("invalidations", ctypes.c_uint64), ("faults", ctypes.c_uint64),
-                ("last_status", ctypes.c_uint16), ("pad", ctypes.c_uint16 * 3)]
+                ("last_status", ctypes.c_uint16), ("gup_path", ctypes.c_uint16),
+                ("pad", ctypes.c_uint16 * 2)]
 
 
 # the ctypes structs must have the twin's layouts (kmod/pinlab_uapi.h)
@@ -251,14 +255,17 @@ class PinlabDevice:
             raise PinlabError(e.errno, op, arg) from None
         return arg
 
-    def register(self, addr, length, mode="pin", readonly=False):
-        """Register [addr, addr+length) -> region id.  mode: gup|pin|longterm|odp."""
+    def register(self, addr, length, mode="pin", readonly=False, fast=False):
+        """Register [addr, addr+length) -> region id.  mode: gup|pin|longterm|odp.
+        readonly: no FOLL_WRITE, the device may only read (REG_READONLY); fast: take the
+        pages with get/pin_user_pages_fast() (REG_FAST; EINVAL with odp). query()'s
+        ``gup_path`` says which entry point pinned."""
         if isinstance(mode, str):
             if mode not in MODES:
                 raise ValueError(f"unknown mode {mode!r}")
             mode = MODES[mode]
-        arg = PinlabRegister(addr=addr, len=length, mode=mode,
-                             flags=REG_READONLY if readonly else 0)
+        flags = (REG_READONLY if readonly else 0) | (REG_FAST if fast else 0)
+        arg = PinlabRegister(addr=addr, len=length, mode=mode, flags=flags)
         return self._ioctl("REGISTER", PINLAB_IOC_REGISTER, arg).region
 
     def deregister(self, region):
@@ -294,9 +301,11 @@ class PinlabDevice:
 
     def query(self, region):
         """dict: region, mode, mode_name, flags, state, addr, len, pages, pinned,
-        maybe_dma_pinned, invalidations, faults, last_status."""
+        maybe_dma_pinned, invalidations, faults, last_status, gup_path and
+        gup_path_name (none/slow/fast: the entry point that pinned the region)."""
         d = self._ioctl("QUERY", PINLAB_IOC_QUERY, PinlabQuery(region=region)).as_dict()
         d["mode_name"] = MODE_NAMES.get(d["mode"], str(d["mode"]))
+        d["gup_path_name"] = GUP_PATH_NAMES.get(d["gup_path"], str(d["gup_path"]))
         return d
 
     def dirty(self, region):

@@ -29,12 +29,22 @@ def _sources(src: Path) -> list[Path]:
 
 
 def ensure_kmod(cache: Cache, kernel: Kernel) -> Path:
+    """pinlab.ko of the checkout's kmod/ for ``kernel``: built once per source, release and
+    build recipe, in ``$PINLAB_CACHE/kmod/<kernel>/<key>/pinlab.ko``. The key is in the
+    path, so worktrees with different module sources sharing one cache never get each
+    other's module; the manifest's ``kmod-<kernel>`` entry names the key last asked for
+    (what verdicts.json reports). Raises what the build step raises (its log in
+    ``logs/kmod-<kernel>.log``)."""
     src = kmod_source()
     files = _sources(src)
     key = digest("kmod-v1", kernel.release,
                  *[(str(f.relative_to(src)), f.read_bytes()) for f in files])
-    out = cache.path("kmod", kernel.name, "pinlab.ko")
-    if cache.fresh(f"kmod-{kernel.name}", key, [out]):
+    out = cache.path("kmod", kernel.name, key, "pinlab.ko")
+    counted = out.parent / "warnings"
+    if out.exists() and counted.exists():
+        if (cache.entry(f"kmod-{kernel.name}") or {}).get("key") != key:
+            cache.record(f"kmod-{kernel.name}", key, release=kernel.release,
+                         warnings=int(counted.read_text() or 0))
         return out
     work = kernel.buildroot / "tmp/pinlab-kmod"
     if work.exists():
@@ -55,6 +65,9 @@ def ensure_kmod(cache: Cache, kernel: Kernel) -> Path:
     text = log.read_text(errors="replace")
     warnings = [line for line in text.splitlines() if "warning:" in line]
     out.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy(work / "pinlab.ko", out)
+    tmp = out.with_suffix(".ko.tmp")
+    shutil.copy(work / "pinlab.ko", tmp)
+    tmp.replace(out)
+    counted.write_text(str(len(warnings)))
     cache.record(f"kmod-{kernel.name}", key, release=kernel.release, warnings=len(warnings))
     return out

@@ -254,6 +254,7 @@ struct pinlab_region {
 	u32 mode;
 	u32 flags;
 	u32 epoch;		/* device epoch of CREATE_REGION */
+	u16 gup_path;		/* PINLAB_GUP_PATH_*: the call that pinned */
 	bool writable;
 	unsigned long addr;
 	unsigned long len;

@@ -51,6 +51,33 @@ static inline long pinlab_pin_user_pages(unsigned long start,
 }
 
 /*
+ * The fast entry points have had the same signature on every supported
+ * version (int nr_pages, no vmas).  They walk the page tables without
+ * mmap_lock and fall back to the slow path themselves, taking mmap_lock:
+ * the caller must not hold it.  pin_user_pages_fast() accepts
+ * FOLL_LONGTERM (Documentation/core-api/pin_user_pages.rst, "CASE 2").
+ */
+static inline long pinlab_get_user_pages_fast(unsigned long start,
+					      unsigned long nr_pages,
+					      unsigned int gup_flags,
+					      struct page **pages)
+{
+	return get_user_pages_fast(start, (int)min_t(unsigned long, nr_pages,
+						     INT_MAX),
+				   gup_flags, pages);
+}
+
+static inline long pinlab_pin_user_pages_fast(unsigned long start,
+					      unsigned long nr_pages,
+					      unsigned int gup_flags,
+					      struct page **pages)
+{
+	return pin_user_pages_fast(start, (int)min_t(unsigned long, nr_pages,
+						     INT_MAX),
+				   gup_flags, pages);
+}
+
+/*
  * page_maybe_dma_pinned() was removed in 6.11; folio_maybe_dma_pinned()
  * exists on every supported version.
  */

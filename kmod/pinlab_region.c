@@ -46,11 +46,15 @@ static void pinlab_region_unpin(struct pinlab_region *r, bool dirty)
  * Pin the whole range.  get_user_pages()/pin_user_pages() may return
  * fewer pages than asked: loop.  A refusal (e.g. -EFAULT for a writable
  * FOLL_LONGTERM pin of an ext4 MAP_SHARED mapping on 6.5+) is returned
- * unchanged after releasing what was pinned.
+ * unchanged after releasing what was pinned.  With PINLAB_REG_FAST the
+ * *_fast() entry points are called instead, without mmap_lock (they take
+ * it themselves when they fall back to the slow path); r->gup_path
+ * records which entry point pinned the region.
  */
 static int pinlab_region_pin(struct pinlab_region *r)
 {
 	unsigned int gup_flags = r->writable ? PINLAB_FOLL_WRITE : 0;
+	bool fast = r->flags & PINLAB_REG_FAST;
 	struct mm_struct *mm = current->mm;
 	int ret = 0;
 
@@ -61,14 +65,22 @@ static int pinlab_region_pin(struct pinlab_region *r)
 	if (!r->pages)
 		return -ENOMEM;
 
-	mmap_read_lock(mm);
+	r->gup_path = fast ? PINLAB_GUP_PATH_FAST : PINLAB_GUP_PATH_SLOW;
+	if (!fast)
+		mmap_read_lock(mm);
 	while (r->npinned < r->npages) {
 		unsigned long start = r->addr + (r->npinned << PAGE_SHIFT);
 		unsigned long nr = r->npages - r->npinned;
 		struct page **pages = r->pages + r->npinned;
 		long got;
 
-		if (r->mode == PINLAB_MODE_GUP)
+		if (fast && r->mode == PINLAB_MODE_GUP)
+			got = pinlab_get_user_pages_fast(start, nr, gup_flags,
+							 pages);
+		else if (fast)
+			got = pinlab_pin_user_pages_fast(start, nr, gup_flags,
+							 pages);
+		else if (r->mode == PINLAB_MODE_GUP)
 			got = pinlab_get_user_pages(start, nr, gup_flags, pages);
 		else
 			got = pinlab_pin_user_pages(start, nr, gup_flags, pages);
@@ -78,13 +90,14 @@ static int pinlab_region_pin(struct pinlab_region *r)
 		}
 		r->npinned += got;
 	}
-	mmap_read_unlock(mm);
+	if (!fast)
+		mmap_read_unlock(mm);
 	atomic64_add(r->npinned, &r->pd->stats.pins_held);
 
 	if (ret) {
-		pr_debug("%s: pin mode %u flags %#x failed at page %lu/%lu: %d\n",
-			 r->pd->name, r->mode, gup_flags, r->npinned, r->npages,
-			 ret);
+		pr_debug("%s: pin mode %u flags %#x path %u failed at page %lu/%lu: %d\n",
+			 r->pd->name, r->mode, gup_flags, r->gup_path,
+			 r->npinned, r->npages, ret);
 		pinlab_region_unpin(r, false);
 	}
 	return ret;
@@ -211,6 +224,9 @@ static int pinlab_register_validate(const struct pinlab_register *arg)
 	if (arg->mode > PINLAB_MODE_ODP)
 		return -EINVAL;
 	if (arg->flags & ~PINLAB_REG_FLAGS_ALL)
+		return -EINVAL;
+	/* odp pins nothing: there is no fast path to choose */
+	if ((arg->flags & PINLAB_REG_FAST) && arg->mode == PINLAB_MODE_ODP)
 		return -EINVAL;
 	if (!arg->len || arg->len > PINLAB_MAX_REGION_BYTES)
 		return -EINVAL;
@@ -606,6 +622,7 @@ int pinlab_region_query(struct pinlab_file *pf, struct pinlab_query *arg)
 	arg->invalidations = atomic64_read(&r->invalidations);
 	arg->faults = atomic64_read(&r->faults);
 	arg->last_status = (u16)atomic_read(&r->last_status);
+	arg->gup_path = r->gup_path;
 	pinlab_region_unlock_put(r);
 	return 0;
 }

@@ -29,7 +29,18 @@
 
 /* struct pinlab_register.flags */
 #define PINLAB_REG_READONLY	0x1U	/* no FOLL_WRITE, device read-only */
-#define PINLAB_REG_FLAGS_ALL	(PINLAB_REG_READONLY)
+#define PINLAB_REG_FAST		0x2U	/* gup/pin/longterm: *_user_pages_fast() */
+#define PINLAB_REG_FLAGS_ALL	(PINLAB_REG_READONLY | PINLAB_REG_FAST)
+
+/*
+ * struct pinlab_query.gup_path: the call that took the region's pages.
+ * FAST is the lockless page-table walk with its own fallback to the slow
+ * path for pages it cannot take (mm/gup.c); the module cannot tell which
+ * pages fell back, only which entry point it called.
+ */
+#define PINLAB_GUP_PATH_NONE	0	/* odp: nothing pinned */
+#define PINLAB_GUP_PATH_SLOW	1	/* get/pin_user_pages(), mmap_read_lock */
+#define PINLAB_GUP_PATH_FAST	2	/* get/pin_user_pages_fast() */
 
 /* limits */
 #define PINLAB_MAX_REGION_BYTES	0x40000000ULL	/* 1 GiB */
@@ -112,7 +123,8 @@ struct pinlab_query {
 	__u64 invalidations;	/* odp: notifier invalidations hitting mapped pages */
 	__u64 faults;		/* device page-fault events + PAGE_FAULT completions */
 	__u16 last_status;	/* last non-OK device status on this region */
-	__u16 pad[3];
+	__u16 gup_path;		/* PINLAB_GUP_PATH_* */
+	__u16 pad[2];
 };
 
 #define PINLAB_IOC_REGISTER	_IOWR(PINLAB_IOC_MAGIC, 1, struct pinlab_register)

@@ -46,8 +46,13 @@ def cell_tags(cell: Cell, smoke_set: set[Cell]) -> list[str]:
 
 
 def smoke(cells: list[Cell]) -> set[Cell]:
-    """The first cell of each event, preferring the modes in SMOKE_MODE_ORDER."""
+    """The first cell of each event, preferring the modes in SMOKE_MODE_ORDER, or the
+    cell the event names (``Event.smoke``) when it is among ``cells``."""
     out: dict[str, Cell] = {}
+    for c in cells:
+        ev = events.event(c.event)
+        if ev is not None and ev.smoke == (c.mode, c.backing):
+            out.setdefault(c.event, c)
     rank = {m: i for i, m in enumerate(SMOKE_MODE_ORDER)}
     for c in sorted(cells, key=lambda c: (c.event, c.backing in SMOKE_BACKINGS_LAST,
                                           rank.get(c.mode, 99), c.backing)):

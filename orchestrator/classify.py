@@ -93,6 +93,11 @@ EVIDENCE: dict[str, tuple[str, ...]] = {
                           "no violation", "pins back (pin, longterm)"),
     Outcome.DEVICE_NOT_REMOVED: ("the workload's removal wait",),
     Outcome.DMA_FAILED: ("the DMA step's errno",),
+    Outcome.DEVICE_READS_STALE: ("both device reads' errno 0 and CRC-32",
+                                 "audit: the device read every registered page",
+                                 "the device's read before the write equal to the old contents",
+                                 "the device's read after the write equal to the old contents",
+                                 "the mapping after the write holding the new contents"),
     Outcome.RELEASED_AT_EXIT: ("victim status", "audit: the victim region destroyed",
                          "pins back (pin, longterm)"),
     Outcome.REGION_NOT_RELEASED: ("victim status", "victim audit without destroy"),
@@ -256,12 +261,15 @@ def audit_facts(rep: dict[str, Any], records: Sequence[dict[str, Any]],
         recs = [r for r in recs if r.get("inst") in (inst, None)]
     kinds: dict[str, int] = {}
     pages_by_gen: dict[int, set[int]] = {}
+    read: set[int] = set()
     last_g1 = first_g2 = destroy = None
     acks: list[int] = []
     for r in recs:
         k = str(r.get("kind"))
         kinds[k] = kinds.get(k, 0) + 1
         seq = int(r.get("seq", 0))
+        if k == "access" and r.get("dir") == "r" and isinstance(r.get("gpa"), int):
+            read.add(int(r["gpa"]) // PAGE)
         if k == "access" and r.get("dir") == "w":
             g = int(r.get("gen", 0))
             pages_by_gen.setdefault(g, set()).add(int(r["gpa"]) // PAGE)
@@ -282,7 +290,8 @@ def audit_facts(rep: dict[str, Any], records: Sequence[dict[str, Any]],
     if rep.get(Key.MODE) == "odp":   # odp re-faults: any page the process mapped is legal
         registered |= _pfn_set(rep.get(Key.PFNS_AFTER), rep.get(Key.PFNS_AFTER_TOUCH),
                                rep.get(Key.PFNS_AFTER_EVENT), rep.get(Key.PAGEMAP_AFTER_EVENT),
-                               rep.get(Key.PFNS_PARENT_AFTER_WRITE))
+                               rep.get(Key.PFNS_PARENT_AFTER_WRITE),
+                               rep.get(Key.PFNS_AFTER_WRITE))
     written = set().union(*pages_by_gen.values()) if pages_by_gen else set()
     outside = sorted(written - registered)
     viol = [v for v in violations if inst is None or v.get("inst") == inst]
@@ -292,7 +301,8 @@ def audit_facts(rep: dict[str, Any], records: Sequence[dict[str, Any]],
                  pages_written=len(written), outside_registration=len(outside),
                  outside_pfns=outside[:16], event_acks=event_acks,
                  ack_before_destroy=any(destroy is None or a < destroy for a in acks),
-                 violations=len(viol), violation_samples=viol[:5])
+                 violations=len(viol), violation_samples=viol[:5],
+                 read_pages=len(read), read_registered=len(read & registered))
     return facts
 
 

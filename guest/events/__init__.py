@@ -6,7 +6,11 @@ on a prepared :class:`pinlab.guest.pinlab_cell.Cell` (mapping made, registered, 
 names, never a verdict. Optional: ``NPAGES`` (pages of the registered mapping, default
 pinlab_cell.NPAGES), ``SWAP_CONTROL`` (backings whose mapping gets unregistered control
 pages that reclaim must reach), ``MEMCG`` (record the cell cgroup's charge before
-registration) and ``before_mapping(c)`` (a step before the mapping is made). The host side
+registration), ``before_mapping(c)`` (a step before the mapping is made), ``READONLY``
+and ``FAST`` (register read-only / through get/pin_user_pages_fast()), ``fill(size)``
+(the mapping's contents before registration; a MAP_PRIVATE file is then only
+read-faulted) and ``REGISTERS_ITSELF`` (the cell does not register: the event does, e.g.
+in a child after fork). The host side
 of the same event is ``orchestrator/events/ev_<event>.py``.
 """
 

@@ -52,7 +52,9 @@ class Event:
     ``swap_control``: backings whose cells must show that reclaim reached the mapping
     (the guest adds unregistered control pages; classify.py ``swap_reached``).
     ``faults``: device faults a ``pinlab up --cell`` guest of this event is booted with
-    (the matrix sets them in ``scenario``)."""
+    (the matrix sets them in ``scenario``). ``smoke``: the (mode, backing) of the event's
+    smoke cell when the default choice (cells.py ``smoke``) would not be the cell that
+    tells the kernels apart."""
 
     name: str
     order: int
@@ -65,6 +67,7 @@ class Event:
     last_gen: int = 2
     swap_control: tuple[str, ...] = ()
     faults: dict[str, Any] = field(default_factory=dict)
+    smoke: tuple[str, str] | None = None
 
     def run(self, s: GuestSession, cell: Cell, art: Path) -> Observation:
         """Run one cell of this event in ``s`` (artifacts in ``art``)."""

@@ -80,6 +80,16 @@ class CellsTest(unittest.TestCase):
         self.assertEqual({c.event for c in s}, {c.event for c in cells})
         self.assertEqual(len(s), len({c.event for c in cells}))
 
+    def test_an_event_that_names_its_smoke_cell_gets_it(self) -> None:
+        from pinlab.orchestrator import events
+        cells = all_cells("6.1")
+        s = smoke(cells)
+        named = [e for e in events.events() if e.smoke]
+        self.assertTrue(named)
+        for e in named:
+            mode, backing = e.smoke   # type: ignore[misc]
+            self.assertIn(Cell("6.1", mode, backing, e.name), s, e.name)
+
     def test_judge(self) -> None:
         c = Cell("6.12", "pin", "anon", "dma-write")
         self.assertEqual(judge(c, {"observed": "COHERENT"})["verdict"], "match")

@@ -242,6 +242,9 @@ def mutations(e: Entry, cls: str) -> Iterator[Mutation]:
             yield "victim audit without ack", lambda x: x["audit"]["victim"]["kinds"].pop(
                 "invalidate_ack", None)
         return
+    if cell.event in ("cpu-write", "cpu-write-fast", "cpu-write-fork"):
+        yield from cpu_write_mutations(e, cls)
+        return
     g2 = _step(e, "dma_write_g2")
     failed = bool(g2 and g2.get("errno"))
     gen = 1 if cell.event == "dma-write" else 2
@@ -320,6 +323,56 @@ def mutations(e: Entry, cls: str) -> Iterator[Mutation]:
         yield "no offline results", _rep("offline", [])
     for v in views:
         yield from scan_mutations(v)
+
+
+CRC_KEYS = ("crc_old", "crc_new", "crc_map_before", "crc_map_after", "device_crc_before",
+            "device_crc_after")
+
+
+def cpu_write_mutations(e: Entry, cls: str) -> Iterator[Mutation]:
+    """A read-only registration's evidence (the header's COHERENT / REVOKED_IN_TIME for
+    cpu-write, and DEVICE_READS_STALE): the register options and the module's gup_path,
+    both device reads and the CPU write, the six CRC-32s, the audit's reads of every
+    page; and the device's read after the write showing the other contents. The fork
+    variant: the child's report and status, the child's view, the device showing the
+    parent's write."""
+    rep = e["rep"]
+    for k in CRC_KEYS:
+        yield f"remove {k}", _rep(k)
+        yield f"{k} of the wrong type", _rep(k, str(rep.get(k)))
+    for name in ("dma_read_before", "cpu_write", "dma_read_after"):
+        yield from step_mutations(name)
+    yield "remove register_options", _rep("register_options")
+    yield "registration not read-only", _rep(
+        "register_options", {**rep["register_options"], "readonly": False})
+    yield "the other gup path", _rep(
+        "register_options", {**rep["register_options"],
+                             "fast": not rep["register_options"]["fast"]})
+    yield "remove query_registered", _rep("query_registered")
+    yield "query without gup_path", _rep(
+        "query_registered", {k: v for k, v in rep["query_registered"].items()
+                             if k != "gup_path_name"})
+    yield "audit without reads", _audit("read_pages", 0)
+    yield "audit read count missing", _audit("read_pages")
+    yield "remove npages", _rep("npages")
+    yield "device read the mapping wrong before the write", _rep(
+        "device_crc_before", rep["crc_new"])
+    yield "the mapping without the process's write", _rep("crc_map_after", rep["crc_old"])
+    if Cell(**e["cell"]).event == "cpu-write-fork":
+        # the device must read the child's view (old), never the parent's write
+        yield "remove crc_child_after", _rep("crc_child_after")
+        yield "the child's view changed", _rep("crc_child_after", rep["crc_new"])
+        yield "device read the parent's write", _rep("device_crc_after", rep["crc_new"])
+        yield "remove child", _rep("child")
+        yield "empty child report", _rep("child", {})
+        yield "child failed", _rep("child_status", 256)
+    elif cls == "DEVICE_READS_STALE":
+        yield "device read the new contents", _rep("device_crc_after", rep["crc_new"])
+    else:
+        yield "device read the old contents", _rep("device_crc_after", rep["crc_old"])
+    if cls == "REVOKED_IN_TIME":
+        yield "no event acks", _audit("event_acks", 0)
+        yield "event acks missing", _audit("event_acks")
 
 
 class CorpusTest(unittest.TestCase):
