@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -318,8 +319,22 @@ def _bench(what: str, rest: list[str]) -> int:
     return device_main(rest)
 
 
+def terminate_on_sigterm() -> None:
+    """Make SIGTERM end the process as Ctrl-C does: ``SystemExit(143)`` is raised in the
+    main thread, so ``finally`` blocks and context managers run (``pinlab matrix`` stops
+    its Avocado jobs, a booting guest is shut down) instead of the interpreter dying with
+    child processes left behind. A command that needs its own handler installs it later."""
+    def on_term(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)   # once: the clean-up runs unhurried
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_term)
+
+
 def main(argv: list[str] | None = None) -> int:
     from pinlab.orchestrator.shard import add_shard_argument
+
+    terminate_on_sigterm()
 
     argv = list(sys.argv[1:] if argv is None else argv)
     p = argparse.ArgumentParser(prog="pinlab", description=__doc__)
