@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from pinlab.common import uapi as U
+from pinlab.common.vocab import GUEST_RUN_DIR
 from pinlab.device import engine as E
 from pinlab.device.mirror import MIRROR_OFFSET
 from pinlab.device.testclient import Driver, GuestRam, Rig, VfioUserClient
@@ -376,6 +377,7 @@ def bench_revoke(n: int) -> dict[str, Figure]:
 
 
 # --- MMIO read from inside a guest ------------------------------------------------------
+HELPER = f"{GUEST_RUN_DIR}/mmio_bench.py"   # where the guest keeps GUEST_HELPER
 GUEST_HELPER = r'''
 import mmap, os, sys, time
 def bar(path, off, n):
@@ -421,13 +423,13 @@ def _ssh(s: Any, cmd: str) -> str:
 
 
 def _mmio_once(s: Any, res: str, n: int) -> dict[str, Figure]:
-    v, mapped = _ssh(s, f"python3 /root/mmio_bench.py bar {n} {res} {MIRROR_OFFSET:#x}").split()
+    v, mapped = _ssh(s, f"python3 {HELPER} bar {n} {res} {MIRROR_OFFSET:#x}").split()
     if int(v, 16) != U.ID_MAGIC:
         raise RuntimeError(f"BAR0 mirror ID read {v}")
-    v, trapped = _ssh(s, f"python3 /root/mmio_bench.py bar {n} {res} 0x0").split()
+    v, trapped = _ssh(s, f"python3 {HELPER} bar {n} {res} 0x0").split()
     if int(v, 16) != U.ID_MAGIC:
         raise RuntimeError(f"BAR0 ID read {v}")
-    _, base = _ssh(s, f"python3 /root/mmio_bench.py emulated {n}").split()
+    _, base = _ssh(s, f"python3 {HELPER} emulated {n}").split()
     b = float(base) * 1e6
     return {"mmio_read": figure(float(mapped) * 1e6, b, "us/read", "<= 3x"),
             "mmio_read_trapped": figure(float(trapped) * 1e6, b, "us/read", "-")}
@@ -440,7 +442,8 @@ def bench_mmio(artifacts: Path, kernel: str, n: int, repeats: int,
 
     cfg = GuestConfig(device_args=["--bar0-mirror"])
     with GuestSession.boot(kernel, artifacts, module=False, config=cfg) as s:
-        s.guest.ssh.put(GUEST_HELPER.encode(), "/root/mmio_bench.py")
+        s.guest.ssh.run(f"mkdir -p {GUEST_RUN_DIR}", check=True)
+        s.guest.ssh.put(GUEST_HELPER.encode(), HELPER)
         lspci = _ssh(s, "lspci -Dn")
         ours = [ln.split()[0] for ln in lspci.splitlines() if "1de5:0001" in ln]
         if not ours:

@@ -23,9 +23,9 @@ COMMIT = re.compile(r"\b[0-9a-f]{12}\b")
 KERNEL_DOC = re.compile(r"\bDocumentation/[\w./-]+\.rst\b")
 REPO_FILE = re.compile(r"\b(?:[\w.-]+/)+[\w.-]+\.(?:md|py|c|h|toml|rst)\b")
 # absolute paths of a development machine, and the unpublished background material. /root/
-# is also the guest's home: the guest's install directory (vocab.GUEST_HOME) and the bench's
-# guest helper are paths inside the guest image, not on a development machine.
-OUTSIDE = re.compile(r"(?<![\w.~-])(?:/work/|/home/|/Users/|/root/(?!pinlab\b|mmio_bench\.py))"
+# is also the guest's home: the guest's install directory (vocab.GUEST_HOME, which the
+# bench's guest helper uses too) is a path inside the guest image, not on a machine.
+OUTSIDE = re.compile(r"(?<![\w.~-])(?:/work/|/home/|/Users/|/root/(?!pinlab\b))"
                      r"|shared/reference")
 # the old shorthand for the background document ("ref §3 row 2", "ref row 5b", "ref [TR]")
 REF_SHORTHAND = re.compile(r"\bref\b\s*(?:§|rows?\b|\[)")
