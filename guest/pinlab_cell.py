@@ -607,21 +607,7 @@ class Cell:
         rep[Key.PFNS_PARENT_AFTER_WRITE] = m.pfns()
         self.dma(2)
         rep[Key.MAP_PARENT_G2] = self.scan_map()
-        os.write(go_w, b"x")
-        os.close(go_w)
-        chunks = []
-        while True:
-            b = os.read(res_r, 65536)
-            if not b:
-                break
-            chunks.append(b)
-        os.close(res_r)
-        _, status = os.waitpid(pid, 0)
-        rep[Key.CHILD_STATUS] = status
-        try:
-            rep[Key.CHILD] = jsonlines.decode(b"".join(chunks) or b"{}")
-        except jsonlines.MalformedLine:
-            rep[Key.CHILD] = {Key.ERROR: "bad child report"}
+        rep[Key.CHILD_STATUS], rep[Key.CHILD] = release_child(pid, go_w, res_r)
 
     def remap(self):
         """A fresh mapping of the same file (after munmap)."""
@@ -701,6 +687,27 @@ class Cell:
         self.dma(2)
         timed(rep, "stream_stop", dev.stream_stop, self.rid)
         rep[Key.MAP_AFTER] = self.scan_map()
+
+
+def release_child(pid, go_w, res_r):
+    """Let a forked child go on (one byte on ``go_w``), read its whole JSON report from
+    ``res_r`` and reap it. Returns (wait status, report dict; ``{Key.ERROR: ...}`` when the
+    report is not JSON). Closes both descriptors."""
+    os.write(go_w, b"x")
+    os.close(go_w)
+    chunks = []
+    while True:
+        b = os.read(res_r, 65536)
+        if not b:
+            break
+        chunks.append(b)
+    os.close(res_r)
+    _, status = os.waitpid(pid, 0)
+    try:
+        child = jsonlines.decode(b"".join(chunks) or b"{}")
+    except jsonlines.MalformedLine:
+        child = {Key.ERROR: "bad child report"}
+    return status, child
 
 
 def notify_ready(stack):

@@ -18,7 +18,7 @@ import os
 from pinlab.common import jsonlines
 from pinlab.common.vocab import Key
 from pinlab.guest.events.ev_cpu_write import device_read, fill, new_contents, old_contents
-from pinlab.guest.pinlab_cell import errname, now_ms
+from pinlab.guest.pinlab_cell import errname, now_ms, release_child
 from pinlab.guest.pinlab_ioctl import dma_crc32
 
 NAME = "cpu-write-fork"
@@ -97,21 +97,7 @@ def run(c):
                                Key.MS: round(now_ms() - t0, 1)})
         rep[Key.PFNS_AFTER_WRITE] = m.pfns()
         rep[Key.CRC_MAP_AFTER] = dma_crc32(m.mm[:size])
-    os.write(go_w, b"x")
-    os.close(go_w)
-    chunks = []
-    while True:
-        b = os.read(res_r, 65536)
-        if not b:
-            break
-        chunks.append(b)
-    os.close(res_r)
-    _, status = os.waitpid(pid, 0)
-    rep[Key.CHILD_STATUS] = status
-    try:
-        child = jsonlines.decode(b"".join(chunks) or b"{}")
-    except jsonlines.MalformedLine:
-        child = {Key.ERROR: "bad child report"}
+    rep[Key.CHILD_STATUS], child = release_child(pid, go_w, res_r)
     rep[Key.CHILD] = child
     # the child's registration is the cell's: its region, PFNs, query and steps
     if child.get(Key.STEP) == "register":
