@@ -45,10 +45,11 @@ def judge(cell: Cell, result: dict[str, Any]) -> dict[str, Any]:
     # mismatch: the run could not tell, so the cell is an error
     verdict = ("error" if observed in ("ERROR", "KERNEL_ERROR") and expected != observed
                or observed.startswith(INCONCLUSIVE) or exp is None
-               else "match" if observed == expected else "mismatch")
+               else "match" if exp.accepts(observed) else "mismatch")
     return {"kernel": cell.kernel, "mode": cell.mode, "backing": cell.backing,
             "event": cell.event, "expected": expected, "observed": observed,
-            "verdict": verdict, "source": exp.source if exp else "no rule",
+            "verdict": verdict, "raced": bool(exp) and observed in exp.races,
+            "source": exp.source if exp else "no rule",
             "evidence": result.get("evidence", {}), "seconds": result.get("seconds"),
             "release": result.get("release"), "guest": result.get("guest")}
 

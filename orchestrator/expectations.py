@@ -23,8 +23,18 @@ class Cell:
 
 @dataclass(frozen=True)
 class Expectation:
+    """A cell's expected outcome class, the rule's source and ``races``: other classes the
+    kernel has been observed to give the same cell run to run (a race inside the kernel,
+    counted in the rule's source). A cell that shows one of them matches its rule, and its
+    verdict says it raced."""
+
     expected: str
     source: str
+    races: tuple[str, ...] = ()
+
+    def accepts(self, observed: str) -> bool:
+        """Whether ``observed`` is the expected class or one of the observed races."""
+        return observed == self.expected or observed in self.races
 
 
 def _matches(value: str, want: Any) -> bool:
@@ -42,7 +52,8 @@ INCONCLUSIVE = "INCONCLUSIVE"
 
 def load(path: Path | None = None) -> list[dict[str, Any]]:
     """The rules of the expectations table, in order. Raises ValueError for a rule without
-    ``expected`` or ``source``, or one that expects an INCONCLUSIVE outcome."""
+    ``expected`` or ``source``, one that expects an INCONCLUSIVE outcome (also among its
+    ``races``), or ``races`` that is not a list of other classes."""
     if path is None:
         text = resources.files("pinlab.orchestrator").joinpath(
             "data", "expectations.toml").read_text()
@@ -56,6 +67,13 @@ def load(path: Path | None = None) -> list[dict[str, Any]]:
         if str(r["expected"]).startswith(INCONCLUSIVE):
             raise ValueError(f"expectation rule {r} expects {r['expected']}: missing evidence "
                              "is never an expected outcome")
+        races = r.get("races", [])
+        if (not isinstance(races, list) or not all(isinstance(c, str) and c for c in races)
+                or r["expected"] in races):
+            raise ValueError(f"expectation rule {r}: races must list classes other than "
+                             "the expected one")
+        if any(c.startswith(INCONCLUSIVE) for c in races):
+            raise ValueError(f"expectation rule {r}: missing evidence is never a race")
     return rules
 
 
@@ -63,5 +81,6 @@ def expect(cell: Cell, rules: list[dict[str, Any]]) -> Expectation | None:
     for r in rules:
         if all(_matches(getattr(cell, f), r.get(f, "*"))
                for f in ("kernel", "mode", "backing", "event")):
-            return Expectation(str(r["expected"]), str(r["source"]))
+            return Expectation(str(r["expected"]), str(r["source"]),
+                               tuple(str(c) for c in r.get("races", [])))
     return None

@@ -100,6 +100,37 @@ class ExpectationsTest(unittest.TestCase):
             with self.assertRaises(ValueError):
                 load(p)
 
+    def test_races_match_and_say_so(self) -> None:
+        from pinlab.orchestrator.celltest import judge
+
+        with tempfile.TemporaryDirectory() as d:
+            p = Path(d, "t.toml")
+            p.write_text('[[rule]]\nexpected = "WRITEBACK_STALE"\n'
+                         'races = ["WRITES_LOST_SILENTLY"]\nsource = "counted runs"\n')
+            e = expect(Cell("6.1", "pin", "btrfs", "writeback"), load(p))
+            assert e is not None
+            self.assertTrue(e.accepts("WRITEBACK_STALE"))
+            self.assertTrue(e.accepts("WRITES_LOST_SILENTLY"))
+            self.assertFalse(e.accepts("COHERENT"))
+        # the shipped table: 6.1 btrfs writeback races between the two classes
+        cell = Cell("6.1", "pin", "btrfs", "writeback")
+        for observed, verdict, raced in (("WRITEBACK_STALE", "match", False),
+                                         ("WRITES_LOST_SILENTLY", "match", True),
+                                         ("COHERENT", "mismatch", False),
+                                         ("INCONCLUSIVE(no disk read)", "error", False)):
+            v = judge(cell, {"observed": observed})
+            self.assertEqual((v["verdict"], v["raced"]), (verdict, raced), observed)
+
+    def test_races_are_other_classes_never_inconclusive(self) -> None:
+        bad = ['races = ["COHERENT"]', 'races = "WRITES_LOST_SILENTLY"',
+               'races = ["INCONCLUSIVE(x)"]', 'races = [""]']
+        for line in bad:
+            with self.subTest(line=line), tempfile.TemporaryDirectory() as d:
+                p = Path(d, "t.toml")
+                p.write_text(f'[[rule]]\nexpected = "COHERENT"\n{line}\nsource = "s"\n')
+                with self.assertRaises(ValueError):
+                    load(p)
+
 
 class SourcesTest(unittest.TestCase):
     """Sources a reader can open (issue 10, item 9)."""
