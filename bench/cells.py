@@ -5,7 +5,7 @@ run, interleaved.
 Per cell, both paths do the same four things:
 
 * ``ssh`` (baseline): ``rmmod && insmod`` over SSH, ``dmesg | wc -l`` to mark the log,
-  ``python3 workload.py cell ...`` (a new interpreter in the guest), ``dmesg | tail``;
+  ``python3 -m pinlab.guest.workload cell ...`` (a new interpreter in the guest), ``dmesg | tail``;
 * ``agent``: the agent's ``reload``, ``dmesg-mark``, ``run`` (a child forked from the
   warm agent) and ``dmesg-since``.
 

@@ -24,9 +24,9 @@ Requests (``op``):
   listdir  {path}                        -> {"names"}
   exit                                   -> the agent exits
 
-``run`` forks: the child runs ``workload.py <argv>`` (same parser, same report) in a fresh
-process with its stdout/stderr going to a file, so a cell gets a process of its own (its
-mm, its cgroup membership) and stray output cannot corrupt this protocol.  A child that
+``run`` forks: the child runs ``pinlab.guest.workload <argv>`` (same parser, same report)
+in a fresh process with its stdout/stderr going to a file, so a cell gets a process of its
+own (its mm, its cgroup membership) and stray output cannot corrupt this protocol.  A child that
 does not report within ``timeout`` is killed; one stuck in the kernel is left and reported
 (``stuck``), and the host reboots the guest.
 """

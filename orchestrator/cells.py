@@ -38,7 +38,7 @@ def all_cells(kernel: str, known_only: bool = True) -> list[Cell]:
 
 
 def cell_tags(cell: Cell, smoke_set: set[Cell]) -> list[str]:
-    """The Avocado tags of a cell's test, in the order the generated test file lists them:
+    """The Avocado tags of a cell's test, in the order the cell tests carry them (celltest.py):
     ``matrix``, ``kernel:``, ``mode:``, ``backing:``, ``event:`` and ``smoke`` if the cell is
     in ``smoke_set``."""
     return (["matrix", f"kernel:{cell.kernel}", f"mode:{cell.mode}", f"backing:{cell.backing}",
