@@ -34,7 +34,10 @@ class EventRegistryTest(unittest.TestCase):
                 self.assertLessEqual(set(ev.swap_control), set(ev.backings))
                 g = guest_events.event(ev.name)
                 self.assertTrue(callable(g.run))
-                self.assertTrue(g.__doc__ and events.module_name(ev.name) in g.__doc__)
+                self.assertTrue(g.__doc__ and events.module_name(ev.name) in g.__doc__,
+                                f"the docstring of guest/events/{events.module_name(ev.name)}"
+                                f".py must name its host module orchestrator/events/"
+                                f"{events.module_name(ev.name)}.py")
                 # the guest adds the control pages the host then requires
                 self.assertEqual(tuple(getattr(g, "SWAP_CONTROL", ())), ev.swap_control)
 
