@@ -574,29 +574,16 @@ class Cell:
         m, rep = self.m, self.rep
         if dontfork:
             timed(rep, "madv_dontfork", m.mm.madvise, MADV_DONTFORK)
-        go_r, go_w = os.pipe()
-        res_r, res_w = os.pipe()
-        pid = os.fork()
-        if pid == 0:   # child: wait, look at its own view of the range, report, exit
-            code = 0
-            try:
-                os.close(go_w)
-                os.close(res_r)
-                os.read(go_r, 1)
-                if dontfork:
-                    out = {Key.MAPPED: False, Key.PAGEMAP: pagemap(m.addr, m.npages)}
-                else:
-                    out = {Key.MAPPED: True, Key.MAP: self.scan_map(),
-                           Key.PFNS: pagemap(m.addr, m.npages)}
-                os.write(res_w, jsonlines.encode(out))
-            except BaseException as exc:  # noqa: BLE001 - the child must never return
-                with contextlib.suppress(Exception):
-                    os.write(res_w, jsonlines.encode({Key.ERROR: repr(exc)}))
-                code = 1
-            finally:
-                os._exit(code)
-        os.close(go_r)
-        os.close(res_w)
+        def child(go_r, res_w):   # wait, look at its own view of the range, report
+            os.read(go_r, 1)
+            if dontfork:
+                out = {Key.MAPPED: False, Key.PAGEMAP: pagemap(m.addr, m.npages)}
+            else:
+                out = {Key.MAPPED: True, Key.MAP: self.scan_map(),
+                       Key.PFNS: pagemap(m.addr, m.npages)}
+            os.write(res_w, jsonlines.encode(out))
+
+        pid, go_w, res_r = fork_child(child)
         rep[Key.CHILD_PID] = pid
         # the parent writes to its mapping (the same words: the pattern stays valid);
         # this is the write that COW-breaks a page shared with the child
@@ -687,6 +674,31 @@ class Cell:
         self.dma(2)
         timed(rep, "stream_stop", dev.stream_stop, self.rid)
         rep[Key.MAP_AFTER] = self.scan_map()
+
+
+def fork_child(body):
+    """Fork a child that runs ``body(go_r, res_w)`` and exits (status 0, or 1 after writing
+    ``{Key.ERROR: ...}`` on ``res_w`` when ``body`` raised; it never returns into the
+    caller). Returns (pid, go_w, res_r): the parent's ends of the two pipes, for
+    :func:`release_child`."""
+    go_r, go_w = os.pipe()
+    res_r, res_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 0
+        try:
+            os.close(go_w)
+            os.close(res_r)
+            body(go_r, res_w)
+        except BaseException as exc:  # noqa: BLE001 - the child must never return
+            with contextlib.suppress(Exception):
+                os.write(res_w, jsonlines.encode({Key.ERROR: repr(exc)}))
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(go_r)
+    os.close(res_w)
+    return pid, go_w, res_r
 
 
 def release_child(pid, go_w, res_r):

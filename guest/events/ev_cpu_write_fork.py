@@ -12,13 +12,12 @@ after it, of both device reads; the child's report under ``child``.
 Host side: orchestrator/events/ev_cpu_write_fork.py.
 """
 
-import contextlib
 import os
 
 from pinlab.common import jsonlines
 from pinlab.common.vocab import Key
 from pinlab.guest.events.ev_cpu_write import device_read, fill, new_contents, old_contents
-from pinlab.guest.pinlab_cell import errname, now_ms, release_child
+from pinlab.guest.pinlab_cell import errname, fork_child, now_ms, release_child
 from pinlab.guest.pinlab_ioctl import dma_crc32
 
 NAME = "cpu-write-fork"
@@ -71,23 +70,7 @@ def run(c):
     rep[Key.CRC_OLD] = dma_crc32(old)
     rep[Key.CRC_NEW] = dma_crc32(new)
     rep[Key.CRC_MAP_BEFORE] = dma_crc32(m.mm[:size])
-    go_r, go_w = os.pipe()
-    res_r, res_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            os.close(go_w)
-            os.close(res_r)
-            _child(c, go_r, res_w)
-        except BaseException as exc:  # noqa: BLE001 - the child must never return
-            with contextlib.suppress(Exception):
-                os.write(res_w, jsonlines.encode({Key.ERROR: repr(exc)}))
-            code = 1
-        finally:
-            os._exit(code)
-    os.close(go_r)
-    os.close(res_w)
+    pid, go_w, res_r = fork_child(lambda go_r, res_w: _child(c, go_r, res_w))
     rep[Key.CHILD_PID] = pid
     first = os.read(res_r, 1)          # the child registered and read (or failed)
     if first == b"r":
