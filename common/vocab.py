@@ -16,6 +16,7 @@ PYTHONPATH (:func:`guest_python`).
 from __future__ import annotations
 
 import shlex
+from collections.abc import Iterable
 
 # ------------------------------------------------------------------ guest paths
 #: The guest's install directory: the one place that names it.
@@ -71,6 +72,40 @@ FILE_BACKINGS = (*FILE_SHARED, *DAX_BACKINGS)
 PRIVATE_BACKINGS = ("anon", "private-file")
 #: Backings on a filesystem with its own scratch disk (writeback, O_DIRECT, drop_caches).
 DISK_BACKINGS = ("ext4", "xfs", "btrfs")
+
+#: Options of a cell beside its mode, backing and event, in their canonical order: how
+#: the region is registered. ``readonly``: no FOLL_WRITE (PINLAB_REG_READONLY; the device
+#: may only read). ``fast``: the pages are taken by get/pin_user_pages_fast()
+#: (PINLAB_REG_FAST). A cell's options are one string, these names joined by ``+`` in this
+#: order ("" = none; :func:`join_options`). Which events run with which options is each
+#: event's ``variants`` (orchestrator/events/).
+OPTIONS = ("readonly", "fast")
+#: The modes each option applies to (odp takes no page references, so no fast path).
+OPTION_MODES = {"readonly": MODES, "fast": PINNED_MODES}
+
+
+def split_options(options: str) -> tuple[str, ...]:
+    """The option names of an options string (``"readonly+fast"`` -> both; ``""`` -> none).
+    Raises ValueError for an unknown name, a repeated one or a non-canonical order."""
+    names = tuple(options.split("+")) if options else ()
+    for n in names:
+        if n not in OPTIONS:
+            raise ValueError(f"unknown cell option {n!r} (known: {', '.join(OPTIONS)})")
+    if join_options(names) != options:
+        raise ValueError(f"cell options {options!r} are not in canonical form "
+                         f"({join_options(names)!r})")
+    return names
+
+
+def join_options(names: Iterable[str]) -> str:
+    """The canonical options string of ``names`` (OPTIONS order, each once). Raises
+    ValueError for an unknown name."""
+    names = list(names)
+    unknown = set(names) - set(OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown cell option(s) {sorted(unknown)} (known: {', '.join(OPTIONS)})")
+    return "+".join(o for o in OPTIONS if o in names)
+
 
 # Events are not listed here: each is a module of its own on both sides (guest/events/,
 # orchestrator/events/), and the two registries name them (tests/unit/test_events.py).

@@ -39,6 +39,7 @@ from pinlab.common.vocab import (
     READY_FILE,
     SCRATCH_MOUNT,
     Key,
+    split_options,
 )
 from pinlab.guest import events, pinlab_dax, pinlab_ioctl
 from pinlab.guest.pinlab_env import CGCELL, cell_environment, mount_scratch, mount_tmpfs, oom_cgroup
@@ -452,9 +453,12 @@ class Cell:
             ev.before_mapping(self)
         npages = getattr(ev, "NPAGES", NPAGES)
         ctl = a.backing in getattr(ev, "SWAP_CONTROL", ())
-        # registration options: the event's (READONLY, FAST), or the caller's
-        self.readonly = bool(getattr(ev, "READONLY", False) or getattr(a, "readonly", False))
-        self.fast = bool(getattr(ev, "FAST", False) or getattr(a, "fast", False))
+        # registration options: the event's (READONLY), the cell's (--options) or the
+        # caller's (ready_cell)
+        opts = split_options(getattr(a, "options", "") or "")
+        self.readonly = bool(getattr(ev, "READONLY", False) or "readonly" in opts
+                             or getattr(a, "readonly", False))
+        self.fast = bool("fast" in opts or getattr(a, "fast", False))
         fill = getattr(ev, "fill", None)
         self.m = Mapping(self.stack, a.backing, rep,
                          npages=npages + (CONTROL_PAGES if ctl else 0), fill=fill)
@@ -784,8 +788,11 @@ if __name__ == "__main__":
     import sys
 
     if sys.argv[1:2] != ["ready"] or len(sys.argv) != 5:
-        sys.exit("usage: python3 -i -m pinlab.guest.pinlab_cell ready MODE BACKING EVENT")
-    c = ready_cell(*sys.argv[2:5])
+        sys.exit("usage: python3 -i -m pinlab.guest.pinlab_cell ready MODE BACKING "
+                 "EVENT[+OPTIONS]")
+    _event, _, _opts = sys.argv[4].partition("+")
+    _opts = split_options(_opts)
+    c = ready_cell(*sys.argv[2:4], _event, readonly="readonly" in _opts, fast="fast" in _opts)
     where = (f"region {c.rid}, generation 1 written" if c.registered else
              f"registration refused: {c.rep['errno_name']} (as in the cell)")
     print(f"cell {'/'.join(sys.argv[2:5])} ready before its event: mapping c.m at "

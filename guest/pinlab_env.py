@@ -234,7 +234,7 @@ def main(argv=None):
     s.add_argument("--hugetlbfs", action="store_true")
     s.add_argument("--hugepages", type=int, default=0, help="raise nr_hugepages by N")
     s.add_argument("--swap", action="store_true", help="swap on the pinlab-swap disk")
-    s.add_argument("--cell", help="MODE/BACKING/EVENT: that cell's environment too")
+    s.add_argument("--cell", help="MODE/BACKING/EVENT[+OPTIONS]: that cell's environment too")
     sub.add_parser("state", help="print what is set up")
     a = p.parse_args(argv)
     out = {}
@@ -251,7 +251,7 @@ def main(argv=None):
             enable_swap(None, out)
         if a.cell:
             _mode, backing, event = a.cell.split("/")
-            out["cell"] = cell_environment(backing, event, enter=False)
+            out["cell"] = cell_environment(backing, event.partition("+")[0], enter=False)
     out["state"] = state()
     print(json.dumps(out))
     return 0

@@ -18,7 +18,7 @@ import mmap
 import os
 import sys
 
-from pinlab.common.vocab import BACKINGS, MODES
+from pinlab.common.vocab import BACKINGS, MODES, split_options
 from pinlab.guest import events, pinlab_cell, pinlab_ioctl, pinlab_mm
 
 PAGE = pinlab_mm.PAGE
@@ -102,7 +102,18 @@ def parser():
     c.add_argument("--mode", required=True, choices=MODES)
     c.add_argument("--backing", required=True, choices=BACKINGS)
     c.add_argument("--event", required=True, choices=events.names())
+    c.add_argument("--options", default="", type=_options,
+                   help="the cell's options, e.g. readonly+fast (common/vocab.py OPTIONS)")
     return p
+
+
+def _options(text):
+    """argparse type of --options: a canonical options string (vocab.split_options)."""
+    try:
+        split_options(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def run(args):

@@ -33,30 +33,33 @@ def all_cells(kernel: str, known_only: bool = True) -> list[Cell]:
     ``known_only`` is false."""
     if known_only and kernel not in KERNELS and not is_kernel_id(kernel):
         raise ValueError(f"unknown kernel {kernel!r}")
-    return [Cell(kernel, m, b, e.name) for e in events.events() for b in e.backings
-            for m in e.modes]
+    return [Cell(kernel, m, b, e.name, v) for e in events.events() for v in e.variants
+            for b in e.backings for m in e.variant_modes(v)]
 
 
 def cell_tags(cell: Cell, smoke_set: set[Cell]) -> list[str]:
     """The Avocado tags of a cell's test, in the order the cell tests carry them (celltest.py):
-    ``matrix``, ``kernel:``, ``mode:``, ``backing:``, ``event:`` and ``smoke`` if the cell is
-    in ``smoke_set``."""
+    ``matrix``, ``kernel:``, ``mode:``, ``backing:``, ``event:``, one ``option:`` per option
+    of the cell (``option:fast`` selects the fast-path cells, ``-option`` leaves out every
+    cell with options) and ``smoke`` if the cell is in ``smoke_set``."""
     return (["matrix", f"kernel:{cell.kernel}", f"mode:{cell.mode}", f"backing:{cell.backing}",
-             f"event:{cell.event}"] + (["smoke"] if cell in smoke_set else []))
+             f"event:{cell.event}"] + [f"option:{o}" for o in cell.option_names]
+            + (["smoke"] if cell in smoke_set else []))
 
 
 def smoke(cells: list[Cell]) -> set[Cell]:
-    """The first cell of each event, preferring the modes in SMOKE_MODE_ORDER, or the
-    cell the event names (``Event.smoke``) when it is among ``cells``."""
+    """The first cell of each event variant (event and options), preferring the modes in
+    SMOKE_MODE_ORDER, or the cell the event names (``Event.smoke``) when it is among
+    ``cells``."""
     out: dict[str, Cell] = {}
     for c in cells:
         ev = events.event(c.event)
         if ev is not None and ev.smoke == (c.mode, c.backing):
-            out.setdefault(c.event, c)
+            out.setdefault(c.variant, c)
     rank = {m: i for i, m in enumerate(SMOKE_MODE_ORDER)}
-    for c in sorted(cells, key=lambda c: (c.event, c.backing in SMOKE_BACKINGS_LAST,
+    for c in sorted(cells, key=lambda c: (c.variant, c.backing in SMOKE_BACKINGS_LAST,
                                           rank.get(c.mode, 99), c.backing)):
-        out.setdefault(c.event, c)
+        out.setdefault(c.variant, c)
     return set(out.values())
 
 
@@ -97,9 +100,10 @@ def select(cells: list[Cell], filters: list[str] | None) -> list[Cell]:
 
 
 def parse_cell(text: str) -> Cell:
-    """A cell from ``KERNEL/MODE/BACKING/EVENT`` (a verdict's cell name, shown in the HTML
-    report) or from its Avocado test id (``...test_cells.py:Kernel6_12.test_pin__ext4__2018``).
-    Raises ValueError naming what does not exist."""
+    """A cell from ``KERNEL/MODE/BACKING/EVENT[+OPTIONS]`` (a verdict's cell name, shown in
+    the HTML report) or from its Avocado test id
+    (``...test_cells.py:Kernel6_12.test_pin__ext4__2018``). Raises ValueError naming what
+    does not exist."""
     text = text.strip()
     if ".test_" in text:
         cls, _, meth = text.rpartition(":")[2].partition(".test_")
@@ -108,17 +112,13 @@ def parse_cell(text: str) -> Cell:
                       None)
         if kernel is None:
             raise ValueError(f"no kernel for test class {cls!r}")
-        found = [c for c in all_cells(kernel) if "__".join(
-            "".join(ch if ch.isalnum() else "_" for ch in x)
-            for x in (c.mode, c.backing, c.event)) == meth]
+        from .celltest import method_name
+
+        found = [c for c in all_cells(kernel) if method_name(c) == f"{cls}.test_{meth}"]
         if not found:
             raise ValueError(f"no matrix cell is tested by {text!r}")
         return found[0]
-    parts = text.split("/")
-    if len(parts) != 4:
-        raise ValueError(f"a cell is KERNEL/MODE/BACKING/EVENT (e.g. 6.12/longterm/ext4/2018), "
-                         f"not {text!r}")
-    cell = Cell(*parts)
+    cell = Cell.parse(text)
     if cell.kernel not in KERNELS:
         raise ValueError(f"unknown kernel {cell.kernel!r} (known: {', '.join(KERNELS)})")
     if cell not in all_cells(cell.kernel):

@@ -47,7 +47,8 @@ def judge(cell: Cell, result: dict[str, Any]) -> dict[str, Any]:
                or observed.startswith(INCONCLUSIVE) or exp is None
                else "match" if exp.accepts(observed) else "mismatch")
     return {"kernel": cell.kernel, "mode": cell.mode, "backing": cell.backing,
-            "event": cell.event, "expected": expected, "observed": observed,
+            "event": cell.event, "options": cell.options, "expected": expected,
+            "observed": observed,
             "verdict": verdict, "raced": bool(exp) and observed in exp.races,
             "source": exp.source if exp else "no rule",
             "evidence": result.get("evidence", {}), "seconds": result.get("seconds"),
@@ -59,8 +60,8 @@ class CellTest(Test):
 
     timeout = 900
 
-    def cell(self, kernel: str, mode: str, backing: str, event: str) -> None:
-        cell = Cell(kernel, mode, backing, event)
+    def cell(self, kernel: str, mode: str, backing: str, event: str, options: str = "") -> None:
+        cell = Cell(kernel, mode, backing, event, options)
         art = Path(self.logdir) / "cell"
         (Path(self.logdir) / "cell.json").write_text(json.dumps(cell.__dict__))
         result = poolclient.run_cell(cell, art)
@@ -80,9 +81,10 @@ class CellTest(Test):
 
 
 def method_name(cell: Cell) -> str:
-    """The cell's test ``Class.method``, e.g. ``Kernel6_12.test_pin__anon__dma_write``."""
+    """The cell's test ``Class.method``, e.g. ``Kernel6_12.test_pin__anon__dma_write``, with
+    ``__<option>`` per option (``test_pin__anon__migrate__fast``)."""
     return (f"{class_name(cell.kernel)}.test_{_ident(cell.mode)}__{_ident(cell.backing)}__"
-            f"{_ident(cell.event)}")
+            f"{_ident(cell.event)}" + "".join(f"__{_ident(o)}" for o in cell.option_names))
 
 
 def _ident(s: str) -> str:
@@ -96,7 +98,7 @@ def class_name(kernel: str) -> str:
 
 def _cell_method(cell: Cell) -> Any:
     def test(self: CellTest) -> None:
-        self.cell(cell.kernel, cell.mode, cell.backing, cell.event)
+        self.cell(cell.kernel, cell.mode, cell.backing, cell.event, cell.options)
 
     test.__name__ = method_name(cell).split(".", 1)[1]
     test.__doc__ = f"Matrix cell {cell.name}."

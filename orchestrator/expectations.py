@@ -11,14 +11,50 @@ from typing import Any
 
 @dataclass(frozen=True, order=True)
 class Cell:
+    """One cell of the matrix: ``event`` on ``kernel`` with the region registered in
+    ``mode`` over ``backing``, and ``options`` (common/vocab.py OPTIONS: a canonical
+    ``+``-joined string, "" for none)."""
+
     kernel: str
     mode: str
     backing: str
     event: str
+    options: str = ""
 
     @property
     def name(self) -> str:
-        return f"{self.kernel}/{self.mode}/{self.backing}/{self.event}"
+        """``KERNEL/MODE/BACKING/EVENT`` with ``+OPTIONS`` after the event when it has some
+        (``6.12/pin/anon/migrate+fast``)."""
+        return f"{self.kernel}/{self.short}"
+
+    @property
+    def short(self) -> str:
+        """The name without the kernel: ``MODE/BACKING/EVENT[+OPTIONS]``."""
+        return f"{self.mode}/{self.backing}/{self.variant}"
+
+    @property
+    def variant(self) -> str:
+        """The event with its options: ``migrate+fast``, or ``migrate``."""
+        return f"{self.event}+{self.options}" if self.options else self.event
+
+    @property
+    def option_names(self) -> tuple[str, ...]:
+        """The cell's options, e.g. ``("readonly", "fast")``."""
+        return tuple(self.options.split("+")) if self.options else ()
+
+    @classmethod
+    def parse(cls, text: str) -> Cell:
+        """The cell named ``KERNEL/MODE/BACKING/EVENT[+OPTIONS]`` (:attr:`name`). Raises
+        ValueError if it has not four parts or its options are unknown."""
+        from pinlab.common.vocab import split_options
+
+        parts = text.strip().split("/")
+        if len(parts) != 4:
+            raise ValueError(f"a cell is KERNEL/MODE/BACKING/EVENT[+OPTIONS] "
+                             f"(e.g. 6.12/longterm/ext4/2018), not {text!r}")
+        event, _, options = parts[3].partition("+")
+        split_options(options)
+        return cls(parts[0], parts[1], parts[2], event, options)
 
 
 @dataclass(frozen=True)
@@ -80,7 +116,7 @@ def load(path: Path | None = None) -> list[dict[str, Any]]:
 def expect(cell: Cell, rules: list[dict[str, Any]]) -> Expectation | None:
     for r in rules:
         if all(_matches(getattr(cell, f), r.get(f, "*"))
-               for f in ("kernel", "mode", "backing", "event")):
+               for f in ("kernel", "mode", "backing", "event", "options")):
             return Expectation(str(r["expected"]), str(r["source"]),
                                tuple(str(c) for c in r.get("races", [])))
     return None

@@ -105,7 +105,8 @@ def print_table(verdicts: list[dict[str, Any]], seconds: float) -> None:
         table.add_column(col)
     for v in verdicts:
         style = {"match": "green", "mismatch": "red"}.get(v["verdict"], "yellow")
-        table.add_row(v["kernel"], v["mode"], v["backing"], v["event"], str(v["expected"]),
+        event = f"{v['event']}+{v['options']}" if v.get("options") else v["event"]
+        table.add_row(v["kernel"], v["mode"], v["backing"], event, str(v["expected"]),
                       str(v["observed"]), f"[{style}]{v['verdict']}[/]")
     console.print(table)
 

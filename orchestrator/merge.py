@@ -95,8 +95,7 @@ def check(docs: list[tuple[Path, dict[str, Any]]]) -> Shard:
             raise MergeError(f"{d}: shard {shard} holds other cells than this pinlab gives "
                              f"that shard ({len(lack)} missing, e.g. {lack[:3]}; {len(extra)} "
                              f"extra, e.g. {extra[:3]})")
-        ids = [f"{v['kernel']}/{v['mode']}/{v['backing']}/{v['event']}"
-               for v in doc["verdicts"]]
+        ids = [cell_of(v).name for v in doc["verdicts"]]
         if ids != doc["cells"]:
             raise MergeError(f"{d}: its verdicts do not match its cell list")
     return Shard(total, total)

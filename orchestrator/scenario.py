@@ -53,7 +53,8 @@ def _dmesg_since(s: GuestSession, mark: int, art: Path) -> DmesgReport:
 
 
 def _cell_args(cell: Cell) -> list[str]:
-    return ["cell", "--mode", cell.mode, "--backing", cell.backing, "--event", cell.event]
+    return (["cell", "--mode", cell.mode, "--backing", cell.backing, "--event", cell.event]
+            + (["--options", cell.options] if cell.options else []))
 
 
 def _finish(s: GuestSession, cell: Cell, art: Path, rep: dict[str, Any], mark: int,

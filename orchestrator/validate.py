@@ -29,7 +29,7 @@ import json
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -212,8 +212,8 @@ def _registered(role: str, args: argparse.Namespace) -> Subject:
 
 # ------------------------------------------------------------------------ one attempt
 def cell_id(c: Cell) -> str:
-    """A cell without its kernel: "longterm/ext4/truncate"."""
-    return f"{c.mode}/{c.backing}/{c.event}"
+    """A cell without its kernel: "longterm/ext4/truncate" (with ``+OPTIONS`` if any)."""
+    return c.short
 
 
 def attempt_record(subject: Subject, cell: Cell, n: int, why: str, fresh: bool,
@@ -223,7 +223,7 @@ def attempt_record(subject: Subject, cell: Cell, n: int, why: str, fresh: bool,
     comparison and the reports need, with the cell's kernel-log signatures (read from the
     attempt's dmesg.txt). The whole answer stays in ``<art>/attempt.json``."""
     rules = load()
-    exp = expect(Cell(subject.expectations, cell.mode, cell.backing, cell.event), rules) \
+    exp = expect(replace(cell, kernel=subject.expectations), rules) \
         if subject.expectations else None
     if resp is None:
         observed, evidence = "ERROR", {"pool_error": error}
@@ -258,8 +258,8 @@ def pool_runner(subject: Subject, cell: Cell, art: Path,
     """Run a cell in the subject's pool: (answer, None), or (None, error text) when the
     pool failed (boot, QEMU, SSH, device server): an infrastructure failure."""
     try:
-        return poolclient.run_cell(Cell(subject.kernel, cell.mode, cell.backing, cell.event),
-                                   art, fresh=fresh), None
+        return poolclient.run_cell(replace(cell, kernel=subject.kernel), art,
+                                   fresh=fresh), None
     except (poolclient.PoolError, OSError) as exc:
         return None, f"{type(exc).__name__}: {exc}"
 
@@ -414,6 +414,7 @@ class Validation:
         base, cand = self._pair(c)
         d = compare.decide(base, cand, self.table)
         return {"cell": cell_id(c), "mode": c.mode, "backing": c.backing, "event": c.event,
+                "options": c.options,
                 **d, "expected": {"base": base[0]["expected"] if base else None,
                                   "candidate": cand[0]["expected"] if cand else None},
                 "attempts": {"base": base, "candidate": cand}}

@@ -30,6 +30,15 @@ RESULT_COLOUR = {"regression": "#e53935", "fix": "#43a047", "changed": "#1e88e5"
 ORIGIN = "pinlab"
 
 
+
+def _dotted(r: dict[str, Any], first: str) -> str:
+    """A result's cell as a dotted path from ``first`` ("mode" or "backing"):
+    ``pin.anon.migrate`` or, with options, ``pin.anon.migrate.fast``."""
+    parts = [r["mode"], r["backing"], r["event"]][["mode", "backing"].index(first):]
+    return ".".join([*parts, *(str(r.get("options") or "").split("+") if r.get("options")
+                                else [])])
+
+
 def counts(doc: Doc) -> dict[str, int]:
     c = Counter(r["result"] for r in doc["results"])
     return {k: c.get(k, 0) for k in RESULTS}
@@ -181,7 +190,7 @@ def junit(doc: Doc) -> str:
         secs = sum(a.get("wall_seconds") or 0 for role in ("base", "candidate")
                    for a in r["attempts"][role])
         tc = ET.SubElement(suite, "testcase", classname=f"pinlab.validate.{r['mode']}",
-                           name=f"{r['backing']}.{r['event']}", time=f"{secs:.2f}")
+                           name=_dotted(r, "backing"), time=f"{secs:.2f}")
         msg = f"{r['result']}: {r['reason']}"
         if r["result"] == "regression":
             ET.SubElement(tc, "failure", message=msg, type="regression").text = msg
@@ -209,7 +218,7 @@ def ktap(doc: Doc) -> str:
            f"candidate {doc['candidate']['label']} ({doc['candidate'].get('release')})",
            f"1..{len(doc['results'])}"]
     for i, r in enumerate(doc["results"], 1):
-        name = f"pinlab.{r['mode']}.{r['backing']}.{r['event']}"
+        name = "pinlab." + _dotted(r, "mode")
         out.append(f"# {r['cell']}: {r['result']}: {_ktap_text(r['reason'])}")
         if r["result"] == "regression":
             out.append(f"not ok {i} {name}")
@@ -238,7 +247,7 @@ def kcidb(doc: Doc, run: str) -> dict[str, Any]:
     kernel; per cell a test on each build. Candidate tests carry the comparison
     (regression FAIL, infra-error MISS, flaky DONE, others PASS); base tests are the
     reference measurement (DONE, or MISS without a usable attempt). Path
-    ``pinlab.<mode>.<backing>.<event>``; the classes and attempts go in ``misc``."""
+    ``pinlab.<mode>.<backing>.<event>[.<option>...]``; the classes and attempts go in ``misc``."""
     from kcidb_io.schema import LATEST
 
     data: dict[str, Any] = {"version": {"major": LATEST.major, "minor": LATEST.minor},
@@ -256,7 +265,7 @@ def kcidb(doc: Doc, run: str) -> dict[str, Any]:
             "comment": f"{s['label']} {s.get('release') or ''}".strip(), "status": "PASS",
             "misc": {"release": s.get("release")}})
     for r in doc["results"]:
-        path = f"pinlab.{r['mode']}.{r['backing']}.{r['event']}"
+        path = "pinlab." + _dotted(r, "mode")
         for role in ("base", "candidate"):
             atts = r["attempts"][role]
             if role == "candidate":

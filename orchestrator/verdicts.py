@@ -11,7 +11,7 @@
                    "selected": <cells in the whole selection>},
      "shards": [<the selections merged>]       # merged files only
      "cells": ["6.12/pin/anon/dma-write", ...],  # this file's cells, in run order
-     "verdicts": [{"kernel", "mode", "backing", "event", "expected", "observed",
+     "verdicts": [{"kernel", "mode", "backing", "event", "options", "expected", "observed",
                    "verdict": "match" | "mismatch" | "error", "source", "evidence",
                    "seconds", "artifacts": <path relative to this file's directory>, ...}]}
 
@@ -39,7 +39,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 def cell_of(v: dict[str, Any]) -> Cell:
     """The cell a verdict entry is about. Raises KeyError if a field is missing."""
-    return Cell(str(v["kernel"]), str(v["mode"]), str(v["backing"]), str(v["event"]))
+    return Cell(str(v["kernel"]), str(v["mode"]), str(v["backing"]), str(v["event"]),
+                str(v.get("options") or ""))
 
 
 def pinlab_identity() -> dict[str, str | None]:
@@ -82,7 +83,8 @@ def kernel_identity(kernel: str) -> dict[str, Any]:
 def missing_verdict(cell: Cell, reason: str) -> dict[str, Any]:
     """The verdict entry of a cell that never reported: ``error``, observed ``MISSING``."""
     return {"kernel": cell.kernel, "mode": cell.mode, "backing": cell.backing,
-            "event": cell.event, "expected": "?", "observed": "MISSING", "verdict": "error",
+            "event": cell.event, "options": cell.options, "expected": "?",
+            "observed": "MISSING", "verdict": "error",
             "source": "", "evidence": {"reason": reason}, "artifacts": None}
 
 
@@ -124,7 +126,7 @@ def write_junit(doc: dict[str, Any], path: Path) -> Path:
             suite = suites[v["kernel"]] = ET.SubElement(root, "testsuite",
                                                         name=f"pinlab.{v['kernel']}")
         case = ET.SubElement(suite, "testcase", classname=f"pinlab.{v['kernel']}",
-                             name=f"{v['mode']}/{v['backing']}/{v['event']}",
+                             name=cell_of(v).short,
                              time=f"{float(v.get('seconds') or 0):.2f}")
         if v["verdict"] != "match":
             tag = "failure" if v["verdict"] == "mismatch" else "error"
@@ -171,11 +173,13 @@ def write_html(verdicts: list[dict[str, Any]], d: Path, base: Path | None = None
     cols = [(m, k) for m in modes for k in kernels
             if any(v["mode"] == m and v["kernel"] == k for v in verdicts)]
     pair_rank = {(e, b): i for i, (b, e) in enumerate(pairs())}
-    rows = sorted({(v["event"], v["backing"]) for v in verdicts},
-                  key=lambda r: (pair_rank.get(r, len(pair_rank)), r))
+    # a row per event variant (event and options) and backing
+    rows = sorted({(cell_of(v).variant, v["backing"]) for v in verdicts},
+                  key=lambda r: (pair_rank.get((r[0].partition("+")[0], r[1]), len(pair_rank)),
+                                 r))
     by: dict[tuple[str, str, str, str], list[dict[str, Any]]] = {}
     for v in verdicts:
-        by.setdefault((v["event"], v["backing"], v["mode"], v["kernel"]), []).append(v)
+        by.setdefault((cell_of(v).variant, v["backing"], v["mode"], v["kernel"]), []).append(v)
     n = counts(verdicts)
     summary = ", ".join(f"{k} {n[k]}" for k in ("match", "mismatch", "error"))
     flaky = sum(len({v["observed"] for v in vs}) > 1 for vs in by.values())
@@ -221,7 +225,7 @@ def write_html(verdicts: list[dict[str, Any]], d: Path, base: Path | None = None
             if v["verdict"] == "mismatch":
                 text += f"<br>✗ expected {html.escape(str(v['expected']))}"
             fg = "#fff" if lv.harm >= 5 else "#000"
-            name = f"{k}/{m}/{v['backing']}/{v['event']}"
+            name = cell_of(v).name
             title = html.escape(f"{name}\ndebug by hand: pinlab up --cell {name}\n{lv.name}\n"
                                 f"{v.get('source', '')}\n{json.dumps(v.get('evidence'))[:600]}")
             art = v.get("artifacts")

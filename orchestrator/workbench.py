@@ -205,7 +205,7 @@ class Workbench:
 
     def run(self) -> int:
         o = self.o
-        cell = f"{o.cell.mode}/{o.cell.backing}/{o.cell.event}" if o.cell else None
+        cell = o.cell.short if o.cell else None
         with GuestSession.boot(self.kernel, self.artifacts, device=o.device,
                                module=o.module and o.device, config=self.config(),
                                faults=self.faults() if o.device else None,
@@ -270,11 +270,13 @@ class Workbench:
             lines.append(f"  gdb:            target remote {e.gdb}   (kernel booted nokaslr; "
                          f"vmlinux: {e.vmlinux or 'not found, see README'})")
         if e.cell:
-            m, b, ev = e.cell.split("/")
+            m, b, variant = e.cell.split("/")
+            ev = variant.partition("+")[0]
             lines.append(f"  cell {self.kernel}/{e.cell} is set up; its mapping, registered "
                          f"and written once, before the event:\n"
                          f"    pinlab ssh {n} "
-                         + guest_python("pinlab_cell", "ready", m, b, ev, interactive=True))
+                         + guest_python("pinlab_cell", "ready", m, b, variant,
+                                        interactive=True))
             if ev in ("hot-unplug",):
                 lines.append(f"    its event waits for the device to go: in another terminal "
                              f"`pinlab replug {n} --ready-file {READY_FILE}`")

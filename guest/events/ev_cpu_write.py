@@ -2,8 +2,8 @@
 
 The region is registered read-only (no FOLL_WRITE; the device may only read) over a
 mapping that holds known contents (``fill``: a MAP_PRIVATE file gets them in the file and
-is only read-faulted, so its PTEs map the page cache's pages; ``FAST``: the pinned modes
-take the pages with get/pin_user_pages_fast(), see ev_cpu_write_fast.py). The device reads the
+is only read-faulted, so its PTEs map the page cache's pages; the cell option ``fast``:
+the pinned modes take the pages with get/pin_user_pages_fast()). The device reads the
 region (DMA_READ's CRC-32); the process writes new contents over every page; the device
 reads again. Recorded: the CRC-32 of the old and the new contents, of what the process's
 mapping holds before and after the write, and of what the device read each time, and the

@@ -23,7 +23,7 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pinlab.common.vocab import MODES
+from pinlab.common.vocab import MODES, OPTION_MODES, split_options
 
 if TYPE_CHECKING:
     from ..classify import Judge
@@ -54,7 +54,9 @@ class Event:
     ``faults``: device faults a ``pinlab up --cell`` guest of this event is booted with
     (the matrix sets them in ``scenario``). ``smoke``: the (mode, backing) of the event's
     smoke cell when the default choice (cells.py ``smoke``) would not be the cell that
-    tells the kernels apart."""
+    tells the kernels apart. ``variants``: the cell options (common/vocab.py OPTIONS,
+    canonical ``+``-joined strings; "" = none) each (backing, mode) runs with; an option
+    runs only in the modes it applies to (``OPTION_MODES``)."""
 
     name: str
     order: int
@@ -68,6 +70,19 @@ class Event:
     swap_control: tuple[str, ...] = ()
     faults: dict[str, Any] = field(default_factory=dict)
     smoke: tuple[str, str] | None = None
+    variants: tuple[str, ...] = ("",)
+
+    def __post_init__(self) -> None:
+        for v in self.variants:
+            split_options(v)  # raises ValueError naming an unknown option
+        if len(set(self.variants)) != len(self.variants):
+            raise ValueError(f"event {self.name}: variants {self.variants} repeat one")
+
+    def variant_modes(self, options: str) -> tuple[str, ...]:
+        """The modes this event runs in with ``options``: :attr:`modes` less those an
+        option does not apply to."""
+        return tuple(m for m in self.modes
+                     if all(m in OPTION_MODES[o] for o in split_options(options)))
 
     def run(self, s: GuestSession, cell: Cell, art: Path) -> Observation:
         """Run one cell of this event in ``s`` (artifacts in ``art``)."""

@@ -1,5 +1,6 @@
-"""Event ``cpu-write``: a read-only registration, a device read, a CPU write through the
-process's mapping, a device read again (guest/events/ev_cpu_write.py).
+"""Event ``cpu-write`` (and ``cpu-write+fast``): a read-only registration, a device read,
+a CPU write through the process's mapping, a device read again
+(guest/events/ev_cpu_write.py).
 
 Every backing and every mode: a read-only pin (no FOLL_WRITE) of a page the process may
 later write is coherent only if the kernel made the pinned page the one the process keeps
@@ -92,7 +93,7 @@ def judge(j: Judge, fast: bool) -> str:
 
 
 def classify(j: Judge) -> str:
-    return judge(j, fast=False)
+    return judge(j, fast="fast" in j.cell.option_names)
 
 
 EVENT = Event(
@@ -103,4 +104,9 @@ EVENT = Event(
     classify=classify,
     last_gen=1,
     smoke=("longterm", "private-file"),   # the read-only cell that differs between kernels
+    # and with the pages taken by get/pin_user_pages_fast() (PINLAB_REG_FAST): the fast
+    # path walks the page tables without mmap_lock and falls back to the slow path for a
+    # page it may not take; the classes are the slow path's (docs/pinning-semantics.md
+    # row 50)
+    variants=("", "fast"),
 )

@@ -10,7 +10,7 @@ from avocado.core.resolver import ReferenceResolutionResult
 from avocado.core.tags import filter_tags_on_runnables
 
 from pinlab.images.kernel import KERNELS
-from pinlab.orchestrator.cells import all_cells, cell_tags, select, smoke
+from pinlab.orchestrator.cells import all_cells, cell_tags, parse_cell, select, smoke
 from pinlab.orchestrator.celltest import (
     CELL_TESTS,
     CellResolver,
@@ -74,11 +74,49 @@ class CellsTest(unittest.TestCase):
             for c in all_cells(k):
                 self.assertIsNotNone(expect(c, rules), f"no expectation for {c.name}")
 
-    def test_smoke_has_one_cell_per_event(self) -> None:
+    def test_smoke_has_one_cell_per_event_variant(self) -> None:
         cells = all_cells("6.12")
         s = smoke(cells)
-        self.assertEqual({c.event for c in s}, {c.event for c in cells})
-        self.assertEqual(len(s), len({c.event for c in cells}))
+        self.assertEqual({c.variant for c in s}, {c.variant for c in cells})
+        self.assertEqual(len(s), len({c.variant for c in cells}))
+        self.assertGreater(len(s), len({c.event for c in cells}))  # cpu-write+fast
+
+    def test_options_make_cells_of_their_own(self) -> None:
+        from pinlab.orchestrator import events
+        cells = all_cells("6.12")
+        fast = [c for c in cells if c.options == "fast"]
+        self.assertTrue(fast)
+        for c in fast:
+            ev = events.event(c.event)
+            assert ev is not None
+            self.assertIn("fast", ev.variants)
+            self.assertNotEqual(c.mode, "odp", "odp takes no pages: no fast path")
+            self.assertIn("option:fast", cell_tags(c, set()))
+            self.assertTrue(method_name(c).endswith("__fast"), method_name(c))
+            self.assertEqual(Cell.parse(c.name), c)
+            self.assertEqual(parse_cell(c.name), c)
+            self.assertEqual(parse_cell(f"{CELL_TESTS}:{method_name(c)}"), c)
+        plain = Cell("6.12", "pin", "anon", "cpu-write")
+        self.assertEqual(plain.name, "6.12/pin/anon/cpu-write")
+        self.assertEqual(Cell.parse(plain.name), plain)
+        self.assertIn(plain, cells)
+        self.assertNotIn("option:fast", cell_tags(plain, set()))
+        self.assertEqual(select(cells, ["-option"]), [c for c in cells if not c.options])
+        self.assertEqual(select(cells, ["option:fast"]), fast)
+        for bad in ("6.12/pin/anon/cpu-write+turbo", "6.12/pin/anon/cpu-write+fast+readonly",
+                    "6.12/pin/anon"):
+            with self.subTest(bad=bad), self.assertRaises(ValueError):
+                parse_cell(bad)
+        with self.assertRaises(ValueError):   # an option the event does not run with
+            parse_cell("6.12/pin/anon/truncate+fast")
+
+    def test_rules_match_options(self) -> None:
+        rules = [{"event": "x", "options": "fast", "expected": "A", "source": "s"},
+                 {"event": "x", "expected": "B", "source": "s"}]
+        self.assertEqual(expect(Cell("6.1", "pin", "anon", "x", "fast"), rules).expected, "A")
+        self.assertEqual(expect(Cell("6.1", "pin", "anon", "x"), rules).expected, "B")
+        self.assertEqual(expect(Cell("6.1", "pin", "anon", "x", "readonly"), rules).expected,
+                         "B")
 
     def test_an_event_that_names_its_smoke_cell_gets_it(self) -> None:
         from pinlab.orchestrator import events
@@ -95,6 +133,13 @@ class CellsTest(unittest.TestCase):
         self.assertEqual(judge(c, {"observed": "COHERENT"})["verdict"], "match")
         self.assertEqual(judge(c, {"observed": "WRITES_LOST_SILENTLY"})["verdict"], "mismatch")
         self.assertEqual(judge(c, {"observed": "ERROR"})["verdict"], "error")
+        f = judge(Cell("6.1", "longterm", "private-file", "cpu-write", "fast"),
+                  {"observed": "DEVICE_READS_STALE"})
+        self.assertEqual((f["options"], f["verdict"]), ("fast", "match"))
+        from pinlab.orchestrator.verdicts import cell_of
+        self.assertEqual(cell_of(f), Cell("6.1", "longterm", "private-file", "cpu-write", "fast"))
+        del f["options"]   # a verdict written before cells had options
+        self.assertEqual(cell_of(f).options, "")
 
 
 if __name__ == "__main__":

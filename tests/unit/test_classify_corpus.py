@@ -242,7 +242,7 @@ def mutations(e: Entry, cls: str) -> Iterator[Mutation]:
             yield "victim audit without ack", lambda x: x["audit"]["victim"]["kinds"].pop(
                 "invalidate_ack", None)
         return
-    if cell.event in ("cpu-write", "cpu-write-fast", "cpu-write-fork"):
+    if cell.event in ("cpu-write", "cpu-write-fork"):
         yield from cpu_write_mutations(e, cls)
         return
     g2 = _step(e, "dma_write_g2")

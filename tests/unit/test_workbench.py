@@ -119,7 +119,7 @@ class CellNamesTest(unittest.TestCase):
         self.assertEqual(len(select(all_cells("6.12"), ["event:2018"])), 8)   # ext4, btrfs
         self.assertEqual(select(all_cells("6.12"), ["event:nosuch"]), [])
         self.assertEqual(len(select(all_cells("6.12"), ["smoke"])),
-                         len({c.event for c in all_cells("6.12")}))
+                         len({c.variant for c in all_cells("6.12")}))
 
 
 class CommandLineTest(unittest.TestCase):
