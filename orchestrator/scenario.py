@@ -264,6 +264,7 @@ def _unplug_cycle(s: GuestSession, cell: Cell, art: Path, n: int) -> tuple[Obser
         return died, False
     refs = s.agent.checked("read", path=MODULE_REFCNT)["text"].strip()
     host["module_refs"] = int(refs) if refs.isdigit() else refs
+    replug_mark = s.dmesg_mark()              # marks are read once: _finish reads ``mark``
     obs = _finish(s, cell, art, rep, mark)
     host["removed_s"] = round(time.monotonic() - t0, 2)
     guest_class = obs.observed
@@ -283,7 +284,7 @@ def _unplug_cycle(s: GuestSession, cell: Cell, art: Path, n: int) -> tuple[Obser
         if died is not None:
             died.evidence.update(host)
             return died, False
-        text = s.dmesg_since(mark)
+        text = s.dmesg_since(replug_mark)
         (art / "dmesg-replug.txt").write_text(text)
         host["replug_severe"] = sorted(classify(text).severe())
     obs.evidence["host"] = host

@@ -18,7 +18,7 @@ from .ev_hot_unplug import classify
 
 EVENT = Event(
     "hot-unplug-loop",
-    order=61,
+    order=62,
     backings=("anon",),
     classify=classify,
     scenario="hot_unplug_loop",
