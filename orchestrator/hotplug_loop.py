@@ -24,6 +24,7 @@ from pinlab.common.vocab import Outcome
 CYCLES = 10                 # device_del + device_add per cell (issue 12 item 6)
 DELETED_TIMEOUT_S = 60.0    # QMP DEVICE_DELETED after the workload saw the removal
 REPLUG_TIMEOUT_S = 30.0     # device_add until the driver's char device is back
+LOOP_DEADLINE_S = 480.0     # no cycle starts later (a cell may take 900 s, celltest.py)
 # glibc's assert(): "<prog>: <file>:<line>: <func>: Assertion `<expr>' failed."
 ASSERTION = re.compile(r"^.*Assertion [`'].*' failed\.?\s*$", re.MULTILINE)
 

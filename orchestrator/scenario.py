@@ -19,6 +19,7 @@ import contextlib
 import json
 import re
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -304,22 +305,36 @@ def hot_unplug_loop(s: GuestSession, cell: Cell, art: Path) -> Observation:
     /dev/pinlab0 and no kernel error. The loop stops at the first cycle that is not
     DEVICE_GONE_CLEAN; the cell's class is that cycle's (``failed_cycle``), or
     DEVICE_GONE_CLEAN. Every wait is bounded; a QEMU that died is QEMU_CRASHED only with
-    positive evidence of an abort (``_qemu_death``), and the pool reboots the guest."""
+    positive evidence of an abort (``_qemu_death``); a cycle that raised (a hung guest, an
+    agent that stopped answering) ends the loop as ERROR with the cycles so far and the
+    console's tail; no cycle starts after hotplug_loop.LOOP_DEADLINE_S (INCONCLUSIVE).
+    Unless the device is back in the guest, the pool reboots it (``needs_reboot``)."""
     art.mkdir(parents=True, exist_ok=True)
     cycles: list[dict[str, Any]] = []
     last: Observation | None = None
-    plugged = True
+    plugged = True                            # the device is in the guest
     t0 = time.monotonic()
     for n in range(1, hotplug_loop.CYCLES + 1):
+        if time.monotonic() - t0 > hotplug_loop.LOOP_DEADLINE_S:
+            break                             # loop_outcome: INCONCLUSIVE, cut short
         t1 = time.monotonic()
-        last, plugged = _unplug_cycle(s, cell, art / f"cycle-{n:02d}", n)
+        cart = art / f"cycle-{n:02d}"
+        try:
+            last, plugged = _unplug_cycle(s, cell, cart, n)
+        except Exception as exc:  # noqa: BLE001 - a hung guest or agent: keep the loop's record
+            died = _qemu_death(s, cart, "cycle", wait=5)
+            last = died or Observation(Outcome.ERROR, {
+                "exception": repr(exc)[-2000:], "broken": s.broken,
+                "trace": traceback.format_exc()[-4000:]})
+            with contextlib.suppress(Exception):
+                (cart / "console-tail.txt").write_text(s.guest.console.tail(200))
+            plugged = False
         cycles.append({"cycle": n, "observed": last.observed,
                        "seconds": round(time.monotonic() - t1, 1)})
         if last.observed != Outcome.DEVICE_GONE_CLEAN:
             break
     observed, failed = hotplug_loop.loop_outcome(cycles)
-    assert last is not None
-    ev = dict(last.evidence)
+    ev = dict(last.evidence) if last is not None else {}
     ev.update(cycles=cycles, failed_cycle=failed, loop_s=round(time.monotonic() - t0, 1),
               irq=irq_of(s.guest.cfg.device_args), needs_reboot=not plugged)
     (art / "cycles.json").write_text(json.dumps(cycles, indent=2))
