@@ -145,6 +145,7 @@ class Outcome:
     OFFLINE_SUCCEEDS = "OFFLINE_SUCCEEDS"
     QEMU_CRASHED = "QEMU_CRASHED"
     TRUNCATE_BLOCKED = "TRUNCATE_BLOCKED"
+    DEVICE_NOT_REPLUGGED = "DEVICE_NOT_REPLUGGED"
 
 
 #: Every outcome class, in the order of the expectations header.

@@ -109,6 +109,12 @@ EVIDENCE: dict[str, tuple[str, ...]] = {
                                "wait in ms), or still blocked at the watch deadline and then "
                                "killed", "audit: generation 1 written",
                                "audit: the region destroyed"),
+    Outcome.QEMU_CRASHED: ("QEMU exited during the cell",
+                           "hot-unplug-loop: its SIGABRT exit status or glibc's "
+                           "'Assertion ... failed' line in qemu.log"),
+    Outcome.DEVICE_NOT_REPLUGGED: ("hot-unplug-loop: the cycle's removal clean",
+                                   "no PCI function bound to pinlab, or no /dev/pinlab0, "
+                                   "within the replug deadline after QMP device_add"),
 }
 #: not a class: what every cell of a DAX backing needs besides its class's evidence
 DAX_EVIDENCE = ("STATX_ATTR_DAX on the file", "the mount's dax option",

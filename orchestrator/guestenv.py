@@ -54,6 +54,13 @@ def guest_config(irq: str = "msi") -> GuestConfig:
                        memory_mb=MEMORY_MB)
 
 
+def irq_of(device_args: list[str]) -> str:
+    """The device's interrupts (IRQ_MODES) that a device server started with
+    ``device_args`` uses: its ``--irq``, else the server's default, msix
+    (device/device.py)."""
+    return device_args[device_args.index("--irq") + 1] if "--irq" in device_args else "msix"
+
+
 def setup_command(*, swap: bool = False, hugepages: int = 0, cell: str | None = None) -> str:
     """The guest command that sets an ``up`` guest up like a matrix guest: the scratch
     filesystems (ext4, xfs, btrfs), tmpfs and hugetlbfs mounted, optionally swap and huge

@@ -35,7 +35,7 @@ from pinlab.common import jsonlines
 from . import events
 from .dmesg import SEVERE, classify
 from .expectations import Cell
-from .guestenv import guest_config
+from .guestenv import guest_config, irq_of
 from .poolclient import ANOTHER_POOL
 from .scenario import Observation
 from .session import GuestSession
@@ -55,20 +55,21 @@ class CellServer:
     def log(self, msg: str) -> None:
         print(f"{time.strftime('%H:%M:%S')} pool[{self.kernel}]: {msg}", flush=True)
 
-    def boot(self) -> GuestSession:
+    def boot(self, irq: str = "msi") -> GuestSession:
+        """Boot a fresh guest (guestenv.guest_config with the device's ``irq``)."""
         self.shutdown_guest()
         self.boots += 1
         art = self.dir / f"boot-{self.boots}"
         stack = contextlib.ExitStack()
         try:
             self.session = stack.enter_context(
-                GuestSession.boot(self.kernel, art, config=guest_config()))
+                GuestSession.boot(self.kernel, art, config=guest_config(irq)))
         except BaseException:
             stack.close()
             raise
         self._cm = stack
         self.taint = ""
-        self.log(f"guest booted in {self.session.guest.boot_seconds:.1f}s ({art})")
+        self.log(f"guest booted in {self.session.guest.boot_seconds:.1f}s, irq {irq} ({art})")
         return self.session
 
     def shutdown_guest(self) -> None:
@@ -77,11 +78,16 @@ class CellServer:
                 self._cm.close()
         self._cm, self.session = None, None
 
-    def ready_session(self) -> GuestSession:
+    def ready_session(self, irq: str = "msi") -> GuestSession:
+        """The warm guest, reset for the next cell; a fresh one when there is none, it is
+        tainted or dead, or its device's interrupts are not ``irq``."""
+        if (self.session is not None and not self.taint
+                and irq_of(self.session.guest.cfg.device_args) != irq):
+            self.taint = f"the next cell needs a device with {irq}"
         if self.session is None or self.taint or self.session.guest.dead():
             if self.taint:
                 self.log(f"rebooting: {self.taint}")
-            return self.boot()
+            return self.boot(irq)
         s = self.session
         # reset: a fresh driver instance for every cell
         try:
@@ -89,16 +95,16 @@ class CellServer:
         except Exception as exc:  # noqa: BLE001 - any failure here means: reboot
             self.taint = f"module reload failed: {exc}"
             self.log(self.taint)
-            return self.boot()
+            return self.boot(irq)
         return s
 
     def run_cell(self, cell: Cell, art: Path) -> dict[str, Any]:
         art.mkdir(parents=True, exist_ok=True)
         t0 = time.monotonic()
-        s = self.ready_session()
+        ev = events.event(cell.event)
+        s = self.ready_session(ev.irq if ev is not None else "msi")
         s.mark()
         try:
-            ev = events.event(cell.event)
             if ev is None:
                 raise ValueError(f"no event {cell.event!r} in orchestrator/events/")
             obs = ev.run(s, cell, art)

@@ -19,6 +19,7 @@ import contextlib
 import json
 import re
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,11 +27,14 @@ from typing import Any
 from pinlab.common import jsonlines
 from pinlab.common.vocab import Key, Outcome
 
+from . import hotplug_loop
 from .classify import audit_facts, classify_cell
 from .dmesg import DmesgReport, classify
 from .expectations import Cell
+from .guestenv import irq_of
+from .qmp import QMPError
 from .session import GuestSession, WorkloadError
-from .vm import Guest
+from .vm import DEVICE_ID, Guest
 
 AUDIT_LIMIT = 100_000   # records of one cell's audit extract at most
 PINLAB_DRIVER_DIR = "/sys/bus/pci/drivers/pinlab"
@@ -180,6 +184,162 @@ def hot_unplug(s: GuestSession, cell: Cell, art: Path) -> Observation:
         except Exception as exc:  # noqa: BLE001 - the pool reboots instead
             obs.evidence["replug_error"] = repr(exc)
     return obs
+
+
+MODULE_REFCNT = "/sys/module/pinlab/refcnt"
+
+
+def _qemu_death(s: GuestSession, art: Path, where: str,
+                wait: float = 0.0) -> Observation | None:
+    """None while QEMU and the device server live (after waiting up to ``wait`` s for
+    them to be gone: a guest connection can break a moment before QEMU's exit status is
+    there); else the observation of their death: QEMU_CRASHED only with positive evidence
+    of an abort (hotplug_loop.abort_evidence: SIGABRT or glibc's assertion line in
+    qemu.log), otherwise INCONCLUSIVE naming what exited. The tail of qemu.log is kept in
+    ``art``/qemu-tail.txt."""
+    g = s.guest
+    t0 = time.monotonic()
+    dead = g.dead()
+    while not dead and time.monotonic() - t0 < wait:
+        time.sleep(0.1)
+        dead = g.dead()
+    if not dead:
+        return None
+    qlog = g.artifacts / "qemu.log"
+    text = qlog.read_text(errors="replace") if qlog.exists() else ""
+    (art / "qemu-tail.txt").write_text(dead + "\n--- qemu.log tail ---\n" + text[-4000:])
+    rc = g.qemu.returncode() if g.qemu else None
+    ev: dict[str, Any] = {"dead": dead.splitlines()[-3:], "where": where,
+                          "qemu_returncode": rc, "qemu_log_tail": text.splitlines()[-3:]}
+    abort = hotplug_loop.abort_evidence(rc, text)
+    if abort:
+        ev["abort"] = abort
+        return Observation(Outcome.QEMU_CRASHED, ev)
+    return Observation(f"INCONCLUSIVE(guest died without an abort of QEMU: {dead[:80]})", ev)
+
+
+def _deleted(s: GuestSession, timeout: float) -> bool:
+    """Wait (at most ``timeout`` s) for QMP DEVICE_DELETED of the pinlab device; False
+    at the deadline or when QEMU died."""
+    assert s.guest.qmp
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if any(e.get("event") == "DEVICE_DELETED"
+               and (e.get("data") or {}).get("device") == DEVICE_ID
+               for e in s.guest.qmp.events()):
+            return True
+        if s.guest.dead():
+            return False
+        time.sleep(0.1)
+    return False
+
+
+def _unplug_cycle(s: GuestSession, cell: Cell, art: Path, n: int) -> tuple[Observation, bool]:
+    """One cycle of the loop: a registration streams, QMP device_del, the workload's
+    report, DEVICE_DELETED, the driver's module references, QMP device_add and the
+    rebind. Returns (the cycle's observation, whether the guest still has the device)."""
+    art.mkdir(parents=True, exist_ok=True)
+    s.mark()
+    mark = s.dmesg_mark()
+    args = _cell_args(cell)
+    t0 = time.monotonic()
+    host: dict[str, Any] = {"cycle": n, "bdf": _pinlab_bdf(s)}
+    s.guest.qmp.events()                      # drain: this cycle's DEVICE_DELETED only
+    job = s.workload_start(*args, timeout=300)
+    host["ready_ms"] = s.workload_ready(job, *args, timeout=60)
+    try:
+        s.guest.qmp.cmd("device_del", id=DEVICE_ID, timeout=30)
+    except QMPError as exc:
+        host["device_del_error"] = str(exc)
+    try:
+        rep = s.workload_wait(job, *args, timeout=120)
+    except WorkloadError:
+        died = _qemu_death(s, art, "device_del", wait=10)
+        if died is None:
+            raise
+        died.evidence.update(host)
+        return died, False
+    host["device_deleted"] = _deleted(s, hotplug_loop.DELETED_TIMEOUT_S)
+    died = _qemu_death(s, art, "device_del")
+    if died is not None:
+        died.evidence.update(host)
+        return died, False
+    refs = s.agent.checked("read", path=MODULE_REFCNT)["text"].strip()
+    host["module_refs"] = int(refs) if refs.isdigit() else refs
+    replug_mark = s.dmesg_mark()              # marks are read once: _finish reads ``mark``
+    obs = _finish(s, cell, art, rep, mark)
+    host["removed_s"] = round(time.monotonic() - t0, 2)
+    guest_class = obs.observed
+    plugged = False
+    host.update(rebound=False, replug_severe=[])
+    if guest_class == Outcome.DEVICE_GONE_CLEAN and host["device_deleted"]:
+        t1 = time.monotonic()
+        try:
+            host["node"] = s.guest.replug_device(timeout=hotplug_loop.REPLUG_TIMEOUT_S)
+            plugged = True
+            host["rebound_bdf"] = _pinlab_bdf(s)
+            host["rebound"] = host["node"] == "/dev/pinlab0"
+        except Exception as exc:  # noqa: BLE001 - judged below: dead QEMU or no rebind
+            host["replug_error"] = repr(exc)[-500:]
+        host["replug_s"] = round(time.monotonic() - t1, 2)
+        died = _qemu_death(s, art, "device_add")
+        if died is not None:
+            died.evidence.update(host)
+            return died, False
+        text = s.dmesg_since(replug_mark)
+        (art / "dmesg-replug.txt").write_text(text)
+        host["replug_severe"] = sorted(classify(text).severe())
+    obs.evidence["host"] = host
+    obs.observed = hotplug_loop.cycle_outcome(guest_class, host)
+    return obs, plugged
+
+
+def hot_unplug_loop(s: GuestSession, cell: Cell, art: Path) -> Observation:
+    """Plug and unplug the device hotplug_loop.CYCLES times while a registration streams
+    (events ``hot-unplug-loop``, MSI, and ``hot-unplug-loop-msix``, an MSI-X device that
+    QEMU 11.1.3 aborts on). Each cycle (``_unplug_cycle``, artifacts in ``cycle-NN/``):
+    the workload registers and streams, QMP device_del, the workload's report (the region
+    failed or ENODEV), QMP DEVICE_DELETED, /sys/module/pinlab/refcnt 0 once the workload
+    exited (every file of the driver released, with its pins and notifiers), the
+    hot-unplug classifier on the report, dmesg and audit (kernel errors, DMA after the
+    removal, FOLL_PIN counters), then QMP device_add and the driver bound again with
+    /dev/pinlab0 and no kernel error. The loop stops at the first cycle that is not
+    DEVICE_GONE_CLEAN; the cell's class is that cycle's (``failed_cycle``), or
+    DEVICE_GONE_CLEAN. Every wait is bounded; a QEMU that died is QEMU_CRASHED only with
+    positive evidence of an abort (``_qemu_death``); a cycle that raised (a hung guest, an
+    agent that stopped answering) ends the loop as ERROR with the cycles so far and the
+    console's tail; no cycle starts after hotplug_loop.LOOP_DEADLINE_S (INCONCLUSIVE).
+    Unless the device is back in the guest, the pool reboots it (``needs_reboot``)."""
+    art.mkdir(parents=True, exist_ok=True)
+    cycles: list[dict[str, Any]] = []
+    last: Observation | None = None
+    plugged = True                            # the device is in the guest
+    t0 = time.monotonic()
+    for n in range(1, hotplug_loop.CYCLES + 1):
+        if time.monotonic() - t0 > hotplug_loop.LOOP_DEADLINE_S:
+            break                             # loop_outcome: INCONCLUSIVE, cut short
+        t1 = time.monotonic()
+        cart = art / f"cycle-{n:02d}"
+        try:
+            last, plugged = _unplug_cycle(s, cell, cart, n)
+        except Exception as exc:  # noqa: BLE001 - a hung guest or agent: keep the loop's record
+            died = _qemu_death(s, cart, "cycle", wait=5)
+            last = died or Observation(Outcome.ERROR, {
+                "exception": repr(exc)[-2000:], "broken": s.broken,
+                "trace": traceback.format_exc()[-4000:]})
+            with contextlib.suppress(Exception):
+                (cart / "console-tail.txt").write_text(s.guest.console.tail(200))
+            plugged = False
+        cycles.append({"cycle": n, "observed": last.observed,
+                       "seconds": round(time.monotonic() - t1, 1)})
+        if last.observed != Outcome.DEVICE_GONE_CLEAN:
+            break
+    observed, failed = hotplug_loop.loop_outcome(cycles)
+    ev = dict(last.evidence) if last is not None else {}
+    ev.update(cycles=cycles, failed_cycle=failed, loop_s=round(time.monotonic() - t0, 1),
+              irq=irq_of(s.guest.cfg.device_args), needs_reboot=not plugged)
+    (art / "cycles.json").write_text(json.dumps(cycles, indent=2))
+    return Observation(observed, ev)
 
 
 HOTPLUG_MB = 256          # the DIMM a mem-offline cell hot-adds (2 memory blocks on x86)

@@ -56,7 +56,9 @@ class Event:
     smoke cell when the default choice (cells.py ``smoke``) would not be the cell that
     tells the kernels apart. ``variants``: the cell options (common/vocab.py OPTIONS,
     canonical ``+``-joined strings; "" = none) each (backing, mode) runs with; an option
-    runs only in the modes it applies to (``OPTION_MODES``)."""
+    runs only in the modes it applies to (``OPTION_MODES``). ``irq``: the device's
+    interrupts in the guest a cell of this event runs in (guestenv.IRQ_MODES; the pool
+    boots a guest with them when its guest has the other kind)."""
 
     name: str
     order: int
@@ -71,6 +73,7 @@ class Event:
     faults: dict[str, Any] = field(default_factory=dict)
     smoke: tuple[str, str] | None = None
     variants: tuple[str, ...] = ("",)
+    irq: str = "msi"
 
     def __post_init__(self) -> None:
         for v in self.variants:

@@ -13,6 +13,11 @@ from pinlab.orchestrator import dmesg
 from pinlab.orchestrator.expectations import load as load_rules
 from pinlab.orchestrator.harm import UnknownClass, load, parse
 
+# the one kind of expected class that is infrastructure: a known bug of the host side whose
+# cell records it until it is fixed (README.md "The matrix": QEMU 11.1.3 aborts on
+# device_del of an MSI-X vfio-user-pci device)
+KNOWN_HOST_BUGS = {"hot-unplug-loop-msix": "QEMU_CRASHED"}
+
 REPO = Path(__file__).resolve().parents[2]
 EXPECTATIONS = REPO / "orchestrator" / "data" / "expectations.toml"
 # the shared checks and the per-event classifiers
@@ -54,6 +59,9 @@ class HarmTableTest(unittest.TestCase):
     def test_every_expected_class_is_a_kernel_outcome(self) -> None:
         table = load()
         for r in load_rules():
+            if str(r.get("event")) in KNOWN_HOST_BUGS:
+                self.assertEqual(r["expected"], KNOWN_HOST_BUGS[r["event"]])
+                continue
             with self.subTest(expected=r["expected"]):
                 self.assertFalse(table.is_infra(r["expected"]))
                 self.assertGreaterEqual(table.harm(r["expected"]), 0)
