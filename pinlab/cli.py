@@ -81,8 +81,13 @@ def _up(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         p.error(f"--cell: {exc}")
     if args.gdb is not None and not 1 <= args.gdb <= 65535:
         p.error("--gdb PORT: a TCP port 1..65535")
+    irq = args.irq
+    if irq is None:   # the cell's own interrupts (an MSI-X event's guest), else MSI
+        from pinlab.orchestrator import events
+        ev = events.event(cell.event) if cell else None
+        irq = ev.irq if ev else "msi"
     opts = UpOptions(kernel=args.kernel, name=args.name, device=not args.no_device,
-                     module=not args.no_module, irq=args.irq,
+                     module=not args.no_module, irq=irq,
                      faults=_faults(p, args.fault), append=" ".join(args.append or []),
                      gdb_port=args.gdb or 0, cell=cell, swap=args.swap,
                      hugepages=args.hugepages, memory_mb=args.memory or 0,
@@ -357,9 +362,9 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--no-device", action="store_true", help="boot without the DMA device "
                     "(pinlab.ko is still copied to /tmp/pinlab.ko)")
     up.add_argument("--no-module", action="store_true", help="do not load pinlab.ko")
-    up.add_argument("--irq", choices=["msi", "msix"], default="msi",
-                    help="the device's interrupts (default msi, as in the matrix; "
-                    "device_del of an MSI-X device aborts QEMU 11.1)")
+    up.add_argument("--irq", choices=["msi", "msix"], default=None,
+                    help="the device's interrupts (default: the --cell event's, as in the "
+                    "matrix, else msi; device_del of an MSI-X device aborts QEMU 11.1)")
     up.add_argument("--fault", action="append", metavar="NAME[=VALUE]",
                     help="device fault set at start (repeatable): never-ack-revoke, "
                     "delay-revoke-ms=MS, write-after-revoke, drop-irq, delay-irq-ms=MS")
