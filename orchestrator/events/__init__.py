@@ -54,7 +54,9 @@ class Event:
     ``faults``: device faults a ``pinlab up --cell`` guest of this event is booted with
     (the matrix sets them in ``scenario``). ``smoke``: the (mode, backing) of the event's
     smoke cell when the default choice (cells.py ``smoke``) would not be the cell that
-    tells the kernels apart."""
+    tells the kernels apart. ``thp_small``: the cells of a THP backing register small
+    pages on purpose (madv-collapse), so classify.py ``Judge.need_thp`` asks for small
+    pages in a VM_HUGEPAGE VMA instead of one large folio."""
 
     name: str
     order: int
@@ -68,6 +70,7 @@ class Event:
     swap_control: tuple[str, ...] = ()
     faults: dict[str, Any] = field(default_factory=dict)
     smoke: tuple[str, str] | None = None
+    thp_small: bool = False
 
     def run(self, s: GuestSession, cell: Cell, art: Path) -> Observation:
         """Run one cell of this event in ``s`` (artifacts in ``art``)."""

@@ -6,7 +6,7 @@ those of ``cpu-write`` (docs/pinning-semantics.md row 50).
 
 from __future__ import annotations
 
-from pinlab.common.vocab import BACKINGS, DAX_BACKINGS, PINNED_MODES
+from pinlab.common.vocab import BACKINGS, DAX_BACKINGS, PINNED_MODES, THP_BACKINGS
 
 from ..classify import Judge
 from . import Event
@@ -21,7 +21,7 @@ EVENT = Event(
     "cpu-write-fast",
     order=25,
     # not the fsdax backings yet: their read-only registrations were never observed
-    backings=tuple(b for b in BACKINGS if b not in DAX_BACKINGS),
+    backings=tuple(b for b in BACKINGS if b not in (*DAX_BACKINGS, *THP_BACKINGS)),
     modes=PINNED_MODES,
     classify=classify,
     last_gen=1,
