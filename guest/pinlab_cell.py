@@ -285,9 +285,9 @@ class Mapping:
     The THP backings (vocab.THP_BACKINGS) are mapped at an address aligned to their folio
     (pinlab_mm.AlignedMapping; a memfd from file offset 0) with MADV_HUGEPAGE before the
     first fault, so the first fault of each folio-sized range allocates one large folio
-    (pinlab_thp); with ``small`` they are faulted under MADV_NOHUGEPAGE (4 KiB pages)
-    and get MADV_HUGEPAGE only afterwards, so that MADV_COLLAPSE may collapse them. Every
-    other backing is mapped with MADV_NOHUGEPAGE."""
+    (pinlab_thp); with ``small`` they are faulted and kept under MADV_NOHUGEPAGE (4 KiB
+    pages, which khugepaged leaves alone until the event itself asks for MADV_HUGEPAGE and
+    MADV_COLLAPSE). Every other backing is mapped with MADV_NOHUGEPAGE."""
 
     def __init__(self, stack, kind, rep, tag="cell", npages=NPAGES, fill=None, small=False):
         self.kind = kind
@@ -347,8 +347,6 @@ class Mapping:
             self.mm[off:off + 1] = b"\0"
         if fill is not None:
             self.mm[:len(fill)] = fill
-        if kind in THP_BACKINGS and small:
-            self.mm.madvise(MADV_HUGEPAGE)
 
     def _close_fd(self):
         if self.fd is not None:

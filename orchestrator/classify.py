@@ -119,8 +119,7 @@ THP_EVIDENCE = ("every registered PFN's kpageflags with KPF_THP",
                 "contiguous PFNs, the first aligned to the folio size",
                 "the folio size equal to the registered pages",
                 "anon-thp, memfd-thp: smaps AnonHugePages / ShmemPmdMapped of at least 2 MiB")
-THP_SMALL_EVIDENCE = ("every registered PFN present in kpageflags, none with KPF_THP",
-                      "the VMA with VM_HUGEPAGE (smaps VmFlags hg)")
+THP_SMALL_EVIDENCE = ("every registered PFN present in kpageflags, none with KPF_THP",)
 #: the smaps field that shows a PMD-mapped THP of each backing (anon-mthp: none, its
 #: folios are PTE-mapped)
 PMD_MAPPED = {"anon-thp": "AnonHugePages", "memfd-thp": "ShmemPmdMapped"}
@@ -507,8 +506,8 @@ class Judge:
         (THP_EVIDENCE): one large folio, from the kpageflags of its registered PFNs and the
         VMA's smaps (guest/pinlab_thp.py evidence, Documentation/admin-guide/mm/pagemap.rst,
         Documentation/admin-guide/mm/transhuge.rst); for an event with
-        :attr:`~pinlab.orchestrator.events.Event.thp_small` (madv-collapse) small pages in a
-        VM_HUGEPAGE VMA instead (THP_SMALL_EVIDENCE). Run for every such cell before its
+        :attr:`~pinlab.orchestrator.events.Event.thp_small` (madv-collapse) small pages
+        instead (THP_SMALL_EVIDENCE). Run for every such cell before its
         class. Records ``thp`` in the facts; raises :class:`Inconclusive` naming what is
         missing (a kernel that gave no huge page never passes as the expected class)."""
         ev = events.event(self.cell.event)
@@ -718,8 +717,7 @@ def thp_folio_missing(d: Any, npages: int, pmd_field: str | None) -> str | None:
 
 
 def thp_small_missing(d: Any, npages: int) -> str | None:
-    """What of THP_SMALL_EVIDENCE the proof ``d`` lacks (small pages in a VM_HUGEPAGE
-    VMA), or None."""
+    """What of THP_SMALL_EVIDENCE the proof ``d`` lacks (small pages only), or None."""
     if not isinstance(d, dict):
         return "no proof"
     kp = d.get(Key.KPAGEFLAGS)
@@ -729,10 +727,6 @@ def thp_small_missing(d: Any, npages: int) -> str | None:
         return f"{kp.get('missing')} registered pages without a PFN"
     if kp.get("thp") != 0:
         return f"{kp.get('thp')} of {npages} pages already THP before the collapse"
-    sm = d.get(Key.SMAPS)
-    flags = sm.get("VmFlags") if isinstance(sm, dict) else None
-    if not isinstance(flags, list) or "hg" not in flags:
-        return "the VMA has no VM_HUGEPAGE (smaps VmFlags hg)"
     return None
 
 

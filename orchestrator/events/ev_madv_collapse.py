@@ -41,6 +41,14 @@ def classify(j: Judge) -> str:
                        "registered_range_now_thp": after is None,
                        "control_errno": ctl.get(Key.ERRNO_NAME) or ctl.get(Key.ERRNO)}
     step_errno(rep, "collapse")
+    for name in ("hugepage_control", "hugepage"):
+        if step_errno(rep, name):
+            raise Inconclusive(f"MADV_HUGEPAGE failed ({name})")
+    # MADV_COLLAPSE refuses a VM_NOHUGEPAGE VMA: the registered one must have had the
+    # flag cleared when it was collapsed (smaps VmFlags "hg")
+    sm = (rep.get(Key.THP_AFTER_EVENT) or {}).get(Key.SMAPS)
+    if not isinstance(sm, dict) or "hg" not in (sm.get("VmFlags") or []):
+        raise Inconclusive("the registered VMA has no VM_HUGEPAGE at the collapse")
     why = thp_small_missing(rep.get(Key.THP_CONTROL), n)
     if why:
         raise Inconclusive(f"control range before MADV_COLLAPSE: {why}")

@@ -138,7 +138,9 @@ class THPProofTest(unittest.TestCase):
     def test_madv_collapse_needs_small_pages_and_a_collapsed_control(self) -> None:
         cell = Cell("6.12", "pin", "anon-thp", "madv-collapse")
         steps = [{"step": "dma_write_g1", "errno": 0},
+                 {"step": "hugepage_control", "errno": 0},
                  {"step": "collapse_control", "errno": 0},
+                 {"step": "hugepage", "errno": 0},
                  {"step": "collapse", "errno": 11, "errno_name": "EAGAIN"},
                  {"step": "dma_write_g2", "errno": 0}]
         rep = thp_report(small_proof(), map_g2=[["g2", 0, N]], steps=steps,
@@ -154,10 +156,10 @@ class THPProofTest(unittest.TestCase):
         bad["thp_control_after"] = small_proof()
         self.assertRegex(self.classify(bad, cell), r"INCONCLUSIVE\(MADV_COLLAPSE did not")
         bad = copy.deepcopy(rep)
-        bad["steps"][1] = {"step": "collapse_control", "errno": 22, "errno_name": "EINVAL"}
+        bad["steps"][2] = {"step": "collapse_control", "errno": 22, "errno_name": "EINVAL"}
         self.assertRegex(self.classify(bad, cell), r"INCONCLUSIVE\(MADV_COLLAPSE of the")
         bad = copy.deepcopy(rep)
-        bad["thp"]["smaps"]["VmFlags"] = ["rd", "wr"]
+        bad["thp_after_event"]["smaps"]["VmFlags"] = ["rd", "wr", "nh"]
         self.assertRegex(self.classify(bad, cell), r"VM_HUGEPAGE")
 
 
