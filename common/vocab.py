@@ -64,10 +64,23 @@ DAX_BACKINGS = ("ext4-dax", "xfs-dax")
 #: Size in MiB of the pmem range of each fsdax backing: the guest tells its /dev/pmemN
 #: apart by it, the host carves the ranges out of guest RAM (orchestrator/guestenv.py).
 PMEM_MIB = {"ext4-dax": 128, "xfs-dax": 320}
+#: Large folios (transparent huge pages): ``anon-thp`` a 2 MiB-aligned anonymous mapping
+#: with MADV_HUGEPAGE (one PMD-mapped THP), ``memfd-thp`` a memfd (shmem) with
+#: shmem_enabled=advise and MADV_HUGEPAGE (one PMD-mapped shmem THP), ``anon-mthp`` a
+#: 64 KiB-aligned anonymous mapping of 64 KiB folios (multi-size THP, hugepages-64kB).
+#: guest/pinlab_thp.py sets the THP sysfs knobs per cell and records the proof
+#: (Key.THP) that the registered range is one large folio; Documentation/admin-guide/mm/
+#: transhuge.rst.
+THP_BACKINGS = ("anon-thp", "memfd-thp", "anon-mthp")
 #: Every backing, in the matrix's order (cells and test names follow it).
-BACKINGS = ("anon", *FILE_SHARED, "private-file", *DAX_BACKINGS)
+BACKINGS = ("anon", *FILE_SHARED, "private-file", *DAX_BACKINGS, *THP_BACKINGS)
+#: Backings a kernel must be at least this (major, minor) to have; the matrix makes no
+#: cell of them on an older kernel (orchestrator/cells.py ``backing_applies``). Multi-size
+#: anonymous THP arrived in 6.8 (19eaf44954df "mm: thp: support allocation of anonymous
+#: multi-size THP"): 6.1 has no /sys/kernel/mm/transparent_hugepage/hugepages-64kB.
+BACKING_MIN_KERNEL = {"anon-mthp": (6, 8)}
 #: Backings whose final file contents the workload reads back (``Key.FILE_AFTER``).
-FILE_BACKINGS = (*FILE_SHARED, *DAX_BACKINGS)
+FILE_BACKINGS = (*FILE_SHARED, *DAX_BACKINGS, "memfd-thp")
 #: Backings whose registered pages are private (anon, or COW copies of a MAP_PRIVATE file).
 PRIVATE_BACKINGS = ("anon", "private-file")
 #: Backings on a filesystem with its own scratch disk (writeback, O_DIRECT, drop_caches).
@@ -297,6 +310,16 @@ class Key:
     WAIT = "wait"
     WATCH_MS = "watch_ms"
     WCHAN = "wchan"
+    THP = "thp"
+    THP_AFTER_EVENT = "thp_after_event"
+    THP_CONTROL = "thp_control"
+    THP_CONTROL_AFTER = "thp_control_after"
+    THP_SETTINGS = "thp_settings"
+    KPAGEFLAGS = "kpageflags"
+    SMAPS = "smaps"
+    SETTINGS = "settings"
+    FOLIO_PAGES = "folio_pages"
+    SPLIT_PAGES = "split_pages"
     ERROR_SUFFIX = "_error"
     BYTES_SUFFIX = "_bytes"
 

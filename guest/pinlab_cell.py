@@ -38,19 +38,22 @@ from pinlab.common.vocab import (
     NOTIFY_FD_ENV,
     READY_FILE,
     SCRATCH_MOUNT,
+    THP_BACKINGS,
     Key,
     split_options,
 )
-from pinlab.guest import events, pinlab_dax, pinlab_ioctl
+from pinlab.guest import events, pinlab_dax, pinlab_ioctl, pinlab_thp
 from pinlab.guest.pinlab_env import CGCELL, cell_environment, mount_scratch, mount_tmpfs, oom_cgroup
 from pinlab.guest.pinlab_mm import (
     HPAGE,
     MADV_DONTFORK,
+    MADV_HUGEPAGE,
     MADV_NOHUGEPAGE,
     MFD_ALLOW_SEALING,
     MFD_CLOEXEC,
     MFD_HUGETLB,
     PAGE,
+    AlignedMapping,
     drop_caches,
     pagemap,
     punch_hole,
@@ -71,6 +74,11 @@ def errname(e):
 
 def now_ms():
     return time.monotonic() * 1000.0
+
+
+def mview(mm):
+    """A memoryview of bytes over a mapping: an mmap.mmap or a pinlab_mm.AlignedMapping."""
+    return mm.view() if isinstance(mm, AlignedMapping) else memoryview(mm).cast("B")
 
 
 def rle(states):
@@ -273,14 +281,21 @@ class Mapping:
     starts with those bytes. A MAP_PRIVATE
     file gets them in the file (pwrite) and is faulted in by reads only, so its PTEs map
     the page cache's pages and no private copy exists yet (what a read-only pin of a COW
-    mapping meets); every other backing gets them written through the mapping."""
+    mapping meets); every other backing gets them written through the mapping.
 
-    def __init__(self, stack, kind, rep, tag="cell", npages=NPAGES, fill=None):
+    The THP backings (vocab.THP_BACKINGS) are mapped at an address aligned to their folio
+    (pinlab_mm.AlignedMapping; a memfd from file offset 0) with MADV_HUGEPAGE before the
+    first fault, so the first fault of each folio-sized range allocates one large folio
+    (pinlab_thp); with ``small`` they are faulted and kept under MADV_NOHUGEPAGE (4 KiB
+    pages, which khugepaged leaves alone until the event itself asks for MADV_HUGEPAGE and
+    MADV_COLLAPSE). Every other backing is mapped with MADV_NOHUGEPAGE."""
+
+    def __init__(self, stack, kind, rep, tag="cell", npages=NPAGES, fill=None, small=False):
         self.kind = kind
         self.fd = None
         self.path = None
         self.npages = npages
-        self.shared = kind not in ("anon", "private-file")
+        self.shared = kind not in ("anon", "private-file", "anon-thp", "anon-mthp")
         prot = mmap.PROT_READ | mmap.PROT_WRITE
         if kind == "hugetlb":
             # two huge pages; pinlab_env.cell_environment() reserved them and one spare
@@ -292,8 +307,10 @@ class Mapping:
         if kind == "anon":
             self.mm = mmap.mmap(-1, self.size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
                                 prot=prot)
+        elif kind in ("anon-thp", "anon-mthp"):
+            self.mm = AlignedMapping(self.size, pinlab_thp.FOLIO_PAGES[kind] * PAGE)
         else:
-            if kind == "memfd":
+            if kind in ("memfd", "memfd-thp"):
                 self.fd = os.memfd_create(f"pinlab-{tag}", MFD_CLOEXEC | MFD_ALLOW_SEALING)
             elif kind == "hugetlb":
                 self.fd = os.memfd_create(f"pinlab-{tag}", MFD_CLOEXEC | MFD_HUGETLB)
@@ -310,12 +327,18 @@ class Mapping:
                 os.pwrite(self.fd, fill, 0)
                 os.fsync(self.fd)
             flags = mmap.MAP_SHARED if self.shared else mmap.MAP_PRIVATE
-            self.mm = mmap.mmap(self.fd, self.size, flags=flags, prot=prot)
+            if kind == "memfd-thp":
+                self.mm = AlignedMapping(self.size, HPAGE, fd=self.fd)
+            else:
+                self.mm = mmap.mmap(self.fd, self.size, flags=flags, prot=prot)
         stack.callback(self.unmap)
-        if kind != "hugetlb":
+        if kind in THP_BACKINGS:   # MADV_HUGEPAGE must work: the cell is about THP
+            self.mm.madvise(MADV_NOHUGEPAGE if small else MADV_HUGEPAGE)
+        elif kind != "hugetlb":
             with contextlib.suppress(OSError):
                 self.mm.madvise(MADV_NOHUGEPAGE)
-        self.addr = pinlab_ioctl.buffer_address(self.mm)
+        self.addr = (self.mm.addr if isinstance(self.mm, AlignedMapping)
+                     else pinlab_ioctl.buffer_address(self.mm))
         step = HPAGE if kind == "hugetlb" else PAGE
         if fill is not None and kind == "private-file":
             for off in range(0, self.size, step):   # read faults only: no COW copy
@@ -371,7 +394,7 @@ class Control:
 
     def __init__(self, m, first):
         self.m, self.first = m, first
-        mv = memoryview(m.mm).cast("B")
+        mv = mview(m.mm)
         for i in range(CONTROL_PAGES):
             off = (first + i) * PAGE
             mv[off:off + PAGE] = struct.pack("<Q", control_word(i)) * (PAGE // 8)
@@ -382,7 +405,7 @@ class Control:
 
     def intact(self):
         """How many control pages still hold their words (reading faults them in)."""
-        mv = memoryview(self.m.mm).cast("B")
+        mv = mview(self.m.mm)
         n = sum(1 for i in range(CONTROL_PAGES)
                 if bytes(mv[(self.first + i) * PAGE:(self.first + i + 1) * PAGE])
                 == struct.pack("<Q", control_word(i)) * (PAGE // 8))
@@ -410,7 +433,7 @@ class Cell:
 
     def scan_map(self, first=0, n=None):
         n = self.m.npages - first if n is None else n
-        return scan(memoryview(self.m.mm)[first * PAGE:(first + n) * PAGE], self.rid, n,
+        return scan(mview(self.m.mm)[first * PAGE:(first + n) * PAGE], self.rid, n,
                     first)
 
     def deregister(self):
@@ -451,7 +474,7 @@ class Cell:
         cell_environment(a.backing, a.event, self.stack, rep)
         if hasattr(ev, "before_mapping"):
             ev.before_mapping(self)
-        npages = getattr(ev, "NPAGES", NPAGES)
+        npages = pinlab_thp.FOLIO_PAGES.get(a.backing) or getattr(ev, "NPAGES", NPAGES)
         ctl = a.backing in getattr(ev, "SWAP_CONTROL", ())
         # registration options: the event's (READONLY), the cell's (--options) or the
         # caller's (ready_cell)
@@ -461,7 +484,8 @@ class Cell:
         self.fast = bool("fast" in opts or getattr(a, "fast", False))
         fill = getattr(ev, "fill", None)
         self.m = Mapping(self.stack, a.backing, rep,
-                         npages=npages + (CONTROL_PAGES if ctl else 0), fill=fill)
+                         npages=npages + (CONTROL_PAGES if ctl else 0), fill=fill,
+                         small=bool(getattr(ev, "SMALL_FOLIOS", False)))
         self.control = None
         if ctl:   # the region is the first npages; the rest of the mapping is the control
             self.control = Control(self.m, npages)
@@ -492,6 +516,9 @@ class Cell:
         rep[Key.REGISTER_MS] = round(now_ms() - t0, 1)
         rep[Key.REGION] = self.rid
         rep[Key.PFNS_REGISTERED] = self.m.pfns()
+        if a.backing in THP_BACKINGS:   # the proof that the registered range is one folio
+            rep[Key.THP] = pinlab_thp.evidence(a.backing, self.m.addr,
+                                               rep[Key.PFNS_REGISTERED])
         rep[Key.VMSTAT_REGISTERED] = vmstat()
         rep[Key.QUERY_REGISTERED] = self.dev.query(self.rid)
         if self.readonly:     # the device may not write a read-only region (EPERM)
@@ -591,7 +618,7 @@ class Cell:
         rep[Key.CHILD_PID] = pid
         # the parent writes to its mapping (the same words: the pattern stays valid);
         # this is the write that COW-breaks a page shared with the child
-        mv = memoryview(m.mm).cast("B")
+        mv = mview(m.mm)
         for i in range(m.npages):
             mv[i * PAGE:i * PAGE + 8] = bytes(mv[i * PAGE:i * PAGE + 8])
         mv.release()

@@ -39,8 +39,8 @@ import subprocess
 import sys
 import time
 
-from pinlab.common.vocab import DAX_BACKINGS, SCRATCH_MOUNT
-from pinlab.guest import pinlab_dax
+from pinlab.common.vocab import DAX_BACKINGS, SCRATCH_MOUNT, THP_BACKINGS
+from pinlab.guest import pinlab_dax, pinlab_thp
 from pinlab.guest.pinlab_mm import read_file, write_file
 
 DISKS = {"ext4": "pinlab-ext4", "xfs": "pinlab-xfs",   # filesystem -> disk serial
@@ -192,7 +192,8 @@ def cell_environment(backing, event, stack=None, rep=None, enter=True):
     """Everything a matrix cell of (backing, event) sets up before it maps its memory:
     swap (on for every cell and left on: a matrix guest has swap), the memcg-reclaim
     cgroup (entered when ``enter``), the backing's filesystem, and huge pages for
-    hugetlb. Returns a dict of what was done."""
+    hugetlb, the THP knobs for the THP backings (pinlab_thp.setup). Returns a dict of
+    what was done."""
     done = {} if rep is None else rep
     enable_swap(None, done)
     if event == "memcg-reclaim":
@@ -210,6 +211,8 @@ def cell_environment(backing, event, stack=None, rep=None, enter=True):
         done["mount"] = mount_tmpfs(stack)
     elif backing == "hugetlb":
         add_hugepages(CELL_HUGEPAGES, stack, done)
+    elif backing in THP_BACKINGS:
+        pinlab_thp.setup(backing, stack, done)
     return done
 
 

@@ -65,6 +65,14 @@ VMSTAT_KEYS = (*PIN_KEYS, "pswpin", "pswpout", "pgmigrate_success", "pgmigrate_f
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long]
+_libc.mmap.restype = ctypes.c_void_p
+_libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+MAP_FAILED = ctypes.c_void_p(-1).value
+MAP_FIXED = 0x10
+PROT_NONE = 0
+MAP_NORESERVE = 0x4000
 
 
 def _check(ret):
@@ -101,6 +109,100 @@ def punch_hole(fd, offset, length):
     """fallocate(PUNCH_HOLE | KEEP_SIZE) over [offset, offset+length) bytes of a file.
     Raises OSError (EOPNOTSUPP on filesystems without hole punching)."""
     _check(_libc.fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length))
+
+
+class AlignedMapping:
+    """An mmap of ``length`` bytes whose start address is a multiple of ``align`` bytes
+    (a power of two): anonymous (``fd`` None, MAP_PRIVATE) or of file ``fd`` from offset 0
+    (MAP_SHARED unless ``shared`` is false). A THP or an mTHP folio can only be mapped
+    where the virtual address and the file offset are aligned to its size
+    (Documentation/admin-guide/mm/transhuge.rst), and Python's mmap cannot ask for an
+    address: this reserves ``length + align`` bytes PROT_NONE, maps the aligned part over
+    it with MAP_FIXED and unmaps the rest.
+
+    It offers what the cell code uses of ``mmap.mmap``: ``len``, indexing and slicing
+    (bytes), slice assignment, :meth:`view` (a memoryview; also the buffer protocol from
+    Python 3.12 on, ``memoryview(m)``),
+    ``madvise(option, start=0, length=None)``, ``close()`` and ``closed``; ``addr`` is
+    the start address. Raises OSError when mmap fails."""
+
+    def __init__(self, length, align, fd=None, shared=True):
+        prot = mmap.PROT_READ | mmap.PROT_WRITE
+        res = _libc.mmap(None, length + align, PROT_NONE,
+                         mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+        if res in (None, MAP_FAILED):
+            e = ctypes.get_errno()
+            raise OSError(e, os.strerror(e))
+        addr = (res + align - 1) & ~(align - 1)
+        if fd is None:
+            flags, fd = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1
+        else:
+            flags = mmap.MAP_SHARED if shared else mmap.MAP_PRIVATE
+        got = _libc.mmap(addr, length, prot, flags | MAP_FIXED, fd, 0)
+        if got != addr:
+            e = ctypes.get_errno()
+            _libc.munmap(res, length + align)
+            raise OSError(e, os.strerror(e))
+        if addr > res:
+            _libc.munmap(res, addr - res)
+        if res + length + align > addr + length:
+            _libc.munmap(addr + length, res + length + align - (addr + length))
+        self.addr, self.length, self.closed = addr, length, False
+        self._buf = (ctypes.c_char * length).from_address(addr)
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, key):
+        return self._buf[key]
+
+    def __setitem__(self, key, value):
+        self._buf[key] = value
+
+    def view(self):
+        """A writable memoryview of bytes (format "B") over the whole mapping."""
+        if self.closed:
+            raise ValueError("mapping closed")
+        return memoryview(self._buf).cast("B")
+
+    def __buffer__(self, flags):
+        return self.view()
+
+    def __release_buffer__(self, view):
+        pass
+
+    def madvise(self, option, start=0, length=None):
+        """madvise(2) on [start, start+length) bytes of the mapping (default: all)."""
+        madvise(self.addr + start, self.length - start if length is None else length, option)
+
+    def close(self):
+        """munmap; idempotent."""
+        if not self.closed:
+            self.closed = True
+            _libc.munmap(self.addr, self.length)
+
+
+# ------------------------------------------------------------------ kpageflags
+#: /proc/kpageflags bits (Documentation/admin-guide/mm/pagemap.rst)
+KPF_COMPOUND_HEAD = 15
+KPF_COMPOUND_TAIL = 16
+KPF_HUGE = 17
+KPF_THP = 22
+
+
+def kpageflags(pfns):
+    """The /proc/kpageflags word of each PFN (int), None for an entry that is not a PFN
+    (not present, swapped). Needs CAP_SYS_ADMIN. Raises OSError."""
+    out = []
+    with open("/proc/kpageflags", "rb") as f:
+        for p in pfns:
+            if not isinstance(p, int) or isinstance(p, bool) or p <= 0:
+                out.append(None)
+                continue
+            f.seek(p * 8)
+            (w,) = struct.unpack("<Q", f.read(8))
+            out.append(w)
+    return out
 
 
 # ------------------------------------------------------------------ pagemap

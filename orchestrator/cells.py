@@ -27,14 +27,35 @@ SMOKE_MODE_ORDER = ["pin", "odp", "longterm", "gup"]
 SMOKE_BACKINGS_LAST = ("btrfs",)
 
 
+def kernel_version(kernel: str) -> tuple[int, int] | None:
+    """(major, minor) of a Debian kernel's name (``"6.1"`` -> (6, 1), ``"7"`` -> (7, 0));
+    None for any other name (a built kernel, ``build:<key>``: the cell list does not
+    know its version)."""
+    parts = kernel.split(".")
+    if kernel not in KERNELS or not all(p.isdigit() for p in parts) or len(parts) > 2:
+        return None
+    return int(parts[0]), int(parts[1]) if len(parts) == 2 else 0
+
+
+def backing_applies(backing: str, kernel: str) -> bool:
+    """Whether ``kernel`` has ``backing``: it is at least the backing's minimum version
+    (vocab.BACKING_MIN_KERNEL; e.g. anon-mthp needs multi-size THP, 6.8+). A kernel whose
+    version is unknown (a built one) gets every backing; if it lacks one, the cell's
+    environment setup fails and says so (guest/pinlab_thp.py setup)."""
+    need = vocab.BACKING_MIN_KERNEL.get(backing)
+    have = kernel_version(kernel)
+    return need is None or have is None or have >= need
+
+
 def all_cells(kernel: str, known_only: bool = True) -> list[Cell]:
     """Every cell of the matrix on ``kernel``: a Debian kernel (KERNELS) or a built one
-    (``build:<key>``, images/kbuild.py). Raises ValueError for anything else unless
-    ``known_only`` is false."""
+    (``build:<key>``, images/kbuild.py), without the backings ``kernel`` does not have
+    (:func:`backing_applies`). Raises ValueError for anything else unless ``known_only``
+    is false."""
     if known_only and kernel not in KERNELS and not is_kernel_id(kernel):
         raise ValueError(f"unknown kernel {kernel!r}")
     return [Cell(kernel, m, b, e.name, v) for e in events.events() for v in e.variants
-            for b in e.backings for m in e.variant_modes(v)]
+            for b in e.backings if backing_applies(b, kernel) for m in e.variant_modes(v)]
 
 
 def cell_tags(cell: Cell, smoke_set: set[Cell]) -> list[str]:

@@ -29,6 +29,7 @@ from pinlab.common.vocab import (
     DAX_BACKINGS,
     FILE_BACKINGS,
     FOLL_PIN_MODES,
+    THP_BACKINGS,
     Key,
     Outcome,
 )
@@ -116,6 +117,19 @@ EVIDENCE: dict[str, tuple[str, ...]] = {
                                    "no PCI function bound to pinlab, or no /dev/pinlab0, "
                                    "within the replug deadline after QMP device_add"),
 }
+#: not a class: what every cell of a THP backing (anon-thp, memfd-thp, anon-mthp) needs
+#: besides its class's evidence (Judge.need_thp); madv-collapse registers small pages on
+#: purpose and needs THP_SMALL_EVIDENCE instead
+THP_EVIDENCE = ("every registered PFN's kpageflags with KPF_THP",
+                "one compound head, at the first registered page, the others tails",
+                "contiguous PFNs, the first aligned to the folio size",
+                "the folio size equal to the registered pages",
+                "anon-thp, memfd-thp: smaps AnonHugePages / ShmemPmdMapped of at least 2 MiB")
+THP_SMALL_EVIDENCE = ("every registered PFN present in kpageflags, none with KPF_THP",)
+#: the smaps field that shows a PMD-mapped THP of each backing (anon-mthp: none, its
+#: folios are PTE-mapped)
+PMD_MAPPED = {"anon-thp": "AnonHugePages", "memfd-thp": "ShmemPmdMapped"}
+HPAGE = 2 << 20
 #: not a class: what every cell of a DAX backing needs besides its class's evidence
 DAX_EVIDENCE = ("STATX_ATTR_DAX on the file", "the mount's dax option",
                 "every page of the mapping at a PFN inside a pmem range (/proc/iomem)")
@@ -492,6 +506,29 @@ class Judge:
         self.wrote(last)
         return Outcome.DIRTY_FOLIO_REJECTED
 
+    # -- large folios (anon-thp, memfd-thp, anon-mthp) --
+    def need_thp(self) -> None:
+        """The registered range of a THP-backing cell is what the cell claims
+        (THP_EVIDENCE): one large folio, from the kpageflags of its registered PFNs and the
+        VMA's smaps (guest/pinlab_thp.py evidence, Documentation/admin-guide/mm/pagemap.rst,
+        Documentation/admin-guide/mm/transhuge.rst); for an event with
+        :attr:`~pinlab.orchestrator.events.Event.thp_small` (madv-collapse) small pages
+        instead (THP_SMALL_EVIDENCE). Run for every such cell before its
+        class. Records ``thp`` in the facts; raises :class:`Inconclusive` naming what is
+        missing (a kernel that gave no huge page never passes as the expected class)."""
+        ev = events.event(self.cell.event)
+        small = bool(ev is not None and ev.thp_small)
+        d = self.rep.get(Key.THP)
+        if not isinstance(d, dict):
+            raise Inconclusive("no THP proof")
+        n = self.npages()
+        why = (thp_small_missing(d, n) if small
+               else thp_folio_missing(d, n, PMD_MAPPED.get(self.cell.backing)))
+        self.f["thp"] = {"kpageflags": d.get(Key.KPAGEFLAGS), "smaps": d.get(Key.SMAPS),
+                         "folio_pages": d.get(Key.FOLIO_PAGES), "small": small}
+        if why:
+            raise Inconclusive(f"THP not proven: {why}")
+
     # -- fsdax (ext4-dax, xfs-dax) --
     def need_dax(self) -> None:
         """The cell's file was accessed through DAX (DAX_EVIDENCE): STATX_ATTR_DAX set,
@@ -618,6 +655,8 @@ class Judge:
             return f"PIN_REFUSED({rep.get('errno_name') or e})"
         if "region" not in rep:
             raise Inconclusive("no region in the workload report")
+        if cell.backing in THP_BACKINGS:
+            self.need_thp()
         ev = events.event(cell.event)
         if ev is not None and not ev.shared_checks:
             return str(ev.classify(self))
@@ -650,6 +689,51 @@ class Judge:
         got = by_gen.get(str(gen), 0) if isinstance(by_gen, dict) else 0
         if not isinstance(got, int) or got < pages:
             raise Inconclusive(f"audit shows gen{gen} in {got} pages, DMA covered {pages}")
+
+
+def _int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def thp_folio_missing(d: Any, npages: int, pmd_field: str | None) -> str | None:
+    """What of THP_EVIDENCE the proof ``d`` (guest/pinlab_thp.py evidence) lacks for a
+    range of ``npages`` pages that must be one large folio (PMD-mapped, shown by smaps
+    field ``pmd_field``, unless None), or None when it is all there."""
+    if not isinstance(d, dict):
+        return "no proof"
+    kp = d.get(Key.KPAGEFLAGS)
+    if not isinstance(kp, dict) or "thp" not in kp:
+        return f"kpageflags unreadable ({kp.get(Key.ERROR) if isinstance(kp, dict) else kp})"
+    if d.get(Key.FOLIO_PAGES) != npages:
+        return f"folio of {d.get(Key.FOLIO_PAGES)} pages for {npages} registered"
+    if kp.get("missing") != 0:
+        return f"{kp.get('missing')} registered pages without a PFN"
+    if kp.get("thp") != npages:
+        return f"{kp.get('thp')} of {npages} pages with KPF_THP"
+    if kp.get("heads") != [0] or kp.get("tails") != npages - 1:
+        return f"compound heads at {kp.get('heads')}, {kp.get('tails')} tails"
+    if kp.get("contiguous") is not True or kp.get("first_aligned") is not True:
+        return "PFNs not contiguous or the first not aligned to the folio"
+    if pmd_field is not None:
+        sm = d.get(Key.SMAPS)
+        got = sm.get(pmd_field) if isinstance(sm, dict) else None
+        if not _int(got) or got < HPAGE:
+            return f"smaps {pmd_field} {got} below 2 MiB"
+    return None
+
+
+def thp_small_missing(d: Any, npages: int) -> str | None:
+    """What of THP_SMALL_EVIDENCE the proof ``d`` lacks (small pages only), or None."""
+    if not isinstance(d, dict):
+        return "no proof"
+    kp = d.get(Key.KPAGEFLAGS)
+    if not isinstance(kp, dict) or "thp" not in kp:
+        return "kpageflags unreadable"
+    if kp.get("missing") != 0:
+        return f"{kp.get('missing')} registered pages without a PFN"
+    if kp.get("thp") != 0:
+        return f"{kp.get('thp')} of {npages} pages already THP before the collapse"
+    return None
 
 
 def classify_cell(cell: Cell, rep: dict[str, Any], dm: DmesgReport,

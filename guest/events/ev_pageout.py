@@ -13,7 +13,7 @@ from pinlab.guest.pinlab_mm import MADV_PAGEOUT, delta, vmstat
 
 NAME = "pageout"
 #: backings whose mapping gets unregistered control pages that must reach swap
-SWAP_CONTROL = ("anon", "private-file")
+SWAP_CONTROL = ("anon", "private-file", "anon-thp")
 
 
 def before_mapping(c):

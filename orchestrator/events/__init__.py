@@ -58,7 +58,10 @@ class Event:
     canonical ``+``-joined strings; "" = none) each (backing, mode) runs with; an option
     runs only in the modes it applies to (``OPTION_MODES``). ``irq``: the device's
     interrupts in the guest a cell of this event runs in (guestenv.IRQ_MODES; the pool
-    boots a guest with them when its guest has the other kind)."""
+    boots a guest with them when its guest has the other kind). ``thp_small``: the cells
+    of a THP backing register small pages on purpose (madv-collapse), so classify.py
+    ``Judge.need_thp`` asks for small pages in a VM_HUGEPAGE VMA instead of one large
+    folio."""
 
     name: str
     order: int
@@ -74,6 +77,7 @@ class Event:
     smoke: tuple[str, str] | None = None
     variants: tuple[str, ...] = ("",)
     irq: str = "msi"
+    thp_small: bool = False
 
     def __post_init__(self) -> None:
         for v in self.variants:

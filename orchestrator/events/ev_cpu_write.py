@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pinlab.common.vocab import BACKINGS, DAX_BACKINGS, PINNED_MODES, Key, Outcome
+from pinlab.common.vocab import BACKINGS, DAX_BACKINGS, PINNED_MODES, THP_BACKINGS, Key, Outcome
 
 from ..classify import Inconclusive, Judge, changed, step, step_errno
 from . import Event
@@ -100,7 +100,7 @@ EVENT = Event(
     "cpu-write",
     order=24,
     # not the fsdax backings yet: their read-only registrations were never observed
-    backings=tuple(b for b in BACKINGS if b not in DAX_BACKINGS),
+    backings=tuple(b for b in BACKINGS if b not in (*DAX_BACKINGS, *THP_BACKINGS)),
     classify=classify,
     last_gen=1,
     smoke=("longterm", "private-file"),   # the read-only cell that differs between kernels

@@ -1,7 +1,9 @@
 """Event ``migrate``.
 
 Compaction and soft offline. Compaction does not move hugetlb pages; tmpfs = memfd;
-xfs = ext4 (file pages).
+xfs = ext4 (file pages). anon-thp and memfd-thp: soft offline of a page of a THP splits
+the folio first (a pinned folio cannot be split, so its page is not migrated; the
+unregistered control THP is split and migrated; docs/pinning-semantics.md row 56).
 """
 
 from __future__ import annotations
@@ -36,6 +38,6 @@ def classify(j: Judge) -> str:
 EVENT = Event(
     "migrate",
     order=10,
-    backings=("anon", "memfd", "ext4"),
+    backings=("anon", "memfd", "ext4", "anon-thp", "memfd-thp"),
     classify=classify,
 )

@@ -3,7 +3,9 @@
 MADV_PAGEOUT. hugetlb pages are never reclaimed (MADV_PAGEOUT gives EINVAL on
 VM_HUGETLB); tmpfs behaves as memfd (both shmem). anon and private-file (its pinned
 pages are anon COW copies, in a file-backed VMA) reclaim to swap and must show that an
-unregistered control page of the mapping was swapped (swap_reached, below).
+unregistered control page of the mapping was swapped (swap_reached, below). anon-thp
+(one registered THP, its 4 control pages small pages after it) must show the same;
+memfd-thp is shmem as memfd (docs/pinning-semantics.md row 57).
 """
 
 from __future__ import annotations
@@ -72,7 +74,8 @@ def classify(j: Judge) -> str:
 EVENT = Event(
     "pageout",
     order=5,
-    backings=("anon", "memfd", "ext4", "xfs", "btrfs", "private-file"),
+    backings=("anon", "memfd", "ext4", "xfs", "btrfs", "private-file", "anon-thp",
+              "memfd-thp"),
     classify=classify,
-    swap_control=PRIVATE_BACKINGS,
+    swap_control=(*PRIVATE_BACKINGS, "anon-thp"),
 )

@@ -1,6 +1,8 @@
 """Event ``seal-write``.
 
-F_SEAL_WRITE: only memfd has seals.
+F_SEAL_WRITE: only memfd has seals; memfd-thp is the memfd whose pages are one shmem THP
+(memfd_wait_for_pins counts a THP's references per folio since f2b277c4d1c6;
+docs/pinning-semantics.md row 58).
 """
 
 from __future__ import annotations
@@ -27,6 +29,6 @@ def classify(j: Judge) -> str:
 EVENT = Event(
     "seal-write",
     order=15,
-    backings=("memfd",),
+    backings=("memfd", "memfd-thp"),
     classify=classify,
 )

@@ -14,7 +14,7 @@ from pinlab.guest import pinlab_ioctl
 
 ROOT = Path(__file__).resolve().parents[2]
 # the code that writes the cell report and the code that reads it
-REPORT_WRITERS = ("guest/pinlab_cell.py", "guest/pinlab_dax.py",
+REPORT_WRITERS = ("guest/pinlab_cell.py", "guest/pinlab_dax.py", "guest/pinlab_thp.py",
                   *sorted(str(p.relative_to(ROOT)) for p in (ROOT / "guest/events").glob("*.py")))
 REPORT_READERS = ("orchestrator/classify.py", "orchestrator/scenario.py",
                   *sorted(str(p.relative_to(ROOT))
@@ -40,7 +40,7 @@ class VocabTest(unittest.TestCase):
     def test_modes_are_the_drivers(self) -> None:
         self.assertEqual(tuple(pinlab_ioctl.MODES), vocab.MODES)
         self.assertEqual(set(vocab.BACKINGS), {"anon", "private-file", *vocab.FILE_SHARED,
-                                               *vocab.DAX_BACKINGS})
+                                               *vocab.DAX_BACKINGS, *vocab.THP_BACKINGS})
 
     def test_report_keys_are_names_on_both_sides(self) -> None:
         for rel in REPORT_WRITERS + REPORT_READERS:
