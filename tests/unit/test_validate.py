@@ -420,7 +420,9 @@ class TagSelection(unittest.TestCase):
         self.assertEqual(select(cells, ["mode:none"]), [])
         with self.assertRaises(ValueError):
             select(cells, ["mode:gup,,event:fork"])
-        self.assertEqual(len(all_cells("build:abc", known_only=False)), len(cells))
+        # a built kernel's version is not known: it gets every backing, as 6.12 has them
+        self.assertEqual(len(all_cells("build:abc", known_only=False)),
+                         len(all_cells("6.12")))
 
 
 if __name__ == "__main__":
