@@ -282,6 +282,7 @@ class Key:
     ERRNOS = "errnos"
     CELL_PINNED_IN_MOVABLE = "cell_pinned_in_movable"
     CELL_PINNED_IN_CMA = "cell_pinned_in_cma"
+    PHASE = "phase"
     ERROR_SUFFIX = "_error"
     BYTES_SUFFIX = "_bytes"
 

@@ -10,7 +10,9 @@ batch, or isolated by the other pinner) is the case 1aaf8c122918 and its revert
 
 The host hot-added a DIMM that the guest onlined movable (scenario ``mem_offline``, as
 for mem-offline). The cell's own registration is made as usual. Then ROUNDS rounds, each
-on a fresh mapping of the cell's backing: its pages are faulted in on CPU 1, and two
+on a fresh mapping of the cell's backing, and where the kernel has a CMA area ROUNDS more
+with the pages faulted in on node 1, where the CMA lies (phase ``cma``): its pages are
+faulted in on CPU 1, and two
 threads, one on CPU 0 and one on CPU 1, register the whole range at once (a barrier);
 after both returned, the pagemap PFNs are checked against the online Movable blocks
 (``valid_zones``) and the CMA range (``cma: Reserved`` in the kernel log); both regions
@@ -37,7 +39,7 @@ from pinlab.guest.pinlab_cell import (
     offline_block,
     wait_movable_memory,
 )
-from pinlab.guest.pinlab_mm import read_file
+from pinlab.guest.pinlab_mm import MPOL_BIND, MPOL_DEFAULT, read_file, set_mempolicy
 
 NAME = "movable-pin-race"
 #: registration races per cell
@@ -45,6 +47,11 @@ ROUNDS = 50
 #: the CPU the pages are faulted on, and the two pinners' CPUs
 FAULT_CPU = 1
 PIN_CPUS = (0, 1)
+#: the node whose memory is mostly CMA in a guest with a CMA area: node 1 (256 MiB,
+#: orchestrator/guestenv.py NUMA_MB) held two of 7.3's three 64 MiB areas (observed), so
+#: its free CMA pages outnumber half its free pages and movable allocations there take
+#: CMA (mm/page_alloc.c __rmqueue(), docs/pinning-semantics.md row 81)
+CMA_NODE = 1
 CMA_LINE = re.compile(r"cma: Reserved (\d+) MiB at (0x[0-9a-f]+)")
 
 
@@ -97,14 +104,19 @@ def _pin(c, m, cpu, barrier, out, i):
         out[i] = exc
 
 
-def race_round(c, blocks, bs, cma):
-    """One round: fault a fresh mapping on FAULT_CPU, register it from two threads at
-    once, check where the pinned pages are, release. Returns the round's record."""
+def race_round(c, blocks, bs, cma, phase):
+    """One round: fault a fresh mapping on FAULT_CPU (phase "cma": with the memory policy
+    bound to CMA_NODE), register it from two threads at once, check where the pinned
+    pages are, release. Returns the round's record."""
     cpus = os.sched_getaffinity(0)
     os.sched_setaffinity(0, {FAULT_CPU})
+    if phase == "cma":
+        set_mempolicy(MPOL_BIND, (CMA_NODE,))
     try:
         m = Mapping(c.stack, c.m.kind, c.rep, tag="race")
     finally:
+        if phase == "cma":
+            set_mempolicy(MPOL_DEFAULT)
         os.sched_setaffinity(0, cpus)
     before = m.pfns()
     fmov, fcma = _where(before, blocks, bs, cma)
@@ -129,6 +141,7 @@ def race_round(c, blocks, bs, cma):
            Key.ERRNOS: errnos, Key.PINNED_IN_MOVABLE: pmov if all(e == 0 for e in errnos)
            else [], Key.PINNED_IN_CMA: pcma if all(e == 0 for e in errnos) else []}
     rec[Key.BLOCKS] = sorted({p * PAGE // bs for p in before if isinstance(p, int)})
+    rec[Key.PHASE] = phase
     return rec
 
 
@@ -146,7 +159,9 @@ def run(c):
     race[Key.CELL_PINNED_IN_MOVABLE] = reg_mov
     race[Key.CELL_PINNED_IN_CMA] = reg_cma
     t0 = now_ms()
-    rounds = race[Key.ROUNDS] = [race_round(c, blocks, bs, cma) for _ in range(ROUNDS)]
+    phases = ["movable"] + (["cma"] if cma else [])
+    rounds = race[Key.ROUNDS] = [race_round(c, blocks, bs, cma, ph)
+                                 for ph in phases for _ in range(ROUNDS)]
     race[Key.MS] = round(now_ms() - t0, 1)
     touched = {b for r in rounds for b in r[Key.BLOCKS]}
     touched |= {p * PAGE // bs for p in rep[Key.PFNS_BEFORE] if isinstance(p, int)}

@@ -39,7 +39,7 @@ NAME = "numa-hint"
 #: the remote node the pages start on (the guest's CPU-less node)
 REMOTE_NODE = 1
 #: seconds the cell waits for hinting faults and the control's migration
-DEADLINE_S = 30.0
+DEADLINE_S = 12.0
 SYSCTL = "/proc/sys/kernel/numa_balancing"
 TUNABLES = "/sys/kernel/debug/sched/numa_balancing"
 #: the scanner's tunables while the cell runs (ms, MiB): no delay, the shortest period

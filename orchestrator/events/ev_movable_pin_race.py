@@ -23,9 +23,9 @@ def race_facts(race: Any) -> dict[str, Any]:
     """Summarise the guest's ``race`` record: rounds, pages faulted in Movable/CMA, the
     registrations' errnos, and every PFN left long-term pinned in a Movable block or in
     CMA (``pinned``: {"movable": [...], "cma": [...]}). Raises Inconclusive when the
-    rounds are missing or malformed, or when no page of any round (nor of the cell's own
-    registration) was faulted in a Movable block or CMA: then the race was not run on the
-    memory it is about."""
+    rounds are missing or malformed, or when no page of any round was faulted in a
+    Movable block: then the race was not run on the memory it is about; likewise when
+    the kernel has a CMA area (``cma_ranges``) and no page was faulted in it."""
     if not isinstance(race, dict):
         raise Inconclusive("race facts missing")
     rounds = race.get(Key.ROUNDS)
@@ -36,14 +36,19 @@ def race_facts(race: Any) -> dict[str, Any]:
         raise Inconclusive("race rounds missing or malformed")
     faulted_mov = sum(int(r.get(Key.FAULTED_IN_MOVABLE) or 0) for r in rounds)
     faulted_cma = sum(int(r.get(Key.FAULTED_IN_CMA) or 0) for r in rounds)
-    if not faulted_mov and not faulted_cma:
-        raise Inconclusive("no page of the race was faulted in a Movable block or in CMA")
+    if not faulted_mov:
+        raise Inconclusive("no page of the race was faulted in a Movable block")
+    if race.get(Key.CMA_RANGES) and not faulted_cma:
+        raise Inconclusive("the kernel has a CMA area but no page of the race was "
+                           "faulted in it")
     errnos = sorted({e for r in rounds for e in r[Key.ERRNOS] if e != 0})
     pinned = {"movable": sorted({p for r in rounds for p in r[Key.PINNED_IN_MOVABLE]}
                                 | set(race.get(Key.CELL_PINNED_IN_MOVABLE) or [])),
               "cma": sorted({p for r in rounds for p in r[Key.PINNED_IN_CMA]}
                             | set(race.get(Key.CELL_PINNED_IN_CMA) or []))}
-    return {"rounds": len(rounds), "faulted_in_movable": faulted_mov,
+    return {"rounds": len(rounds),
+            "cma_rounds": sum(1 for r in rounds if r.get(Key.PHASE) == "cma"),
+            "faulted_in_movable": faulted_mov,
             "faulted_in_cma": faulted_cma, "register_errors": errnos,
             "rounds_failed": sum(1 for r in rounds if any(e != 0 for e in r[Key.ERRNOS])),
             "pinned": pinned, "movable_blocks": race.get(Key.MOVABLE_BLOCKS),

@@ -27,9 +27,11 @@ REMOTE_NODE = 1
 def need_hinting(numa: Any) -> dict[str, Any]:
     """The facts that NUMA balancing ran on the cell's pages, from the guest's ``numa``
     record: every registered and control page on REMOTE_NODE before the event
-    (move_pages), and ``numa_pte_updates`` and ``numa_hint_faults`` grown while it was on
+    (move_pages), ``numa_pte_updates`` and ``numa_hint_faults`` grown while it was on
     (/proc/vmstat; mm/memory.c do_numa_page counts a hinting fault, mm/mprotect.c
-    change_prot_numa the PTEs it made PROT_NONE). Returns the facts (the counters, how many
+    change_prot_numa the PTEs it made PROT_NONE), and at least one control page moved off
+    the remote node (the counters are system-wide; the control shows that the scanner
+    reached this kind of mapping in this process). Returns the facts (the counters, how many
     registered and control pages left the remote node). Raises Inconclusive when any of
     it is missing."""
     if not isinstance(numa, dict):
@@ -49,11 +51,15 @@ def need_hinting(numa: Any) -> dict[str, Any]:
             and updates > 0 and faults > 0):
         raise Inconclusive(f"no NUMA hinting (numa_pte_updates {updates}, "
                            f"numa_hint_faults {faults})")
+    control_left = sum(1 for a in cafter if a != REMOTE_NODE)
+    if not control_left:
+        raise Inconclusive("NUMA balancing did not migrate any page of the unregistered "
+                           f"control mapping (numa_hint_faults {faults} elsewhere)")
     return {"numa_pte_updates": updates, "numa_hint_faults": faults,
             "numa_pages_migrated": vm.get("numa_pages_migrated", 0),
             "pgmigrate_fail": vm.get("pgmigrate_fail", 0),
             "registered_left_node": sum(1 for a in after if a != REMOTE_NODE),
-            "control_left_node": sum(1 for a in cafter if a != REMOTE_NODE),
+            "control_left_node": control_left,
             "polls": numa.get(Key.POLLS), "ms": numa.get(Key.MS)}
 
 
