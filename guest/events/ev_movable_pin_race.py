@@ -10,9 +10,10 @@ batch, or isolated by the other pinner) is the case 1aaf8c122918 and its revert
 
 The host hot-added a DIMM that the guest onlined movable (scenario ``mem_offline``, as
 for mem-offline). The cell's own registration is made as usual. Then ROUNDS rounds, each
-on a fresh mapping of the cell's backing, and where the kernel has a CMA area ROUNDS more
-with the pages faulted in on node 1, where the CMA lies (phase ``cma``): its pages are
-faulted in on CPU 1, and two
+on a fresh mapping of the cell's backing (phase ``movable``), SINGLE_ROUNDS with one
+pinner only (phase ``single``), and where the kernel has a CMA area ROUNDS more with the
+pages faulted in on node 1, where the CMA lies (phase ``cma``): its pages are faulted in
+on CPU 1, and two
 threads, one on CPU 0 and one on CPU 1, register the whole range at once (a barrier);
 after both returned, the pagemap PFNs are checked against the online Movable blocks
 (``valid_zones``) and the CMA range (``cma: Reserved`` in the kernel log); both regions
@@ -42,8 +43,11 @@ from pinlab.guest.pinlab_cell import (
 from pinlab.guest.pinlab_mm import MPOL_BIND, MPOL_DEFAULT, read_file, set_mempolicy
 
 NAME = "movable-pin-race"
-#: registration races per cell
+#: registration races per phase
 ROUNDS = 50
+#: rounds of phase "single": the same, with one pinner (on CPU 0) only; tells a failure
+#: of two concurrent pinners apart from one a lone pinner meets (pages in an LRU batch)
+SINGLE_ROUNDS = 25
 #: the CPU the pages are faulted on, and the two pinners' CPUs
 FAULT_CPU = 1
 PIN_CPUS = (0, 1)
@@ -120,10 +124,11 @@ def race_round(c, blocks, bs, cma, phase):
         os.sched_setaffinity(0, cpus)
     before = m.pfns()
     fmov, fcma = _where(before, blocks, bs, cma)
-    res = [None, None]
-    barrier = threading.Barrier(2)
+    pinners = PIN_CPUS[:1] if phase == "single" else PIN_CPUS
+    res = [None] * len(pinners)
+    barrier = threading.Barrier(len(pinners))
     ts = [threading.Thread(target=_pin, args=(c, m, cpu, barrier, res, i))
-          for i, cpu in enumerate(PIN_CPUS)]
+          for i, cpu in enumerate(pinners)]
     for t in ts:
         t.start()
     for t in ts:
@@ -159,9 +164,11 @@ def run(c):
     race[Key.CELL_PINNED_IN_MOVABLE] = reg_mov
     race[Key.CELL_PINNED_IN_CMA] = reg_cma
     t0 = now_ms()
-    phases = ["movable"] + (["cma"] if cma else [])
+    phases = [("movable", ROUNDS), ("single", SINGLE_ROUNDS)]
+    if cma:
+        phases.append(("cma", ROUNDS))
     rounds = race[Key.ROUNDS] = [race_round(c, blocks, bs, cma, ph)
-                                 for ph in phases for _ in range(ROUNDS)]
+                                 for ph, n in phases for _ in range(n)]
     race[Key.MS] = round(now_ms() - t0, 1)
     touched = {b for r in rounds for b in r[Key.BLOCKS]}
     touched |= {p * PAGE // bs for p in rep[Key.PFNS_BEFORE] if isinstance(p, int)}

@@ -2,9 +2,11 @@
 
 Long-term pins of pages in ZONE_MOVABLE (a hot-added DIMM onlined movable, as for
 mem-offline) and, where the kernel has a CMA area, in CMA, taken at once from two threads
-right after the pages were faulted in on another CPU, 50 times; then the Movable blocks
-are offlined (docs/pinning-semantics.md rows 79-81). Only ``longterm``: gup and pin are
-short-term and may stay in a movable block by design (pin_user_pages.rst). anon and
+right after the pages were faulted in on another CPU, 50 times (and 25 times with one
+pinner, to tell a failure of concurrent pinners from one a lone pinner meets); then the
+Movable blocks are offlined (docs/pinning-semantics.md rows 79-81). Only ``longterm``:
+gup and pin are short-term and may stay in a movable block by design
+(pin_user_pages.rst). anon and
 memfd: the two kinds of movable user memory the migrate-at-pin path handles (anon folios
 and shmem folios).
 """
@@ -50,7 +52,10 @@ def race_facts(race: Any) -> dict[str, Any]:
             "cma_rounds": sum(1 for r in rounds if r.get(Key.PHASE) == "cma"),
             "faulted_in_movable": faulted_mov,
             "faulted_in_cma": faulted_cma, "register_errors": errnos,
-            "rounds_failed": sum(1 for r in rounds if any(e != 0 for e in r[Key.ERRNOS])),
+            "rounds_failed": {ph: sum(1 for r in rounds if r.get(Key.PHASE, "movable") == ph
+                                      and any(e != 0 for e in r[Key.ERRNOS]))
+                              for ph in sorted({str(r.get(Key.PHASE, "movable"))
+                                                for r in rounds})},
             "pinned": pinned, "movable_blocks": race.get(Key.MOVABLE_BLOCKS),
             "cma_ranges": race.get(Key.CMA_RANGES), "cma_meminfo_kb": race.get(Key.CMA),
             "race_ms": race.get(Key.MS)}
