@@ -36,6 +36,8 @@ def race_facts(race: Any) -> dict[str, Any]:
             and isinstance(r.get(Key.PINNED_IN_MOVABLE), list)
             and isinstance(r.get(Key.PINNED_IN_CMA), list) for r in rounds):
         raise Inconclusive("race rounds missing or malformed")
+    if any(e == "no result" for r in rounds for e in r[Key.ERRNOS]):
+        raise Inconclusive("a pinner thread of the race gave no result")
     faulted_mov = sum(int(r.get(Key.FAULTED_IN_MOVABLE) or 0) for r in rounds)
     faulted_cma = sum(int(r.get(Key.FAULTED_IN_CMA) or 0) for r in rounds)
     if not faulted_mov:

@@ -148,6 +148,11 @@ class MovablePinRaceTest(unittest.TestCase):
         del rep["race"]
         self.assertTrue(classify_cell(self.cell, rep).startswith("INCONCLUSIVE"))
 
+    def test_a_pinner_without_a_result_is_inconclusive(self) -> None:
+        rep = race_report()
+        rep["race"]["rounds"][3]["errnos"] = [0, "no result"]
+        self.assertTrue(classify_cell(self.cell, rep).startswith("INCONCLUSIVE"))
+
     def test_a_blocked_offline(self) -> None:
         rep = race_report()
         rep["offline"][0]["result"] = "timeout"
