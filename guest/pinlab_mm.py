@@ -339,3 +339,44 @@ def thp_setting():
     except OSError:
         return None
     return text[text.index("[") + 1:text.index("]")]
+
+
+# ------------------------------------------------------------------ NUMA
+# x86-64 system call numbers (arch/x86/entry/syscalls/syscall_64.tbl) and mempolicy modes
+# (include/uapi/linux/mempolicy.h); Documentation/admin-guide/mm/numa_memory_policy.rst
+SYS_SET_MEMPOLICY = 238
+SYS_MOVE_PAGES = 279
+MPOL_DEFAULT = 0
+MPOL_BIND = 2
+NUMA_KEYS = ("numa_pte_updates", "numa_huge_pte_updates", "numa_hint_faults",
+             "numa_hint_faults_local", "numa_pages_migrated", "pgmigrate_success",
+             "pgmigrate_fail")
+_libc.syscall.restype = ctypes.c_long
+
+
+def set_mempolicy(mode, nodes=()):
+    """set_mempolicy(2) for the calling thread: ``mode`` (MPOL_DEFAULT, MPOL_BIND, ...)
+    over the node numbers ``nodes`` (empty for MPOL_DEFAULT). Pages the thread faults in
+    afterwards come from those nodes. Raises OSError (EINVAL: a node that does not exist
+    or has no memory)."""
+    mask = 0
+    for n in nodes:
+        mask |= 1 << n
+    m = ctypes.c_ulong(mask)
+    ret = _libc.syscall(SYS_SET_MEMPOLICY, ctypes.c_int(mode),
+                        ctypes.byref(m) if nodes else None,
+                        ctypes.c_ulong(64 if nodes else 0))
+    _check(0 if ret == 0 else -1)
+
+
+def page_nodes(addr, npages):
+    """The NUMA node of each page of [addr, addr + npages pages): move_pages(2) with
+    nodes=NULL only reports (list of int; a negative value is -errno, e.g. -14 EFAULT
+    for a page not present, -2 ENOENT for a page not mapped). Raises OSError."""
+    n = npages
+    pages = (ctypes.c_void_p * n)(*[addr + i * PAGE for i in range(n)])
+    status = (ctypes.c_int * n)()
+    ret = _libc.syscall(SYS_MOVE_PAGES, ctypes.c_int(0), ctypes.c_ulong(n), pages, None,
+                        status, ctypes.c_int(0))
+    _check(0 if ret == 0 else -1)
+    return list(status)

@@ -36,22 +36,38 @@ SCRATCH_DISKS = {"pinlab-ext4": 512, "pinlab-xfs": 512, "pinlab-btrfs": 512,
 PMEM = {"ext4-dax": (PMEM_MIB["ext4-dax"], 1024), "xfs-dax": (PMEM_MIB["xfs-dax"], 1168)}
 PMEM_RAM_MB = 512
 MEMORY_MB = 1024 + PMEM_RAM_MB
-CMDLINE = "page_poison=1 " + " ".join(f"memmap={mib}M!{start}M"
-                                      for mib, start in PMEM.values())
+# numa-hint (guest/events/ev_numa_hint.py): a second NUMA node of NUMA_MB MiB with no
+# CPU (vm.GuestConfig.numa_mb). Every guest has it, so the matrix keeps one warm guest per
+# kernel; node 0 keeps MEMORY_MB and both CPUs, so a cell that does not ask for node 1
+# allocates where it did in a one-node guest. Two nodes turn NUMA balancing on by
+# default (CONFIG_NUMA_BALANCING_DEFAULT_ENABLED=y in the three Debian kernels), so
+# every guest boots with numa_balancing=disable and only numa-hint cells turn it on
+# (kernel.numa_balancing, Documentation/admin-guide/sysctl/kernel.rst).
+NUMA_MB = 256
+# cma-pin (guest/events/ev_cma_pin.py): a CMA area where the kernel has CONFIG_CMA (7.x:
+# CMA=y, CMA_SIZE_MBYTES=0, so none without cma=; 6.1 and 6.12: CMA not set, where the
+# kernel passes the unknown parameter on to init's environment and nothing uses it).
+# Documentation/admin-guide/kernel-parameters.txt, "cma=nn[MG]".
+CMA_MB = 64
+CMDLINE = ("page_poison=1 " + " ".join(f"memmap={mib}M!{start}M"
+                                       for mib, start in PMEM.values())
+           + f" numa_balancing=disable cma={CMA_MB}M")
 HOTPLUG_MB = 512
 
 
 def guest_config(irq: str = "msi") -> GuestConfig:
     """A matrix guest: scratch disks for the filesystems and swap, page poisoning, two
-    legacy pmem ranges for the fsdax backings (PMEM, MEMORY_MB of RAM), room for a
-    hot-added DIMM (mem-offline cells), and the device with MSI instead of MSI-X:
+    legacy pmem ranges for the fsdax backings (PMEM, MEMORY_MB of RAM), a CPU-less
+    second NUMA node (NUMA_MB; NUMA balancing off until a numa-hint cell turns it on), a
+    CMA area where the kernel has CMA (CMA_MB), room for a hot-added DIMM (mem-offline
+    cells), and the device with MSI instead of MSI-X:
     QEMU 11.1's vfio-user-pci aborts on device_del of an MSI-X device, and the hot-unplug
     cells need device_del to work. Raises ValueError for an unknown ``irq``."""
     if irq not in IRQ_MODES:
         raise ValueError(f"irq must be one of {', '.join(IRQ_MODES)}, not {irq!r}")
     return GuestConfig(scratch_disks=dict(SCRATCH_DISKS), cmdline=CMDLINE,
                        device_args=["--irq", irq], hotplug_mb=HOTPLUG_MB,
-                       memory_mb=MEMORY_MB)
+                       memory_mb=MEMORY_MB, numa_mb=NUMA_MB)
 
 
 def irq_of(device_args: list[str]) -> str:

@@ -53,6 +53,9 @@ class GuestConfig:
     device_args: list[str] = field(default_factory=list)
     # room for memory hot-add (pc-dimm through QMP); 0: none
     hotplug_mb: int = 0
+    # a second NUMA node of numa_mb MiB of RAM and no CPU (0: one node). Node 0 keeps
+    # memory_mb and every CPU, so what a one-node guest allocates stays where it was
+    numa_mb: int = 0
     # QEMU's gdbstub on 127.0.0.1:gdb_port (0: none); the kernel then boots with nokaslr
     # so that symbol addresses (vmlinux, /proc/kallsyms) are the link-time ones
     gdb_port: int = 0
@@ -128,7 +131,6 @@ class Guest:
 
     def qemu_args(self) -> list[str]:
         c, im = self.cfg, self.images
-        mem = f"{c.memory_mb}M"
         # no_timer_check: on a busy host a TCG guest's early IO-APIC timer test can miss
         # its ticks and panic ("IO-APIC + timer doesn't work!"; seen in a CI-equivalent
         # run with other guests busy); the check means nothing for an emulated timer
@@ -138,11 +140,10 @@ class Guest:
             append += " nokaslr"
         args = [
             "-name", "pinlab,debug-threads=on",
-            "-machine", "q35,memory-backend=mem", "-accel",
+            "-machine", "q35" if c.numa_mb else "q35,memory-backend=mem", "-accel",
             "tcg,thread=multi" if c.accel == "tcg" else "kvm",
-            "-cpu", "max" if c.accel == "tcg" else "host", "-smp", str(c.cpus), "-m",
-            f"{mem},slots=2,maxmem={c.memory_mb + c.hotplug_mb}M" if c.hotplug_mb else mem,
-            "-object", f"memory-backend-memfd,id=mem,size={mem},share=on",
+            "-cpu", "max" if c.accel == "tcg" else "host", "-smp", str(c.cpus),
+            *self.memory_args(),
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-kernel", str(im.kernel.vmlinuz), "-initrd", str(im.kernel.initramfs),
             "-append", append,
@@ -171,6 +172,26 @@ class Guest:
             # Behind a PCIe root port: devices on q35's root complex cannot be hot-unplugged.
             args += ["-device", "pcie-root-port,id=pinlab-port,chassis=1,slot=1",
                      "-device", json.dumps(self.device_spec(), separators=(",", ":"))]
+        return args
+
+    def memory_args(self) -> list[str]:
+        """QEMU's RAM options: ``-m`` (with hotplug slots when ``hotplug_mb``) and one
+        shared memfd backend per NUMA node (the device reads and writes guest RAM through
+        those memfds). With ``numa_mb`` the guest has two nodes (QEMU ``-numa node``):
+        node 0 with ``memory_mb`` and every CPU, node 1 with ``numa_mb`` and no CPU, so
+        NUMA balancing has a remote node to move pages away from
+        (Documentation/admin-guide/sysctl/kernel.rst, numa_balancing)."""
+        c = self.cfg
+        total = c.memory_mb + c.numa_mb
+        m = f"{total}M"
+        if c.hotplug_mb:
+            m += f",slots=2,maxmem={total + c.hotplug_mb}M"
+        args = ["-m", m,
+                "-object", f"memory-backend-memfd,id=mem,size={c.memory_mb}M,share=on"]
+        if c.numa_mb:
+            args += ["-object", f"memory-backend-memfd,id=mem1,size={c.numa_mb}M,share=on",
+                     "-numa", f"node,nodeid=0,cpus=0-{c.cpus - 1},memdev=mem",
+                     "-numa", "node,nodeid=1,memdev=mem1"]
         return args
 
     def device_spec(self) -> dict[str, Any]:
