@@ -61,7 +61,9 @@ class Event:
     boots a guest with them when its guest has the other kind). ``thp_small``: the cells
     of a THP backing register small pages on purpose (madv-collapse), so classify.py
     ``Judge.need_thp`` asks for small pages in a VM_HUGEPAGE VMA instead of one large
-    folio."""
+    folio. ``not_on``: backing -> the kernels (names of images/kernel.py KERNELS) on
+    which the event cannot happen to that backing, so the matrix has no such cell there
+    (the module's docstring says why, with the observation)."""
 
     name: str
     order: int
@@ -78,12 +80,17 @@ class Event:
     variants: tuple[str, ...] = ("",)
     irq: str = "msi"
     thp_small: bool = False
+    not_on: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for v in self.variants:
             split_options(v)  # raises ValueError naming an unknown option
         if len(set(self.variants)) != len(self.variants):
             raise ValueError(f"event {self.name}: variants {self.variants} repeat one")
+
+    def applies(self, backing: str, kernel: str) -> bool:
+        """Whether the event has cells of ``backing`` on ``kernel`` (:attr:`not_on`)."""
+        return kernel not in self.not_on.get(backing, ())
 
     def variant_modes(self, options: str) -> tuple[str, ...]:
         """The modes this event runs in with ``options``: :attr:`modes` less those an

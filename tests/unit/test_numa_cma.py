@@ -69,6 +69,15 @@ class NumaHintTest(unittest.TestCase):
         self.assertEqual(classify_cell(cell, numa_report("odp"), audit=written(acks=1)),
                          "REVOKED_IN_TIME")
 
+    def test_no_memfd_cells_on_6_1(self) -> None:
+        from pinlab.orchestrator.cells import all_cells
+        cells = {k: {(c.mode, c.backing) for c in all_cells(k) if c.event == "numa-hint"}
+                 for k in ("6.1", "6.12", "7")}
+        self.assertEqual({b for _, b in cells["6.1"]}, {"anon"})
+        for k in ("6.12", "7"):
+            self.assertEqual({b for _, b in cells[k]}, {"anon", "memfd"})
+            self.assertEqual(len(cells[k]), 8)
+
     def test_no_hinting_is_inconclusive(self) -> None:
         for vm in ({"numa_pte_updates": 0, "numa_hint_faults": 0},
                    {"numa_pte_updates": 48, "numa_hint_faults": 0},
