@@ -6,7 +6,7 @@ xfs = ext4 (file pages).
 
 from __future__ import annotations
 
-from pinlab.common.vocab import Key, Outcome
+from pinlab.common.vocab import CPU_WRITE_OPTION, Key, Outcome
 
 from ..classify import Inconclusive, Judge, step
 from . import Event
@@ -38,4 +38,7 @@ EVENT = Event(
     order=10,
     backings=("anon", "memfd", "ext4"),
     classify=classify,
+    # and with the CPU write after the event (README "Cell options"; its private
+    # backings only, vocab.OPTION_BACKINGS)
+    variants=("", CPU_WRITE_OPTION),
 )

@@ -8,7 +8,7 @@ unregistered control page of the mapping was swapped (swap_reached, below).
 
 from __future__ import annotations
 
-from pinlab.common.vocab import PRIVATE_BACKINGS, Key
+from pinlab.common.vocab import CPU_WRITE_OPTION, PRIVATE_BACKINGS, Key
 
 from ..classify import Inconclusive, Judge, changed, step, summarize_pagemap
 from . import Event
@@ -75,4 +75,7 @@ EVENT = Event(
     backings=("anon", "memfd", "ext4", "xfs", "btrfs", "private-file"),
     classify=classify,
     swap_control=PRIVATE_BACKINGS,
+    # and with the CPU write after the event (README "Cell options"; its private
+    # backings only, vocab.OPTION_BACKINGS)
+    variants=("", CPU_WRITE_OPTION),
 )
