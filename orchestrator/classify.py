@@ -665,17 +665,24 @@ class Judge:
         ``cpu_write_after`` returned 0, the mapping scanned right after it holds the
         process's CPU pattern on every registered page ("cpu", guest/pinlab_cell.py
         ``cpu_word``), and the PFNs before and after the write were recorded (every page
-        present after it). Records how many pages the write moved (``moved_by_cpu_write``:
-        a write fault that copied the page). Raises :class:`Inconclusive` naming what is
-        missing."""
+        present after it). Records how many present pages the write replaced
+        (``moved_by_cpu_write``: a write fault that copied the page) and how many it
+        faulted in (``faulted_in_by_cpu_write``: swapped out or unmapped before). Raises
+        :class:`Inconclusive` naming what is missing."""
         rep, n = self.rep, self.npages()
         if step_errno(rep, CPU_WRITE_STEP):
             raise Inconclusive("the cpu-write-after step failed")
         mp = view(rep, Key.MAP_CPU)
         sts = states(mp)
         before, after = rep.get(Key.PFNS_BEFORE_CPU_WRITE), rep.get(Key.PFNS_AFTER_CPU_WRITE)
-        self.f["cpu_write"] = {"map_after_write": mp,
-                               "moved_by_cpu_write": changed(before, after)}
+        pairs = list(zip(before, after, strict=False)) if isinstance(before, list) \
+            and isinstance(after, list) else []
+        self.f["cpu_write"] = {
+            "map_after_write": mp,
+            # a present page the write replaced (a write fault's copy)
+            "moved_by_cpu_write": sum(1 for b, a in pairs if isinstance(b, int) and b != a),
+            # a page the write faulted in (swapped out or unmapped before it)
+            "faulted_in_by_cpu_write": sum(1 for b, _ in pairs if not isinstance(b, int))}
         if len(sts) != n or any(s != "cpu" for s in sts):
             raise Inconclusive("the mapping does not hold the CPU write on every page")
         if not isinstance(before, list) or len(before) != n:

@@ -12,8 +12,10 @@ from pinlab.common.vocab import CPU_WRITE_OPTION, PRIVATE_BACKINGS, split_option
 from pinlab.guest import pinlab_cell
 from pinlab.orchestrator import events
 from pinlab.orchestrator.cells import all_cells
+from pinlab.orchestrator.classify import classify_cell as classify_cell_
+from pinlab.orchestrator.dmesg import classify
 from pinlab.orchestrator.expectations import Cell
-from tests.unit.test_classify import PFNS, classify_cell, report, written
+from tests.unit.test_classify import PFNS, Audit, classify_cell, report, written
 
 MOVED = list(range(200, 216))          # the PFNs after a write fault copied every page
 CPU = [["cpu", 0, 16]]
@@ -110,6 +112,18 @@ class ClassifyTest(unittest.TestCase):
         rep = cpu_report([], after=MOVED, map_parent_g2=CPU, child_status=0, child=child)
         self.assertRegex(classify_cell(cell, rep, audit=facts),
                          r"INCONCLUSIVE\(audit PFNs of generation 2")
+
+    def test_facts_tell_a_copy_from_a_swap_in(self) -> None:
+        cell = Cell("6.12", "odp", "anon", "mprotect", CPU_WRITE_OPTION)
+        rep = cpu_report(MPROTECT, after=MOVED, map_g2=G2, mode="odp",
+                         pfns_before_cpu_write=["swap"] * 4 + PFNS[4:])
+        a = Audit().add("create", region=1, inst=7).add("map", region=1, inst=7).write(1)
+        a.add("invalidate", region=1, inst=7).add("invalidate_ack", region=1, inst=7)
+        facts = a.write(2, MOVED).add("destroy", region=1, inst=7).facts(rep)
+        cls, f = classify_cell_(cell, rep, classify(""), facts)
+        self.assertEqual(cls, "REVOKED_IN_TIME")
+        self.assertEqual((f["cpu_write"]["moved_by_cpu_write"],
+                          f["cpu_write"]["faulted_in_by_cpu_write"]), (12, 4))
 
     def test_audit_records_where_gen2_went(self) -> None:
         facts = written().facts(report())
