@@ -337,7 +337,9 @@ class Judge:
     (``f``, recorded in the verdict). The shared checks (:meth:`shared`: kernel errors,
     pins leaked, audit violations and DMA outside the registration, the audit's
     completeness; btrfs's and ext4's own data-loss verdicts) run for every event, and every
-    cell of an fsdax backing must prove DAX first (:meth:`need_dax`); each
+    cell of an fsdax backing must prove DAX first (:meth:`need_dax`), every cell with the
+    ``cpu-write-after`` option must show its CPU write (:meth:`cpu_write_after`) and have
+    its class checked against where generation 2 went (:meth:`cpu_write_verdict`); each
     event's classifier (``orchestrator/events/ev_<event>.py``) then judges its views with
     the helpers here."""
 
