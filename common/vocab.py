@@ -87,14 +87,26 @@ PRIVATE_BACKINGS = ("anon", "private-file")
 DISK_BACKINGS = ("ext4", "xfs", "btrfs")
 
 #: Options of a cell beside its mode, backing and event, in their canonical order: how
-#: the region is registered. ``readonly``: no FOLL_WRITE (PINLAB_REG_READONLY; the device
-#: may only read). ``fast``: the pages are taken by get/pin_user_pages_fast()
-#: (PINLAB_REG_FAST). A cell's options are one string, these names joined by ``+`` in this
-#: order ("" = none; :func:`join_options`). Which events run with which options is each
-#: event's ``variants`` (orchestrator/events/).
-OPTIONS = ("readonly", "fast")
+#: the region is registered, and what the workload does after the event.
+#: ``readonly``: no FOLL_WRITE (PINLAB_REG_READONLY; the device may only read). ``fast``:
+#: the pages are taken by get/pin_user_pages_fast() (PINLAB_REG_FAST).
+#: ``cpu-write-after``: after the event, before the device's generation-2 write, the
+#: process writes a CPU pattern (guest/pinlab_cell.py ``cpu_word``, never a device
+#: generation) over every registered page through its mapping and records the PFNs after
+#: that write; a write fault that copies a pinned page away (COW) then shows as lost
+#: device writes (classify.py ``Judge.cpu_write_after``). A cell's options are one
+#: string, these names joined by ``+`` in this order ("" = none; :func:`join_options`).
+#: Which events run with which options is each event's ``variants``
+#: (orchestrator/events/).
+OPTIONS = ("readonly", "fast", "cpu-write-after")
+#: The option name of the CPU write after the event.
+CPU_WRITE_OPTION = "cpu-write-after"
 #: The modes each option applies to (odp takes no page references, so no fast path).
-OPTION_MODES = {"readonly": MODES, "fast": PINNED_MODES}
+OPTION_MODES = {"readonly": MODES, "fast": PINNED_MODES, "cpu-write-after": MODES}
+#: The backings each option applies to (default: every backing of the event). A write
+#: fault copies a page only in a private mapping (anon, MAP_PRIVATE file): a MAP_SHARED
+#: page is written in place, so ``cpu-write-after`` runs on the private backings only.
+OPTION_BACKINGS: dict[str, tuple[str, ...]] = {"cpu-write-after": PRIVATE_BACKINGS}
 
 
 def split_options(options: str) -> tuple[str, ...]:
@@ -344,6 +356,13 @@ class Key:
     PHASE = "phase"
     ERROR_SUFFIX = "_error"
     BYTES_SUFFIX = "_bytes"
+    # cpu-write-after (guest/pinlab_cell.py Cell.cpu_write_after) and the ksm event
+    PFNS_BEFORE_CPU_WRITE = "pfns_before_cpu_write"
+    PFNS_AFTER_CPU_WRITE = "pfns_after_cpu_write"
+    MAP_CPU = "map_cpu"
+    KSM = "ksm"
+    TWIN_PFNS = "twin_pfns"
+    MAP_TWIN_G2 = "map_twin_g2"
 
 
 # ------------------------------------------------------------------ guest files

@@ -18,7 +18,8 @@ the /proc readers from pinlab_mm: the guest API that ``pinlab run`` scripts use 
 ``ready_cell()`` stops a cell before its event, for a human (``pinlab up --cell``).
 
 Page states (see scan()): "g<N>" the whole page holds generation N of this region's
-pattern, "zero", "partial-g<N>" (starts with gen N but differs later), "other".
+pattern, "cpu" the process's own write of the ``cpu-write-after`` step (cpu_word), "zero",
+"partial-g<N>" (starts with gen N but differs later), "other".
 Scans are run-length encoded: [[state, first_page, count], ...].
 """
 import contextlib
@@ -33,6 +34,7 @@ import time
 
 from pinlab.common import jsonlines
 from pinlab.common.vocab import (
+    CPU_WRITE_OPTION,
     DAX_BACKINGS,
     DISK_BACKINGS,
     NOTIFY_FD_ENV,
@@ -91,9 +93,21 @@ def rle(states):
     return out
 
 
+CPU_TAG = 0xC9C9          # the top 16 bits of cpu_word(): never a region id the driver gives
+
+
+def cpu_word(i):
+    """The 64-bit word that fills page ``i`` of the region after the ``cpu-write-after``
+    step (Cell.cpu_write_after): a CPU pattern no device generation and no control page
+    has."""
+    return (CPU_TAG << 48) | (0xC0DE << 32) | i
+
+
 def page_state(mv, region, off):
     """State of the page at byte `off` of the region, whose bytes are mv[0:PAGE]."""
     (w,) = struct.unpack_from("<Q", mv, 0)
+    if w == cpu_word(off // PAGE) and bytes(mv) == struct.pack("<Q", w) * (PAGE // 8):
+        return "cpu"
     r, g, o = pinlab_ioctl.decode_word(w)
     if r == (region & 0xFFFF) and o == off and g:
         base = ((region & 0xFFFF) << 48) | ((g & 0xFFFF) << 32)
@@ -424,12 +438,42 @@ class Cell:
         self.rid = None
         self.registered = False
         self.gen = 0
+        self.cpu_write_pending = False
 
     # -- device wrappers
     def dma(self, gen, offset=0, length=None, name=None):
+        """The device writes generation ``gen`` into [offset, offset+length) bytes of the
+        region (step ``dma_write_g<gen>``). With the cell option ``cpu-write-after`` the
+        first generation-2 write is preceded by the process's CPU write
+        (:meth:`cpu_write_after`): every event issues generation 2 after its own steps, so
+        this is "after the event" wherever the event writes it."""
+        if gen == 2 and self.cpu_write_pending:
+            self.cpu_write_pending = False
+            self.cpu_write_after()
         length = self.m.size - offset if length is None else length
         return timed(self.rep, name or f"dma_write_g{gen}", self.dev.dma_write, self.rid,
                      offset, length, gen)
+
+    def cpu_write_after(self):
+        """The ``cpu-write-after`` step: the process writes cpu_word(i) over every word of
+        every registered page i through its mapping (step ``cpu_write_after``), the write
+        fault that may copy a page (COW) away from the driver's pin. Records the PFNs just
+        before and after the write and a scan of the mapping after it (``Key.MAP_CPU``:
+        "cpu" on every page when the write landed)."""
+        m, rep = self.m, self.rep
+        rep[Key.PFNS_BEFORE_CPU_WRITE] = m.pfns()
+
+        def write():
+            mv = memoryview(m.mm).cast("B")
+            try:
+                for i in range(m.npages):
+                    mv[i * PAGE:(i + 1) * PAGE] = struct.pack("<Q", cpu_word(i)) * (PAGE // 8)
+            finally:
+                mv.release()
+
+        timed(rep, "cpu_write_after", write)
+        rep[Key.PFNS_AFTER_CPU_WRITE] = m.pfns()
+        rep[Key.MAP_CPU] = self.scan_map()
 
     def scan_map(self, first=0, n=None):
         n = self.m.npages - first if n is None else n
@@ -482,6 +526,8 @@ class Cell:
         self.readonly = bool(getattr(ev, "READONLY", False) or "readonly" in opts
                              or getattr(a, "readonly", False))
         self.fast = bool("fast" in opts or getattr(a, "fast", False))
+        self.cpu_write_pending = bool(CPU_WRITE_OPTION in opts
+                                      or getattr(a, "cpu_write_after", False))
         fill = getattr(ev, "fill", None)
         self.m = Mapping(self.stack, a.backing, rep,
                          npages=npages + (CONTROL_PAGES if ctl else 0), fill=fill,
@@ -766,7 +812,8 @@ def notify_ready(stack):
     stack.callback(lambda: os.path.exists(READY_FILE) and os.unlink(READY_FILE))
 
 
-def ready_cell(mode, backing, event, device=None, readonly=False, fast=False):
+def ready_cell(mode, backing, event, device=None, readonly=False, fast=False,
+               cpu_write_after=False):
     """A matrix cell stopped just before its event, for a human: the cell's environment
     set up, its mapping made (``c.m.mm``, ``c.m.addr``, ``c.m.path``), registered
     (``c.dev``, ``c.rid``) and written once by the device. ``c.event()`` runs the event,
@@ -776,13 +823,15 @@ def ready_cell(mode, backing, event, device=None, readonly=False, fast=False):
     longterm on ext4), ``c.registered`` is False and ``c.rep`` has errno/errno_name; the
     mapping is still there. ``readonly``/``fast`` register read-only (no FOLL_WRITE; the
     device does not write generation 1) or through get/pin_user_pages_fast(), with any
-    backing, mode and event (an event may ask for them itself: ev_cpu_write.py). Raises
-    what the environment setup raises (pinlab_env)."""
+    backing, mode and event (an event may ask for them itself: ev_cpu_write.py);
+    ``cpu_write_after`` makes the event's generation-2 write follow the process's CPU write
+    (Cell.cpu_write_after). Raises what the environment setup raises (pinlab_env)."""
     import argparse
 
     stack = contextlib.ExitStack()
     c = Cell(argparse.Namespace(mode=mode, backing=backing, event=event, device=device,
-                                readonly=readonly, fast=fast), stack)
+                                readonly=readonly, fast=fast,
+                                cpu_write_after=cpu_write_after), stack)
     c.close = stack.close
     try:
         c.prepare()
@@ -819,7 +868,8 @@ if __name__ == "__main__":
                  "EVENT[+OPTIONS]")
     _event, _, _opts = sys.argv[4].partition("+")
     _opts = split_options(_opts)
-    c = ready_cell(*sys.argv[2:4], _event, readonly="readonly" in _opts, fast="fast" in _opts)
+    c = ready_cell(*sys.argv[2:4], _event, readonly="readonly" in _opts, fast="fast" in _opts,
+                   cpu_write_after="cpu-write-after" in _opts)
     where = (f"region {c.rid}, generation 1 written" if c.registered else
              f"registration refused: {c.rep['errno_name']} (as in the cell)")
     print(f"cell {'/'.join(sys.argv[2:5])} ready before its event: mapping c.m at "

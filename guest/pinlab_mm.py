@@ -38,6 +38,8 @@ MADV_FREE = 8
 MADV_REMOVE = 9
 MADV_DONTFORK = 10
 MADV_DOFORK = 11
+MADV_MERGEABLE = 12
+MADV_UNMERGEABLE = 13
 MADV_HUGEPAGE = 14
 MADV_NOHUGEPAGE = 15
 MADV_COLD = 20
@@ -64,6 +66,7 @@ VMSTAT_KEYS = (*PIN_KEYS, "pswpin", "pswpout", "pgmigrate_success", "pgmigrate_f
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 _libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
                        ctypes.c_int, ctypes.c_long]
@@ -103,6 +106,12 @@ def madvise(addr, length, advice):
     does not name (MADV_SOFT_OFFLINE, MADV_COLLAPSE) work. Raises OSError (EINVAL: bad
     alignment or advice the kernel does not know; EPERM; ENOMEM: range not mapped)."""
     _check(_libc.madvise(addr, length, advice))
+
+
+def mprotect(addr, length, prot):
+    """mprotect(2) on [addr, addr+length) (bytes; addr page aligned) with ``prot``
+    (mmap.PROT_*). Raises OSError (EINVAL, ENOMEM: range not mapped, EACCES)."""
+    _check(_libc.mprotect(addr, length, prot))
 
 
 def punch_hole(fd, offset, length):
@@ -251,6 +260,24 @@ def pagemap_detail(addr, npages, pid="self"):
         elif d["swap"]:
             d["swap_type"], d["swap_offset"] = e & 0x1F, (e & PM_PFN_MASK) >> 5
         out.append(d)
+    return out
+
+
+KPF_KSM = 21                  # /proc/kpageflags bit (Documentation/admin-guide/mm/pagemap.rst)
+
+
+def kpageflags(pfns):
+    """The /proc/kpageflags word of each PFN (ints; None for an entry that is not a PFN or
+    cannot be read). Needs CAP_SYS_ADMIN."""
+    out = []
+    with open("/proc/kpageflags", "rb") as f:
+        for p in pfns:
+            if not isinstance(p, int) or isinstance(p, bool):
+                out.append(None)
+                continue
+            f.seek(p * 8)
+            data = f.read(8)
+            out.append(struct.unpack("<Q", data)[0] if len(data) == 8 else None)
     return out
 
 

@@ -55,7 +55,7 @@ def all_cells(kernel: str, known_only: bool = True) -> list[Cell]:
     if known_only and kernel not in KERNELS and not is_kernel_id(kernel):
         raise ValueError(f"unknown kernel {kernel!r}")
     return [Cell(kernel, m, b, e.name, v) for e in events.events() for v in e.variants
-            for b in e.backings if backing_applies(b, kernel) and e.applies(b, kernel)
+            for b in e.variant_backings(v) if backing_applies(b, kernel) and e.applies(b, kernel)
             for m in e.variant_modes(v)]
 
 

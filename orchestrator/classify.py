@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from pinlab.common.vocab import (
+    CPU_WRITE_OPTION,
     DAX_BACKINGS,
     FILE_BACKINGS,
     FOLL_PIN_MODES,
@@ -50,6 +51,15 @@ ESCALATION_LINES = ("INVALIDATE fence missed", "resetting device")
 # a WARN the ext4 dirty-folio path raises for a page dirtied without ->page_mkwrite
 # (fs/ext4/inode.c ext4_dirty_folio, WARN_ON_ONCE(!folio_buffers(folio)); 6.x and 7.x formats)
 EXT4_WARN = re.compile(r"fs/ext4/\S+ (?:at )?ext4_\w+")
+#: audit_facts keeps at most this many generation-2 PFNs (a cell registers at most 64 pages
+#: of 4 KiB; hugetlb cells 1024, whose gen-2 PFNs nobody needs)
+GEN2_PFNS_MAX = 256
+#: classes of the cpu-write-after option in which the process sees the device's write
+#: (gen 2 must have gone to pages the process maps) and in which it does not (gen 2 went
+#: to pages it no longer maps: the write fault copied them away)
+CPU_WRITE_SEEN = ("COHERENT", "REVOKED_IN_TIME", "MIGRATION_FAILS", "OFFLINE_SUCCEEDS",
+                  "OFFLINE_BLOCKED", "CHILD_SEES_WRITES")
+CPU_WRITE_LOST = ("WRITES_LOST_SILENTLY", "PARENT_LOSES_WRITES")
 SEVERE_CLASSES = ("BUG", "OOPS", "PANIC", "BAD_PAGE", "HUNG_TASK", "SOFT_LOCKUP", "RCU_STALL")
 
 #: What each class needs, in the words of the expectations header (kept in sync by a unit
@@ -130,6 +140,16 @@ THP_SMALL_EVIDENCE = ("every registered PFN present in kpageflags, none with KPF
 #: folios are PTE-mapped)
 PMD_MAPPED = {"anon-thp": "AnonHugePages", "memfd-thp": "ShmemPmdMapped"}
 HPAGE = 2 << 20
+#: not a class: what every cell with the ``cpu-write-after`` option needs besides its
+#: class's evidence (Judge.cpu_write_after, Judge.cpu_write_verdict)
+CPU_WRITE_EVIDENCE = ("the cpu_write_after step's errno 0",
+                      "the mapping after the CPU write holding the CPU pattern on every page",
+                      "PFNs before and after the CPU write",
+                      "audit: the PFNs generation 2 went to (all mapped after the CPU "
+                      "write for a class that sees it; some not, and a page showing the "
+                      "CPU write, for lost writes)")
+#: the workload's step of the cpu-write-after option (guest/pinlab_cell.py)
+CPU_WRITE_STEP = "cpu_write_after"
 #: not a class: what every cell of a DAX backing needs besides its class's evidence
 DAX_EVIDENCE = ("STATX_ATTR_DAX on the file", "the mount's dax option",
                 "every page of the mapping at a PFN inside a pmem range (/proc/iomem)")
@@ -256,7 +276,9 @@ def audit_facts(rep: dict[str, Any], records: Sequence[dict[str, Any]],
     that were not registered: for odp any page the process mapped counts as registered),
     ``event_acks`` (invalidate acknowledgements after the region's last generation-1 write
     and before its first generation-2 write, i.e. caused by the event between them),
-    ``ack_before_destroy``, ``violations`` and ``resets``.
+    ``ack_before_destroy``, ``violations``, ``resets`` and ``gen2_pfns`` (the guest pages
+    written with generation 2, sorted, at most GEN2_PFNS_MAX: where the device's write
+    after the event went, for the ``cpu-write-after`` option).
     """
     rid = rep.get(Key.REGION) if region is None else region
     seqs = [r.get("seq") for r in records]
@@ -311,7 +333,8 @@ def audit_facts(rep: dict[str, Any], records: Sequence[dict[str, Any]],
         registered |= _pfn_set(rep.get(Key.PFNS_AFTER), rep.get(Key.PFNS_AFTER_TOUCH),
                                rep.get(Key.PFNS_AFTER_EVENT), rep.get(Key.PAGEMAP_AFTER_EVENT),
                                rep.get(Key.PFNS_PARENT_AFTER_WRITE),
-                               rep.get(Key.PFNS_AFTER_WRITE))
+                               rep.get(Key.PFNS_AFTER_WRITE),
+                               rep.get(Key.PFNS_AFTER_CPU_WRITE))
     written = set().union(*pages_by_gen.values()) if pages_by_gen else set()
     outside = sorted(written - registered)
     viol = [v for v in violations if inst is None or v.get("inst") == inst]
@@ -322,7 +345,8 @@ def audit_facts(rep: dict[str, Any], records: Sequence[dict[str, Any]],
                  outside_pfns=outside[:16], event_acks=event_acks,
                  ack_before_destroy=any(destroy is None or a < destroy for a in acks),
                  violations=len(viol), violation_samples=viol[:5],
-                 read_pages=len(read), read_registered=len(read & registered))
+                 read_pages=len(read), read_registered=len(read & registered),
+                 gen2_pfns=sorted(pages_by_gen.get(2, set()))[:GEN2_PFNS_MAX])
     return facts
 
 
@@ -333,7 +357,9 @@ class Judge:
     (``f``, recorded in the verdict). The shared checks (:meth:`shared`: kernel errors,
     pins leaked, audit violations and DMA outside the registration, the audit's
     completeness; btrfs's and ext4's own data-loss verdicts) run for every event, and every
-    cell of an fsdax backing must prove DAX first (:meth:`need_dax`); each
+    cell of an fsdax backing must prove DAX first (:meth:`need_dax`), every cell with the
+    ``cpu-write-after`` option must show its CPU write (:meth:`cpu_write_after`) and have
+    its class checked against where generation 2 went (:meth:`cpu_write_verdict`); each
     event's classifier (``orchestrator/events/ev_<event>.py``) then judges its views with
     the helpers here."""
 
@@ -675,7 +701,77 @@ class Judge:
         if ev is None:
             self.f["unknown_event"] = cell.event
             return Outcome.ERROR
-        return str(ev.classify(self))
+        if CPU_WRITE_OPTION not in cell.option_names:
+            return str(ev.classify(self))
+        self.cpu_write_after()
+        return self.cpu_write_verdict(str(ev.classify(self)))
+
+    # -- the cpu-write-after option --
+    def cpu_write_after(self) -> None:
+        """The ``cpu-write-after`` step happened (CPU_WRITE_EVIDENCE): step
+        ``cpu_write_after`` returned 0, the mapping scanned right after it holds the
+        process's CPU pattern on every registered page ("cpu", guest/pinlab_cell.py
+        ``cpu_word``), and the PFNs before and after the write were recorded (every page
+        present after it). Records how many present pages the write replaced
+        (``moved_by_cpu_write``: a write fault that copied the page) and how many it
+        faulted in (``faulted_in_by_cpu_write``: swapped out or unmapped before). Raises
+        :class:`Inconclusive` naming what is missing."""
+        rep, n = self.rep, self.npages()
+        if step_errno(rep, CPU_WRITE_STEP):
+            raise Inconclusive("the cpu-write-after step failed")
+        mp = view(rep, Key.MAP_CPU)
+        sts = states(mp)
+        before, after = rep.get(Key.PFNS_BEFORE_CPU_WRITE), rep.get(Key.PFNS_AFTER_CPU_WRITE)
+        pairs = list(zip(before, after, strict=False)) if isinstance(before, list) \
+            and isinstance(after, list) else []
+        self.f["cpu_write"] = {
+            "map_after_write": mp,
+            # a present page the write replaced (a write fault's copy)
+            "moved_by_cpu_write": sum(1 for b, a in pairs if isinstance(b, int) and b != a),
+            # a page the write faulted in (swapped out or unmapped before it)
+            "faulted_in_by_cpu_write": sum(1 for b, _ in pairs if not isinstance(b, int))}
+        if len(sts) != n or any(s != "cpu" for s in sts):
+            raise Inconclusive("the mapping does not hold the CPU write on every page")
+        if not isinstance(before, list) or len(before) != n:
+            raise Inconclusive("PFNs before the CPU write missing")
+        if not isinstance(after, list) or len(after) != n or not all(
+                isinstance(p, int) and not isinstance(p, bool) for p in after):
+            raise Inconclusive("PFNs after the CPU write missing")
+
+    def cpu_write_verdict(self, cls: str) -> str:
+        """``cls`` (the event's class of a ``cpu-write-after`` cell) when the audit agrees
+        with it: where the process sees the device's write (CPU_WRITE_SEEN) every
+        generation-2 PFN is one the process mapped after its CPU write; where the writes
+        were lost (CPU_WRITE_LOST) some generation-2 PFN is not (the pin kept a page the
+        write fault copied away) and the mapping shows the process's own write ("cpu") on
+        at least one page. Other classes pass unchanged. Raises :class:`Inconclusive` on a
+        contradiction or when the audit's generation-2 PFNs are missing. Records
+        ``gen2_to_unmapped`` and ``cpu_pages_after_g2``."""
+        base = base_class(cls)
+        if base not in CPU_WRITE_SEEN and base not in CPU_WRITE_LOST:
+            return cls
+        gen2 = self.audit.get("gen2_pfns")
+        if not isinstance(gen2, list):
+            raise Inconclusive("audit PFNs of generation 2 missing")
+        after = set(self.rep[Key.PFNS_AFTER_CPU_WRITE])
+        away = [p for p in gen2 if p not in after]
+        g2view = next((self.rep[k] for k in (Key.MAP_G2, Key.MAP_PARENT_G2)
+                       if isinstance(self.rep.get(k), list)), None)
+        cpu_pages = states(g2view).count("cpu") if g2view is not None else None
+        self.f["cpu_write"].update(gen2_pfns=len(gen2), gen2_to_unmapped=len(away),
+                                   gen2_unmapped_sample=away[:8],
+                                   cpu_pages_after_g2=cpu_pages)
+        if base in CPU_WRITE_SEEN:
+            if away:
+                raise Inconclusive(f"{base}, but the audit has generation 2 in {len(away)} "
+                                   "pages the process does not map")
+            return cls
+        if not away:
+            raise Inconclusive(f"{base}, but the audit has generation 2 only in pages the "
+                               "process maps")
+        if not cpu_pages:
+            raise Inconclusive(f"{base}, but no page of the mapping shows the CPU write")
+        return cls
 
     # -- helpers the event classifiers share --
     def g2_errno(self) -> int:

@@ -23,7 +23,7 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pinlab.common.vocab import MODES, OPTION_MODES, split_options
+from pinlab.common.vocab import MODES, OPTION_BACKINGS, OPTION_MODES, split_options
 
 if TYPE_CHECKING:
     from ..classify import Judge
@@ -56,7 +56,8 @@ class Event:
     smoke cell when the default choice (cells.py ``smoke``) would not be the cell that
     tells the kernels apart. ``variants``: the cell options (common/vocab.py OPTIONS,
     canonical ``+``-joined strings; "" = none) each (backing, mode) runs with; an option
-    runs only in the modes it applies to (``OPTION_MODES``). ``irq``: the device's
+    runs only in the modes and on the backings it applies to (``OPTION_MODES``,
+    ``OPTION_BACKINGS``). ``irq``: the device's
     interrupts in the guest a cell of this event runs in (guestenv.IRQ_MODES; the pool
     boots a guest with them when its guest has the other kind). ``thp_small``: the cells
     of a THP backing register small pages on purpose (madv-collapse), so classify.py
@@ -97,6 +98,14 @@ class Event:
         option does not apply to."""
         return tuple(m for m in self.modes
                      if all(m in OPTION_MODES[o] for o in split_options(options)))
+
+    def variant_backings(self, options: str) -> tuple[str, ...]:
+        """The backings this event runs on with ``options``: :attr:`backings` less those
+        an option does not apply to (``OPTION_BACKINGS``; e.g. ``cpu-write-after`` only
+        where a write fault can copy the page)."""
+        names = split_options(options)
+        return tuple(b for b in self.backings
+                     if all(b in OPTION_BACKINGS.get(o, (b,)) for o in names))
 
     def run(self, s: GuestSession, cell: Cell, art: Path) -> Observation:
         """Run one cell of this event in ``s`` (artifacts in ``art``)."""

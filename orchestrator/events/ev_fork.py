@@ -5,7 +5,7 @@ MAP_SHARED backings other than memfd behave alike (docs/pinning-semantics.md row
 
 from __future__ import annotations
 
-from pinlab.common.vocab import PRIVATE_BACKINGS, Key, Outcome
+from pinlab.common.vocab import CPU_WRITE_OPTION, PRIVATE_BACKINGS, Key, Outcome
 
 from ..classify import Inconclusive, Judge, all_gen, changed, step, view
 from . import Event
@@ -45,4 +45,7 @@ EVENT = Event(
     order=11,
     backings=("anon", "memfd", "private-file"),
     classify=classify,
+    # and with the CPU write after the event (README "Cell options"; its private
+    # backings only, vocab.OPTION_BACKINGS)
+    variants=("", CPU_WRITE_OPTION),
 )

@@ -7,7 +7,7 @@ docs/pinning-semantics.md row 24); rows 26-28.
 
 from __future__ import annotations
 
-from pinlab.common.vocab import Key, Outcome
+from pinlab.common.vocab import CPU_WRITE_OPTION, Key, Outcome
 
 from ..classify import Inconclusive, Judge, changed, step
 from . import Event
@@ -46,4 +46,7 @@ EVENT = Event(
     backings=("anon",),
     classify=classify,
     scenario="mem_offline",
+    # and with the CPU write after the event (README "Cell options"; its private
+    # backings only, vocab.OPTION_BACKINGS)
+    variants=("", CPU_WRITE_OPTION),
 )

@@ -9,7 +9,7 @@ first; it needs a writeback step of its own first.
 
 from __future__ import annotations
 
-from pinlab.common.vocab import PRIVATE_BACKINGS
+from pinlab.common.vocab import CPU_WRITE_OPTION, PRIVATE_BACKINGS
 
 from ..classify import Judge
 from . import Event
@@ -26,4 +26,7 @@ EVENT = Event(
     backings=("anon", "memfd", "ext4", "xfs", "private-file"),
     classify=classify,
     swap_control=PRIVATE_BACKINGS,
+    # and with the CPU write after the event (README "Cell options"; its private
+    # backings only, vocab.OPTION_BACKINGS)
+    variants=("", CPU_WRITE_OPTION),
 )

@@ -8,7 +8,7 @@ unregistered control THP is split and migrated; docs/pinning-semantics.md row 56
 
 from __future__ import annotations
 
-from pinlab.common.vocab import Key, Outcome
+from pinlab.common.vocab import CPU_WRITE_OPTION, Key, Outcome
 
 from ..classify import Inconclusive, Judge, step
 from . import Event
@@ -40,4 +40,7 @@ EVENT = Event(
     order=10,
     backings=("anon", "memfd", "ext4", "anon-thp", "memfd-thp"),
     classify=classify,
+    # and with the CPU write after the event (README "Cell options"; its private
+    # backings only, vocab.OPTION_BACKINGS)
+    variants=("", CPU_WRITE_OPTION),
 )

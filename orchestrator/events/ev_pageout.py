@@ -10,7 +10,7 @@ memfd-thp is shmem as memfd (docs/pinning-semantics.md row 57).
 
 from __future__ import annotations
 
-from pinlab.common.vocab import PRIVATE_BACKINGS, Key
+from pinlab.common.vocab import CPU_WRITE_OPTION, PRIVATE_BACKINGS, Key
 
 from ..classify import Inconclusive, Judge, changed, step, summarize_pagemap
 from . import Event
@@ -78,4 +78,7 @@ EVENT = Event(
               "memfd-thp"),
     classify=classify,
     swap_control=(*PRIVATE_BACKINGS, "anon-thp"),
+    # and with the CPU write after the event (README "Cell options"; its private
+    # backings only, vocab.OPTION_BACKINGS)
+    variants=("", CPU_WRITE_OPTION),
 )
