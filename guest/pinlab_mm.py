@@ -196,22 +196,8 @@ class AlignedMapping:
 KPF_COMPOUND_HEAD = 15
 KPF_COMPOUND_TAIL = 16
 KPF_HUGE = 17
+KPF_KSM = 21
 KPF_THP = 22
-
-
-def kpageflags(pfns):
-    """The /proc/kpageflags word of each PFN (int), None for an entry that is not a PFN
-    (not present, swapped). Needs CAP_SYS_ADMIN. Raises OSError."""
-    out = []
-    with open("/proc/kpageflags", "rb") as f:
-        for p in pfns:
-            if not isinstance(p, int) or isinstance(p, bool) or p <= 0:
-                out.append(None)
-                continue
-            f.seek(p * 8)
-            (w,) = struct.unpack("<Q", f.read(8))
-            out.append(w)
-    return out
 
 
 # ------------------------------------------------------------------ pagemap
@@ -263,16 +249,14 @@ def pagemap_detail(addr, npages, pid="self"):
     return out
 
 
-KPF_KSM = 21                  # /proc/kpageflags bit (Documentation/admin-guide/mm/pagemap.rst)
-
-
 def kpageflags(pfns):
-    """The /proc/kpageflags word of each PFN (ints; None for an entry that is not a PFN or
-    cannot be read). Needs CAP_SYS_ADMIN."""
+    """The /proc/kpageflags word of each PFN (ints; None for an entry that is not a PFN
+    (not present, swapped: 0 or None in pagemap()) or cannot be read). Needs
+    CAP_SYS_ADMIN. Raises OSError when the file cannot be opened."""
     out = []
     with open("/proc/kpageflags", "rb") as f:
         for p in pfns:
-            if not isinstance(p, int) or isinstance(p, bool):
+            if not isinstance(p, int) or isinstance(p, bool) or p <= 0:
                 out.append(None)
                 continue
             f.seek(p * 8)

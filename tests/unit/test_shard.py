@@ -89,8 +89,13 @@ class SplitTest(unittest.TestCase):
             pieces = split(self.cells, n, self.rules)
             spans = sum(len({c.kernel for c in p}) for p in pieces)
             self.assertLessEqual(spans, n + len(KERNELS) - 1, f"N={n}")
-        self.assertEqual([{c.kernel for c in p} for p in split(self.cells, 3, self.rules)],
-                         [{k} for k in KERNELS])
+        # as many shards as kernels: each kernel's cells in at most two neighbouring shards
+        # (the kernels' matrices differ in size: 6.1 has no anon-mthp cells)
+        pieces = split(self.cells, len(KERNELS), self.rules)
+        for k in KERNELS:
+            holding = [i for i, p in enumerate(pieces) if any(c.kernel == k for c in p)]
+            self.assertLessEqual(len(holding), 2, k)
+            self.assertEqual(holding, list(range(holding[0], holding[-1] + 1)), k)
 
     def test_rebooting_cells_stay_together(self) -> None:
         for k in KERNELS:
