@@ -82,6 +82,10 @@ DISK_BACKINGS = ("ext4", "xfs", "btrfs")
 OPTIONS = ("readonly", "fast")
 #: The modes each option applies to (odp takes no page references, so no fast path).
 OPTION_MODES = {"readonly": MODES, "fast": PINNED_MODES}
+#: The backings an option applies to where not every one (the read-only flow,
+#: guest/pinlab_readonly.py, is not run on fsdax: a truncate there waits for the pins,
+#: and read-only DAX registrations were never observed).
+OPTION_BACKINGS = {"readonly": tuple(b for b in BACKINGS if b not in DAX_BACKINGS)}
 
 
 def split_options(options: str) -> tuple[str, ...]:
@@ -298,6 +302,11 @@ class Key:
     WCHAN = "wchan"
     ERROR_SUFFIX = "_error"
     BYTES_SUFFIX = "_bytes"
+    # read-only flow (guest/pinlab_readonly.py): what the process should see after the
+    # event, what its file holds, the child's view after a fork
+    CRC_EXPECTED_AFTER = "crc_expected_after"
+    CRC_FILE_AFTER = "crc_file_after"
+    READONLY_FLOW = "readonly_flow"
 
 
 # ------------------------------------------------------------------ guest files

@@ -460,6 +460,12 @@ class Cell:
                              or getattr(a, "readonly", False))
         self.fast = bool("fast" in opts or getattr(a, "fast", False))
         fill = getattr(ev, "fill", None)
+        self.readonly_flow = self.readonly and not getattr(ev, "READONLY", False)
+        if self.readonly_flow:   # the read-only flow (pinlab_readonly.py) of any event
+            if not hasattr(ev, "run_readonly"):
+                raise ValueError(f"event {a.event} has no read-only flow (run_readonly)")
+            from pinlab.guest import pinlab_readonly
+            fill = fill or pinlab_readonly.fill
         self.m = Mapping(self.stack, a.backing, rep,
                          npages=npages + (CONTROL_PAGES if ctl else 0), fill=fill)
         self.control = None
@@ -501,8 +507,15 @@ class Cell:
         return True
 
     def event(self):
-        """The cell's event (guest/events/ev_<event>.py ``run``), on a prepared cell."""
-        events.event(self.a.event).run(self)
+        """The cell's event (guest/events/ev_<event>.py ``run``), on a prepared cell; with
+        the option ``readonly`` the read-only flow around the event's ``run_readonly``
+        (pinlab_readonly.py)."""
+        ev = events.event(self.a.event)
+        if getattr(self, "readonly_flow", False):
+            from pinlab.guest import pinlab_readonly
+            pinlab_readonly.run(self, ev)
+            return
+        ev.run(self)
 
     def finish(self):
         """Release the region, check the file; returns the report."""

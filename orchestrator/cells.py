@@ -34,7 +34,7 @@ def all_cells(kernel: str, known_only: bool = True) -> list[Cell]:
     if known_only and kernel not in KERNELS and not is_kernel_id(kernel):
         raise ValueError(f"unknown kernel {kernel!r}")
     return [Cell(kernel, m, b, e.name, v) for e in events.events() for v in e.variants
-            for b in e.backings for m in e.variant_modes(v)]
+            for b in e.variant_backings(v) for m in e.variant_modes(v)]
 
 
 def cell_tags(cell: Cell, smoke_set: set[Cell]) -> list[str]:

@@ -23,7 +23,7 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pinlab.common.vocab import MODES, OPTION_MODES, split_options
+from pinlab.common.vocab import MODES, OPTION_BACKINGS, OPTION_MODES, split_options
 
 if TYPE_CHECKING:
     from ..classify import Judge
@@ -56,7 +56,9 @@ class Event:
     smoke cell when the default choice (cells.py ``smoke``) would not be the cell that
     tells the kernels apart. ``variants``: the cell options (common/vocab.py OPTIONS,
     canonical ``+``-joined strings; "" = none) each (backing, mode) runs with; an option
-    runs only in the modes it applies to (``OPTION_MODES``)."""
+    runs only in the modes it applies to (``OPTION_MODES``) and with the backings it
+    applies to (``OPTION_BACKINGS``). ``readonly``: the event registers read-only by
+    nature (its guest module's ``READONLY``: cpu-write), whatever the cell's options."""
 
     name: str
     order: int
@@ -71,6 +73,7 @@ class Event:
     faults: dict[str, Any] = field(default_factory=dict)
     smoke: tuple[str, str] | None = None
     variants: tuple[str, ...] = ("",)
+    readonly: bool = False
 
     def __post_init__(self) -> None:
         for v in self.variants:
@@ -83,6 +86,12 @@ class Event:
         option does not apply to."""
         return tuple(m for m in self.modes
                      if all(m in OPTION_MODES[o] for o in split_options(options)))
+
+    def variant_backings(self, options: str) -> tuple[str, ...]:
+        """The backings this event runs with ``options``: :attr:`backings` less those an
+        option does not apply to (``OPTION_BACKINGS``)."""
+        return tuple(b for b in self.backings
+                     if all(b in OPTION_BACKINGS.get(o, (b,)) for o in split_options(options)))
 
     def run(self, s: GuestSession, cell: Cell, art: Path) -> Observation:
         """Run one cell of this event in ``s`` (artifacts in ``art``)."""

@@ -16,7 +16,7 @@ from pinlab.common.vocab import PRIVATE_BACKINGS, Key, Outcome
 
 from ..classify import Inconclusive, Judge, changed, step_errno
 from . import Event
-from .ev_cpu_write import _crc, registration
+from .ev_cpu_write import _crc
 
 
 def classify(j: Judge) -> str:
@@ -27,7 +27,7 @@ def classify(j: Judge) -> str:
         raise Inconclusive("child report missing")
     if status != 0:
         raise Inconclusive(f"child exited with status {status}")
-    registration(j, fast=False)
+    j.registration(readonly=True)
     for name in ("dma_read_before", "cpu_write", "dma_read_after"):
         if step_errno(rep, name):
             raise Inconclusive(f"step {name} failed")
@@ -72,4 +72,7 @@ EVENT = Event(
     classify=classify,
     last_gen=1,
     smoke=("longterm", "private-file"),   # unshared in the child on 6.12 and 7, not on 6.1
+    readonly=True,
+    # and the child's pin taken by get/pin_user_pages_fast() (the same classes, row 50)
+    variants=("", "fast"),
 )

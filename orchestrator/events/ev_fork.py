@@ -45,4 +45,6 @@ EVENT = Event(
     order=11,
     backings=("anon", "memfd", "private-file"),
     classify=classify,
+    # the read-only flow (orchestrator/readonly.py) and the fast path
+    variants=("", "readonly", "fast"),
 )

@@ -38,4 +38,6 @@ EVENT = Event(
     order=10,
     backings=("anon", "memfd", "ext4"),
     classify=classify,
+    # the read-only flow (orchestrator/readonly.py) and the fast path
+    variants=("", "readonly", "fast"),
 )

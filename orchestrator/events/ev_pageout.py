@@ -75,4 +75,6 @@ EVENT = Event(
     backings=("anon", "memfd", "ext4", "xfs", "btrfs", "private-file"),
     classify=classify,
     swap_control=PRIVATE_BACKINGS,
+    # the read-only flow (orchestrator/readonly.py)
+    variants=("", "readonly"),
 )
