@@ -144,7 +144,10 @@ class SourcesTest(unittest.TestCase):
 
     def test_semantics_rows_are_numbered_once_in_order(self) -> None:
         self.assertTrue(self.rows, f"{SEMANTICS} has no '### Row N ' headings")
-        self.assertEqual(self.rows, list(range(1, len(self.rows) + 1)))
+        # numbered once and in order; numbers handed out ahead to parallel branches may
+        # leave a gap until those land
+        self.assertEqual(self.rows[0], 1)
+        self.assertEqual(self.rows, sorted(set(self.rows)))
 
     def test_every_rule_source_names_something_a_reader_can_open(self) -> None:
         for i, r in enumerate(self.rules):
