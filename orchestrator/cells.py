@@ -37,6 +37,14 @@ def all_cells(kernel: str, known_only: bool = True) -> list[Cell]:
             for b in e.variant_backings(v) for m in e.variant_modes(v)]
 
 
+#: The main job's default slice when no --tags are given (``pinlab matrix`` without
+#: ``--full``; ``./pinlab.sh test``): every cell but those of the read-only flow (option
+#: ``readonly``: 128 cells per kernel, the full set only), whose smoke cells stay in.
+#: Avocado filters: each a comma-separated AND, the list ORed (Avocado negates a key, not
+#: a key:value, so: cells without options, the fast cells, the read-only smoke cells).
+DEFAULT_FILTERS = ["-option", "option:fast", "option:readonly,smoke"]
+
+
 def cell_tags(cell: Cell, smoke_set: set[Cell]) -> list[str]:
     """The Avocado tags of a cell's test, in the order the cell tests carry them (celltest.py):
     ``matrix``, ``kernel:``, ``mode:``, ``backing:``, ``event:``, one ``option:`` per option
