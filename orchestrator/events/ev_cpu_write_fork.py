@@ -35,7 +35,8 @@ def judge(j: Judge, unmapped: bool) -> str:
     if status != 0:
         raise Inconclusive(f"child exited with status {status}")
     j.registration(readonly=True)
-    if child.get(Key.MAPPED) is not (not unmapped):
+    # the child says it unmapped its range (cpu-write-fork-unmap), or did not
+    if (child.get(Key.MAPPED) is not False) if unmapped else child.get(Key.MAPPED) is False:
         raise Inconclusive(f"the child's report says mapped={child.get(Key.MAPPED)}")
     for name in ("dma_read_before", "cpu_write"):
         if step_errno(rep, name):
