@@ -250,6 +250,9 @@ def mutations(e: Entry, cls: str) -> Iterator[Mutation]:
             yield "victim audit without ack", lambda x: x["audit"]["victim"]["kinds"].pop(
                 "invalidate_ack", None)
         return
+    if cell.event == "cpu-write-fork-unmap":
+        yield from fork_unmap_mutations(e, cls)
+        return
     if cell.event in ("cpu-write", "cpu-write-fork"):
         yield from cpu_write_mutations(e, cls)
         return
@@ -447,6 +450,31 @@ def cpu_write_mutations(e: Entry, cls: str) -> Iterator[Mutation]:
     if cls == "REVOKED_IN_TIME":
         yield "no event acks", _audit("event_acks", 0)
         yield "event acks missing", _audit("event_acks")
+
+
+def fork_unmap_mutations(e: Entry, cls: str) -> Iterator[Mutation]:
+    """cpu-write-fork-unmap: the child's report (status, mapped false), the steps; COHERENT:
+    the CRC-32s and the audit's reads as cpu-write-fork (no child view); REVOKED_IN_TIME:
+    the failed read after the child's munmap and an acknowledged invalidate."""
+    rep = e["rep"]
+    yield "remove child", _rep("child")
+    yield "empty child report", _rep("child", {})
+    yield "child failed", _rep("child_status", 256)
+    yield "the child still mapped", lambda x: x["rep"]["child"].__setitem__("mapped", True)
+    yield "child without mapped", lambda x: x["rep"]["child"].pop("mapped", None)
+    for name in ("dma_read_before", "cpu_write", "dma_read_after"):
+        yield from step_mutations(name)
+    yield "remove register_options", _rep("register_options")
+    if cls == "REVOKED_IN_TIME":
+        yield "no event acks", _audit("event_acks", 0)
+        yield "event acks missing", _audit("event_acks")
+        return
+    for k in ("crc_old", "crc_new", "crc_map_before", "crc_map_after", "device_crc_before",
+              "device_crc_after"):
+        yield f"remove {k}", _rep(k)
+    yield "audit without reads", _audit("read_pages", 0)
+    yield "the mapping without the process's write", _rep("crc_map_after", rep["crc_old"])
+    yield "device read the parent's write", _rep("device_crc_after", rep["crc_new"])
 
 
 class CorpusTest(unittest.TestCase):
