@@ -9,8 +9,11 @@ pages that reclaim must reach), ``MEMCG`` (record the cell cgroup's charge befor
 registration), ``before_mapping(c)`` (a step before the mapping is made), ``READONLY``
 and ``FAST`` (register read-only / through get/pin_user_pages_fast()), ``fill(size)``
 (the mapping's contents before registration; a MAP_PRIVATE file is then only
-read-faulted) and ``REGISTERS_ITSELF`` (the cell does not register: the event does, e.g.
-in a child after fork). The host side
+read-faulted), ``REGISTERS_ITSELF`` (the cell does not register: the event does, e.g.
+in a child after fork) and ``run_readonly(c)`` (the event's steps in the read-only flow of
+a ``readonly`` cell, guest/pinlab_readonly.py: no device write; returns the bytes the
+process should see through its mapping afterwards, or None for the old contents). The
+host side
 of the same event is ``orchestrator/events/ev_<event>.py``.
 """
 
