@@ -460,10 +460,11 @@ class Cell:
                              or getattr(a, "readonly", False))
         self.fast = bool("fast" in opts or getattr(a, "fast", False))
         fill = getattr(ev, "fill", None)
-        self.readonly_flow = self.readonly and not getattr(ev, "READONLY", False)
-        if self.readonly_flow:   # the read-only flow (pinlab_readonly.py) of any event
-            if not hasattr(ev, "run_readonly"):
-                raise ValueError(f"event {a.event} has no read-only flow (run_readonly)")
+        # the read-only flow (pinlab_readonly.py) of an event that has one (an event
+        # without it registered read-only by hand runs its own steps)
+        self.readonly_flow = (self.readonly and not getattr(ev, "READONLY", False)
+                              and hasattr(ev, "run_readonly"))
+        if self.readonly_flow:
             from pinlab.guest import pinlab_readonly
             fill = fill or pinlab_readonly.fill
         self.m = Mapping(self.stack, a.backing, rep,
