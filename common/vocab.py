@@ -106,7 +106,12 @@ OPTION_MODES = {"readonly": MODES, "fast": PINNED_MODES, "cpu-write-after": MODE
 #: The backings each option applies to (default: every backing of the event). A write
 #: fault copies a page only in a private mapping (anon, MAP_PRIVATE file): a MAP_SHARED
 #: page is written in place, so ``cpu-write-after`` runs on the private backings only.
-OPTION_BACKINGS: dict[str, tuple[str, ...]] = {"cpu-write-after": PRIVATE_BACKINGS}
+#: The read-only flow (guest/pinlab_readonly.py) is not run on fsdax: a truncate there
+#: waits for the pins, and read-only DAX registrations were never observed.
+OPTION_BACKINGS: dict[str, tuple[str, ...]] = {
+    "readonly": tuple(b for b in BACKINGS if b not in DAX_BACKINGS),
+    "cpu-write-after": PRIVATE_BACKINGS,
+}
 
 
 def split_options(options: str) -> tuple[str, ...]:
@@ -363,6 +368,11 @@ class Key:
     KSM = "ksm"
     TWIN_PFNS = "twin_pfns"
     MAP_TWIN_G2 = "map_twin_g2"
+    # read-only flow (guest/pinlab_readonly.py): what the process should see after the
+    # event, what its file holds, the child's view after a fork
+    CRC_EXPECTED_AFTER = "crc_expected_after"
+    CRC_FILE_AFTER = "crc_file_after"
+    READONLY_FLOW = "readonly_flow"
 
 
 # ------------------------------------------------------------------ guest files

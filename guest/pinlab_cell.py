@@ -529,6 +529,13 @@ class Cell:
         self.cpu_write_pending = bool(CPU_WRITE_OPTION in opts
                                       or getattr(a, "cpu_write_after", False))
         fill = getattr(ev, "fill", None)
+        # the read-only flow (pinlab_readonly.py) of an event that has one (an event
+        # without it registered read-only by hand runs its own steps)
+        self.readonly_flow = (self.readonly and not getattr(ev, "READONLY", False)
+                              and hasattr(ev, "run_readonly"))
+        if self.readonly_flow:
+            from pinlab.guest import pinlab_readonly
+            fill = fill or pinlab_readonly.fill
         self.m = Mapping(self.stack, a.backing, rep,
                          npages=npages + (CONTROL_PAGES if ctl else 0), fill=fill,
                          small=bool(getattr(ev, "SMALL_FOLIOS", False)))
@@ -574,8 +581,15 @@ class Cell:
         return True
 
     def event(self):
-        """The cell's event (guest/events/ev_<event>.py ``run``), on a prepared cell."""
-        events.event(self.a.event).run(self)
+        """The cell's event (guest/events/ev_<event>.py ``run``), on a prepared cell; with
+        the option ``readonly`` the read-only flow around the event's ``run_readonly``
+        (pinlab_readonly.py)."""
+        ev = events.event(self.a.event)
+        if getattr(self, "readonly_flow", False):
+            from pinlab.guest import pinlab_readonly
+            pinlab_readonly.run(self, ev)
+            return
+        ev.run(self)
 
     def finish(self):
         """Release the region, check the file; returns the report."""

@@ -31,6 +31,7 @@ from pinlab.common.vocab import (
     FILE_BACKINGS,
     FOLL_PIN_MODES,
     THP_BACKINGS,
+    PINNED_MODES,
     Key,
     Outcome,
 )
@@ -683,12 +684,20 @@ class Judge:
             raise Inconclusive("no region in the workload report")
         if cell.backing in THP_BACKINGS:
             self.need_thp()
+        if cell.options:
+            self.registration()
         ev = events.event(cell.event)
         if ev is not None and not ev.shared_checks:
             return str(ev.classify(self))
         shared = self.shared()
         if shared:
             return shared
+        if "readonly" in cell.option_names:
+            # the device wrote nothing: no btrfs/ext4 write-back verdicts; the read-only
+            # flow's own classifier (orchestrator/readonly.py)
+            from . import readonly
+
+            return readonly.classify(self)
         last = ev.last_gen if ev is not None else 2
         if cell.backing == "btrfs":
             judged = self.btrfs_writeback(last)
@@ -772,6 +781,38 @@ class Judge:
         if not cpu_pages:
             raise Inconclusive(f"{base}, but no page of the mapping shows the CPU write")
         return cls
+
+    def registration(self, readonly: bool | None = None) -> None:
+        """The region was registered as the cell's options (or the event) ask: the
+        report's register options (Key.REGISTER_OPTIONS: readonly, fast) and the
+        module's ``gup_path`` in the query after registration (kmod/pinlab_uapi.h
+        PINLAB_GUP_PATH_*: "fast" for get/pin_user_pages_fast(), "slow" for the other
+        pinned entry points, "none" for odp). ``readonly``: what the event needs (default:
+        the cell's ``readonly`` option, or True for an event that is read-only by nature:
+        ``Event.readonly``). Run for
+        every cell with options (:meth:`run`) before any class, PIN_REFUSED excepted; a
+        registration that took another path is never the expected class. Raises
+        :class:`Inconclusive` naming the mismatch; records ``gup_path`` in the facts."""
+        cell = self.cell
+        if readonly is None:
+            ev = events.event(cell.event)
+            readonly = "readonly" in cell.option_names or bool(ev and ev.readonly)
+        want_ro = readonly
+        fast = "fast" in cell.option_names
+        opts = self.rep.get(Key.REGISTER_OPTIONS)
+        if not isinstance(opts, dict) or not isinstance(opts.get(Key.READONLY), bool) \
+                or not isinstance(opts.get(Key.FAST), bool):
+            raise Inconclusive("register options missing")
+        if opts[Key.READONLY] != want_ro or opts[Key.FAST] != fast:
+            raise Inconclusive(f"register options {dict(opts)} differ from the cell's "
+                               f"(readonly={want_ro}, fast={fast})")
+        q = self.rep.get(Key.QUERY_REGISTERED)
+        path = q.get("gup_path_name") if isinstance(q, dict) else None
+        want = ("fast" if fast else "slow") if cell.mode in PINNED_MODES else "none"
+        self.f["gup_path"] = path
+        if path != want:
+            raise Inconclusive(f"the module pinned through the {path} path, the cell "
+                               f"asked {want}")
 
     # -- helpers the event classifiers share --
     def g2_errno(self) -> int:

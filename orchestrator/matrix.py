@@ -27,6 +27,7 @@ from pinlab.images.kernel import KERNELS
 from . import poolclient
 from .artifacts import run_dir
 from .avocadojob import Job, run_concurrently, run_one
+from .cells import DEFAULT_FILTERS
 from .celltest import CELL_TESTS, method_name
 from .expectations import Cell
 from .guests import GuestPlan, plan_guests
@@ -122,14 +123,19 @@ def resolve_shard(text: str | None) -> Shard | None:
 def run_matrix(kernels: list[str] | None = None, tags: list[str] | None = None,
                json_out: str | None = None, html_dir: str | None = None,
                concurrent: bool = True, shard: Shard | None = None,
-               jobs: int | None = None, out: Path | None = None) -> int:
+               jobs: int | None = None, out: Path | None = None,
+               full: bool = False) -> int:
     """Run the selected cells (``shard.select_cells``) and write the verdicts.
 
     ``jobs``: total warm guests (default from the host, ``guests.plan_guests``);
     ``concurrent=False`` runs one guest at a time; ``out``: the output directory (default a
-    fresh ``$PINLAB_RESULTS/matrix-*``). Returns 0 when every cell matched (an empty shard
+    fresh ``$PINLAB_RESULTS/matrix-*``). Without ``tags`` the cells are the default slice
+    (``cells.DEFAULT_FILTERS``: the read-only flow's cells only as smoke cells) unless
+    ``full``: every cell. Returns 0 when every cell matched (an empty shard
     included), 1 otherwise."""
     names = list(dict.fromkeys(kernels or DEFAULT_KERNELS))
+    if not tags and not full:
+        tags = list(DEFAULT_FILTERS)
     try:
         sel: Selection = select_cells(names, tags, shard)
         plan = plan_guests(list(sel.cells), jobs)

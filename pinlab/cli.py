@@ -227,7 +227,7 @@ def _matrix(args: argparse.Namespace) -> int:
     return run_matrix(kernels=args.kernel, tags=args.tags, json_out=args.json,
                       html_dir=args.html, concurrent=not args.serial,
                       shard=resolve_shard(args.shard), jobs=args.jobs,
-                      out=Path(args.out) if args.out else None)
+                      out=Path(args.out) if args.out else None, full=args.full)
 
 
 def _merge(args: argparse.Namespace) -> int:
@@ -421,6 +421,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="kernel(s), repeatable; default: all of " + kernel_help())
     m.add_argument("--tags", action="append",
                    help="avocado tag filter, e.g. mode:odp,backing:ext4 (repeatable: ORed)")
+    m.add_argument("--full", action="store_true",
+                   help="every cell; default without --tags: the main job's slice, which "
+                   "leaves out the read-only flow's cells (option:readonly) but their "
+                   "smoke cells")
     m.add_argument("--json", help="verdict JSON file")
     m.add_argument("--html", help="directory for the HTML report")
     m.add_argument("--serial", action="store_true",

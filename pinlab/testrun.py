@@ -1,7 +1,8 @@
 """``./pinlab.sh test``: build images, run every Avocado test, fail loudly.
 
 Runs the unit and guest tests as one Avocado job (its output shown as it goes), then the
-matrix (the default kernel in full, the smoke slice of the others) as one job per kernel at
+matrix (the default kernel's main-job slice, cells.DEFAULT_FILTERS; the smoke slice of the
+others) as one job per kernel at
 the same time. Prints one plain closing line ``N passed, N failed, N skipped`` (skipped
 counts Avocado's SKIP and CANCEL, each listed before it) and exits non-zero if any test
 failed or errored, if a job ran no test, if any QEMU or device-server process outlived
@@ -22,6 +23,7 @@ from pinlab.images.kernel import DEFAULT_KERNEL, KERNELS
 from pinlab.orchestrator import poolclient
 from pinlab.orchestrator.artifacts import run_dir
 from pinlab.orchestrator.avocadojob import Job, run_concurrently, run_one
+from pinlab.orchestrator.cells import DEFAULT_FILTERS
 from pinlab.orchestrator.matrix import TASKS_PER_KERNEL
 
 REPO = Path(__file__).resolve().parent.parent
@@ -109,15 +111,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def default_jobs(results: Path) -> list[Job]:
     """Unit and guest tests first (one at a time: some measure timing), then the matrix:
-    the default kernel in full and the smoke slice of the others, one job per kernel, run
-    at the same time (each kernel has its own warm guest)."""
+    the default kernel's main-job slice (cells.DEFAULT_FILTERS) and the smoke slice of the
+    others, one job per kernel, run at the same time (each kernel has its own warm
+    guest)."""
     jobs = [Job("unit and guest tests", results / "tests",
                 [str(REPO / "tests/unit"), str(REPO / "tests/functional")],
                 tags=DEFAULT_TAGS, include_untagged=True)]
     for k in KERNELS:
-        tags = f"matrix,kernel:{k}" + ("" if k == DEFAULT_KERNEL else ",smoke")
+        # the default kernel: the main job's slice (cells.DEFAULT_FILTERS)
+        tags = ([f"matrix,kernel:{k},{f}" for f in DEFAULT_FILTERS] if k == DEFAULT_KERNEL
+                else [f"matrix,kernel:{k},smoke"])
         jobs.append(Job(f"matrix {k}" + ("" if k == DEFAULT_KERNEL else " smoke"),
-                        results / f"matrix-{k}", [str(REPO / "tests/matrix")], tags=[tags],
+                        results / f"matrix-{k}", [str(REPO / "tests/matrix")], tags=tags,
                         parallel_tasks=TASKS_PER_KERNEL))
     return jobs
 

@@ -11,7 +11,10 @@ and ``FAST`` (register read-only / through get/pin_user_pages_fast()), ``fill(si
 (the mapping's contents before registration; a MAP_PRIVATE file is then only
 read-faulted), ``REGISTERS_ITSELF`` (the cell does not register: the event does, e.g.
 in a child after fork) and ``SMALL_FOLIOS`` (a THP backing's mapping is faulted as 4 KiB
-pages and kept VM_NOHUGEPAGE: madv-collapse). The host side
+pages and kept VM_NOHUGEPAGE: madv-collapse) and ``run_readonly(c)`` (the event's steps
+in the read-only flow of a ``readonly`` cell, guest/pinlab_readonly.py: no device write;
+returns the bytes the process should see through its mapping afterwards, or None for the
+old contents). The host side
 of the same event is ``orchestrator/events/ev_<event>.py``.
 """
 

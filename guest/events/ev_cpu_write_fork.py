@@ -34,9 +34,10 @@ class _ChildCell:
         self.dev, self.rid, self.m, self.rep = c.dev, rid, c.m, rep
 
 
-def _child(c, go_r, res_w):
-    """In the child: register read-only, device read, tell the parent, wait for its write,
-    device read again, record the child's view, deregister, report."""
+def _child(c, go_r, res_w, unmap=False):
+    """In the child: register read-only, device read (``unmap``: then munmap the range in
+    the child), tell the parent, wait for its write, device read again, record the child's
+    view (if still mapped), deregister, report."""
     m = c.m
     out = {Key.STEPS: []}
     t0 = now_ms()
@@ -54,23 +55,29 @@ def _child(c, go_r, res_w):
     out[Key.QUERY_REGISTERED] = c.dev.query(rid)
     cc = _ChildCell(c, rid, out)
     out[Key.DEVICE_CRC_BEFORE] = device_read(cc, "dma_read_before")
+    out[Key.MAPPED] = not unmap
+    if unmap:   # only the registration holds the child's pages now
+        m.mm.close()
     os.write(res_w, b"r")              # registered and read: the parent may write
     os.read(go_r, 1)
     out[Key.DEVICE_CRC_AFTER] = device_read(cc, "dma_read_after")
-    out[Key.CRC_CHILD_AFTER] = dma_crc32(m.mm[:m.size])
-    out[Key.PFNS] = m.pfns()
+    if not unmap:
+        out[Key.CRC_CHILD_AFTER] = dma_crc32(m.mm[:m.size])
+        out[Key.PFNS] = m.pfns()
     out[Key.QUERY_AFTER_EVENT] = c.dev.query(rid)
     c.dev.deregister(rid)
     os.write(res_w, jsonlines.encode(out))
 
 
-def run(c):
+def run(c, unmap=False):
+    """The steps; ``unmap``: the child munmaps its range after its first device read
+    (event cpu-write-fork-unmap)."""
     m, rep, size = c.m, c.rep, c.m.size
     old, new = old_contents(size), new_contents(size)
     rep[Key.CRC_OLD] = dma_crc32(old)
     rep[Key.CRC_NEW] = dma_crc32(new)
     rep[Key.CRC_MAP_BEFORE] = dma_crc32(m.mm[:size])
-    pid, go_w, res_r = fork_child(lambda go_r, res_w: _child(c, go_r, res_w))
+    pid, go_w, res_r = fork_child(lambda go_r, res_w: _child(c, go_r, res_w, unmap))
     rep[Key.CHILD_PID] = pid
     first = os.read(res_r, 1)          # the child registered and read (or failed)
     if first == b"r":
@@ -89,7 +96,7 @@ def run(c):
         return
     for k in (Key.REGION, Key.REGISTER_MS, Key.PFNS_REGISTERED, Key.QUERY_REGISTERED,
               Key.DEVICE_CRC_BEFORE, Key.DEVICE_CRC_AFTER, Key.CRC_CHILD_AFTER,
-              Key.QUERY_AFTER_EVENT):
+              Key.QUERY_AFTER_EVENT, Key.MAPPED):
         if k in child:
             rep[k] = child[k]
     rep[Key.STEPS].extend(s for s in child.get(Key.STEPS, []) if isinstance(s, dict))

@@ -1,7 +1,8 @@
 """Event ``migrate``: the guest's steps.
 
 Compaction and soft offline of the first pages of the registered mapping and of an
-unregistered control mapping.
+unregistered control mapping. With the option ``readonly`` (run_readonly) the same steps
+run between the device's two reads.
 
 Runs on a prepared cell (pinlab_cell.Cell: registered, generation 1 written); the host
 side is orchestrator/events/ev_migrate.py.
@@ -16,6 +17,20 @@ NPAGES = 64
 
 
 def run(c):
+    migrate(c)
+    c.dma(2)
+    c.rep[Key.MAP_G2] = c.scan_map()
+
+
+def run_readonly(c):
+    """The read-only flow (guest/pinlab_readonly.py): the migration steps between the
+    device's two reads; the process keeps seeing the old contents."""
+    migrate(c)
+
+
+def migrate(c):
+    """Compaction, then soft offline of the first pages of a control mapping and of the
+    registered one; records the PFNs before and after and how many pages moved."""
     rep = c.rep
     ctl = Mapping(c.stack, c.m.kind, rep, tag="control", npages=c.m.npages)
     rep[Key.CONTROL_PFNS_BEFORE] = ctl.pfns()
@@ -37,5 +52,3 @@ def run(c):
     rep[Key.PINNED_MOVED] = sum(1 for x, y in zip(pb, pa, strict=True) if x != y)
     rep[Key.CONTROL_MOVED] = sum(1 for x, y in zip(rep[Key.CONTROL_PFNS_BEFORE], ca,
                                                  strict=True) if x != y)
-    c.dma(2)
-    rep[Key.MAP_G2] = c.scan_map()

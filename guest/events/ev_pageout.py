@@ -1,6 +1,7 @@
 """Event ``pageout``: the guest's steps.
 
-MADV_PAGEOUT of the mapping (with control pages where SWAP_CONTROL says).
+MADV_PAGEOUT of the mapping (with control pages where SWAP_CONTROL says). With the option
+``readonly`` (run_readonly) between the device's two reads.
 
 Runs on a prepared cell (pinlab_cell.Cell: registered, generation 1 written); the host
 side is orchestrator/events/ev_pageout.py.
@@ -26,7 +27,25 @@ def before_mapping(c):
 
 
 def run(c):
+    pageout(c)
+    c.after_reclaim()
+
+
+def pageout(c):
+    """MADV_PAGEOUT of the whole mapping (control pages included), with the vmstat delta."""
     v0 = vmstat()
     timed(c.rep, "madv_pageout", c.m.mm.madvise, MADV_PAGEOUT)
     c.rep[Key.VMSTAT_EVENT] = delta(v0, vmstat())
-    c.after_reclaim()
+
+
+def run_readonly(c):
+    """The read-only flow (guest/pinlab_readonly.py): MADV_PAGEOUT between the device's two
+    reads; pagemap of the region and of the control pages after it, then the control pages
+    read back (swap-in). The process keeps seeing the old contents (the flow reads the
+    region back, which swaps it in)."""
+    rep = c.rep
+    pageout(c)
+    rep[Key.PAGEMAP_AFTER_EVENT] = c.m.pfns()
+    if c.control is not None:
+        rep[Key.CONTROL_PAGEMAP_AFTER_EVENT] = c.control.pagemap()
+        rep[Key.CONTROL_INTACT] = c.control.intact()

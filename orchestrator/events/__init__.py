@@ -64,7 +64,9 @@ class Event:
     ``Judge.need_thp`` asks for small pages in a VM_HUGEPAGE VMA instead of one large
     folio. ``not_on``: backing -> the kernels (names of images/kernel.py KERNELS) on
     which the event cannot happen to that backing, so the matrix has no such cell there
-    (the module's docstring says why, with the observation)."""
+    (the module's docstring says why, with the observation). ``readonly``: the event
+    registers read-only by nature (its guest module's ``READONLY``: cpu-write), whatever
+    the cell's options."""
 
     name: str
     order: int
@@ -82,6 +84,7 @@ class Event:
     irq: str = "msi"
     thp_small: bool = False
     not_on: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    readonly: bool = False
 
     def __post_init__(self) -> None:
         for v in self.variants:
@@ -100,12 +103,10 @@ class Event:
                      if all(m in OPTION_MODES[o] for o in split_options(options)))
 
     def variant_backings(self, options: str) -> tuple[str, ...]:
-        """The backings this event runs on with ``options``: :attr:`backings` less those
-        an option does not apply to (``OPTION_BACKINGS``; e.g. ``cpu-write-after`` only
-        where a write fault can copy the page)."""
-        names = split_options(options)
+        """The backings this event runs with ``options``: :attr:`backings` less those an
+        option does not apply to (``OPTION_BACKINGS``)."""
         return tuple(b for b in self.backings
-                     if all(b in OPTION_BACKINGS.get(o, (b,)) for o in names))
+                     if all(b in OPTION_BACKINGS.get(o, (b,)) for o in split_options(options)))
 
     def run(self, s: GuestSession, cell: Cell, art: Path) -> Observation:
         """Run one cell of this event in ``s`` (artifacts in ``art``)."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pinlab.common.vocab import BACKINGS, DAX_BACKINGS, PINNED_MODES, THP_BACKINGS, Key, Outcome
+from pinlab.common.vocab import BACKINGS, DAX_BACKINGS, THP_BACKINGS, Key, Outcome
 
 from ..classify import Inconclusive, Judge, changed, step, step_errno
 from . import Event
@@ -31,26 +31,11 @@ def _crc(rep: dict[str, Any], key: str) -> int:
     return v
 
 
-def registration(j: Judge, fast: bool) -> None:
-    """The region was registered read-only, through the entry point the event asks for:
-    the report's register options and the module's ``gup_path`` in the query
-    (kmod/pinlab_uapi.h PINLAB_GUP_PATH_*: none for odp, fast or slow otherwise)."""
-    opts = j.rep.get(Key.REGISTER_OPTIONS)
-    if not isinstance(opts, dict) or opts.get(Key.READONLY) is not True \
-            or bool(opts.get(Key.FAST)) != fast:
-        raise Inconclusive("register options do not show the event's read-only registration")
-    q = j.rep.get(Key.QUERY_REGISTERED)
-    path = q.get("gup_path_name") if isinstance(q, dict) else None
-    want = ("fast" if fast else "slow") if j.cell.mode in PINNED_MODES else "none"
-    j.f["gup_path"] = path
-    if path != want:
-        raise Inconclusive(f"the module pinned through the {path} path, the cell asked {want}")
-
-
-def judge(j: Judge, fast: bool) -> str:
-    """The class of a cpu-write cell (``fast``: the pages were taken by the fast path)."""
+def judge(j: Judge) -> str:
+    """The class of a cpu-write cell (read-only by nature; ``+fast``: the pages were taken
+    by the fast path, Judge.registration checks which)."""
     rep = j.rep
-    registration(j, fast)
+    j.registration(readonly=True)
     e = step_errno(rep, "dma_read_before") or step_errno(rep, "dma_read_after")
     if e:
         bad = step(rep, "dma_read_before" if step_errno(rep, "dma_read_before")
@@ -93,7 +78,7 @@ def judge(j: Judge, fast: bool) -> str:
 
 
 def classify(j: Judge) -> str:
-    return judge(j, fast="fast" in j.cell.option_names)
+    return judge(j)
 
 
 EVENT = Event(
@@ -109,4 +94,5 @@ EVENT = Event(
     # page it may not take; the classes are the slow path's (docs/pinning-semantics.md
     # row 50)
     variants=("", "fast"),
+    readonly=True,
 )

@@ -16,10 +16,17 @@ from pinlab.common.vocab import PRIVATE_BACKINGS, Key, Outcome
 
 from ..classify import Inconclusive, Judge, changed, step_errno
 from . import Event
-from .ev_cpu_write import _crc, registration
+from .ev_cpu_write import _crc
 
 
 def classify(j: Judge) -> str:
+    return judge(j, unmapped=False)
+
+
+def judge(j: Judge, unmapped: bool) -> str:
+    """The class of a cpu-write-fork cell; ``unmapped``: the child munmapped its range
+    before the parent's write (cpu-write-fork-unmap), so it has no view of its own and
+    the device must read the child's snapshot (the old contents)."""
     rep = j.rep
     child: Any = rep.get(Key.CHILD)
     status = rep.get(Key.CHILD_STATUS)
@@ -27,12 +34,21 @@ def classify(j: Judge) -> str:
         raise Inconclusive("child report missing")
     if status != 0:
         raise Inconclusive(f"child exited with status {status}")
-    registration(j, fast=False)
-    for name in ("dma_read_before", "cpu_write", "dma_read_after"):
+    j.registration(readonly=True)
+    # the child says it unmapped its range (cpu-write-fork-unmap), or did not
+    if (child.get(Key.MAPPED) is not False) if unmapped else child.get(Key.MAPPED) is False:
+        raise Inconclusive(f"the child's report says mapped={child.get(Key.MAPPED)}")
+    for name in ("dma_read_before", "cpu_write"):
         if step_errno(rep, name):
             raise Inconclusive(f"step {name} failed")
+    if step_errno(rep, "dma_read_after"):
+        # odp, child unmapped: its munmap invalidated and the device finds no page
+        if unmapped and j.cell.mode == "odp" and j.acked():
+            return Outcome.REVOKED_IN_TIME
+        raise Inconclusive("step dma_read_after failed")
     keys = (Key.CRC_OLD, Key.CRC_NEW, Key.CRC_MAP_BEFORE, Key.CRC_MAP_AFTER,
-            Key.CRC_CHILD_AFTER, Key.DEVICE_CRC_BEFORE, Key.DEVICE_CRC_AFTER)
+            *(() if unmapped else (Key.CRC_CHILD_AFTER,)),
+            Key.DEVICE_CRC_BEFORE, Key.DEVICE_CRC_AFTER)
     crc = {k: _crc(rep, k) for k in keys}
     j.f["crc"] = crc
     old, new = crc[Key.CRC_OLD], crc[Key.CRC_NEW]
@@ -43,7 +59,7 @@ def classify(j: Judge) -> str:
                            "old contents")
     if crc[Key.CRC_MAP_AFTER] != new:
         raise Inconclusive("the parent's mapping does not hold its write")
-    if crc[Key.CRC_CHILD_AFTER] != old:
+    if not unmapped and crc[Key.CRC_CHILD_AFTER] != old:
         raise Inconclusive("the child's mapping changed with the parent's write")
     n = j.npages()
     read = j.audit.get("read_pages")
@@ -72,4 +88,7 @@ EVENT = Event(
     classify=classify,
     last_gen=1,
     smoke=("longterm", "private-file"),   # unshared in the child on 6.12 and 7, not on 6.1
+    readonly=True,
+    # and the child's pin taken by get/pin_user_pages_fast() (the same classes, row 50)
+    variants=("", "fast"),
 )

@@ -22,4 +22,6 @@ EVENT = Event(
     backings=BACKINGS,
     classify=classify,
     last_gen=1,
+    # the read-only flow (orchestrator/readonly.py) and the fast path
+    variants=("", "readonly", "fast"),
 )

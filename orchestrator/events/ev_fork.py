@@ -45,7 +45,6 @@ EVENT = Event(
     order=11,
     backings=("anon", "memfd", "private-file"),
     classify=classify,
-    # and with the CPU write after the event (README "Cell options"; its private
-    # backings only, vocab.OPTION_BACKINGS)
-    variants=("", CPU_WRITE_OPTION),
+    # the read-only flow (orchestrator/readonly.py) and the fast path
+    variants=("", "readonly", "fast", CPU_WRITE_OPTION),
 )

@@ -69,4 +69,7 @@ EVENT = Event(
     backings=("anon-thp", "memfd-thp"),
     classify=classify,
     thp_small=True,
+    # and with the pages taken by pin/get_user_pages_fast(): the GUP-fast vs collapse race
+    # of 70cbc3cc78a9 (docs/pinning-semantics.md row 53)
+    variants=("", "fast"),
 )

@@ -40,7 +40,6 @@ EVENT = Event(
     order=10,
     backings=("anon", "memfd", "ext4", "anon-thp", "memfd-thp"),
     classify=classify,
-    # and with the CPU write after the event (README "Cell options"; its private
-    # backings only, vocab.OPTION_BACKINGS)
-    variants=("", CPU_WRITE_OPTION),
+    # the read-only flow (orchestrator/readonly.py) and the fast path
+    variants=("", "readonly", "fast", CPU_WRITE_OPTION),
 )

@@ -78,7 +78,7 @@ EVENT = Event(
               "memfd-thp"),
     classify=classify,
     swap_control=(*PRIVATE_BACKINGS, "anon-thp"),
-    # and with the CPU write after the event (README "Cell options"; its private
-    # backings only, vocab.OPTION_BACKINGS)
-    variants=("", CPU_WRITE_OPTION),
+    # the read-only flow (orchestrator/readonly.py), and the CPU write after the event
+    # (README "Cell options"; its private backings only, vocab.OPTION_BACKINGS)
+    variants=("", "readonly", CPU_WRITE_OPTION),
 )

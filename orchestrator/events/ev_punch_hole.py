@@ -28,4 +28,6 @@ EVENT = Event(
     order=3,
     backings=(*FILE_SHARED, *DAX_BACKINGS),
     classify=classify,
+    # the read-only flow (orchestrator/readonly.py)
+    variants=("", "readonly"),
 )

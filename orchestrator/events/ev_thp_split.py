@@ -48,4 +48,5 @@ EVENT = Event(
     order=41,
     backings=("anon-thp", "memfd-thp", "anon-mthp"),
     classify=classify,
+    variants=("", "fast"),   # GUP-fast takes a large folio's subpages too (row 63)
 )

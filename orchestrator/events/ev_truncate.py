@@ -50,4 +50,6 @@ EVENT = Event(
     order=2,
     backings=(*FILE_SHARED, *DAX_BACKINGS),
     classify=classify,
+    # the read-only flow (orchestrator/readonly.py)
+    variants=("", "readonly"),
 )

@@ -110,6 +110,26 @@ class CellsTest(unittest.TestCase):
         with self.assertRaises(ValueError):   # an option the event does not run with
             parse_cell("6.12/pin/anon/truncate+fast")
 
+    def test_main_slice_leaves_out_the_read_only_flow_but_its_smoke_cells(self) -> None:
+        from pinlab.orchestrator.cells import DEFAULT_FILTERS
+        for k in KERNELS:
+            every = all_cells(k)
+            main = set(select(every, DEFAULT_FILTERS))
+            smokes = smoke(every)
+            ro = [c for c in every if "readonly" in c.option_names]
+            self.assertTrue(ro)
+            self.assertEqual({c for c in ro if c in main}, {c for c in ro if c in smokes})
+            self.assertEqual({c for c in every if "readonly" not in c.option_names},
+                             {c for c in main if "readonly" not in c.option_names})
+            self.assertLess(len(main), len(every))
+
+    def test_readonly_cells_skip_fsdax_and_fast_skips_odp(self) -> None:
+        for c in all_cells("6.12"):
+            if "readonly" in c.option_names:
+                self.assertNotIn(c.backing, ("ext4-dax", "xfs-dax"), c.name)
+            if "fast" in c.option_names:
+                self.assertNotEqual(c.mode, "odp", c.name)
+
     def test_rules_match_options(self) -> None:
         rules = [{"event": "x", "options": "fast", "expected": "A", "source": "s"},
                  {"event": "x", "expected": "B", "source": "s"}]

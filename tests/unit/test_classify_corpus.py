@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from pinlab.common.vocab import FILE_SHARED
 from pinlab.orchestrator.classify import (
     DAX_BACKINGS,
     FILE_BACKINGS,
@@ -31,6 +32,8 @@ from pinlab.orchestrator.dmesg import classify
 from pinlab.orchestrator.expectations import Cell
 
 CORPUS = Path(__file__).resolve().parents[1] / "data" / "classifier-corpus.json.gz"
+# the cells with options (the read-only flow, +fast) from a three-kernel run of their own
+OPTIONS_CORPUS = CORPUS.with_name("classifier-corpus-options.json.gz")
 Entry = dict[str, Any]
 Mutation = tuple[str, Callable[[Entry], None]]
 # classes that need the device's write of a generation (the "gen N written" evidence)
@@ -48,8 +51,8 @@ VIEWS = {"dma-write": ["map_g1"], "punch-hole": ["map_g2"], "punch-hole-partial"
          "seal-write": [], "hot-unplug": [], "pci-remove": []}
 
 
-def load_corpus() -> list[Entry]:
-    with gzip.open(CORPUS, "rt") as fh:
+def load_corpus(path: Path = CORPUS) -> list[Entry]:
+    with gzip.open(path, "rt") as fh:
         return list(json.load(fh))
 
 
@@ -204,6 +207,11 @@ def mutations(e: Entry, cls: str) -> Iterator[Mutation]:
             yield "remove vmstat_before", _rep("vmstat_before")
             yield "remove vmstat_end", _rep("vmstat_end")
             yield "vmstat_end without counters", _rep("vmstat_end", {})
+    if cell.options and cls not in ("KERNEL_ERROR", "ERROR"):
+        yield from registration_mutations(e)
+    if "readonly" in cell.option_names and cls not in NO_AUDIT:
+        yield from readonly_mutations(e, cls)
+        return
     if cls == "SEAL_APPLIED":
         yield from step_mutations("seal_write")
         yield "remove seals", _rep("seals")
@@ -241,6 +249,9 @@ def mutations(e: Entry, cls: str) -> Iterator[Mutation]:
         if cls == "REVOKED_IN_TIME":
             yield "victim audit without ack", lambda x: x["audit"]["victim"]["kinds"].pop(
                 "invalidate_ack", None)
+        return
+    if cell.event == "cpu-write-fork-unmap":
+        yield from fork_unmap_mutations(e, cls)
         return
     if cell.event in ("cpu-write", "cpu-write-fork"):
         yield from cpu_write_mutations(e, cls)
@@ -325,6 +336,72 @@ def mutations(e: Entry, cls: str) -> Iterator[Mutation]:
         yield from scan_mutations(v)
 
 
+def registration_mutations(e: Entry) -> Iterator[Mutation]:
+    """A cell with options: the register options and the module's gup_path
+    (classify.Judge.registration), for every class after the registration."""
+    rep = e["rep"]
+    if rep.get("step") == "register":
+        return
+    opts = rep["register_options"]
+    yield "remove register_options", _rep("register_options")
+    yield "register options: the other path", _rep(
+        "register_options", {**opts, "fast": not opts["fast"]})
+    yield "register options: the other readonly", _rep(
+        "register_options", {**opts, "readonly": not opts["readonly"]})
+    yield "remove query_registered", _rep("query_registered")
+    q = rep["query_registered"]
+    yield "query without gup_path", _rep(
+        "query_registered", {k: v for k, v in q.items() if k != "gup_path_name"})
+    other = {"fast": "slow", "slow": "fast", "none": "slow"}[q["gup_path_name"]]
+    yield f"gup_path {other}", _rep("query_registered", {**q, "gup_path_name": other})
+
+
+RO_KEYS = ("crc_old", "crc_map_before", "device_crc_before", "crc_expected_after",
+           "crc_map_after", "device_crc_after")
+
+
+def readonly_mutations(e: Entry, cls: str) -> Iterator[Mutation]:
+    """The read-only flow's evidence (orchestrator/readonly.py): the flow marker, both
+    device reads and their CRC-32s, what the process sees (mapping; MAP_SHARED files: the
+    file too) equal to what the event leaves, the audit's reads of every page, the child
+    after a fork, SWAP-REACHED for pageout of anon/private-file."""
+    cell = Cell(**e["cell"])
+    rep = e["rep"]
+    yield "remove readonly_flow", _rep("readonly_flow")
+    for name in ("dma_read_before", "dma_read_after"):
+        yield from step_mutations(name)
+    failed = bool((_step(e, "dma_read_after") or {}).get("errno"))
+    for k in RO_KEYS:
+        if k == "device_crc_after" and failed:
+            continue
+        yield f"remove {k}", _rep(k)
+        yield f"{k} of the wrong type", _rep(k, str(rep.get(k)))
+    yield "device read something else before", _rep("device_crc_before",
+                                                    rep["crc_old"] ^ 1)
+    yield "the mapping not what the event leaves", _rep("crc_map_after",
+                                                         rep["crc_map_after"] ^ 1)
+    if cell.backing in FILE_SHARED:
+        yield "remove crc_file_after", _rep("crc_file_after")
+        yield "the file differs from the mapping", _rep("crc_file_after",
+                                                         rep["crc_map_after"] ^ 1)
+    if not failed:
+        yield "the device read something else after", _rep("device_crc_after",
+                                                           rep["device_crc_after"] ^ 1)
+        yield "audit without reads", _audit("read_pages", 0)
+        yield "audit read count missing", _audit("read_pages")
+        yield "remove npages", _rep("npages")
+    if cell.event == "fork":
+        yield "child failed", _rep("child_status", 256)
+        yield "child error", _rep("child", {"error": "x"})
+    if cell.event == "pageout" and cell.backing in ("anon", "private-file"):
+        yield "remove control_pages", _rep("control_pages")
+        yield "remove control pagemap", _rep("control_pagemap_after_event")
+        yield "control pages not intact", _rep("control_intact", 0)
+    if cls == "REVOKED_IN_TIME":
+        yield "no event acks", _audit("event_acks", 0)
+        yield "event acks missing", _audit("event_acks")
+
+
 CRC_KEYS = ("crc_old", "crc_new", "crc_map_before", "crc_map_after", "device_crc_before",
             "device_crc_after")
 
@@ -375,10 +452,35 @@ def cpu_write_mutations(e: Entry, cls: str) -> Iterator[Mutation]:
         yield "event acks missing", _audit("event_acks")
 
 
+def fork_unmap_mutations(e: Entry, cls: str) -> Iterator[Mutation]:
+    """cpu-write-fork-unmap: the child's report (status, mapped false), the steps; COHERENT:
+    the CRC-32s and the audit's reads as cpu-write-fork (no child view); REVOKED_IN_TIME:
+    the failed read after the child's munmap and an acknowledged invalidate."""
+    rep = e["rep"]
+    yield "remove child", _rep("child")
+    yield "empty child report", _rep("child", {})
+    yield "child failed", _rep("child_status", 256)
+    yield "the child still mapped", lambda x: x["rep"]["child"].__setitem__("mapped", True)
+    yield "child without mapped", lambda x: x["rep"]["child"].pop("mapped", None)
+    for name in ("dma_read_before", "cpu_write", "dma_read_after"):
+        yield from step_mutations(name)
+    yield "remove register_options", _rep("register_options")
+    if cls == "REVOKED_IN_TIME":
+        yield "no event acks", _audit("event_acks", 0)
+        yield "event acks missing", _audit("event_acks")
+        return
+    for k in ("crc_old", "crc_new", "crc_map_before", "crc_map_after", "device_crc_before",
+              "device_crc_after"):
+        yield f"remove {k}", _rep(k)
+    yield "audit without reads", _audit("read_pages", 0)
+    yield "the mapping without the process's write", _rep("crc_map_after", rep["crc_old"])
+    yield "device read the parent's write", _rep("device_crc_after", rep["crc_new"])
+
+
 class CorpusTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls) -> None:
-        cls.corpus = load_corpus()
+        cls.corpus = load_corpus() + load_corpus(OPTIONS_CORPUS)
 
     def test_corpus_spans_the_matrix(self) -> None:
         kernels = {e["cell"]["kernel"] for e in self.corpus}
@@ -386,6 +488,15 @@ class CorpusTest(unittest.TestCase):
         self.assertEqual(kernels, {"6.1", "6.12", "7"})
         self.assertGreaterEqual(len(self.corpus), 600)
         self.assertGreaterEqual(len(classes), 12, classes)
+
+    def test_options_corpus_spans_both_options_on_every_kernel(self) -> None:
+        opts = load_corpus(OPTIONS_CORPUS)
+        for option in ("readonly", "fast"):
+            got = {e["cell"]["kernel"] for e in opts if option in e["cell"]["options"]}
+            self.assertEqual(got, {"6.1", "6.12", "7"}, option)
+        classes = {base_class(e["observed"]) for e in opts
+                   if "readonly" in e["cell"]["options"]}
+        self.assertLessEqual({"COHERENT", "DEVICE_READS_STALE", "REVOKED_IN_TIME"}, classes)
 
     def test_recorded_cells_keep_their_class(self) -> None:
         moved = [(e["cell"], e["observed"], run(e)) for e in self.corpus

@@ -40,6 +40,12 @@ class EventRegistryTest(unittest.TestCase):
                                 f"{events.module_name(ev.name)}.py")
                 # the guest adds the control pages the host then requires
                 self.assertEqual(tuple(getattr(g, "SWAP_CONTROL", ())), ev.swap_control)
+                # read-only by nature on both sides; the read-only flow needs its steps
+                self.assertEqual(bool(getattr(g, "READONLY", False)), ev.readonly)
+                if any("readonly" in vocab.split_options(v) for v in ev.variants):
+                    self.assertFalse(ev.readonly, "read-only by nature and as an option")
+                    self.assertTrue(callable(getattr(g, "run_readonly", None)),
+                                    "the readonly variant needs run_readonly(c)")
 
     def test_every_cell_has_an_expected_rule(self) -> None:
         rules = load()

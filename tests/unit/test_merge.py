@@ -20,7 +20,7 @@ from pinlab.cli import main as cli_main
 from pinlab.orchestrator.expectations import expect, load
 from pinlab.orchestrator.merge import MergeError, merge
 from pinlab.orchestrator.shard import Shard, select_cells
-from pinlab.orchestrator.verdicts import FORMAT, document, write_all
+from pinlab.orchestrator.verdicts import FORMAT, cell_of, document, write_all
 
 KERNELS = ["6.12", "6.1"]
 TAGS = ["event:dma-write", "event:truncate"]
@@ -43,7 +43,8 @@ def write_shard(d: Path, shard: Shard | None, *, wrong: str | None = None,
         assert exp is not None
         observed = "SOMETHING_ELSE" if c.name == wrong else exp.expected
         v = {"kernel": c.kernel, "mode": c.mode, "backing": c.backing, "event": c.event,
-             "expected": exp.expected, "observed": observed, "source": exp.source,
+             "options": c.options, "expected": exp.expected, "observed": observed,
+             "source": exp.source,
              "verdict": "match" if observed == exp.expected else "mismatch",
              "evidence": {}, "seconds": 1.5}
         art = d / "kernel-x" / c.name.replace("/", "_") / "cell"
@@ -95,8 +96,7 @@ class MergeTest(unittest.TestCase):
         self.assertEqual(cli_main(["merge", *map(str, dirs), "--out", str(out)]), 1)
         doc = json.loads((out / "verdicts.json").read_text())
         bad = [v for v in doc["verdicts"] if v["verdict"] != "match"]
-        self.assertEqual([f"{v['kernel']}/{v['mode']}/{v['backing']}/{v['event']}"
-                          for v in bad], [wrong])
+        self.assertEqual([cell_of(v).name for v in bad], [wrong])
         junit = ET.parse(out / "junit.xml").getroot()
         self.assertEqual(int(junit.get("errors", 0)) + int(junit.get("failures", 0)), 1)
         self.assertEqual(cli_main(["merge", *map(str, self.shards(2)), "--out",
