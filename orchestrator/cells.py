@@ -59,6 +59,14 @@ def all_cells(kernel: str, known_only: bool = True) -> list[Cell]:
             for m in e.variant_modes(v)]
 
 
+#: The main job's default slice when no --tags are given (``pinlab matrix`` without
+#: ``--full``; ``./pinlab.sh test``'s default kernel): every cell without options, and of
+#: the cells with options (readonly, fast, cpu-write-after: the full set) only the smoke
+#: cells, one per event variant. Avocado filters, ORed; ``-option`` negates the key
+#: (Avocado cannot negate a key:value), ``option,smoke`` is any option and smoke.
+DEFAULT_FILTERS = ["-option", "option,smoke"]
+
+
 def cell_tags(cell: Cell, smoke_set: set[Cell]) -> list[str]:
     """The Avocado tags of a cell's test, in the order the cell tests carry them (celltest.py):
     ``matrix``, ``kernel:``, ``mode:``, ``backing:``, ``event:``, one ``option:`` per option

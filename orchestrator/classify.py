@@ -30,8 +30,8 @@ from pinlab.common.vocab import (
     DAX_BACKINGS,
     FILE_BACKINGS,
     FOLL_PIN_MODES,
-    THP_BACKINGS,
     PINNED_MODES,
+    THP_BACKINGS,
     Key,
     Outcome,
 )

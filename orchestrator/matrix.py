@@ -130,7 +130,7 @@ def run_matrix(kernels: list[str] | None = None, tags: list[str] | None = None,
     ``jobs``: total warm guests (default from the host, ``guests.plan_guests``);
     ``concurrent=False`` runs one guest at a time; ``out``: the output directory (default a
     fresh ``$PINLAB_RESULTS/matrix-*``). Without ``tags`` the cells are the default slice
-    (``cells.DEFAULT_FILTERS``: the read-only flow's cells only as smoke cells) unless
+    (``cells.DEFAULT_FILTERS``: the cells with options only as smoke cells) unless
     ``full``: every cell. Returns 0 when every cell matched (an empty shard
     included), 1 otherwise."""
     names = list(dict.fromkeys(kernels or DEFAULT_KERNELS))

@@ -110,18 +110,19 @@ class CellsTest(unittest.TestCase):
         with self.assertRaises(ValueError):   # an option the event does not run with
             parse_cell("6.12/pin/anon/truncate+fast")
 
-    def test_main_slice_leaves_out_the_read_only_flow_but_its_smoke_cells(self) -> None:
+    def test_main_slice_leaves_out_option_cells_but_their_smoke_cells(self) -> None:
         from pinlab.orchestrator.cells import DEFAULT_FILTERS
         for k in KERNELS:
             every = all_cells(k)
             main = set(select(every, DEFAULT_FILTERS))
             smokes = smoke(every)
-            ro = [c for c in every if "readonly" in c.option_names]
-            self.assertTrue(ro)
-            self.assertEqual({c for c in ro if c in main}, {c for c in ro if c in smokes})
-            self.assertEqual({c for c in every if "readonly" not in c.option_names},
-                             {c for c in main if "readonly" not in c.option_names})
-            self.assertLess(len(main), len(every))
+            opt = [c for c in every if c.options]
+            self.assertEqual({c.options for c in opt}, {"readonly", "fast", "cpu-write-after"})
+            self.assertEqual({c for c in opt if c in main}, {c for c in opt if c in smokes})
+            self.assertEqual({c for c in every if not c.options},
+                             {c for c in main if not c.options})
+            # every event variant is in the main job at least once
+            self.assertEqual({c.variant for c in main}, {c.variant for c in every})
 
     def test_readonly_cells_skip_fsdax_and_fast_skips_odp(self) -> None:
         for c in all_cells("6.12"):

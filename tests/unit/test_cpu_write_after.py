@@ -8,7 +8,7 @@ import struct
 import unittest
 from typing import Any
 
-from pinlab.common.vocab import CPU_WRITE_OPTION, PRIVATE_BACKINGS, split_options
+from pinlab.common.vocab import CPU_WRITE_OPTION, PRIVATE_BACKINGS, Key, split_options
 from pinlab.guest import pinlab_cell
 from pinlab.orchestrator import events
 from pinlab.orchestrator.cells import all_cells
@@ -32,6 +32,10 @@ def cpu_report(event_steps: list[str], after: list[Any] = PFNS, **kw: Any) -> di
              + [{"step": "cpu_write_after", "errno": 0}, {"step": "dma_write_g2", "errno": 0}])
     rep = report(steps=steps, pfns_before_cpu_write=PFNS, pfns_after_cpu_write=after,
                  map_cpu=CPU)
+    # a writable registration through the slow path, or odp's none (classify.Judge.
+    # registration: every cell with options must show it)
+    rep[Key.REGISTER_OPTIONS] = {Key.READONLY: False, Key.FAST: False}
+    rep[Key.QUERY_REGISTERED] = {"gup_path_name": "none" if kw.get("mode") == "odp" else "slow"}
     rep.update(kw)
     return rep
 
