@@ -62,6 +62,7 @@ from pinlab.common.uapi import (  # re-exported: the tests and benchmarks use E.
     VEC_EQ,
 )
 
+from . import sched
 from .audit import AuditLog
 from .dma import MAX_STREAM_CHUNK, DmaPath
 from .fastpath import CTL_MEM, warm_up
@@ -79,7 +80,7 @@ from .regions import (
     pattern,
     wait_outside,
 )
-from .sched import event_thread
+from .sched import device_thread
 from .stream import Stream
 
 log = logging.getLogger("pinlab.device.engine")
@@ -377,7 +378,7 @@ class Engine:
         return any(c.region == rid and c.opcode in ops for _, c in self._pending)
 
     def _fetch(self) -> None:
-        event_thread()
+        device_thread()
         while True:
             with self.lock:
                 while not self._shutdown and not self._can_fetch():
@@ -418,8 +419,11 @@ class Engine:
         return after
 
     def _work(self) -> None:
-        # normal priority: between chunks its Python holds the interpreter lock that the
-        # (real-time) fetcher needs for INVALIDATE; a niced holder starves it on a busy host
+        # real-time like the fetcher (sched.py): between chunks its Python holds the
+        # interpreter lock that the fetcher needs for INVALIDATE; a holder at normal
+        # priority that the host keeps off the CPU stalls the fence. Its commands are
+        # bounded (a DMA_WRITE/READ of at most the region, in 64 KiB chunks).
+        device_thread()
         while True:
             with self.lock:
                 while not self._shutdown and not self._pending:
@@ -746,6 +750,7 @@ class Engine:
             return {"enabled": self.enabled, "fatal": bool(self.status & STATUS_FATAL),
                     "fatal_reason": self.fatal_reason, "registers": regs,
                     "stream_loop_ready": fastpath_ready(),
+                    "scheduling": sched.describe(),
                     "regions": len(self.regions), "stats": dict(self.stats)}
 
     def region_list(self) -> list[dict[str, Any]]:

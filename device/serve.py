@@ -15,7 +15,7 @@ from .device import Device
 from .engine import SWITCH_INTERVAL
 from .limits import AUDIT_FILE_MAX
 from .pci import IRQ_MODES
-from .sched import enable_realtime
+from .sched import device_thread, enable_realtime
 from .server import VfioUserServer
 
 
@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     sys.setswitchinterval(SWITCH_INTERVAL)  # prompt hand-offs between device threads
     enable_realtime()  # the doorbell path does not queue behind CPU hogs (sched.py)
+    device_thread()  # the main thread too (it holds the interpreter lock now and then)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

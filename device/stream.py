@@ -23,6 +23,7 @@ from .dma import DmaPath
 from .fastpath import CTL_HOLD, CTL_INSIDE, CTL_LOGN, CTL_STOP, DONE, FAULT, SLOW, stream_batch
 from .fastpath import ready as fastpath_ready
 from .regions import PAGE_SHIFT, PAGE_SIZE, Region
+from .sched import SCHED_PARAMS, device_thread, is_realtime
 
 log = logging.getLogger("pinlab.device.stream")
 
@@ -30,6 +31,10 @@ log = logging.getLogger("pinlab.device.stream")
 # the stream thread holds the interpreter lock only between calls
 LOG_ROWS = 1024
 DMA_ERROR_STEP = -1
+# a real-time stream thread runs a compiled batch at normal priority (sched.py) when it
+# writes at least this much; a smaller one (one chunk of a stream with an interval) is a
+# few microseconds of copying, less than the two priority changes would cost
+NORMAL_PRIORITY_BYTES = 64 * 1024
 
 
 #: (region, page): a chunk met an unmapped page (the engine posts the PAGE_FAULT event)
@@ -137,9 +142,11 @@ class Stream:
             return m.words, np.uint64(m.iova)
 
     def _run(self) -> None:
+        device_thread()  # real-time while it holds the interpreter lock (sched.py)
         region = self.region
         interval = self.interval_us / 1e6
         batch = 1 if interval else LOG_ROWS
+        rt = int(is_realtime() and batch * self.chunk >= NORMAL_PRIORITY_BYTES)
         ctl = region.ctl
         pos = 0
         reported = -1
@@ -173,7 +180,7 @@ class Stream:
                     words, iova = fast
                     result, pos, gen, passes, page = stream_batch(
                         words, iova, region.ptes_np, region.rid, self.offset, self.length,
-                        self.chunk, pos, self.gen, batch, ctl, self._log)
+                        self.chunk, pos, self.gen, batch, ctl, self._log, rt, SCHED_PARAMS)
                     del words
                     with region.lock:
                         self.drain()
