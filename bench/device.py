@@ -260,14 +260,16 @@ def _wait_cq(rig: Any, timeout: float = 10.0) -> Any:
 
 class ProcessRig:
     """Like :class:`Rig`, but the device runs in its own process (``python -m
-    pinlab.device``), as under QEMU: the client's threads do not compete for its GIL."""
+    pinlab.device``), as under QEMU: the client's threads do not compete for its GIL.
+    ``audit``: the device keeps its audit file (``self.audit``) in the rig's directory."""
 
-    def __init__(self, ram_size: int) -> None:
+    def __init__(self, ram_size: int, audit: bool = False) -> None:
         self.tmp = tempfile.mkdtemp(prefix="pinlab-bench-")
         sock, self.ctl = os.path.join(self.tmp, "vfio.sock"), os.path.join(self.tmp, "ctl")
+        self.audit = os.path.join(self.tmp, "audit.jsonl") if audit else None
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "pinlab.device", "--socket", sock, "--control", self.ctl,
-             "--log-level", "WARNING"])
+             "--log-level", "WARNING", *(("--audit", self.audit) if self.audit else ())])
         deadline = time.monotonic() + 30
         while not (os.path.exists(sock) and os.path.exists(self.ctl)):
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -285,13 +287,16 @@ class ProcessRig:
     pages = Rig.pages
     map_pages = Rig.map_pages
 
-    def query(self, command: str) -> Any:
-        """One command on the device's control socket (QMP); returns its ``return``."""
+    def query(self, command: str, args: dict[str, Any] | None = None) -> Any:
+        """One command on the device's control socket (QMP), with ``args``; returns its
+        ``return``. Raises RuntimeError for a QMP error."""
         with socket.socket(socket.AF_UNIX) as c:
             c.connect(self.ctl)
             f = c.makefile("rwb")
             f.write(b'{"execute":"qmp_capabilities","id":0}\r\n'
-                    + json.dumps({"execute": command, "id": 1}).encode() + b"\r\n")
+                    + json.dumps({"execute": command, "id": 1, **({"arguments": args} if args
+                                                                   else {})}).encode()
+                    + b"\r\n")
             f.flush()
             while True:
                 msg = json.loads(f.readline())
@@ -312,17 +317,23 @@ class ProcessRig:
                 raise RuntimeError("device stream loop not ready")
             time.sleep(0.1)
 
-    def close(self) -> None:
+    def stop(self) -> None:
+        """Disconnect and end the device process (SIGTERM: it flushes its audit file);
+        the rig's directory stays. Idempotent."""
         if hasattr(self, "client"):
             self.client.close()
             self.driver.close()
             self.ram.close()
+            del self.client
         self.proc.terminate()
         try:
             self.proc.wait(10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+    def close(self) -> None:
+        self.stop()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 
@@ -345,7 +356,7 @@ def _device_sched(rig: ProcessRig) -> str:
     """The device's scheduling as it reports it (query-status: engine.scheduling)."""
     sched = rig.query("query-status")["engine"].get("scheduling", {})
     threads = sched.get("threads", {})
-    got = sum(1 for ok in threads.values() if ok)
+    got = sum(1 for t in threads.values() if t["realtime"])
     if not sched.get("realtime"):
         return "SCHED_OTHER (real-time not enabled)"
     if got == len(threads):

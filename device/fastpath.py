@@ -35,6 +35,7 @@ import threading
 import numpy as np
 from numba import njit
 
+from .auditfmt import run_text
 from .sched import SCHED_FIFO, SCHED_OTHER, SCHED_PARAMS, normal_thread, sched_setscheduler
 
 CTL_HOLD, CTL_MEM, CTL_STOP, CTL_INSIDE, CTL_LOGN = range(5)
@@ -128,8 +129,9 @@ _ready = threading.Event()
 
 
 def ready() -> bool:
-    """The loop is compiled (or loaded from numba's cache): calling it cannot block on a
-    compilation, which holds the interpreter lock for seconds."""
+    """The loop (and the audit file's formatter, auditfmt.py) is compiled or loaded from
+    numba's cache: calling it cannot block on a compilation, which holds the interpreter
+    lock for seconds."""
     return _ready.is_set()
 
 
@@ -141,6 +143,7 @@ def _warm() -> None:
     log = np.zeros((4, 3), dtype=np.int64)
     stream_batch(words, np.uint64(0), ptes, 1, 0, 8192, 4096, 0, 1, 2, ctl, log, 0,
                  SCHED_PARAMS)
+    run_text(1, 1, 0, ptes, 8, 4088, 8184, "w", 1, 1, 0)  # the audit file's formatter
     _ready.set()
 
 

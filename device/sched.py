@@ -61,7 +61,7 @@ SCHED_OTHER = os.SCHED_OTHER
 SCHED_FIFO = os.SCHED_FIFO
 
 _realtime = False
-_granted: dict[str, bool] = {}  # thread name -> whether it got SCHED_FIFO
+_granted: dict[int | None, bool] = {}  # thread ident -> whether it got SCHED_FIFO
 
 
 def enable_realtime() -> None:
@@ -82,7 +82,7 @@ def device_thread() -> bool:
                               os.sched_param(RT_PRIORITY))
     except (OSError, AttributeError):
         ok = False
-    _granted[threading.current_thread().name] = ok
+    _granted[threading.get_ident()] = ok
     return ok
 
 
@@ -114,6 +114,12 @@ def boost(tid: int | None) -> None:
 
 
 def describe() -> dict[str, Any]:
-    """Which scheduling the device asked for and got: ``realtime`` (asked),
-    ``threads`` (thread name -> got SCHED_FIFO), ``priority``."""
-    return {"realtime": _realtime, "priority": RT_PRIORITY, "threads": dict(_granted)}
+    """Which scheduling the device asked for and got: ``realtime`` (asked), ``priority``,
+    ``threads``: for each live thread that called :func:`device_thread`, its name ->
+    ``{"tid": kernel thread id, "realtime": whether it got SCHED_FIFO}``."""
+    live = {t.ident: t for t in threading.enumerate()}
+    threads = {t.name: {"tid": t.native_id, "realtime": _granted[t.ident]}
+               for ident, t in live.items() if ident in _granted}
+    for ident in [i for i in _granted if i not in live]:  # ended threads
+        _granted.pop(ident, None)
+    return {"realtime": _realtime, "priority": RT_PRIORITY, "threads": threads}
