@@ -677,6 +677,10 @@ class Engine:
         if not region.writable or not 1 <= gen <= 0xFFFF or not self._span_ok(region, off,
                                                                            length, 8):
             return BAD_ARG, 0, 0
+        with sched.normal_priority(length > sched.LONG_COMMAND_BYTES):
+            return self._dma_write_span(region, off, length, gen)
+
+    def _dma_write_span(self, region: Region, off: int, length: int, gen: int) -> Result:
         start, end = off, off + length
         while off < end:
             self._check_abort()
@@ -699,6 +703,10 @@ class Engine:
         off, length = cmd.a[0], cmd.a[1]
         if not self._span_ok(region, off, length, 1):
             return BAD_ARG, 0, 0
+        with sched.normal_priority(length > sched.LONG_COMMAND_BYTES):
+            return self._dma_read_span(region, off, length)
+
+    def _dma_read_span(self, region: Region, off: int, length: int) -> Result:
         crc, end = 0, off + length
         while off < end:
             self._check_abort()

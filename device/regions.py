@@ -99,10 +99,15 @@ class Region:
         """Hold ``lock`` ahead of the DMA loops (which call :meth:`yield_to_waiters`), with
         no stream chunk in flight: the compiled stream loop is asked to return at its next
         chunk boundary (``CTL_HOLD``), and the chunks it wrote are audited (``drain``)
-        before the caller changes anything."""
+        before the caller changes anything. The stream's thread is boosted to real-time
+        first (sched.py): at normal priority a busy host could keep it off the CPU while it
+        holds ``lock`` or is inside the loop."""
         with self._waiters_lock:
             self._waiters += 1
             self.ctl[CTL_HOLD] = 1
+        stream = self.stream
+        if stream is not None:  # it may run at normal priority, holding ``lock`` (sched.py)
+            boost(stream.tid)
         try:
             with self.lock:
                 stream = self.stream

@@ -42,12 +42,19 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 from numba import types
 
 RT_PRIORITY = 1  # the lowest SCHED_FIFO priority: above every normal task, below the kernel's
+#: a DMA_WRITE / DMA_READ longer than this runs at normal priority (:func:`normal_priority`):
+#: up to a second of Python for a region of MAX_PAGES pages
+LONG_COMMAND_BYTES = 1 << 20
+#: a stream whose chunks go through Python with less than this pause between them (or
+#: none) would keep a CPU busy at real-time priority: it runs at normal priority instead
+RT_MIN_INTERVAL_US = 200
 
 #: libc's sched_setscheduler(pid, policy, const struct sched_param *), callable from
 #: numba nopython code (the pointer passed as an integer: ``param.ctypes.data``); linked by
@@ -92,6 +99,38 @@ def normal_thread() -> None:
     with contextlib.suppress(OSError, AttributeError):
         if os.sched_getscheduler(0) != SCHED_OTHER:
             os.sched_setscheduler(0, SCHED_OTHER, os.sched_param(0))
+
+
+def set_realtime(on: bool) -> bool:
+    """The calling thread (a device thread, :func:`device_thread`) runs real-time (``on``)
+    or at normal priority; a no-op unless enabled. Returns whether it runs real-time."""
+    if not _realtime:
+        return False
+    try:
+        if on:
+            os.sched_setscheduler(0, SCHED_FIFO, os.sched_param(RT_PRIORITY))
+        else:
+            os.sched_setscheduler(0, SCHED_OTHER, os.sched_param(0))
+    except (OSError, AttributeError):
+        return False
+    return on
+
+
+@contextlib.contextmanager
+def normal_priority(on: bool = True) -> Iterator[None]:
+    """Run the block at normal priority (if ``on`` and the thread runs real-time), then
+    real-time again: for long Python work of a device thread (a command over more than
+    :data:`LONG_COMMAND_BYTES`). While it holds the interpreter lock in the block a busy
+    host can keep it off the CPU, and a fence waits for it (as before real-time threads);
+    the real-time budget of the host's other tasks is kept."""
+    if not on or not is_realtime():
+        yield
+        return
+    set_realtime(False)
+    try:
+        yield
+    finally:
+        set_realtime(True)
 
 
 def is_realtime() -> bool:

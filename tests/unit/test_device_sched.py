@@ -81,6 +81,30 @@ class DeviceSchedTest(unittest.TestCase):
                          {os.SCHED_FIFO})
         self.assertGreater(self.d.cmd(E.OP_STREAM_STOP, 1).result0, 10)
 
+    def test_python_path_stream_runs_at_normal_priority(self) -> None:
+        """A stream whose chunks go through the Python path with no interval (64 KiB
+        chunks over guest-physically scattered pages) would keep a CPU busy at real-time
+        priority: its thread runs at normal priority once its first chunk is written."""
+        self.assertEqual(self.d.cmd(E.OP_CREATE_REGION, 2, 64, 1).status, E.OK)
+        pages = self.rig.pages(64)[::-1]  # descending: no two pages contiguous
+        self.assertEqual(self.rig.map_pages(2, 0, pages).status, E.OK)
+        comp = self.d.cmd(E.OP_STREAM_START, 2, 0, 64 * 4096, 1, 64 * KiB, 0)
+        self.assertEqual(comp.status, E.OK)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            streams = self.rig.query("query-status")["streams"]
+            if streams and streams[0]["chunks"] >= 10:
+                break
+            time.sleep(0.01)
+        threads = self.rig.query("query-status")["engine"]["scheduling"]["threads"]
+        tid = threads["stream-2"]["tid"]
+        samples = []
+        for _ in range(200):
+            samples.append(os.sched_getscheduler(tid))
+            time.sleep(0.001)
+        self.assertEqual(set(samples), {os.SCHED_OTHER})
+        self.assertGreater(self.d.cmd(E.OP_STREAM_STOP, 2).result0, 10)
+
     def test_revokes_race_realtime_streams(self) -> None:
         """Revokes into 64 KiB and 1 MiB chunks of a stream whose compiled loop runs at
         normal priority and is boosted by the fence: no access after an acknowledgement,
