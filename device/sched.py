@@ -21,15 +21,20 @@ So, in the device process (``serve.main`` calls :func:`enable_realtime`):
   returns (:data:`sched_setscheduler`, called from numba), so there is no moment where
   the thread holds the interpreter lock at normal priority, and a stream at full speed
   never occupies a CPU at real-time priority;
-* compiling that loop (``fastpath.warm_up``: seconds of Python) runs at normal priority
-  (:func:`normal_thread`).
+* long Python work runs at normal priority: compiling that loop (``fastpath.warm_up``,
+  :func:`normal_thread`), a DMA_WRITE or DMA_READ over :data:`LONG_COMMAND_BYTES`
+  (:func:`normal_priority`), and a stream whose chunks go through the Python path with
+  less than :data:`RT_MIN_INTERVAL_US` between them (``stream.Stream._run``). There a
+  fence may again wait for the scheduler, as before; the host's other tasks (QEMU's TCG
+  vCPU threads) keep their CPU.
 
 No real-time device thread busy-waits: every wait sleeps or blocks (the kernel's
 real-time throttling, Documentation/scheduler/sched-rt-group.rst, leaves other tasks only
 5 % of a CPU otherwise), and the Python work done at real-time priority is bounded per
-message, command or stream chunk (the audit file is formatted by compiled code,
-``audit_format``). A fence that waits for the chunk in flight boosts the stream thread
-back to real-time if it is still in its compiled loop at normal priority (:func:`boost`).
+message, command, compiled batch or stream chunk with a pause (the audit file's lines are
+formatted by compiled code, ``auditfmt.py``). A fence boosts the region's stream thread
+to real-time (:func:`boost`) before it takes the region lock and while it waits for the
+chunk in flight.
 
 Where real-time scheduling is not permitted (no CAP_SYS_NICE and RLIMIT_RTPRIO 0) every
 call here leaves the threads as they are: the device behaves as before, only slower under
