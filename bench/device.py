@@ -563,8 +563,9 @@ def table(res: dict[str, Figure]) -> str:
                      f["goal"], met,
                      f"{f.get('loadavg', 0):.1f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    notes = sorted({f"{k.rsplit('_', 1)[0]}: client {f['sched']['client']}, device "
-                    f"{f['sched']['device']}" for k, f in res.items() if "sched" in f})
+    notes = sorted({f"{k.removesuffix('_load').rsplit('_', 1)[0]}_*: client "
+                    f"{f['sched']['client']}, device {f['sched']['device']}"
+                    for k, f in res.items() if "sched" in f})
     return "\n".join([*("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
                        for r in rows), *notes])
 
