@@ -214,20 +214,39 @@ class _StreamRig:
         return (time.perf_counter() - t0) / max(comp.result0, 1) * 1e6
 
 
+def _file_chunk_us(chunk: int, seconds: float) -> float:
+    """Microseconds per chunk of a stream into a device with a fresh audit file, measured
+    before the file reaches its bound (past it nothing more is written, and the figure
+    would be the in-memory audit's): a run that reached it is measured again, shorter."""
+    while True:
+        r = _StreamRig(True, True)
+        try:
+            us = r.chunk_us(chunk, seconds)
+            truncated = r.rig.device.audit.stats()["file_truncated_at"]
+        finally:
+            r.rig.close()  # and its file
+        if not truncated:
+            return us
+        seconds /= 2
+        if seconds < 0.005:
+            raise RuntimeError("the audit file reaches its bound in 5 ms")
+
+
 def bench_audit(seconds: float, rounds: int = 3) -> dict[str, Figure]:
     """Three devices side by side (in-memory audit only, audit file, unsealed RAM with
     the in-memory audit), measured in turns, ``rounds`` times: the best of each is kept,
-    so load from other processes shifts them all alike."""
-    rigs = {"base": _StreamRig(False, True), "file": _StreamRig(True, True),
-            "unsealed": _StreamRig(False, False)}
+    so load from other processes shifts them all alike. The audit file's device is a new
+    one for every measurement, with an empty file (:func:`_file_chunk_us`)."""
+    rigs = {"base": _StreamRig(False, True), "unsealed": _StreamRig(False, False)}
     best: dict[tuple[str, int], float] = {}
     try:
         for _ in range(rounds):
             for chunk in AUDIT_CHUNKS:
-                for name, r in rigs.items():
+                for name in ("base", "file", "unsealed"):
                     if name == "unsealed" and chunk < KiB:
                         continue
-                    us = r.chunk_us(chunk, seconds)
+                    us = (_file_chunk_us(chunk, seconds) if name == "file"
+                          else rigs[name].chunk_us(chunk, seconds))
                     best[name, chunk] = min(best.get((name, chunk), us), us)
     finally:
         for r in rigs.values():
