@@ -24,6 +24,7 @@ that the pages of one run share one ``t``.
 from __future__ import annotations
 
 import bisect
+import itertools
 import json
 import os
 import stat
@@ -33,6 +34,10 @@ from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import IO, Any
 
+import numpy as np
+
+from .auditfmt import run_text
+from .fastpath import ready as fastpath_ready
 from .limits import AUDIT_FILE_MAX
 
 Record = dict[str, Any]
@@ -48,7 +53,7 @@ FILE_BATCH = 4096  # records formatted and written to the JSONL file at once
 MARKER_RESERVE = 512  # bytes kept free below the file bound for the "truncated" line
 
 
-def open_audit_file(path: str) -> IO[str]:
+def open_audit_file(path: str) -> IO[bytes]:
     """Open ``path`` for appending: created 0600, never through a symlink, regular files
     only. Raises OSError (ELOOP for a symlink, EINVAL for a non-regular file)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC,
@@ -56,7 +61,7 @@ def open_audit_file(path: str) -> IO[str]:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(22, "audit log is not a regular file", path)
-        return os.fdopen(fd, "a", buffering=1 << 20)
+        return os.fdopen(fd, "ab", buffering=1 << 20)  # ASCII lines, written as bytes
     except BaseException:
         os.close(fd)
         raise
@@ -88,7 +93,7 @@ class AuditLog:
         self._ring_records = 0  # records in _ring (>= ring once full; runs are not split)
         self._violations: deque[Record] = deque(maxlen=max_violations)
         self._path = path
-        self._file: IO[str] | None = open_audit_file(path) if path else None
+        self._file: IO[bytes] | None = open_audit_file(path) if path else None
         self._file_start = self._file.tell() if self._file is not None else 0  # earlier runs
         self._file_max = max(file_max, 2 * MARKER_RESERVE)
         self._truncated_at = 0  # seq of the first record not written (0: none)
@@ -126,44 +131,44 @@ class AuditLog:
                 self._write_unwritten()
 
     def _write_unwritten(self) -> None:
-        """Format the pending entries and append them to the (buffered) file."""
+        """Format the pending entries and append them to the (buffered) file. The lines of
+        an access run of several pages are formatted by compiled code (auditfmt.py) once
+        it is loaded (``fastpath.ready``)."""
         assert self._file is not None
         write = self._file.write
         end = self._file_end
         index_seq, index_off = self._index_seq, self._index_off
+        compiled = fastpath_ready()
         for entry in self._unwritten:
             seq0 = entry[0]
+            starts: Sequence[int] | None = None  # offsets of the lines, for runs
             if len(entry) == 3:
-                text = json.dumps(entry[2], separators=(",", ":")) + "\n"
-                lines = None
+                text = (json.dumps(entry[2], separators=(",", ":")) + "\n").encode()
             elif entry[1] == 1:  # a one-page run: the usual entry of small accesses
-                text = _LINE % (entry[2], entry[3], entry[4], (entry[5][0] & ~PAGE_MASK)
-                                + entry[6], entry[7], entry[9], entry[10], seq0, entry[11])
-                lines = None
+                text = (_LINE % (entry[2], entry[3], entry[4], (entry[5][0] & ~PAGE_MASK)
+                                 + entry[6], entry[7], entry[9], entry[10], seq0,
+                                 entry[11])).encode()
+            elif compiled:
+                _, _, rid, inst, page0, bases, po, first_len, total, d, gen, t = entry
+                text, starts = run_text(rid, inst, page0, np.asarray(bases, np.uint64),
+                                        po, first_len, total, d, gen, seq0, t)
             else:
                 lines = _run_lines(entry)
-                text = "".join(lines)
+                starts = [0, *itertools.accumulate(len(x) for x in lines)]
+                text = "".join(lines).encode()
+            nlines = 1 if starts is None else len(starts) - 1
             room = self._file_max - MARKER_RESERVE - end
             cut = -1
             if len(text) > room:  # the bound: keep the lines that fit, then the marker
-                lines = lines or [text]
-                cut = 0
-                while cut < len(lines) and len(lines[cut]) <= room:
-                    room -= len(lines[cut])
-                    cut += 1
-                lines = lines[:cut]
-                text = "".join(lines)
+                if starts is None:
+                    starts = [0, len(text)]
+                cut = bisect.bisect_right(starts, room) - 1  # lines 0..cut-1 fit
+                text = text[:starts[cut]]
+                nlines = cut
             k = (1 - seq0) % INDEX_EVERY  # first record of the entry with seq % E == 1
-            if lines is None:
-                if not k:
-                    index_seq.append(seq0)
-                    index_off.append(end)
-            elif k < len(lines):
-                off = end + sum(len(x) for x in lines[:k])
-                for j in range(k, len(lines), INDEX_EVERY):
-                    index_seq.append(seq0 + j)
-                    index_off.append(off)
-                    off += sum(len(x) for x in lines[j:j + INDEX_EVERY])
+            for j in range(k, nlines, INDEX_EVERY):
+                index_seq.append(seq0 + j)
+                index_off.append(end + (int(starts[j]) if starts is not None else 0))
             write(text)
             end += len(text)
             if cut >= 0:
@@ -183,7 +188,7 @@ class AuditLog:
                            "why": "audit file reached its bound; later records are only "
                                   "in memory (query-audit, query-violations)"},
                           separators=(",", ":")) + "\n"
-        self._file.write(line)
+        self._file.write(line.encode())
         self._file.flush()
         self._file_end += len(line)
         self._to_file = False

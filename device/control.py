@@ -36,6 +36,7 @@ from .limits import (
     JsonDepthError,
     check_json_depth,
 )
+from .sched import device_thread
 from .sockets import listen_unix, readable, remove_socket
 
 log = logging.getLogger("pinlab.device.control")
@@ -103,6 +104,7 @@ class ControlClient:
             self.conn.shutdown(socket.SHUT_RDWR)
 
     def _write_loop(self) -> None:
+        device_thread()  # real-time while it holds the interpreter lock (sched.py)
         try:
             while (data := self.out.get()) is not None:
                 self.conn.sendall(data)
@@ -112,6 +114,7 @@ class ControlClient:
             self.close()
 
     def _read_loop(self) -> None:
+        device_thread()  # real-time while it holds the interpreter lock (sched.py)
         decoder = json.JSONDecoder()
         buf = ""
         self.send({"QMP": {"version": VERSION, "capabilities": []}})
@@ -248,6 +251,7 @@ class ControlServer:
                 self._clients.remove(client)
 
     def _accept_loop(self) -> None:
+        device_thread()  # real-time while it holds the interpreter lock (sched.py)
         while not self._stopping:
             r = readable([self.sock.fileno(), self._wake_r])
             if self._stopping:

@@ -62,6 +62,7 @@ from pinlab.common.uapi import (  # re-exported: the tests and benchmarks use E.
     VEC_EQ,
 )
 
+from . import sched
 from .audit import AuditLog
 from .dma import MAX_STREAM_CHUNK, DmaPath
 from .fastpath import CTL_MEM, warm_up
@@ -79,7 +80,7 @@ from .regions import (
     pattern,
     wait_outside,
 )
-from .sched import event_thread
+from .sched import device_thread
 from .stream import Stream
 
 log = logging.getLogger("pinlab.device.engine")
@@ -377,7 +378,7 @@ class Engine:
         return any(c.region == rid and c.opcode in ops for _, c in self._pending)
 
     def _fetch(self) -> None:
-        event_thread()
+        device_thread()
         while True:
             with self.lock:
                 while not self._shutdown and not self._can_fetch():
@@ -418,8 +419,11 @@ class Engine:
         return after
 
     def _work(self) -> None:
-        # normal priority: between chunks its Python holds the interpreter lock that the
-        # (real-time) fetcher needs for INVALIDATE; a niced holder starves it on a busy host
+        # real-time like the fetcher (sched.py): between chunks its Python holds the
+        # interpreter lock that the fetcher needs for INVALIDATE; a holder at normal
+        # priority that the host keeps off the CPU stalls the fence. Its commands are
+        # bounded (a DMA_WRITE/READ of at most the region, in 64 KiB chunks).
+        device_thread()
         while True:
             with self.lock:
                 while not self._shutdown and not self._pending:
@@ -673,6 +677,10 @@ class Engine:
         if not region.writable or not 1 <= gen <= 0xFFFF or not self._span_ok(region, off,
                                                                            length, 8):
             return BAD_ARG, 0, 0
+        with sched.normal_priority(length > sched.LONG_COMMAND_BYTES):
+            return self._dma_write_span(region, off, length, gen)
+
+    def _dma_write_span(self, region: Region, off: int, length: int, gen: int) -> Result:
         start, end = off, off + length
         while off < end:
             self._check_abort()
@@ -695,6 +703,10 @@ class Engine:
         off, length = cmd.a[0], cmd.a[1]
         if not self._span_ok(region, off, length, 1):
             return BAD_ARG, 0, 0
+        with sched.normal_priority(length > sched.LONG_COMMAND_BYTES):
+            return self._dma_read_span(region, off, length)
+
+    def _dma_read_span(self, region: Region, off: int, length: int) -> Result:
         crc, end = 0, off + length
         while off < end:
             self._check_abort()
@@ -746,6 +758,7 @@ class Engine:
             return {"enabled": self.enabled, "fatal": bool(self.status & STATUS_FATAL),
                     "fatal_reason": self.fatal_reason, "registers": regs,
                     "stream_loop_ready": fastpath_ready(),
+                    "scheduling": sched.describe(),
                     "regions": len(self.regions), "stats": dict(self.stats)}
 
     def region_list(self) -> list[dict[str, Any]]:

@@ -21,6 +21,11 @@ order, so everything the loop wrote is visible before its ``CTL_INSIDE = 0``):
 The loop writes a chunk only if every page of it is mapped, guest-physically contiguous
 and inside the one mapping it was given; otherwise it returns and the stream's Python
 path handles that chunk (page fault, several runs, another mapping), as before.
+
+Priority (sched.py): called with ``rt`` = 1 by a real-time stream thread, the loop drops
+its thread to normal priority once it runs without the interpreter lock and raises it
+back to real-time before it returns, so the thread never holds the interpreter lock at
+normal priority and never copies at real-time priority.
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ import threading
 
 import numpy as np
 from numba import njit
+
+from .auditfmt import run_text
+from .sched import SCHED_FIFO, SCHED_OTHER, SCHED_PARAMS, normal_thread, sched_setscheduler
 
 CTL_HOLD, CTL_MEM, CTL_STOP, CTL_INSIDE, CTL_LOGN = range(5)
 CTL_SLOTS = 8
@@ -45,12 +53,16 @@ _PAGE_MASK = np.uint64(0xFFF)
 
 @njit(nogil=True, cache=True)
 def stream_batch(words, iova, ptes, rid, offset, length, chunk, pos, gen,
-                 max_chunks, ctl, log):  # pragma: no cover - compiled
+                 max_chunks, ctl, log, rt, sched):  # pragma: no cover - compiled
     """Write up to ``max_chunks`` chunks; returns (result, pos, gen, passes, page).
 
     ``words``: uint64 view of the guest RAM mapping at guest-physical ``iova``; ``ptes``:
     the region's page table (gpa | 1, 0 = unmapped); ``pos``: byte position of the next
-    chunk within [offset, offset+length); ``log``: int64 rows (offset, bytes, gen)."""
+    chunk within [offset, offset+length); ``log``: int64 rows (offset, bytes, gen).
+    ``rt`` = 1: run at normal priority, back to real-time before returning; ``sched``:
+    ``sched.SCHED_PARAMS`` (the two struct sched_param)."""
+    if rt:
+        sched_setscheduler(0, SCHED_OTHER, sched[0:].ctypes.data)
     passes = 0
     done = 0
     nwords = words.shape[0]
@@ -108,6 +120,8 @@ def stream_batch(words, iova, ptes, rid, offset, length, chunk, pos, gen,
             passes += 1
             gen = (gen + 1) & 0xFFFF
     ctl[CTL_INSIDE] = 0
+    if rt:  # before the interpreter lock is taken again (a fence may have boosted it)
+        sched_setscheduler(0, SCHED_FIFO, sched[1:].ctypes.data)
     return result, pos, gen, passes, page
 
 
@@ -115,17 +129,21 @@ _ready = threading.Event()
 
 
 def ready() -> bool:
-    """The loop is compiled (or loaded from numba's cache): calling it cannot block on a
-    compilation, which holds the interpreter lock for seconds."""
+    """The loop (and the audit file's formatter, auditfmt.py) is compiled or loaded from
+    numba's cache: calling it cannot block on a compilation, which holds the interpreter
+    lock for seconds."""
     return _ready.is_set()
 
 
 def _warm() -> None:
+    normal_thread()  # seconds of Python when not cached: nobody waits for it (sched.py)
     words = np.zeros(1024, dtype=np.uint64)
     ptes = np.array([1 | 0x1000 * i for i in range(2)], dtype=np.uint64)
     ctl = np.zeros(CTL_SLOTS, dtype=np.int64)
     log = np.zeros((4, 3), dtype=np.int64)
-    stream_batch(words, np.uint64(0), ptes, 1, 0, 8192, 4096, 0, 1, 2, ctl, log)
+    stream_batch(words, np.uint64(0), ptes, 1, 0, 8192, 4096, 0, 1, 2, ctl, log, 0,
+                 SCHED_PARAMS)
+    run_text(1, 1, 0, ptes, 8, 4088, 8184, "w", 1, 1, 0)  # the audit file's formatter
     _ready.set()
 
 

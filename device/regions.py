@@ -14,7 +14,7 @@ import numpy as np
 from .audit import RegionTrack
 from .fastpath import CTL_HOLD, CTL_INSIDE, CTL_SLOTS
 from .memory import ramp
-from .sched import boosted
+from .sched import boost
 
 if TYPE_CHECKING:
     from .stream import Stream
@@ -56,14 +56,16 @@ def wait_outside(ctl: np.ndarray, tid: int | None = None) -> None:
     """Wait until the compiled stream loop of ``ctl`` (running in thread ``tid``) has no
     chunk in flight (it was asked to return: at most one chunk's write). Sleeps in 10 us
     steps: the waiter may be a real-time thread (sched.py), which must not spin against
-    the stream's thread; after 50 us the stream's thread is boosted until it is out."""
-    for _ in range(5):
-        if not ctl[CTL_INSIDE]:
-            return
+    the stream's thread. The loop runs at normal priority (sched.py), where a busy host
+    may keep it off the CPU for milliseconds, so the stream's thread is boosted to
+    real-time at once, and again every 200 us (the loop drops its priority on entry,
+    which may come just after a boost)."""
+    n = 0
+    while ctl[CTL_INSIDE]:
+        if n % 20 == 0:
+            boost(tid)
+        n += 1
         time.sleep(0.00001)
-    with boosted(tid):
-        while ctl[CTL_INSIDE]:
-            time.sleep(0.00001)
 
 
 class Region:
@@ -97,10 +99,15 @@ class Region:
         """Hold ``lock`` ahead of the DMA loops (which call :meth:`yield_to_waiters`), with
         no stream chunk in flight: the compiled stream loop is asked to return at its next
         chunk boundary (``CTL_HOLD``), and the chunks it wrote are audited (``drain``)
-        before the caller changes anything."""
+        before the caller changes anything. The stream's thread is boosted to real-time
+        first (sched.py): at normal priority a busy host could keep it off the CPU while it
+        holds ``lock`` or is inside the loop."""
         with self._waiters_lock:
             self._waiters += 1
             self.ctl[CTL_HOLD] = 1
+        stream = self.stream
+        if stream is not None:  # it may run at normal priority, holding ``lock`` (sched.py)
+            boost(stream.tid)
         try:
             with self.lock:
                 stream = self.stream

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import signal
 import sys
@@ -13,9 +14,10 @@ from types import FrameType
 from .control import ControlServer
 from .device import Device
 from .engine import SWITCH_INTERVAL
+from .fastpath import ready as fastpath_ready
 from .limits import AUDIT_FILE_MAX
 from .pci import IRQ_MODES
-from .sched import enable_realtime
+from .sched import device_thread, enable_realtime
 from .server import VfioUserServer
 
 
@@ -47,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     sys.setswitchinterval(SWITCH_INTERVAL)  # prompt hand-offs between device threads
     enable_realtime()  # the doorbell path does not queue behind CPU hogs (sched.py)
+    device_thread()  # the main thread too (it holds the interpreter lock now and then)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
@@ -69,7 +72,14 @@ def main(argv: list[str] | None = None) -> int:
         server = VfioUserServer(device, args.socket)  # the socket file appears here
         server.start()
         print(f"pinlab-device: listening on {args.socket}", file=sys.stderr, flush=True)
+        frozen = False
         while not stop.wait(0.5):
+            if not frozen and fastpath_ready():
+                # what numba loaded and compiled stays for the process's life: out of the
+                # collector's way, a full collection no longer walks it (20-30 ms, in
+                # whichever device thread allocates, a revoke's too)
+                gc.freeze()
+                frozen = True
             if not server.thread.is_alive():
                 logging.error("vfio-user server thread died")
                 return 1

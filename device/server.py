@@ -16,7 +16,7 @@ from .device import Device
 from .limits import MESSAGE_TIMEOUT, check_json_depth
 from .mirror import MIRROR_OFFSET, PAGE
 from .protocol import Message, MessageError, ProtocolError
-from .sched import event_thread
+from .sched import device_thread
 from .sockets import listen_unix, readable, remove_socket
 
 log = logging.getLogger("pinlab.device.server")
@@ -278,7 +278,7 @@ class VfioUserServer:
         return not self._stopping and sock.fileno() in readable([sock.fileno(), self._wake_r])
 
     def serve_forever(self) -> None:
-        event_thread()
+        device_thread()
         while not self._stopping:
             try:
                 if not self._wait_readable(self.sock):

@@ -23,6 +23,7 @@ from .dma import DmaPath
 from .fastpath import CTL_HOLD, CTL_INSIDE, CTL_LOGN, CTL_STOP, DONE, FAULT, SLOW, stream_batch
 from .fastpath import ready as fastpath_ready
 from .regions import PAGE_SHIFT, PAGE_SIZE, Region
+from .sched import RT_MIN_INTERVAL_US, SCHED_PARAMS, device_thread, is_realtime, set_realtime
 
 log = logging.getLogger("pinlab.device.stream")
 
@@ -30,6 +31,10 @@ log = logging.getLogger("pinlab.device.stream")
 # the stream thread holds the interpreter lock only between calls
 LOG_ROWS = 1024
 DMA_ERROR_STEP = -1
+# a real-time stream thread runs a compiled batch at normal priority (sched.py) when it
+# writes at least this much; a smaller one (one chunk of a stream with an interval) is a
+# few microseconds of copying, less than the two priority changes would cost
+NORMAL_PRIORITY_BYTES = 64 * 1024
 
 
 #: (region, page): a chunk met an unmapped page (the engine posts the PAGE_FAULT event)
@@ -137,14 +142,24 @@ class Stream:
             return m.words, np.uint64(m.iova)
 
     def _run(self) -> None:
+        # real-time while it holds the interpreter lock (sched.py), as long as its Python
+        # work is a small part of its time: compiled batches with no interval, or any
+        # chunks with at least RT_MIN_INTERVAL_US between them; otherwise (chunks through
+        # the Python path with no or a short interval) normal priority, as every device
+        # thread had before, so that it never keeps a CPU busy at real-time priority
+        can_rt = device_thread()
         region = self.region
         interval = self.interval_us / 1e6
         batch = 1 if interval else LOG_ROWS
+        big = batch * self.chunk >= NORMAL_PRIORITY_BYTES
+        slow_rt = self.interval_us >= RT_MIN_INTERVAL_US
+        on_rt = can_rt
         ctl = region.ctl
         pos = 0
         reported = -1
         try:
             while not self._stop.is_set():
+                rt = int(on_rt and big)
                 off = self.offset + pos
                 n = min(self.chunk, self.length - pos)
                 region.yield_to_waiters()
@@ -173,7 +188,7 @@ class Stream:
                     words, iova = fast
                     result, pos, gen, passes, page = stream_batch(
                         words, iova, region.ptes_np, region.rid, self.offset, self.length,
-                        self.chunk, pos, self.gen, batch, ctl, self._log)
+                        self.chunk, pos, self.gen, batch, ctl, self._log, rt, SCHED_PARAMS)
                     del words
                     with region.lock:
                         self.drain()
@@ -185,7 +200,11 @@ class Stream:
                         if step[0] == DMA_ERROR_STEP:
                             break
                         pos = step[1]
-                        step = (DONE, -1)
+                        step = (SLOW, -1)
+                if can_rt:  # the next chunk's priority, by how this one went
+                    want = slow_rt or (fast is not None and step[0] != SLOW and not interval)
+                    if want != on_rt or (not want and is_realtime()):  # (or a fence's boost)
+                        on_rt = set_realtime(want)
                 if step[0] == FAULT:
                     with region.lock:
                         if self._stop.is_set() or region.destroyed:

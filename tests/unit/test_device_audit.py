@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 import unittest
 
 from pinlab.device import engine as E
@@ -93,6 +94,65 @@ class AuditLogUnitTest(unittest.TestCase):
                                      list(range(since + 1, since + 21)))
             self.assertEqual(log.query(since=10, limit=1, kind="access")[0]["gen"], 9)
             log.close()
+
+
+    def test_compiled_run_lines_equal_python(self) -> None:
+        """The audit file's lines of access runs, formatted by the compiled formatter
+        (auditfmt.py), equal json.dumps of the records, byte for byte, with the sparse
+        index and the file bound's cut (inside a run) the same as the Python path's."""
+        import random
+        from array import array
+        from unittest import mock
+
+        from pinlab.device import audit as A
+        from pinlab.device import fastpath
+
+        fastpath.warm_up()
+        deadline = time.monotonic() + 120
+        while not fastpath.ready() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.assertTrue(fastpath.ready())
+        rnd = random.Random(16)
+
+        def fill(path: str, file_max: int) -> AuditLog:
+            log = AuditLog(path, ring=64, file_max=file_max)
+            t = log.region_created(rnd.randrange(1, 65536), 4096)
+            log.pages_mapped(t, 0, 4096)
+            for i in range(300):
+                n = rnd.randrange(1, 40)
+                page0 = rnd.randrange(0, 4096 - n)
+                bases = array("Q", [rnd.randrange(1 << 40) << 12 | 1 for _ in range(n)])
+                po = rnd.randrange(0, 4096, 8) if i % 2 else 0
+                total = n * 4096 - po - rnd.randrange(0, 4088, 8)
+                log.access_run(t, page0, bases, po, total, bool(i % 3), i & 0xFFFF)
+            log.close()
+            return log
+
+        for file_max in (1 << 30, 300_000):
+            with self.subTest(file_max=file_max), tempfile.TemporaryDirectory() as tmp:
+                state = rnd.getstate()
+                compiled = fill(os.path.join(tmp, "c.jsonl"), file_max)
+                rnd.setstate(state)
+                with mock.patch.object(A, "fastpath_ready", return_value=False):
+                    python = fill(os.path.join(tmp, "p.jsonl"), file_max)
+                with open(os.path.join(tmp, "c.jsonl"), "rb") as f:
+                    got = f.read()
+                with open(os.path.join(tmp, "p.jsonl"), "rb") as f:
+                    want = f.read()
+                # the same records, apart from the time stamps
+                strip = [json.loads(x) for x in want.splitlines()]
+                self.assertGreater(len(strip), 2000 if file_max > 1e6 else 100)
+                for r in strip:
+                    r.pop("t", None)
+                self.assertEqual([{k: v for k, v in json.loads(x).items() if k != "t"}
+                                  for x in got.splitlines()], strip)
+                self.assertEqual(got.count(b"\n"), want.count(b"\n"))
+                self.assertEqual(compiled._index_seq, python._index_seq)
+                for line in got.splitlines():  # json.dumps' own text, compact
+                    self.assertEqual(line, json.dumps(json.loads(line),
+                                                      separators=(",", ":")).encode())
+                if file_max < 1e6:
+                    self.assertEqual(strip[-1]["kind"], "truncated")
 
 
 class AuditEngineTest(unittest.TestCase):
