@@ -13,22 +13,14 @@ R/O pins never do (row 48). odp re-faults through its notifier (row 49).
 
 from __future__ import annotations
 
-from typing import Any
-
 from pinlab.common.vocab import BACKINGS, DAX_BACKINGS, THP_BACKINGS, Key, Outcome
 
 from ..classify import Inconclusive, Judge, changed, step, step_errno
+from ..readonly import crc as report_crc
 from . import Event
 
 CRC_KEYS = (Key.CRC_OLD, Key.CRC_NEW, Key.CRC_MAP_BEFORE, Key.CRC_MAP_AFTER,
             Key.DEVICE_CRC_BEFORE, Key.DEVICE_CRC_AFTER)
-
-
-def _crc(rep: dict[str, Any], key: str) -> int:
-    v = rep.get(key)
-    if not isinstance(v, int) or isinstance(v, bool):
-        raise Inconclusive(f"{key} missing")
-    return v
 
 
 def judge(j: Judge) -> str:
@@ -44,7 +36,7 @@ def judge(j: Judge) -> str:
         return f"DMA_FAILED({bad.get('errno_name') or e})"
     if step_errno(rep, "cpu_write"):
         raise Inconclusive("the CPU write step failed")
-    crc = {k: _crc(rep, k) for k in CRC_KEYS}
+    crc = {k: report_crc(rep, k) for k in CRC_KEYS}
     j.f["crc"] = crc
     if crc[Key.CRC_OLD] == crc[Key.CRC_NEW]:
         raise Inconclusive("old and new contents have the same CRC-32")

@@ -15,8 +15,8 @@ from typing import Any
 from pinlab.common.vocab import PRIVATE_BACKINGS, Key, Outcome
 
 from ..classify import Inconclusive, Judge, changed, step_errno
+from ..readonly import crc as report_crc
 from . import Event
-from .ev_cpu_write import _crc
 
 
 def classify(j: Judge) -> str:
@@ -49,7 +49,7 @@ def judge(j: Judge, unmapped: bool) -> str:
     keys = (Key.CRC_OLD, Key.CRC_NEW, Key.CRC_MAP_BEFORE, Key.CRC_MAP_AFTER,
             *(() if unmapped else (Key.CRC_CHILD_AFTER,)),
             Key.DEVICE_CRC_BEFORE, Key.DEVICE_CRC_AFTER)
-    crc = {k: _crc(rep, k) for k in keys}
+    crc = {k: report_crc(rep, k) for k in keys}
     j.f["crc"] = crc
     old, new = crc[Key.CRC_OLD], crc[Key.CRC_NEW]
     if old == new:
