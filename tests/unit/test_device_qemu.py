@@ -434,7 +434,7 @@ class QemuHotUnplugTest(NeedsQemu):
             time.sleep(0.05)
         qmp = QEMUMonitorProtocol(qmp_path)
         qmp.connect()
-        self.addCleanup(qmp.close)
+        self.addCleanup(close_qmp, qmp)
         self.assertTrue(srv.device.connected)
         devfn = 5 << 3  # the root port
         pos = qt.cfg_read(devfn, 0x34) & 0xFF
@@ -461,6 +461,13 @@ class QemuHotUnplugTest(NeedsQemu):
         with open(log.name) as f:
             out = f.read()
         return proc, out, qmp, srv
+
+
+def close_qmp(qmp: QEMUMonitorProtocol) -> None:
+    """Close a QMP connection whose QEMU may have died (the MSI-X abort): qemu.qmp's
+    disconnect re-raises the EOF its reader saw then, which is no test failure."""
+    with contextlib.suppress(EOFError, ConnectionError, OSError):
+        qmp.close()
 
 
 if __name__ == "__main__":
